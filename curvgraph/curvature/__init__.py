@@ -1,0 +1,6 @@
+"""Block representations of curvature and the dict-like ``BlockCurvature``."""
+
+from curvgraph.curvature.block_curvature import BlockCurvature
+from curvgraph.curvature.blocks import Block, DenseBlock, KroneckerBlock
+
+__all__ = ["Block", "BlockCurvature", "DenseBlock", "KroneckerBlock"]

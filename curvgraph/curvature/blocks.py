@@ -1,0 +1,140 @@
+"""Curvature blocks: the curvature matrix restricted to one parameter tensor.
+
+A block acts on vectors shaped like its parameter; its dense form is indexed by the
+row-major flattening (``vec``) of the parameter. Public methods validate shapes; the
+private ``_matmat`` computes on columns ``[K, numel]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Block", "DenseBlock", "KroneckerBlock"]
+
+
+class Block:
+    """Base class: a symmetric ``(numel, numel)`` matrix for a parameter of ``shape``."""
+
+    def __init__(self, shape: torch.Size):
+        self.shape = torch.Size(shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of parameter entries (the block is ``numel x numel``)."""
+        return self.shape.numel()
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``C v`` for ``v`` shaped like the parameter (or flat); result shaped like ``v``."""
+        if vector.shape != self.shape and vector.shape != (self.numel,):
+            raise ValueError(
+                f"matvec expects a tensor of shape {tuple(self.shape)} or ({self.numel},), "
+                f"got {tuple(vector.shape)}"
+            )
+        return self._matmat(vector.reshape(1, -1))[0].reshape(vector.shape)
+
+    def matmat(self, columns: Tensor) -> Tensor:
+        """``C V`` for ``K`` columns ``[K, *shape]`` or ``[K, numel]``; same shape back."""
+        if columns.shape[1:] != self.shape and columns.shape[1:] != (self.numel,):
+            raise ValueError(
+                f"matmat expects columns of shape [K, {', '.join(map(str, self.shape))}] or "
+                f"[K, {self.numel}], got {tuple(columns.shape)}"
+            )
+        return self._matmat(columns.reshape(columns.shape[0], -1)).reshape(columns.shape)
+
+    def to_dense(self) -> Tensor:
+        """The block as a dense ``(numel, numel)`` matrix."""
+        raise NotImplementedError
+
+    def diag(self) -> Tensor:
+        """The diagonal, shaped like the parameter."""
+        return self.to_dense().diagonal().reshape(self.shape)
+
+    def trace(self) -> Tensor:
+        """``tr C``."""
+        return self.diag().sum()
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.shape)})"
+
+
+class DenseBlock(Block):
+    """A block stored as a dense matrix.
+
+    Args:
+        matrix: ``(numel, numel)``.
+        shape: the parameter's shape.
+    """
+
+    def __init__(self, matrix: Tensor, shape: torch.Size):
+        super().__init__(shape)
+        if matrix.shape != (self.numel, self.numel):
+            raise ValueError(f"matrix {tuple(matrix.shape)} does not fit a parameter {shape}")
+        self.matrix = matrix
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        return columns @ self.matrix  # symmetric: (C V^T)^T = V C
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return self.matrix
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return self.matrix.diagonal().reshape(self.shape)
+
+
+class KroneckerBlock(Block):
+    """``C = A (x) B`` for a weight of shape ``[rows, *cols]`` (``vec`` row-major).
+
+    ``(A (x) B) vec(V) = vec(A V B)`` with ``V`` the ``rows x cols`` matrix view of the
+    parameter. Each factor is a symmetric matrix, or a 1-D tensor ``u`` standing for the
+    rank-one ``u u^T`` (stored and applied as a vector, e.g. ``xbar xbar^T``).
+
+    Args:
+        first: ``A`` (``rows x rows``) or ``u`` (``rows``).
+        second: ``B`` (``cols x cols``) or ``u`` (``cols``).
+        shape: the parameter's shape.
+    """
+
+    def __init__(self, first: Tensor, second: Tensor, shape: torch.Size):
+        super().__init__(shape)
+        self.first, self.second = first, second
+        self.rows = self.shape[0]
+        self.cols = self.numel // self.rows
+        for factor, size in ((first, self.rows), (second, self.cols)):
+            if factor.shape not in ((size,), (size, size)):
+                raise ValueError(f"factor {tuple(factor.shape)} does not fit size {size}")
+
+    @staticmethod
+    def _dense(factor: Tensor) -> Tensor:
+        return torch.outer(factor, factor) if factor.dim() == 1 else factor
+
+    @staticmethod
+    def _apply_right(matrices: Tensor, factor: Tensor) -> Tensor:
+        """``V B`` for a batch of matrices ``[K, r, c]``."""
+        if factor.dim() == 1:
+            return (matrices @ factor).unsqueeze(-1) * factor
+        return matrices @ factor
+
+    @staticmethod
+    def _apply_left(factor: Tensor, matrices: Tensor) -> Tensor:
+        """``A V`` for a batch of matrices ``[K, r, c]``."""
+        if factor.dim() == 1:
+            return factor.unsqueeze(-1) * (factor @ matrices).unsqueeze(-2)
+        return factor @ matrices
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        matrices = columns.reshape(-1, self.rows, self.cols)
+        result = self._apply_left(self.first, self._apply_right(matrices, self.second))
+        return result.reshape(columns.shape)
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return torch.kron(self._dense(self.first), self._dense(self.second))
+
+    def diag(self) -> Tensor:  # noqa: D102
+        def diagonal(f):
+            return f * f if f.dim() == 1 else f.diagonal()
+
+        return torch.outer(diagonal(self.first), diagonal(self.second)).reshape(self.shape)

@@ -1,0 +1,281 @@
+"""``CurvGraph``: a traced model with a rule per node and the record of its last forward.
+
+This module holds the bookkeeping only (which rule serves which node, where each
+differentiable argument comes from, what the last forward recorded); the mathematics lives
+in :mod:`curvgraph.propagation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from curvgraph.errors import CurvGraphError, UnsupportedOpError
+from curvgraph.rules.registry import (
+    Context,
+    Rule,
+    UnsupportedConfigurationError,
+    is_inplace,
+    lookup_rule,
+    op_name,
+)
+from curvgraph.tracing import node_key, source_line, symbolic_trace
+
+__all__ = ["CurvGraph", "NodeInfo", "Source", "trace"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a differentiable argument comes from: another node, a parameter, or nowhere."""
+
+    node: Optional[torch.fx.Node] = None
+    parameter: Optional[str] = None
+
+
+@dataclass
+class NodeInfo:
+    """Trace-time facts about one node."""
+
+    node: torch.fx.Node
+    key: Any
+    rule: Optional[Rule]
+    sources: Dict[str, Source] = field(default_factory=dict)
+    inplace: bool = False
+    problem: str = ""
+
+    @property
+    def op(self) -> str:
+        """Readable op name."""
+        return op_name(self.key)
+
+    @property
+    def where(self) -> str:
+        """The user's source line."""
+        return source_line(self.node)
+
+    def describe(self) -> str:
+        """``node 'name' (op) at file:line`` for error messages."""
+        return f"node {self.node.name!r} ({self.op}) at {self.where}"
+
+
+@dataclass
+class Record:
+    """What one forward pass recorded (replaced by the next forward)."""
+
+    contexts: Dict[str, Context] = field(default_factory=dict)
+    outputs: Dict[str, Tensor] = field(default_factory=dict)
+    grads: Dict[str, Tensor] = field(default_factory=dict)
+    result: Any = None
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph like the model and records each ruled node's arguments and output."""
+
+    def __init__(self, graph: CurvGraph, record: Record):
+        super().__init__(graph.graph_module)
+        self.curv_graph = graph
+        self.record = record
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        info = self.curv_graph.infos.get(n)
+        if info is None or not info.sources:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        arguments = info.rule.bind(args, kwargs, module)
+        if info.inplace and isinstance(args[0], Tensor):
+            args = (args[0].clone(),) + tuple(args[1:])  # keep the recorded input intact
+        output = getattr(self, n.op)(n.target, args, kwargs)
+        if isinstance(output, Tensor):
+            detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in arguments.items()}
+            batched = frozenset(s for s, src in info.sources.items() if src.node is not None)
+            self.record.contexts[n.name] = Context(detached, output.detach(), batched, module)
+            self.record.outputs[n.name] = output
+            if output.requires_grad:
+                grads = self.record.grads
+                output.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach()))
+        return output
+
+
+class CurvGraph(nn.Module):
+    """A model traced by :func:`trace`: callable like the model, with curvature methods.
+
+    The model is not modified; the graph shares its submodules and parameters. Each call
+    records what the rules need (in this object, never on the model).
+
+    Attributes:
+        model: the traced model.
+        graph_module: the ``torch.fx.GraphModule``.
+        infos: node -> :class:`NodeInfo` for every call node.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.graph_module = symbolic_trace(model)
+        self._parameter_names = {id(p): n for n, p in model.named_parameters()}
+        self.infos: Dict[torch.fx.Node, NodeInfo] = {}
+        problems = []
+        for node in self.graph_module.graph.nodes:
+            if node.op in ("call_module", "call_function", "call_method"):
+                info = self._analyse(node)
+                self.infos[node] = info
+                if info.problem:
+                    problems.append((node.name, info.op, info.where, info.problem))
+        if problems:
+            raise UnsupportedOpError(type(model).__name__, problems)
+        self._record: Optional[Record] = None
+
+    # -- trace-time analysis ----------------------------------------------------------------
+    def _analyse(self, node: torch.fx.Node) -> NodeInfo:
+        key = node_key(node, self.graph_module)
+        info = NodeInfo(node, key, lookup_rule(key))
+        if info.rule is None:
+            info.problem = "no rule registered"
+            return info
+        module = self.graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        try:
+            arguments = info.rule.bind(node.args, node.kwargs, module)
+            info.rule.check(arguments)
+        except UnsupportedConfigurationError as error:
+            info.problem = f"unsupported: {error}"
+            return info
+        except TypeError as error:
+            info.problem = f"arguments do not match the rule {info.rule.name}: {error}"
+            return info
+        info.inplace = is_inplace(key, arguments)
+        for slot in info.rule.differentiable:
+            source = self._source(arguments.get(slot))
+            if source is not None:
+                info.sources[slot] = source
+        return info
+
+    def _source(self, value: Any) -> Optional[Source]:
+        if isinstance(value, torch.fx.Node):
+            if value.op != "get_attr":
+                return Source(node=value)
+            try:
+                value = self.graph_module.get_parameter(value.target)
+            except AttributeError:  # a buffer or a constant
+                return None
+        if isinstance(value, Tensor) and id(value) in self._parameter_names:
+            return Source(parameter=self._parameter_names[id(value)])
+        return None
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs) -> Any:
+        """Run the model (same outputs, gradients flow as usual) and record for the rules."""
+        record = Record()
+        record.result = _Recorder(self, record).run(*args, **kwargs)
+        self._record = record
+        return record.result
+
+    @property
+    def record(self) -> Record:
+        """The last forward's record; raises if there was none."""
+        if self._record is None:
+            raise CurvGraphError(
+                "no forward pass recorded: call the traced graph on a batch (out = cg(x)) "
+                "before asking for curvature"
+            )
+        return self._record
+
+    def parameters_with_blocks(self) -> Dict[str, Tensor]:
+        """Trainable parameters used by the graph, by name (those that get a block)."""
+        names = {s.parameter for i in self.infos.values() for s in i.sources.values()}
+        return {
+            n: p for n, p in self.model.named_parameters() if n in names and p.requires_grad
+        }
+
+    def output_node(self) -> torch.fx.Node:
+        """The node whose tensor the model returns (a single tensor output)."""
+        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        result = output.args[0]
+        if not isinstance(result, torch.fx.Node) or result not in self.infos:
+            raise CurvGraphError(
+                "curvature needs a model that returns a single tensor computed by its ops; "
+                f"{type(self.model).__name__} returns {result!r}"
+            )
+        return result
+
+    # -- curvature ------------------------------------------------------------------------------
+    def backward_hessian(self, output_hessian: Tensor, curvature: Optional[str] = None, **options):
+        """HBP block curvature from the loss Hessian w.r.t. the outputs (design 3.2).
+
+        See :func:`curvgraph.propagation.hbp.backward_hessian` for the options
+        (``modify_2nd_order_terms``, ``average_input_jac``, ``average_param_jac``,
+        ``max_features``).
+        """
+        from curvgraph.propagation.hbp import backward_hessian
+
+        return backward_hessian(self, output_hessian, curvature, **options)
+
+    def curvature(
+        self,
+        loss: Tensor,
+        outputs: Tensor,
+        curvature: str = "ggn",
+        method: str = "hbp",
+        **options,
+    ):
+        """Block curvature of ``loss`` in one call: loss Hessian, then ``method``.
+
+        Args:
+            loss: scalar loss computed from ``outputs``.
+            outputs: the tensor this graph returned for the batch.
+            curvature: ``"hessian" | "ggn" | "pch-abs" | "pch-clip"``.
+            method: ``"hbp"`` (the paper's batch-averaged backpropagation).
+            **options: passed to :meth:`backward_hessian`.
+        """
+        from curvgraph.losses import loss_hessian
+        from curvgraph.propagation.hbp import backward_hessian
+
+        if method != "hbp":
+            raise NotImplementedError(
+                f"method={method!r} is not available yet; this version implements 'hbp'"
+            )
+        if outputs is not self.record.result:
+            raise CurvGraphError("outputs must be the tensor returned by the last cg(x) call")
+        output_hessian = loss_hessian(loss, outputs)
+        return backward_hessian(self, output_hessian, curvature, loss=loss, **options)
+
+    # -- display ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        header = ("node", "op", "rule", "parameters", "output shape")
+        rows = []
+        record = self._record
+        for node, info in self.infos.items():
+            params = ", ".join(s.parameter for s in info.sources.values() if s.parameter)
+            shape = "-"
+            if record is not None and node.name in record.contexts:
+                shape = "x".join(map(str, record.contexts[node.name].output.shape))
+            rule = info.rule.name if info.rule is not None else "-"
+            rows.append((node.name, info.op, rule, params or "-", shape))
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        lines = [f"CurvGraph({type(self.model).__name__})"]
+        for row in [header, tuple("-" * w for w in widths)] + rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if record is None:
+            lines.append("(output shapes appear after a forward pass)")
+        return "\n".join(lines)
+
+
+def trace(model: nn.Module) -> CurvGraph:
+    """Trace an unmodified ``nn.Module`` for curvature computations.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace; modules with a registered rule
+            stay leaves of the trace.
+
+    Returns:
+        A :class:`CurvGraph` that behaves like ``model`` and computes curvature.
+
+    Raises:
+        UnsupportedOpError: listing every node without a usable rule.
+        TraceError: ``torch.fx`` could not trace the model.
+    """
+    return CurvGraph(model)

@@ -1,0 +1,121 @@
+"""CG-Newton on block curvature (design 3.6; the bpexts ``CGNewton`` parametrization)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+from curvgraph.curvature import BlockCurvature
+from curvgraph.solvers import cg
+
+__all__ = ["CGNewton"]
+
+
+class CGNewton(torch.optim.Optimizer):
+    """Newton steps with block curvature, each block's system solved by CG.
+
+    For every parameter ``theta`` with gradient ``g`` and curvature block ``C``:
+
+        [(1 - alpha) C + alpha I] d = -g,      theta <- theta + lr d,
+
+    with ``d`` from CG started at zero and stopped when
+    ``||r|| <= max(cg_tol ||g||, cg_atol)`` or after ``cg_maxiter`` iterations. All blocks
+    of a parameter group are solved in one lockstep CG loop whose matrix-vector product is
+    one batched call over the blocks. On indefinite curvature (``curvature="hessian"``) a
+    block's CG stops at the first ``p^T A p <= 0`` (see :func:`curvgraph.solvers.cg`);
+    a non-finite direction is never applied.
+
+    Args:
+        params: parameters or parameter groups (``lr``, ``alpha``, ``cg_*`` per group).
+        lr: step size.
+        alpha: damping, ``0 <= alpha < 1`` (interpolates between Newton and gradient).
+        cg_atol: absolute CG tolerance.
+        cg_tol: CG tolerance relative to ``||g||``.
+        cg_maxiter: CG iterations per step and block.
+
+    ``state[p]`` holds ``cg_iterations``, ``cg_residual`` and ``nonpositive_curvature`` of
+    the last step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.1,
+        alpha: float = 0.02,
+        cg_atol: float = 0.0,
+        cg_tol: float = 0.1,
+        cg_maxiter: int = 50,
+    ):
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 <= alpha < 1:
+            raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
+        if cg_maxiter < 1 or cg_tol < 0 or cg_atol < 0:
+            raise ValueError("cg_maxiter must be >= 1 and cg_tol, cg_atol >= 0")
+        defaults = dict(lr=lr, alpha=alpha, cg_atol=cg_atol, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, curvature: BlockCurvature, closure=None):
+        """Take one step with the blocks of ``curvature`` (one per parameter with a gradient).
+
+        Args:
+            curvature: e.g. ``cg.backward_hessian(...)`` for the current batch.
+            closure: optional; re-evaluates the loss, returned as in ``torch.optim``.
+        """
+        if not isinstance(curvature, BlockCurvature):
+            raise TypeError(f"step expects a BlockCurvature, got {type(curvature).__name__}")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = curvature.name_of(p)
+                if name is None:
+                    raise ValueError(
+                        f"the curvature has no block for a parameter of shape {tuple(p.shape)}; "
+                        f"it covers {list(curvature)}. Compute it for the same model whose "
+                        "parameters this optimizer updates (parameters with requires_grad=False "
+                        "get no block: leave them out of the optimizer)."
+                    )
+                params[name] = p
+            if params:
+                self._update_group(group, params, curvature)
+        return loss
+
+    def _update_group(self, group, params, curvature: BlockCurvature) -> None:
+        alpha = group["alpha"]
+
+        def damped(vectors):
+            products = curvature.matvec(vectors)
+            return {n: (1 - alpha) * products[n] + alpha * v for n, v in vectors.items()}
+
+        negative_grads = {n: -p.grad for n, p in params.items()}
+        directions, info = cg(
+            damped,
+            negative_grads,
+            tol=group["cg_tol"],
+            atol=group["cg_atol"],
+            maxiter=group["cg_maxiter"],
+        )
+        for i, (name, p) in enumerate(params.items()):
+            direction = directions[name]
+            state = self.state[p]
+            state["cg_iterations"] = int(info.iterations[i])
+            state["cg_residual"] = float(info.residual_norm[i])
+            state["nonpositive_curvature"] = bool(info.nonpositive_curvature[i])
+            if not torch.isfinite(direction).all():
+                warnings.warn(
+                    f"CGNewton: non-finite direction for {name!r} skipped (curvature or "
+                    "gradient contains NaN/inf)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            p.add_(direction, alpha=group["lr"])

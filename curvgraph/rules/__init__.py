@@ -1,0 +1,43 @@
+"""Per-op Hessian-backpropagation rules and their registry (design section 3.5).
+
+Importing this package registers the built-in rules.
+"""
+
+from curvgraph.rules import activations, linear, pooling, shape  # noqa: F401  (registration)
+from curvgraph.rules.factories import (
+    ElementwiseRule,
+    LinearMapRule,
+    elementwise_rule,
+    linear_rule,
+)
+from curvgraph.rules.registry import (
+    Context,
+    Rule,
+    UnsupportedConfigurationError,
+    alias,
+    lookup_rule,
+    register_rule,
+    registered_rules,
+    unregister,
+)
+from curvgraph.rules.residuals import CrossTerms, Diagonal, General, Residual, Zero
+
+__all__ = [
+    "Context",
+    "CrossTerms",
+    "Diagonal",
+    "ElementwiseRule",
+    "General",
+    "LinearMapRule",
+    "Residual",
+    "Rule",
+    "UnsupportedConfigurationError",
+    "Zero",
+    "alias",
+    "elementwise_rule",
+    "linear_rule",
+    "lookup_rule",
+    "register_rule",
+    "registered_rules",
+    "unregister",
+]

@@ -1,0 +1,115 @@
+"""Rule factories: most ops are one line (in the spirit of JAX's ``defjvp``/``deflinear``).
+
+- :func:`elementwise_rule`: ``y = phi(x)`` applied entry by entry, given ``phi'`` and
+  ``phi''``.
+- :func:`linear_rule`: ``y = A x`` with ``A`` fixed (pooling, reshapes, identity); the
+  transpose comes from autograd on the op itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Iterable
+
+import torch
+from torch import Tensor
+
+from curvgraph.rules.registry import Context, Rule, register_rule
+from curvgraph.rules.residuals import Diagonal, Residual
+
+__all__ = ["ElementwiseRule", "LinearMapRule", "elementwise_rule", "linear_rule"]
+
+
+def _options(ctx: Context) -> Dict:
+    """Canonical arguments other than the input and ``inplace``."""
+    return {k: v for k, v in ctx.args.items() if k not in ("input", "inplace")}
+
+
+def _flat(fn: Callable, t: Tensor, **options) -> Tensor:
+    """Apply a batched op to ``[K, N, ...]`` by folding K into the batch axis."""
+    return fn(t.flatten(0, 1), **options).unflatten(0, t.shape[:2])
+
+
+class ElementwiseRule(Rule):
+    """``y = phi(x)`` entry by entry: ``J_n = diag(phi'(x_n))``, ``R_n = diag(phi''(x_n) g_n)``.
+
+    Args:
+        name: op name.
+        function: ``phi(input, **options)``; its Python signature is the canonical one.
+        first: ``phi'(input, **options)``.
+        second: ``phi''(input, **options)``.
+    """
+
+    def __init__(self, name: str, function: Callable, first: Callable, second: Callable):
+        self.name = name
+        self.function = function
+        self.signature = inspect.signature(function)
+        self.first = first
+        self.second = second
+
+    def first_derivative(self, ctx: Context) -> Tensor:
+        """``phi'(x)`` with the input's shape ``[N, *features]``."""
+        return ctx.cached("d1", lambda: self.first(ctx.input, **_options(ctx)))
+
+    def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
+        return self.first_derivative(ctx) * tangents["input"]
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
+        return {"input": self.first_derivative(ctx) * cotangent} if "input" in slots else {}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" not in slots:
+            return {}
+        return {"input": self.first_derivative(ctx).mean(0) * cotangent}
+
+    def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
+        return Diagonal({"input": self.second(ctx.input, **_options(ctx)) * grad_output})
+
+
+def elementwise_rule(
+    *keys, function: Callable, first: Callable, second: Callable, name: str = ""
+) -> ElementwiseRule:
+    """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases)."""
+    rule = ElementwiseRule(name or function.__name__, function, first, second)
+    register_rule(*keys)(rule)
+    return rule
+
+
+class LinearMapRule(Rule):
+    """``y = A x`` with ``A`` the same for every sample and independent of ``x``.
+
+    ``jvp`` applies the op to the tangent; ``vjp`` is its transpose, obtained from autograd
+    on the op at a zero input (exact for a linear map); the residual is zero.
+
+    Args:
+        name: op name.
+        function: ``f(input, **options)``, linear in ``input``; its signature is canonical.
+    """
+
+    def __init__(self, name: str, function: Callable):
+        self.name = name
+        self.function = function
+        self.signature = inspect.signature(function)
+        self.sample_independent = frozenset({"input"})
+
+    def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
+        return _flat(self.function, tangents["input"], **_options(ctx))
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
+        if "input" not in slots:
+            return {}
+        k, n = cotangent.shape[:2]
+        zeros = ctx.input.new_zeros(k * n, *ctx.input.shape[1:])
+        _, transpose = torch.func.vjp(lambda x: self.function(x, **_options(ctx)), zeros)
+        return {"input": transpose(cotangent.flatten(0, 1))[0].unflatten(0, (k, n))}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = self.vjp(ctx, cotangent.unsqueeze(1), slots)
+        return {s: v.squeeze(1) for s, v in result.items()}
+
+
+def linear_rule(*keys, function: Callable, name: str = "") -> LinearMapRule:
+    """Create and register a :class:`LinearMapRule` for ``keys`` (and their aliases)."""
+    rule = LinearMapRule(name or function.__name__, function)
+    register_rule(*keys)(rule)
+    return rule

@@ -1,0 +1,306 @@
+"""The rule protocol and the registry that maps op spellings to rules.
+
+An *op key* is how a traced node names its operation: an ``nn.Module`` subclass for leaf
+modules (``call_module``), a Python callable (``call_function``: ``torch.relu``,
+``F.relu``, ``operator.add``) or a Tensor method name (``call_method``: ``"relu"``).
+Spellings of the same op (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``"relu"``, ``"relu_"``,
+...) form one alias group and share one rule.
+
+A rule describes the op through its *canonical signature* (a Python function whose
+parameter names are the op's arguments, e.g. ``linear(input, weight, bias=None)``).
+Function and method spellings bind their arguments to it positionally and by keyword; a
+module spelling binds its forward arguments positionally and fills every remaining
+canonical argument from the module attribute of the same name (``nn.Linear.weight``,
+``nn.LeakyReLU.negative_slope``, ``nn.Dropout.training``), so one rule serves all
+spellings without per-module glue.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from curvgraph.rules.residuals import Residual, Zero
+
+__all__ = [
+    "Context",
+    "Rule",
+    "OpKey",
+    "register_rule",
+    "alias",
+    "lookup_rule",
+    "registered_rules",
+    "canonical_key",
+    "op_name",
+    "UnsupportedConfigurationError",
+]
+
+OpKey = Union[type, Callable, str]
+Tensors = Dict[str, Tensor]
+
+
+class UnsupportedConfigurationError(ValueError):
+    """A rule exists for the op, but not for the arguments it was called with."""
+
+
+@dataclass
+class Context:
+    """What a rule sees of one recorded call: its arguments and its output.
+
+    Attributes:
+        args: canonical argument name -> value (tensors detached from autograd).
+        output: the op's output (detached), batch axis first.
+        batched: names of the arguments that carry the batch axis (activations).
+        module: the module for ``call_module`` nodes, else ``None``.
+        cache: scratch space for quantities a rule derives once per call (unfolded inputs,
+            pooling indices, derivatives); never shared between calls.
+    """
+
+    args: Dict[str, Any]
+    output: Tensor
+    batched: frozenset = frozenset()
+    module: Optional[nn.Module] = None
+    cache: Dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        args = self.__dict__.get("args", {})
+        if name in args:
+            return args[name]
+        raise AttributeError(name)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples ``N`` (the output's leading dimension)."""
+        return self.output.shape[0]
+
+    def narrow(self, start: int, length: int) -> Context:
+        """The same call restricted to samples ``start .. start + length - 1``."""
+        args = {
+            k: v.narrow(0, start, length) if k in self.batched else v for k, v in self.args.items()
+        }
+        return Context(args, self.output.narrow(0, start, length), self.batched, self.module)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Return ``cache[key]``, computing it with ``compute()`` on first use."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+class Rule:
+    """Hessian-backpropagation rule of one op (design section 3.5).
+
+    Subclasses set :attr:`signature` (through :meth:`from_function` or a class attribute)
+    and implement :meth:`jvp`, :meth:`vjp` and, for non-linear ops, :meth:`residual`.
+    Shapes (index convention of :mod:`curvgraph.rules.residuals`): activation tangents and
+    cotangents ``[K, N, *features]``; parameter tangents ``[K, *param.shape]``, per-sample
+    parameter cotangents ``[K, N, *param.shape]``.
+
+    Attributes:
+        name: canonical op name used in tables and messages.
+        signature: the op's canonical arguments.
+        differentiable: names of the arguments derivatives flow through (when tensors).
+        sample_independent: arguments whose Jacobian is the same for every sample and
+            independent of the argument values (``Jbar == J_n``); HBP then skips the
+            per-sample work for them.
+        function: the op as a function of its canonical arguments (reference for checks).
+    """
+
+    name: str = "op"
+    signature: inspect.Signature = inspect.Signature()
+    differentiable: Tuple[str, ...] = ("input",)
+    sample_independent: frozenset = frozenset()
+    function: Optional[Callable] = None
+
+    # -- binding ------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict, module: Optional[nn.Module] = None) -> Dict:
+        """Map a call's arguments to the canonical signature (module attributes by name)."""
+        if module is None:
+            bound = self.signature.bind(*args, **kwargs)
+        else:
+            bound = self.signature.bind_partial(*args, **kwargs)
+            for name, param in self.signature.parameters.items():
+                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                    continue
+                if name not in bound.arguments and hasattr(module, name):
+                    bound.arguments[name] = getattr(module, name)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def check(self, arguments: Dict[str, Any]) -> None:
+        """Raise :class:`UnsupportedConfigurationError` for arguments the rule cannot handle.
+
+        Called once at trace time with the (trace-time) bound arguments.
+        """
+
+    def validate(self, ctx: Context) -> None:
+        """Raise :class:`UnsupportedConfigurationError` if a recorded call is unsupported."""
+
+    # -- first order ----------------------------------------------------------------------
+    def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:
+        """Output tangent ``sum_s J_s t_s`` for per-sample tangents of the arguments."""
+        raise NotImplementedError(f"rule {self.name!r} has no jvp")
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """Per-sample input cotangents ``J_s^T c`` for the requested arguments ``slots``."""
+        raise NotImplementedError(f"rule {self.name!r} has no vjp")
+
+    def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """``Jbar_s^T c`` with the batch-averaged Jacobian ``Jbar = (1/N) sum_n J_n``.
+
+        Args:
+            cotangent: ``[K, *output_features]``, the same for every sample.
+
+        Returns:
+            Argument name -> ``[K, *features]``.
+
+        The default expands the cotangent over the batch and averages :meth:`vjp`, in
+        chunks of columns to bound memory; rules with cheaper forms override it.
+        """
+        slots = list(slots)
+        n = ctx.batch_size
+        step = _column_chunk(cotangent[0].numel() * n + _slot_size(ctx, slots) * n)
+        parts: Dict[str, list] = {s: [] for s in slots}
+        for chunk in cotangent.split(step):
+            expanded = chunk.unsqueeze(1).expand(chunk.shape[0], n, *chunk.shape[1:])
+            for s, value in self.vjp(ctx, expanded, slots).items():
+                parts[s].append(value.mean(1))
+        return {s: torch.cat(v) for s, v in parts.items() if v}
+
+    # -- second order ---------------------------------------------------------------------
+    def residual(self, ctx: Context, grad_output: Tensor) -> Residual:
+        """Second-order term ``sum_k g_k d2y_k/dx dx'`` at ``g = grad_output`` ``[N, *out]``."""
+        return Zero()
+
+    # -- HBP fast paths (optional) --------------------------------------------------------
+    def kron_input(self, ctx: Context, slot: str) -> Optional[Tensor]:
+        """Per-sample ``a_n`` with ``J_n^T H J_n = H (x) a_n a_n^T`` for a weight, if any."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}{self.signature}>"
+
+
+def _slot_size(ctx: Context, slots: Iterable[str]) -> int:
+    total = 0
+    for s in slots:
+        value = ctx.args.get(s)
+        if isinstance(value, Tensor):
+            total += value[0].numel() if s in ctx.batched else value.numel()
+    return total
+
+
+#: Budget of tensor elements for intermediate per-sample column blocks.
+CHUNK_ELEMENTS = 2**25
+
+
+def _column_chunk(elements_per_column: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, elements_per_column))
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+
+
+_ALIAS_GROUPS: Dict[Any, frozenset] = {}
+_RULES: Dict[Any, Rule] = {}
+
+
+def canonical_key(key: OpKey) -> Any:
+    """Normalize a spelling: Tensor methods (``torch.Tensor.relu``) become their name."""
+    if isinstance(key, str) or isinstance(key, type):
+        return key
+    name = getattr(key, "__name__", None)
+    if name is not None and getattr(torch.Tensor, name, None) is key:
+        return name
+    return key
+
+
+def op_name(key: OpKey) -> str:
+    """Readable name of an op key (``torch.nn.Linear``, ``torch.relu``, ``Tensor.view``)."""
+    if isinstance(key, str):
+        return f"Tensor.{key}"
+    module = getattr(key, "__module__", None) or ""
+    name = getattr(key, "__qualname__", None) or getattr(key, "__name__", repr(key))
+    if module.startswith("torch.nn.modules"):
+        module = "torch.nn"
+    elif module in ("torch._C._nn", "torch._C._VariableFunctions", "torch._VariableFunctions"):
+        module = "torch"
+    return f"{module}.{name}" if module else name
+
+
+def alias(*keys: OpKey) -> None:
+    """Declare spellings of the same op, so that they share one rule."""
+    group = frozenset(canonical_key(k) for k in keys)
+    for k in list(group):
+        group = group | _ALIAS_GROUPS.get(k, frozenset())
+    for k in group:
+        _ALIAS_GROUPS[k] = group
+
+
+def _expand(key: OpKey) -> frozenset:
+    key = canonical_key(key)
+    return _ALIAS_GROUPS.get(key, frozenset([key]))
+
+
+def register_rule(*op_keys: OpKey, override: bool = False) -> Callable:
+    """Register a rule for ops, as a class decorator (or called on a rule instance).
+
+    Every alias of each key (see :func:`alias`) gets the rule. Registering a key that
+    already has a rule is an error unless ``override=True``.
+
+    Example:
+        >>> @register_rule(MyModule)            # doctest: +SKIP
+        ... class MyRule(Rule): ...
+
+    Args:
+        *op_keys: module classes, callables, or Tensor method names.
+        override: replace existing rules instead of raising ``ValueError``.
+    """
+    if not op_keys:
+        raise TypeError("register_rule needs at least one op key")
+
+    def decorator(rule_or_class):
+        rule = rule_or_class() if isinstance(rule_or_class, type) else rule_or_class
+        if not isinstance(rule, Rule):
+            raise TypeError(f"register_rule expects a Rule subclass or instance, got {rule!r}")
+        keys = set().union(*(_expand(k) for k in op_keys))
+        taken = sorted(op_name(k) for k in keys if k in _RULES and _RULES[k] is not rule)
+        if taken and not override:
+            raise ValueError(
+                f"ops already have a rule: {', '.join(taken)}; pass override=True to replace"
+            )
+        for k in keys:
+            _RULES[k] = rule
+        return rule_or_class
+
+    return decorator
+
+
+def lookup_rule(key: OpKey) -> Optional[Rule]:
+    """The rule registered for an op key, or ``None``."""
+    return _RULES.get(canonical_key(key))
+
+
+def registered_rules() -> Dict[Rule, Set[Any]]:
+    """Every registered rule with the set of keys it serves."""
+    result: Dict[Rule, Set[Any]] = {}
+    for key, rule in _RULES.items():
+        result.setdefault(rule, set()).add(key)
+    return result
+
+
+def unregister(*op_keys: OpKey) -> None:
+    """Remove the rules of ``op_keys`` and their aliases (used by tests and notebooks)."""
+    for key in set().union(*(_expand(k) for k in op_keys)):
+        _RULES.pop(key, None)
+
+
+def is_inplace(key: Any, arguments: Dict[str, Any]) -> bool:
+    """Whether a call modifies its first argument in place (``relu_``, ``inplace=True``)."""
+    name = key if isinstance(key, str) else getattr(key, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or arguments.get("inplace") is True

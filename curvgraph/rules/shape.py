@@ -1,0 +1,96 @@
+"""Shape ops, identities and non-differentiable structural ops, handled once, generically.
+
+Every reshape that keeps the batch axis (``view``, ``reshape``, ``flatten``,
+``nn.Flatten``) is one rule: a per-sample reshape of the features, read from the recorded
+input and output shapes, so no spelling's arguments need interpreting.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvgraph.rules.factories import LinearMapRule, linear_rule
+from curvgraph.rules.registry import Rule, UnsupportedConfigurationError, alias, register_rule
+
+alias(nn.Flatten, torch.flatten, "flatten", "view", "reshape", torch.reshape)
+alias(nn.Identity, "contiguous")
+alias(nn.Dropout, F.dropout)
+
+
+def _reshape(input, *args, **kwargs):
+    raise NotImplementedError  # shapes come from the recorded call, see ReshapeRule
+
+
+@register_rule(torch.flatten)
+class ReshapeRule(Rule):
+    """A reshape of each sample's features: ``J_n`` is the identity on the flat features."""
+
+    name = "reshape"
+    signature = inspect.signature(_reshape)
+    sample_independent = frozenset({"input"})
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.output.shape[:1] != ctx.input.shape[:1]:
+            raise UnsupportedConfigurationError(
+                f"reshape from {tuple(ctx.input.shape)} to {tuple(ctx.output.shape)} mixes the "
+                "batch axis (dimension 0) with the features"
+            )
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        t = tangents["input"]
+        return t.reshape(t.shape[:2] + ctx.output.shape[1:])
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" not in slots:
+            return {}
+        return {"input": cotangent.reshape(cotangent.shape[:2] + ctx.input.shape[1:])}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" not in slots:
+            return {}
+        return {"input": cotangent.reshape(cotangent.shape[:1] + ctx.input.shape[1:])}
+
+
+def _identity(input):
+    return input
+
+
+def _dropout(input, p=0.5, training=True, inplace=False):
+    return F.dropout(input, p, training)
+
+
+linear_rule(nn.Identity, function=_identity, name="identity")
+
+
+class DropoutRule(LinearMapRule):
+    """Dropout in evaluation mode is the identity; training mode (a random mask) is not."""
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.training and ctx.p > 0:
+            raise UnsupportedConfigurationError(
+                "dropout in training mode (a random mask per call): call model.eval() before "
+                "computing curvature, or set p=0"
+            )
+
+
+register_rule(F.dropout)(DropoutRule("dropout", _dropout))
+
+
+def _structural(*args, **kwargs):
+    raise NotImplementedError  # outputs are sizes, not tensors
+
+
+class StructuralRule(Rule):
+    """Ops whose outputs are sizes or numbers (``x.size(0)``, ``x.shape``): no derivatives."""
+
+    name = "structural"
+    signature = inspect.signature(_structural)
+    differentiable = ()
+
+
+register_rule("size", "dim", "numel", builtins.getattr, builtins.len)(StructuralRule())
