@@ -99,8 +99,8 @@ elementwise_rule(
 elementwise_rule(
     F.leaky_relu,
     function=lambda input, negative_slope=0.01, inplace=False: F.leaky_relu(input, negative_slope),
-    first=lambda input, negative_slope=0.01: torch.where(input > 0, 1.0, negative_slope).to(
-        input.dtype
+    first=lambda input, negative_slope=0.01: torch.where(
+        input > 0, torch.ones_like(input), torch.full_like(input, negative_slope)
     ),
     second=lambda input, negative_slope=0.01: torch.zeros_like(input),
     name="leaky_relu",
