@@ -8,7 +8,7 @@ in :mod:`curvgraph.propagation`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.fx
@@ -187,9 +187,7 @@ class CurvGraph(nn.Module):
     def parameters_with_blocks(self) -> Dict[str, Tensor]:
         """Trainable parameters used by the graph, by name (those that get a block)."""
         names = {s.parameter for i in self.infos.values() for s in i.sources.values()}
-        return {
-            n: p for n, p in self.model.named_parameters() if n in names and p.requires_grad
-        }
+        return {n: p for n, p in self.model.named_parameters() if n in names and p.requires_grad}
 
     def output_node(self) -> torch.fx.Node:
         """The node whose tensor the model returns (a single tensor output)."""

@@ -41,8 +41,9 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
         ValueError: the loss is not a scalar or does not depend on ``outputs``.
     """
     if loss.dim() != 0:
-        raise ValueError(f"the loss must be a scalar (reduction 'mean' or 'sum'), got shape "
-                         f"{tuple(loss.shape)}")
+        raise ValueError(
+            f"the loss must be a scalar (reduction 'mean' or 'sum'), got shape {tuple(loss.shape)}"
+        )
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"the loss is {loss.item()}: curvature of a non-finite loss is undefined (check the "
@@ -126,8 +127,9 @@ def _autograd_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
     flat = grad.reshape(grad.shape[0], -1)
     rows = []
     for c in range(flat.shape[1]):
-        (row,) = torch.autograd.grad(flat[:, c].sum(), outputs, retain_graph=True,
-                                     allow_unused=True)
+        (row,) = torch.autograd.grad(
+            flat[:, c].sum(), outputs, retain_graph=True, allow_unused=True
+        )
         rows.append(outputs.new_zeros(flat.shape) if row is None else row.reshape(flat.shape))
     hessian = torch.stack(rows).sum(1)  # [C, C]
     return ((hessian + hessian.T) / 2).detach()

@@ -106,8 +106,13 @@ def hbp_blocks(model, x, y, loss, curvature, **options):
 def assert_blocks_equal(actual, expected):
     assert actual.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=1e-10, rtol=1e-8,
-                                   msg=lambda m, name=name: f"block {name}: {m}")
+        torch.testing.assert_close(
+            actual[name],
+            expected[name],
+            atol=1e-10,
+            rtol=1e-8,
+            msg=lambda m, name=name: f"block {name}: {m}",
+        )
 
 
 CURVATURES = ["hessian", "ggn", "pch-abs", "pch-clip"]
@@ -165,8 +170,9 @@ def test_averaging_options_differ_for_batches():
     model = mlp(nn.Sigmoid)
     x, y = data(model, "ce", 8, (5,))
     averaged = hbp_blocks(model, x, y, "ce", "ggn")
-    expected = hbp_blocks(model, x, y, "ce", "ggn", average_input_jac=False,
-                          average_param_jac=False)
+    expected = hbp_blocks(
+        model, x, y, "ce", "ggn", average_input_jac=False, average_param_jac=False
+    )
     assert not torch.allclose(averaged["0.weight"], expected["0.weight"])
     # the last layer's bias block is J^T H J with J = I: exact in both
     torch.testing.assert_close(averaged["4.bias"], expected["4.bias"])
@@ -185,8 +191,9 @@ def test_seed_spelling_matches_curvature_names():
 ACTIVATION_CHOICES = st.sampled_from(ACTIVATIONS)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     widths=st.lists(st.integers(1, 5), min_size=2, max_size=5),
     activations=st.lists(ACTIVATION_CHOICES, min_size=4, max_size=4),
@@ -195,8 +202,9 @@ ACTIVATION_CHOICES = st.sampled_from(ACTIVATIONS)
     averaged=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_sequential_batch_size_one(widths, activations, curvature, loss,
-                                                    averaged, seed):
+def test_property_random_sequential_batch_size_one(
+    widths, activations, curvature, loss, averaged, seed
+):
     torch.manual_seed(seed)
     layers, features = [], 4
     for i, width in enumerate(widths):

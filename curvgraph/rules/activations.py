@@ -104,6 +104,7 @@ elementwise_rule(
     ),
     second=lambda input, negative_slope=0.01: torch.zeros_like(input),
     name="leaky_relu",
+    options=[{"negative_slope": 0.2}],
 )
 elementwise_rule(
     F.elu,
@@ -115,6 +116,7 @@ elementwise_rule(
         input.dtype
     ),
     name="elu",
+    options=[{"alpha": 0.5}],
 )
 elementwise_rule(
     F.softplus,
@@ -126,6 +128,7 @@ elementwise_rule(
         _softplus_linear(input, beta, threshold), 0.0, beta * _sigmoid_d1(beta * input)
     ).to(input.dtype),
     name="softplus",
+    options=[{"beta": 2.0, "threshold": 3.0}],
 )
 elementwise_rule(
     F.silu,
@@ -140,4 +143,5 @@ elementwise_rule(
     first=_gelu_d1,
     second=_gelu_d2,
     name="gelu",
+    options=[{"approximate": "tanh"}],
 )

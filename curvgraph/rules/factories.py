@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from curvgraph.rules.registry import Context, Rule, register_rule
+from curvgraph.rules.registry import Context, Rule, Sample, randn, register_rule
 from curvgraph.rules.residuals import Diagonal, Residual
 
 __all__ = ["ElementwiseRule", "LinearMapRule", "elementwise_rule", "linear_rule"]
@@ -40,12 +40,25 @@ class ElementwiseRule(Rule):
         second: ``phi''(input, **options)``.
     """
 
-    def __init__(self, name: str, function: Callable, first: Callable, second: Callable):
+    def __init__(
+        self,
+        name: str,
+        function: Callable,
+        first: Callable,
+        second: Callable,
+        options: Sequence[Dict] = (),
+    ):
         self.name = name
         self.function = function
         self.signature = inspect.signature(function)
         self.first = first
         self.second = second
+        self.options = list(options)
+
+    def samples(self):  # noqa: D102
+        shapes = [(3, 4), (2, 3, 2, 2)]
+        calls = [Sample((randn(*s, seed=i) * 2,)) for i, s in enumerate(shapes)]
+        return calls + [Sample((randn(3, 5, seed=7) * 3,), dict(o)) for o in self.options]
 
     def first_derivative(self, ctx: Context) -> Tensor:
         """``phi'(x)`` with the input's shape ``[N, *features]``."""
@@ -67,10 +80,25 @@ class ElementwiseRule(Rule):
 
 
 def elementwise_rule(
-    *keys, function: Callable, first: Callable, second: Callable, name: str = ""
+    *keys,
+    function: Callable,
+    first: Callable,
+    second: Callable,
+    name: str = "",
+    options: Sequence[Dict] = (),
 ) -> ElementwiseRule:
-    """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases)."""
-    rule = ElementwiseRule(name or function.__name__, function, first, second)
+    """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases).
+
+    Args:
+        *keys: op keys (aliases are covered too).
+        function: ``phi(input, **options)``.
+        first: ``phi'(input, **options)``.
+        second: ``phi''(input, **options)``.
+        name: op name (default: ``function.__name__``).
+        options: extra option sets to check besides the defaults, e.g.
+            ``[{"negative_slope": 0.2}]``.
+    """
+    rule = ElementwiseRule(name or function.__name__, function, first, second, options)
     register_rule(*keys)(rule)
     return rule
 
@@ -86,11 +114,15 @@ class LinearMapRule(Rule):
         function: ``f(input, **options)``, linear in ``input``; its signature is canonical.
     """
 
-    def __init__(self, name: str, function: Callable):
+    def __init__(self, name: str, function: Callable, samples: Callable[[], list] = list):
         self.name = name
         self.function = function
         self.signature = inspect.signature(function)
         self.sample_independent = frozenset({"input"})
+        self._samples = samples
+
+    def samples(self):  # noqa: D102
+        return self._samples()
 
     def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
         return _flat(self.function, tangents["input"], **_options(ctx))
@@ -108,8 +140,17 @@ class LinearMapRule(Rule):
         return {s: v.squeeze(1) for s, v in result.items()}
 
 
-def linear_rule(*keys, function: Callable, name: str = "") -> LinearMapRule:
-    """Create and register a :class:`LinearMapRule` for ``keys`` (and their aliases)."""
-    rule = LinearMapRule(name or function.__name__, function)
+def linear_rule(
+    *keys, function: Callable, name: str = "", samples: Callable[[], list] = list
+) -> LinearMapRule:
+    """Create and register a :class:`LinearMapRule` for ``keys`` (and their aliases).
+
+    Args:
+        *keys: op keys (aliases are covered too).
+        function: ``f(input, **options)``, linear in ``input``.
+        name: op name (default: ``function.__name__``).
+        samples: returns the :class:`~curvgraph.rules.registry.Sample` calls to check.
+    """
+    rule = LinearMapRule(name or function.__name__, function, samples)
     register_rule(*keys)(rule)
     return rule

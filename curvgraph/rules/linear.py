@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from curvgraph.rules.registry import (
-    Context,
     Rule,
+    Sample,
     UnsupportedConfigurationError,
     alias,
+    randn,
     register_rule,
 )
 from curvgraph.rules.residuals import CrossTerms, Residual
@@ -48,6 +49,12 @@ class LinearRule(Rule):
     signature = inspect.signature(_linear)
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(3, 4), randn(5, 4, seed=1), randn(5, seed=2))),
+            Sample((randn(2, 3, 4), randn(2, 4, seed=1), None)),
+        ]
 
     @staticmethod
     def _positions(x: Tensor) -> Tensor:
@@ -142,6 +149,16 @@ class Conv2dRule(Rule):
     signature = inspect.signature(_conv2d)
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(2, 3, 5, 5), randn(4, 3, 3, 3, seed=1), randn(4, seed=2))),
+            Sample(
+                (randn(2, 4, 7, 6), randn(6, 2, 2, 3, seed=1), None),
+                dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+            ),
+            Sample((randn(1, 2, 5, 5), randn(2, 2, 3, 3, seed=1), None), dict(padding="same")),
+        ]
 
     def check(self, arguments):  # noqa: D102
         if arguments.get("padding_mode", "zeros") != "zeros":

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvgraph.rules.factories import linear_rule
-from curvgraph.rules.registry import Rule, UnsupportedConfigurationError, alias, register_rule
+from curvgraph.rules.registry import (
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
 
 alias(nn.MaxPool2d, F.max_pool2d, torch.max_pool2d)
 alias(nn.AvgPool2d, F.avg_pool2d)
@@ -37,6 +44,13 @@ class MaxPool2dRule(Rule):
     def check(self, arguments):  # noqa: D102
         if arguments.get("return_indices"):
             raise UnsupportedConfigurationError("max_pool2d with return_indices=True")
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(2, 3, 6, 6), 2)),
+            Sample((randn(2, 2, 7, 5, seed=1), 3), dict(stride=2, padding=1)),
+            Sample((randn(1, 2, 9, 9, seed=2), (2, 3)), dict(stride=1, dilation=2, ceil_mode=True)),
+        ]
 
     def _indices(self, ctx):
         """Flat argmax positions ``[N, C, Ho * Wo]`` into the input's ``H * W``."""
@@ -77,4 +91,12 @@ def _avg_pool2d(
     )
 
 
-linear_rule(F.avg_pool2d, function=_avg_pool2d, name="avg_pool2d")
+def _avg_pool2d_samples():
+    return [
+        Sample((randn(2, 3, 6, 6), 2)),
+        Sample((randn(2, 2, 7, 5, seed=1), 3), dict(stride=2, padding=1, count_include_pad=False)),
+        Sample((randn(1, 2, 5, 5, seed=2), (2, 3)), dict(stride=1, ceil_mode=True)),
+    ]
+
+
+linear_rule(F.avg_pool2d, function=_avg_pool2d, name="avg_pool2d", samples=_avg_pool2d_samples)

@@ -28,6 +28,7 @@ from curvgraph.rules.residuals import Residual, Zero
 
 __all__ = [
     "Context",
+    "Sample",
     "Rule",
     "OpKey",
     "register_rule",
@@ -91,6 +92,29 @@ class Context:
         return self.cache[key]
 
 
+@dataclass
+class Sample:
+    """A call of an op in its canonical signature, for checking the rule (float64, CPU).
+
+    Attributes:
+        args: positional arguments.
+        kwargs: keyword arguments.
+        batched: arguments that carry the batch axis; the other tensors are parameters.
+        function: the op as called here, if the rule's canonical ``function`` cannot be
+            called directly (e.g. the generic reshape rule, which serves many spellings).
+    """
+
+    args: tuple
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    batched: Tuple[str, ...] = ("input",)
+    function: Optional[Callable] = None
+
+
+def randn(*shape: int, seed: int = 0) -> Tensor:
+    """A reproducible float64 tensor for rule samples."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 class Rule:
     """Hessian-backpropagation rule of one op (design section 3.5).
 
@@ -115,6 +139,13 @@ class Rule:
     differentiable: Tuple[str, ...] = ("input",)
     sample_independent: frozenset = frozenset()
     function: Optional[Callable] = None
+
+    def samples(self) -> list:
+        """Example calls (:class:`Sample`) that ``curvgraph.testing.check_rule`` checks.
+
+        Every registered rule must provide some; the test suite fails otherwise.
+        """
+        return []
 
     # -- binding ------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict, module: Optional[nn.Module] = None) -> Dict:
@@ -153,7 +184,9 @@ class Rule:
         """``Jbar_s^T c`` with the batch-averaged Jacobian ``Jbar = (1/N) sum_n J_n``.
 
         Args:
+            ctx: the recorded call.
             cotangent: ``[K, *output_features]``, the same for every sample.
+            slots: the arguments to compute.
 
         Returns:
             Argument name -> ``[K, *features]``.

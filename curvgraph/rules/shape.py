@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvgraph.rules.factories import LinearMapRule, linear_rule
-from curvgraph.rules.registry import Rule, UnsupportedConfigurationError, alias, register_rule
+from curvgraph.rules.registry import (
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
 
 alias(nn.Flatten, torch.flatten, "flatten", "view", "reshape", torch.reshape)
 alias(nn.Identity, "contiguous")
@@ -33,6 +40,13 @@ class ReshapeRule(Rule):
     name = "reshape"
     signature = inspect.signature(_reshape)
     sample_independent = frozenset({"input"})
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(2, 3, 4),), function=lambda input: input.flatten(1)),
+            Sample((randn(2, 3, 4, 5),), function=lambda input: input.view(input.shape[0], 3, 20)),
+            Sample((randn(3, 6),), function=lambda input: input.reshape(input.shape[0], 2, 3)),
+        ]
 
     def validate(self, ctx):  # noqa: D102
         if ctx.output.shape[:1] != ctx.input.shape[:1]:
@@ -64,7 +78,9 @@ def _dropout(input, p=0.5, training=True, inplace=False):
     return F.dropout(input, p, training)
 
 
-linear_rule(nn.Identity, function=_identity, name="identity")
+linear_rule(
+    nn.Identity, function=_identity, name="identity", samples=lambda: [Sample((randn(2, 3),))]
+)
 
 
 class DropoutRule(LinearMapRule):
@@ -78,7 +94,9 @@ class DropoutRule(LinearMapRule):
             )
 
 
-register_rule(F.dropout)(DropoutRule("dropout", _dropout))
+register_rule(F.dropout)(
+    DropoutRule("dropout", _dropout, lambda: [Sample((randn(2, 3, 4),), dict(training=False))])
+)
 
 
 def _structural(*args, **kwargs):

@@ -88,12 +88,16 @@ def cg(
 
     def blocks(flat: Tensor, which=None) -> Tensors:
         parts = flat.split(sizes)
-        return {n: parts[i].view(shapes[i]) for i, n in enumerate(names) if which is None or which[i]}
+        return {
+            n: parts[i].view(shapes[i]) for i, n in enumerate(names) if which is None or which[i]
+        }
 
     def flatten(values: Tensors) -> Tensor:
         return torch.cat(
-            [values[n].reshape(-1) if n in values else flat_b.new_zeros(sizes[i])
-             for i, n in enumerate(names)]
+            [
+                values[n].reshape(-1) if n in values else flat_b.new_zeros(sizes[i])
+                for i, n in enumerate(names)
+            ]
         )
 
     def dot(u: Tensor, v: Tensor) -> Tensor:

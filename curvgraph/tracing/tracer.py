@@ -56,7 +56,9 @@ def node_key(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> Any:
     return node.target
 
 
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>.*)')
+_FRAME = re.compile(
+    r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>.*)'
+)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
