@@ -64,8 +64,16 @@ def _cross_entropy(loss: Tensor, outputs: Tensor):
     log_softmax = fn.next_functions[0][0]
     if type(log_softmax).__name__ != "LogSoftmaxBackward0":
         return None
-    if log_softmax.next_functions[0][0] is not outputs.grad_fn or fn._saved_weight is not None:
+    if log_softmax.next_functions[0][0] is not outputs.grad_fn:
         return None
+    try:
+        if fn._saved_weight is not None:
+            return None  # class weights: the autograd path handles them
+    except RuntimeError:  # weights were saved, and freed by loss.backward()
+        raise RuntimeError(
+            "cross_entropy with class weights: call loss_hessian before loss.backward() (or "
+            "backward with retain_graph=True)"
+        ) from None
     ignore_index = fn._saved_ignore_index
     if ignore_index >= 2**63:  # an int64 exposed as uint64
         ignore_index -= 2**64
