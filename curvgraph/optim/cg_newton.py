@@ -48,14 +48,14 @@ class CGNewton(torch.optim.Optimizer):
         cg_tol: float = 0.1,
         cg_maxiter: int = 50,
     ):
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0 <= alpha < 1:
-            raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
-        if cg_maxiter < 1 or cg_tol < 0 or cg_atol < 0:
-            raise ValueError("cg_maxiter must be >= 1 and cg_tol, cg_atol >= 0")
         defaults = dict(lr=lr, alpha=alpha, cg_atol=cg_atol, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
+        _validate(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (its own ``lr``, ``alpha``, ``cg_*`` are validated like the defaults)."""
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, curvature: BlockCurvature, closure=None):
@@ -96,6 +96,16 @@ class CGNewton(torch.optim.Optimizer):
             products = curvature.matvec(vectors)
             return {n: (1 - alpha) * products[n] + alpha * v for n, v in vectors.items()}
 
+        finite = {n: bool(torch.isfinite(p.grad).all()) for n, p in params.items()}
+        for name in [n for n, ok in finite.items() if not ok]:
+            warnings.warn(
+                f"CGNewton: the gradient of {name!r} contains NaN/inf; parameter left unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            del params[name]
+        if not params:
+            return
         negative_grads = {n: -p.grad for n, p in params.items()}
         directions, info = cg(
             damped,
@@ -119,3 +129,14 @@ class CGNewton(torch.optim.Optimizer):
                 )
                 continue
             p.add_(direction, alpha=group["lr"])
+
+
+def _validate(group: dict) -> None:
+    if not group["lr"] > 0:
+        raise ValueError(f"lr must be positive, got {group['lr']}")
+    if not 0 <= group["alpha"] < 1:
+        raise ValueError(f"alpha must lie in [0, 1), got {group['alpha']}")
+    if not group["cg_maxiter"] >= 1:
+        raise ValueError(f"cg_maxiter must be >= 1, got {group['cg_maxiter']}")
+    if not (group["cg_tol"] >= 0 and group["cg_atol"] >= 0):
+        raise ValueError("cg_tol and cg_atol must be >= 0")

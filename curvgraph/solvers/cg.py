@@ -19,6 +19,9 @@ __all__ = ["cg", "CGInfo"]
 
 Tensors = Dict[str, Tensor]
 
+#: ``p^T A p <= _ROUNDING * eps * ||p||^2 * max_seen(|p^T A p| / ||p||^2)`` is a breakdown
+_ROUNDING = 100.0
+
 
 @dataclass
 class CGInfo:
@@ -53,9 +56,10 @@ def cg(
     Each block ``j`` iterates ``alpha = r^T r / p^T A p``, ``x += alpha p``,
     ``r -= alpha A p``, ``p = r + (r_new^T r_new / r^T r) p`` until
     ``||r|| <= max(tol ||b||, atol)`` or ``min(maxiter, numel_j)`` iterations. A block that
-    meets ``p^T A p <= 0`` (indefinite ``A``) stops there and keeps its last iterate, or
-    takes ``x = b`` (the steepest-descent direction of the quadratic) if that happens in the
-    first iteration; ``x`` never becomes NaN or inf through a breakdown.
+    meets ``p^T A p <= 0`` (indefinite ``A``; "0" up to rounding relative to the largest
+    curvature the block has shown, so singular ``A`` counts) stops there and keeps its last
+    iterate, or takes ``x = b`` (the steepest-descent direction of the quadratic) if that
+    happens in the first iteration; ``x`` never becomes NaN or inf through a breakdown.
 
     Args:
         A: symmetric linear operator on dicts of blocks (or on a tensor if ``b`` is one).
@@ -113,6 +117,8 @@ def cg(
     rs = dot(r, r)
     iterations = torch.zeros(len(names), dtype=torch.long, device=ref.device)
     nonpositive = torch.zeros(len(names), dtype=torch.bool, device=ref.device)
+    eps = torch.finfo(flat_b.dtype).eps
+    scale = torch.zeros_like(rs)
     for it in range(int(limit.max())):
         active = (rs.sqrt() > bound) & (iterations < limit) & ~nonpositive & torch.isfinite(rs)
         active_list = active.tolist()
@@ -120,7 +126,10 @@ def cg(
             break
         Ap = flatten(A(blocks(p, active_list)))
         pAp = dot(p, Ap)
-        breakdown = active & ~(pAp > 0)  # also catches NaN
+        pp = dot(p, p)
+        # p^T A p at rounding level of the largest curvature seen counts as zero (singular A)
+        scale = torch.maximum(scale, torch.where(active, pAp.abs() / pp, scale))
+        breakdown = active & ~(pAp > _ROUNDING * eps * pp * scale)  # also catches NaN
         nonpositive |= breakdown
         if it == 0 and x0 is None:
             x = torch.where(breakdown[segment], flat_b, x)
