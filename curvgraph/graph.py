@@ -93,7 +93,9 @@ class _Recorder(torch.fx.Interpreter):
         if isinstance(output, Tensor):
             detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in arguments.items()}
             batched = frozenset(s for s, src in info.sources.items() if src.node is not None)
-            self.record.contexts[n.name] = Context(detached, output.detach(), batched, module)
+            self.record.contexts[n.name] = Context(
+                detached, output.detach(), batched, module, mixes_samples=info.rule.mixes_samples
+            )
             self.record.outputs[n.name] = output
             if output.requires_grad:
                 grads = self.record.grads
@@ -148,10 +150,13 @@ class CurvGraph(nn.Module):
             info.problem = f"arguments do not match the rule {info.rule.name}: {error}"
             return info
         info.inplace = is_inplace(key, arguments)
-        for slot in info.rule.differentiable:
-            source = self._source(arguments.get(slot))
-            if source is not None:
-                info.sources[slot] = source
+        for name in info.rule.differentiable:
+            value = arguments.get(name)
+            items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+            for i, item in items:
+                source = self._source(item)
+                if source is not None:
+                    info.sources[name if i is None else f"{name}.{i}"] = source
         return info
 
     def _source(self, value: Any) -> Optional[Source]:

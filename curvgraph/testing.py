@@ -1,24 +1,30 @@
 """``check_rule``: compare a rule with ``torch.func`` in float64 (design 4.4).
 
 For each sample call of an op, every piece of the rule is compared with automatic
-differentiation of the op itself, per sample ``n`` (slicing the batched arguments):
+differentiation of the op itself. "Per sample" means per *output* sample ``n``: a parameter's
+per-sample cotangent is the vector-Jacobian product with the cotangent of sample ``n`` alone,
+which also covers ops that mix samples (BatchNorm in training mode).
 
 - ``jvp``: ``torch.func.jvp`` of the op;
-- ``vjp``: ``torch.func.vjp`` of the op on sample ``n`` (per-sample parameter cotangents);
-- ``averaged_vjp``: the mean over samples of those;
-- ``residual``: ``R_n t = d/de grad <g_n, f(x_n + e t)>`` (a Hessian-vector product of the
-  op contracted with the output gradient), and its batch-summed diagonal blocks;
+- ``vjp``: ``torch.func.vjp`` (activations over the batch, parameters per sample);
+- ``averaged_vjp``: ``(1/N) sum_n J_n^T c`` with the same ``c`` for every sample;
+- ``residual``: ``d/de grad <g, f(x + e t)>`` (a Hessian-vector product of the op contracted
+  with the output gradient), per sample for parameters;
+- ``residual_block``: the batch-summed block of each argument (HBP), from ``torch.func.hessian``;
+- ``residual_modified``: the PCH modification per sample (``abs`` and ``clip`` on the
+  eigenvalues of each group's block, activations jointly, parameters alone);
 - ``kron_input`` (if provided): ``J_n^T c == c a_n^T``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from curvgraph.rules.registry import Context, OpKey, Rule, Sample, lookup_rule
+from curvgraph.rules.residuals import groups_of, modify_symmetric
 
 __all__ = ["check_rule"]
 
@@ -41,9 +47,8 @@ def check_rule(
         device: where to run it.
 
     Returns:
-        piece (``"jvp"``, ``"vjp"``, ``"averaged_vjp"``, ``"residual"``,
-        ``"residual_block"``, ``"kron_input"``) -> largest
-        ``max|rule - reference| / max(1, max|reference|)``.
+        piece -> largest ``max|rule - reference| / max(1, max|reference|)`` (pieces listed
+        in the module docstring).
 
     Raises:
         ValueError: no rule, or no samples to check.
@@ -56,7 +61,7 @@ def check_rule(
         raise ValueError(f"rule {rule.name!r} has no samples: implement Rule.samples()")
     errors: Dict[str, float] = {}
     for sample in samples:
-        for piece, error in _check_sample(rule, sample, dtype, device).items():
+        for piece, error in _Check(rule, sample, dtype, device).run().items():
             errors[piece] = max(errors.get(piece, 0.0), error)
     return errors
 
@@ -64,145 +69,226 @@ def check_rule(
 def _error(actual: Tensor, expected: Tensor) -> float:
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    return (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+    if not expected.numel():
+        return 0.0
+    scale = max(1.0, expected.abs().max().item())
+    return (actual - expected).abs().max().item() / scale
 
 
 def _convert(value: Any, dtype, device) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_convert(v, dtype, device) for v in value)
     if isinstance(value, Tensor) and value.is_floating_point():
         return value.to(dtype=dtype, device=device)
     return value
 
 
-def _check_sample(rule: Rule, sample: Sample, dtype, device) -> Dict[str, float]:
-    args = tuple(_convert(a, dtype, device) for a in sample.args)
-    kwargs = {k: _convert(v, dtype, device) for k, v in sample.kwargs.items()}
-    arguments = rule.bind(args, kwargs)
-    function = sample.function or rule.function
-    slots = [s for s in rule.differentiable if isinstance(arguments.get(s), Tensor)]
-    batched = frozenset(s for s in slots if s in sample.batched)
+class _Check:
+    """One sample call of one rule, with references computed by ``torch.func``."""
 
-    def call(values: Dict[str, Tensor]) -> Tensor:
-        if sample.function is not None:
-            return function(**{**_positional(arguments, rule), **values})
-        return function(**{**arguments, **values})
+    def __init__(self, rule: Rule, sample: Sample, dtype, device):
+        self.rule, self.sample = rule, sample
+        args = tuple(_convert(a, dtype, device) for a in sample.args)
+        kwargs = {k: _convert(v, dtype, device) for k, v in sample.kwargs.items()}
+        self.arguments = rule.bind(args, kwargs)
+        self.slots, batched = [], set()
+        for name in rule.differentiable:
+            value = self.arguments.get(name)
+            items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, Tensor):
+                    slot = name if i is None else f"{name}.{i}"
+                    self.slots.append(slot)
+                    if name in sample.batched or slot in sample.batched:
+                        batched.add(slot)
+        self.batched = frozenset(batched)
+        ctx = Context(dict(self.arguments), torch.empty(0), self.batched)
+        self.primals = {s: ctx.value(s) for s in self.slots}
+        self.output = self.call(self.primals).detach()
+        self.ctx = Context(
+            dict(self.arguments), self.output, self.batched, mixes_samples=rule.mixes_samples
+        )
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.dtype, self.device = dtype, device
 
-    primals = {s: arguments[s] for s in slots}
-    output = call(primals)
-    n = output.shape[0]
-    ctx = Context(dict(arguments), output.detach(), batched)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    def call(self, values: Dict[str, Tensor]) -> Tensor:
+        arguments = dict(self.arguments)
+        for slot, value in values.items():
+            name, _, index = slot.partition(".")
+            if index:
+                items = list(arguments[name])
+                items[int(index)] = value
+                arguments[name] = items
+            else:
+                arguments[name] = value
+        if self.sample.function is not None:
+            return self.sample.function(**{k: arguments[k] for k in self.rule.differentiable})
+        return self.rule.call(arguments)
 
-    def random(*shape):
-        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+    def random(self, *shape) -> Tensor:
+        return torch.randn(*shape, generator=self.gen, dtype=self.dtype).to(self.device)
 
-    tangents = {s: random(_COLUMNS, *primals[s].shape) for s in slots}
-    errors = {}
+    def mask(self, tensor: Tensor, n: int) -> Tensor:
+        """``tensor`` ``[N, ...]`` with every sample but ``n`` zeroed."""
+        masked = torch.zeros_like(tensor)
+        masked[n] = tensor[n]
+        return masked
 
-    # jvp: d/de f(primals + e t_k)
-    expected = torch.stack(
-        [
-            torch.func.jvp(call, (primals,), ({s: t[k] for s, t in tangents.items()},))[1]
-            for k in range(_COLUMNS)
-        ]
-    )
-    errors["jvp"] = _error(rule.jvp(ctx, tangents), expected)
+    def per_sample_vjp(self, cotangent: Tensor) -> Dict[str, Tensor]:
+        """Activations: the batch vjp; parameters: one vjp per output sample, stacked."""
+        _, vjp = torch.func.vjp(self.call, self.primals)
+        (full,) = vjp(cotangent)
+        result = {s: full[s] for s in self.slots if s in self.batched}
+        n = self.output.shape[0]
+        for s in self.slots:
+            if s not in self.batched:
+                result[s] = torch.stack([vjp(self.mask(cotangent, i))[0][s] for i in range(n)])
+        return result
 
-    # per-sample vjp
-    cotangent = random(_COLUMNS, *output.shape)
-    per_sample = _per_sample(
-        call,
-        primals,
-        batched,
-        n,
-        lambda f, p, i: [
-            torch.func.vjp(f, p)[1](cotangent[k, i : i + 1])[0] for k in range(_COLUMNS)
-        ],
-    )
-    actual = rule.vjp(ctx, cotangent, slots)
-    errors["vjp"] = max(_error(actual[s], per_sample[s]) for s in slots)
-
-    shared = random(_COLUMNS, *output.shape[1:])
-    averaged = _per_sample(
-        call,
-        primals,
-        batched,
-        n,
-        lambda f, p, i: [
-            torch.func.vjp(f, p)[1](shared[k].unsqueeze(0))[0] for k in range(_COLUMNS)
-        ],
-    )
-    actual = rule.averaged_vjp(ctx, shared, slots)
-    errors["averaged_vjp"] = max(_error(actual[s], averaged[s].mean(1)) for s in slots)
-
-    # residual: per-sample Hessian-vector products of <g_n, f_n>
-    grad_output = random(*output.shape)
-    residual = rule.residual(ctx, grad_output)
-
-    def hvp(f, p, i):
+    def hvp(self, grad_output: Tensor, tangent: Dict[str, Tensor]) -> Dict[str, Tensor]:
         def contracted(values):
-            return (grad_output[i : i + 1] * f(values)).sum()
+            return (grad_output * self.call(values)).sum()
 
-        grad = torch.func.grad(contracted)
-        return [
-            torch.func.jvp(grad, (p,), (_sample_tangent(tangents, batched, k, i),))[1]
-            for k in range(_COLUMNS)
-        ]
+        return torch.func.jvp(torch.func.grad(contracted), (self.primals,), (tangent,))[1]
 
-    expected = _per_sample(call, primals, batched, n, hvp)
-    actual = residual.apply(tangents)
-    errors["residual"] = max(
-        _error(actual.get(s, torch.zeros_like(expected[s])), expected[s]) for s in slots
-    )
-    errors["residual_block"] = max(
-        _residual_block_error(residual, call, primals, grad_output, batched, s) for s in slots
-    )
+    def run(self) -> Dict[str, float]:
+        rule, ctx, slots, n = self.rule, self.ctx, self.slots, self.output.shape[0]
+        tangents = {s: self.random(_COLUMNS, *self.primals[s].shape) for s in slots}
+        errors = {}
 
-    for s in slots:
-        inputs = rule.kron_input(ctx, s)
-        if inputs is not None:
-            kron = torch.einsum("kno,ni->knoi", cotangent, inputs)
-            errors["kron_input"] = max(errors.get("kron_input", 0.0), _error(kron, per_sample[s]))
-    return errors
+        expected = torch.stack(
+            [
+                torch.func.jvp(
+                    self.call, (self.primals,), ({s: t[k] for s, t in tangents.items()},)
+                )[1]
+                for k in range(_COLUMNS)
+            ]
+        )
+        errors["jvp"] = _error(rule.jvp(ctx, tangents), expected)
 
+        cotangent = self.random(_COLUMNS, *self.output.shape)
+        references = [self.per_sample_vjp(cotangent[k]) for k in range(_COLUMNS)]
+        per_sample = {s: torch.stack([r[s] for r in references]) for s in slots}
+        actual = rule.vjp(ctx, cotangent, slots)
+        errors["vjp"] = max(_error(actual[s], per_sample[s]) for s in slots)
 
-def _positional(arguments: Dict[str, Any], rule: Rule) -> Dict[str, Any]:
-    return {k: v for k, v in arguments.items() if k in rule.differentiable}
+        if not rule.mixes_samples:
+            shared = self.random(_COLUMNS, *self.output.shape[1:])
+            expanded = shared.unsqueeze(1).expand(_COLUMNS, *self.output.shape)
+            _, vjp = torch.func.vjp(self.call, self.primals)
+            full = [vjp(expanded[k])[0] for k in range(_COLUMNS)]
+            averaged = {
+                s: torch.stack([f[s].mean(0) if s in self.batched else f[s] / n for f in full])
+                for s in slots
+            }
+            actual = rule.averaged_vjp(ctx, shared, slots)
+            errors["averaged_vjp"] = max(_error(actual[s], averaged[s]) for s in slots)
 
-
-def _sample_tangent(tangents, batched, k, i) -> Dict[str, Tensor]:
-    return {s: t[k, i : i + 1] if s in batched else t[k] for s, t in tangents.items()}
-
-
-def _per_sample(call: Callable, primals, batched, n, compute) -> Dict[str, Tensor]:
-    """Stack ``compute(f_i, primals_i, i)`` (a list over columns) into ``[K, N, *shape]``."""
-    results: Dict[str, List] = {s: [] for s in primals}
-    for i in range(n):
-        sliced = {s: v[i : i + 1] if s in batched else v for s, v in primals.items()}
-        columns = compute(call, sliced, i)
-        for s in primals:
-            results[s].append(
-                torch.stack([c[s].squeeze(0) if s in batched else c[s] for c in columns])
+        grad_output = self.random(*self.output.shape)
+        residual = rule.residual(ctx, grad_output)
+        expected = self.residual_reference(grad_output, tangents)
+        actual = residual.apply(tangents)
+        errors["residual"] = max(
+            _error(actual.get(s, torch.zeros_like(expected[s])), expected[s]) for s in slots
+        )
+        if not rule.mixes_samples:
+            errors["residual_block"] = max(
+                self.block_error(residual, grad_output, s) for s in slots
             )
-    return {s: torch.stack(v, dim=1) for s, v in results.items()}
+            errors["residual_modified"] = self.modified_error(residual, grad_output, tangents)
 
+        for s in slots:
+            inputs = rule.kron_input(ctx, s)
+            if inputs is not None:
+                kron = torch.einsum("kno,ni->knoi", cotangent, inputs)
+                errors["kron_input"] = max(
+                    errors.get("kron_input", 0.0), _error(kron, per_sample[s])
+                )
+        return errors
 
-def _residual_block_error(residual, call, primals, grad_output, batched, slot) -> float:
-    """Compare ``summed_block`` with ``sum_n d2 <g_n, f_n> / d slot_n2`` (dense)."""
-    value = primals[slot]
+    def residual_reference(self, grad_output, tangents) -> Dict[str, Tensor]:
+        n = self.output.shape[0]
+        columns = []
+        for k in range(_COLUMNS):
+            tangent = {s: t[k] for s, t in tangents.items()}
+            full = self.hvp(grad_output, tangent)
+            column = {s: full[s] for s in self.slots if s in self.batched}
+            for s in self.slots:
+                if s not in self.batched:
+                    column[s] = torch.stack(
+                        [self.hvp(self.mask(grad_output, i), tangent)[s] for i in range(n)]
+                    )
+            columns.append(column)
+        return {s: torch.stack([c[s] for c in columns]) for s in self.slots}
 
-    def contracted(x):
-        return (grad_output * call({**primals, slot: x})).sum()
+    def block_error(self, residual, grad_output, slot) -> float:
+        value = self.primals[slot]
 
-    hessian = torch.func.hessian(contracted)(value)
-    if slot in batched:
-        n, features = value.shape[0], value[0].numel()
-        hessian = hessian.reshape(n, features, n, features).diagonal(dim1=0, dim2=2).sum(-1)
-    else:
-        hessian = hessian.reshape(value.numel(), value.numel())
-    block = residual.summed_block(slot)
-    if block is None:
-        block = torch.zeros_like(hessian)
-    elif block.dim() == 1:
-        block = torch.diag(block)
-    return _error(block, hessian)
+        def contracted(x):
+            return (grad_output * self.call({**self.primals, slot: x})).sum()
+
+        hessian = torch.func.hessian(contracted)(value)
+        if slot in self.batched:
+            n, features = value.shape[0], value[0].numel()
+            hessian = hessian.reshape(n, features, n, features).diagonal(dim1=0, dim2=2).sum(-1)
+        else:
+            hessian = hessian.reshape(value.numel(), value.numel())
+        block = residual.summed_joint(self.ctx, [slot])
+        return _error(torch.zeros_like(hessian) if block is None else block, hessian)
+
+    def modified_error(self, residual, grad_output, tangents) -> float:
+        """Per-sample group blocks from ``torch.func.hessian``, modified by ``eigh``."""
+        n, error = self.output.shape[0], 0.0
+        groups = groups_of(self.slots, self.batched)
+        for mode in ("abs", "clip"):
+            actual = residual.modified(self.ctx, mode, groups).apply(tangents)
+            for group in groups:
+                for i in range(n):
+                    matrix = self.sample_block(grad_output, group, i)
+                    modified = modify_symmetric(matrix, mode)
+                    flat = torch.cat([self.sample_tangent(tangents[s], s, i) for s in group], -1)
+                    expected = flat @ modified  # [K, D]
+                    offset = 0
+                    for s in group:
+                        size = self.feature_shape(s).numel()
+                        part = actual.get(s)
+                        got = (
+                            torch.zeros_like(expected[:, offset : offset + size])
+                            if part is None
+                            else part[:, i].reshape(_COLUMNS, size)
+                        )
+                        error = max(error, _error(got, expected[:, offset : offset + size]))
+                        offset += size
+        return error
+
+    def feature_shape(self, slot) -> torch.Size:
+        value = self.primals[slot]
+        return value.shape[1:] if slot in self.batched else value.shape
+
+    def sample_tangent(self, tangent, slot, i) -> Tensor:
+        part = tangent[:, i] if slot in self.batched else tangent
+        return part.reshape(_COLUMNS, -1)
+
+    def sample_block(self, grad_output, group, i) -> Tensor:
+        """Dense ``R_i`` on ``group`` (sample ``i``'s output only)."""
+        masked = self.mask(grad_output, i)
+
+        def contracted(flat):
+            values, offset = dict(self.primals), 0
+            for s in group:
+                shape = self.feature_shape(s)
+                piece = flat[offset : offset + shape.numel()].reshape(shape)
+                offset += shape.numel()
+                if s in self.batched:
+                    p = self.primals[s]
+                    piece = torch.cat([p[:i], piece.unsqueeze(0), p[i + 1 :]])
+                values[s] = piece
+            return (masked * self.call(values)).sum()
+
+        flat = torch.cat(
+            [
+                (self.primals[s][i] if s in self.batched else self.primals[s]).reshape(-1)
+                for s in group
+            ]
+        )
+        return torch.func.hessian(contracted)(flat)

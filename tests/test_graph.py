@@ -233,7 +233,9 @@ def test_dropout_training_mode_needs_eval():
     cg.backward_hessian(H)
 
 
-def test_weight_tying_is_refused_clearly_in_this_version():
+def test_weight_tying_hbp_batch_size_one_is_exact():
+    """A module called twice: one block, the exact sum of both uses (frontier HBP)."""
+
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -242,10 +244,33 @@ def test_weight_tying_is_refused_clearly_in_this_version():
         def forward(self, x):
             return self.fc(torch.tanh(self.fc(x)))
 
-    cg = curvgraph.trace(Tied())
-    cg(torch.randn(2, 3))
-    with pytest.raises(curvgraph.CurvGraphError, match="parameter 'fc.weight' feeds several"):
-        cg.backward_hessian(torch.eye(3))
+    torch.manual_seed(3)
+    model = Tied().to(DTYPE)
+    x, y = torch.randn(1, 3, dtype=DTYPE), torch.tensor([2])
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    params = dict(model.named_parameters())
+    for curvature in ["hessian", "ggn"]:
+        curv = cg.curvature(loss, out, curvature=curvature)
+        assert list(curv) == ["fc.weight", "fc.bias"]
+        for name, p in params.items():
+
+            def loss_of(value, name=name):
+                out = torch.func.functional_call(model, {**params, name: value}, (x,))
+                return F.cross_entropy(out, y)
+
+            if curvature == "hessian":
+                expected = torch.func.hessian(loss_of)(p.detach()).reshape(p.numel(), -1)
+            else:
+
+                def out_of(value, name=name):
+                    return torch.func.functional_call(model, {**params, name: value}, (x,))
+
+                jac = torch.func.jacrev(out_of)(p.detach()).reshape(3, -1)
+                h_out = curvgraph.loss_hessian(loss, out)
+                expected = jac.T @ h_out @ jac
+            torch.testing.assert_close(curv[name].to_dense(), expected, atol=1e-10, rtol=1e-8)
 
 
 def test_reshape_that_mixes_the_batch_is_refused():

@@ -73,7 +73,7 @@ class DenseBlock(Block):
         super().__init__(shape)
         if matrix.shape != (self.numel, self.numel):
             raise ValueError(f"matrix {tuple(matrix.shape)} does not fit a parameter {shape}")
-        self.matrix = matrix
+        self.matrix = matrix.contiguous()
 
     def _matmat(self, columns: Tensor) -> Tensor:
         return columns @ self.matrix  # symmetric: (C V^T)^T = V C
@@ -100,7 +100,7 @@ class KroneckerBlock(Block):
 
     def __init__(self, first: Tensor, second: Tensor, shape: torch.Size):
         super().__init__(shape)
-        self.first, self.second = first, second
+        self.first, self.second = first.contiguous(), second.contiguous()
         self.rows = self.shape[0]
         self.cols = self.numel // self.rows
         for factor, size in ((first, self.rows), (second, self.cols)):

@@ -1,20 +1,29 @@
-"""Hessian backpropagation (HBP, design 3.2): one batch-averaged matrix per tensor.
+"""Hessian backpropagation (HBP, design 3.2): batch-averaged matrices walked over the graph.
 
 Walking the graph from the output to the inputs, each node ``y = f(x_1, ..., x_m)`` turns
-the matrix ``H_y`` of its output into one for every differentiable argument ``s``:
+the matrix ``H_y`` of its output into matrices for its arguments ``s, s'``:
 
-    expect  (Botev/KFRA):  H_s = (1/N) sum_n J_{s,n}^T H_y J_{s,n}  + mod(R_s)
-    average (Chen):        H_s = Jbar_s^T H_y Jbar_s               + mod(R_s)
+    expect  (Botev/KFRA):  H_{s s'} = (1/N) sum_n J_{s,n}^T H_y J_{s',n} + mod(R)_{s s'}
+    average (Chen):        H_{s s'} = Jbar_s^T H_y Jbar_{s'}             + mod(R)_{s s'}
 
-with ``Jbar_s = (1/N) sum_n J_{s,n}`` and ``R_s = sum_n sum_k g_{n,k} d2 y_{n,k} / ds2``
-(the batch-summed residual; ``g = dL/dy``). ``mod`` is zero for the GGN, the identity for
-the Hessian, ``|.|`` / ``max(., 0)`` on the eigenvalues for the PCH, applied after the batch
-sum. A parameter's matrix is its block; an activation's goes on to its producer.
+with ``Jbar_s = (1/N) sum_n J_{s,n}`` and ``R = sum_n sum_k g_{n,k} d2 y_{n,k} / ds ds'``
+(batch-summed; ``g = dL/dy``). ``mod`` is zero for the GGN, the identity for the Hessian,
+``|.|`` / ``max(., 0)`` on the eigenvalues for the PCH, applied after the batch sum to each
+group of arguments (the node's activations jointly, each parameter alone; see
+:mod:`curvgraph.rules.residuals`).
+
+Fan-out and weight tying are handled exactly with a *frontier*: one joint matrix over the
+tensors whose consumers are all processed and whose producer is not, cross terms included
+(:class:`Frontier`). A node's output leaves the frontier and its arguments enter it
+(contributions to an entry already there add). An untied parameter's block is read off
+directly (Kronecker for linear weights); a tied parameter joins the frontier and its block
+is read when its last use has been processed. On a chain this is the plain recursion; with
+``N = 1`` every block equals the exact block of the chosen curvature.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,14 +31,15 @@ from torch import Tensor
 from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.curvature.blocks import Block
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
+from curvgraph.propagation.plan import gradients, plan
 from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import CHUNK_ELEMENTS, Context, Rule
-from curvgraph.rules.residuals import Residual, modify_symmetric
+from curvgraph.rules.residuals import modify_symmetric
 
 if TYPE_CHECKING:
     from curvgraph.graph import CurvGraph, NodeInfo
 
-__all__ = ["backward_hessian", "CURVATURES", "MODIFY_2ND_ORDER_TERMS"]
+__all__ = ["backward_hessian", "resolve_curvature", "CURVATURES", "MODIFY_2ND_ORDER_TERMS"]
 
 #: residual modification of each curvature (``None``: residual dropped)
 CURVATURES = {"hessian": "none", "ggn": None, "pch-abs": "abs", "pch-clip": "clip"}
@@ -44,7 +54,8 @@ MODIFY_2ND_ORDER_TERMS = {
 _UNSET = object()
 
 
-def _resolve_curvature(curvature: Optional[str], modify) -> str:
+def resolve_curvature(curvature: Optional[str], modify=_UNSET) -> str:
+    """The curvature name from ``curvature`` or the seed's ``modify_2nd_order_terms``."""
     if modify is not _UNSET:
         if modify not in MODIFY_2ND_ORDER_TERMS:
             raise ValueError(
@@ -61,6 +72,37 @@ def _resolve_curvature(curvature: Optional[str], modify) -> str:
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r}; expected one of {sorted(CURVATURES)}")
     return curvature
+
+
+class Frontier:
+    """A symmetric matrix over named entries, stored as blocks ``(a, b)``."""
+
+    def __init__(self):
+        self.sizes: Dict = {}
+        self.blocks: Dict[Tuple, Tensor] = {}
+
+    def get(self, a, b) -> Optional[Tensor]:
+        """Block ``(a, b)`` (``None`` if zero)."""
+        if (a, b) in self.blocks:
+            return self.blocks[(a, b)]
+        if (b, a) in self.blocks:
+            return self.blocks[(b, a)].T
+        return None
+
+    def add(self, a, b, block: Tensor) -> None:
+        """Add ``block`` to ``(a, b)`` (and its transpose to ``(b, a)``)."""
+        if (b, a) in self.blocks and (a, b) not in self.blocks:
+            a, b, block = b, a, block.T
+        current = self.blocks.get((a, b))
+        self.blocks[(a, b)] = block if current is None else current + block
+
+    def pop(self, key) -> Tuple[Tensor, Dict]:
+        """Remove an entry; return its diagonal block and its blocks with the others."""
+        self.sizes.pop(key)
+        diagonal = self.get(key, key)
+        others = {o: self.get(key, o) for o in self.sizes}
+        self.blocks = {k: v for k, v in self.blocks.items() if key not in k}
+        return diagonal, {o: b for o, b in others.items() if b is not None}
 
 
 def backward_hessian(
@@ -82,7 +124,8 @@ def backward_hessian(
             sample), e.g. from :func:`curvgraph.loss_hessian`.
         curvature: ``"hessian" | "ggn" | "pch-abs" | "pch-clip"`` (default ``"ggn"``).
         modify_2nd_order_terms: the seed's spelling, ``None | "zero" | "abs" | "clip"``.
-        average_input_jac: ``Jbar^T H Jbar`` (True) or ``E[J^T H J]`` (False) for inputs.
+        average_input_jac: ``Jbar^T H Jbar`` (True) or ``E[J^T H J]`` (False) for
+            activations.
         average_param_jac: the same choice for parameter blocks.
         max_features: largest tensor (features per sample) or parameter for which a dense
             matrix is built; above it a :class:`CurvatureSizeError` is raised.
@@ -92,43 +135,64 @@ def backward_hessian(
     Returns:
         One block per trainable parameter, by name.
     """
-    curvature = _resolve_curvature(curvature, modify_2nd_order_terms)
+    curvature = resolve_curvature(curvature, modify_2nd_order_terms)
     mode = CURVATURES[curvature]
     record = graph.record
-    output_node = graph.output_node()
-    output = record.contexts[output_node.name].output
-    features = output[0].numel()
-    _check_output_hessian(output_hessian, features, output)
-    parameters = graph.parameters_with_blocks()
-    order = _walk_order(graph, output_node, parameters)
-    needed = {info.node for info in order}
-    if mode is not None:
-        _ensure_gradients(graph, order, loss)
+    walk = plan(graph)
+    output = record.contexts[walk.output.name].output
+    _check_output_hessian(output_hessian, output)
+    grads = gradients(graph, walk.order, loss) if mode is not None else {}
+    averaged = {True: average_param_jac, False: average_input_jac}  # keyed by "is parameter"
 
-    matrices: Dict = {output_node: output_hessian.to(output)}
+    frontier = Frontier()
+    frontier.sizes[walk.output] = output[0].numel()
+    frontier.add(walk.output, walk.output, output_hessian.to(output))
+    remaining = {key: len(uses) for key, uses in walk.uses.items()}
     blocks: Dict[str, Block] = {}
-    for info in reversed(order):
-        output_matrix = matrices.pop(info.node, None)
-        if output_matrix is None:
+    for info in reversed(walk.order):
+        if info.node not in frontier.sizes:
             continue
         ctx = record.contexts[info.node.name]
         info.rule.validate(ctx)
-        residual = None if mode is None else info.rule.residual(ctx, record.grads[info.node.name])
-        for slot, source in info.sources.items():
-            averaged = average_param_jac if source.parameter else average_input_jac
-            if source.parameter in parameters:
-                blocks[source.parameter] = _parameter_block(
-                    info, ctx, slot, output_matrix, averaged, residual, mode, max_features
+        if ctx.mixes_samples:
+            raise CurvGraphError(
+                f"HBP averages over samples, but {info.describe()} mixes them (e.g. BatchNorm in "
+                "training mode); use method='exact' or 'sqrt', or put the model in eval mode"
+            )
+        output_matrix, cross = frontier.pop(info.node)
+        if output_matrix is None:
+            output_matrix = output.new_zeros(frontier_size(ctx), frontier_size(ctx))
+        slots = walk.active_slots(info)
+        residual = None if mode is None else info.rule.residual(ctx, grads[info.node.name])
+        entering = {}
+        for slot, key in slots.items():
+            is_parameter = isinstance(key, str)
+            if is_parameter and not walk.tied(key):
+                blocks[key] = _parameter_block(
+                    info, ctx, slot, output_matrix, averaged[True], residual, mode, max_features
                 )
-            elif source.node in needed:
-                matrices[source.node] = _argument_matrix(
-                    info, ctx, slot, output_matrix, averaged, residual, mode, max_features
-                )
-    ordered = {n: blocks[n] for n in parameters if n in blocks}
-    return BlockCurvature(ordered, parameters, curvature=curvature, method="hbp")
+            else:
+                _check_size(info, slot, _slot_size(ctx, slot), max_features)
+                entering[slot] = key
+        _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged)
+        _add_residual(ctx, entering, residual, mode, frontier)
+        for key in entering.values():
+            remaining[key] -= 1
+            if isinstance(key, str) and remaining[key] == 0:
+                matrix, _ = frontier.pop(key)
+                shape = walk.parameters[key].shape
+                blocks[key] = DenseBlock(_symmetric(matrix), shape)
+    ordered = {n: blocks[n] for n in walk.parameters if n in blocks}
+    return BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
 
 
-def _check_output_hessian(output_hessian: Tensor, features: int, output: Tensor) -> None:
+def frontier_size(ctx: Context) -> int:
+    """Features per sample of a node's output."""
+    return ctx.output[0].numel()
+
+
+def _check_output_hessian(output_hessian: Tensor, output: Tensor) -> None:
+    features = output[0].numel()
     if not isinstance(output_hessian, Tensor) or output_hessian.shape != (features, features):
         shape = tuple(output_hessian.shape) if isinstance(output_hessian, Tensor) else None
         raise ValueError(
@@ -140,129 +204,134 @@ def _check_output_hessian(output_hessian: Tensor, features: int, output: Tensor)
         raise FloatingPointError("the output Hessian contains NaN or inf")
 
 
-def _walk_order(graph: CurvGraph, output_node, parameters) -> list:
-    """Nodes on paths from a trainable parameter to the output, in topological order.
-
-    Raises for fan-out, which this method does not support yet.
-    """
-    needs = set()
-    for node, info in graph.infos.items():
-        if any(s.parameter in parameters or s.node in needs for s in info.sources.values()):
-            needs.add(node)
-    reaches = {output_node}
-    for node in reversed(list(graph.infos)):
-        if node in reaches:
-            reaches.update(s.node for s in graph.infos[node].sources.values() if s.node)
-    order = [graph.infos[n] for n in graph.infos if n in needs and n in reaches]
-    uses: Dict = {}
-    for info in order:
-        for slot, source in info.sources.items():
-            key = source.node if source.node in needs else source.parameter
-            if key is not None and (source.node in needs or source.parameter in parameters):
-                uses.setdefault(key, []).append(f"{info.node.name}.{slot}")
-    shared = {k: v for k, v in uses.items() if len(v) > 1}
-    if shared:
-        key, users = next(iter(shared.items()))
-        what = f"node {key.name!r}" if hasattr(key, "name") else f"parameter {key!r}"
-        raise CurvGraphError(
-            f"{what} feeds several arguments ({', '.join(users)}): graphs with fan-out or "
-            "weight tying need the frontier algorithm, which this version does not implement"
-        )
-    return order
+def _slot_shape(ctx: Context, slot: str) -> torch.Size:
+    value = ctx.value(slot)
+    return value.shape[1:] if slot in ctx.batched else value.shape
 
 
-def _ensure_gradients(graph: CurvGraph, order, loss: Optional[Tensor]) -> None:
-    record = graph.record
-    missing = [i.node.name for i in order if i.node.name not in record.grads]
-    if not missing:
-        return
-    if loss is None:
-        raise CurvGraphError(
-            "the Hessian and PCH need the gradient of the loss at every node: call "
-            "loss.backward() after the forward pass, or use cg.curvature(loss, outputs, ...)"
-        )
-    outputs = [record.outputs[name] for name in missing]
-    grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-    for name, g, out in zip(missing, grads, outputs):
-        record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
+def _slot_size(ctx: Context, slot: str) -> int:
+    return _slot_shape(ctx, slot).numel()
 
 
-def _features(value: Tensor, batched: bool) -> torch.Size:
-    return value.shape[1:] if batched else value.shape
-
-
-def _check_size(info: NodeInfo, slot: str, size: int, max_features: int, what: str) -> None:
+def _check_size(info: NodeInfo, slot: str, size: int, max_features: int) -> None:
     if size > max_features:
         raise CurvatureSizeError(
-            f"HBP needs a dense {size} x {size} matrix for {what} {slot!r} of "
+            f"HBP needs a dense {size} x {size} matrix for argument {slot!r} of "
             f"{info.describe()}, above max_features={max_features}. Use method='exact' or "
             "'kfac' (block products without dense matrices) or raise max_features."
         )
 
 
-def _argument_matrix(
-    info, ctx: Context, slot, output_matrix, averaged, residual, mode, max_features
-) -> Tensor:
-    """``H_s`` for an activation argument ``s`` of ``info``'s node."""
-    rule = info.rule
-    size = ctx.args[slot][0].numel()
-    _check_size(info, slot, size, max_features, "the argument")
-    if isinstance(rule, ElementwiseRule):
+def _symmetric(matrix: Tensor) -> Tensor:
+    return (matrix + matrix.T) / 2
+
+
+def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) -> None:
+    """Replace the node's output on the frontier by its arguments ``entering``."""
+    if not entering:
+        return
+    rule: Rule = info.rule
+    out_shape = ctx.output.shape[1:]
+    rows = output_matrix.shape[0]
+    slots = list(entering)
+    for slot, key in entering.items():
+        frontier.sizes.setdefault(key, _slot_size(ctx, slot))
+    # cross terms with the rest of the frontier: Jbar_s^T H_yo
+    for other, block in cross.items():
+        products = rule.averaged_vjp(ctx, block.T.reshape(-1, *out_shape), slots)
+        for slot in slots:
+            frontier.add(entering[slot], other, products[slot].reshape(block.shape[1], -1).T)
+    # blocks between arguments: Jbar_s^T H_yy Jbar_s' or (1/N) sum_n J_sn^T H_yy J_s'n
+    expected = [s for s in slots if not averaged[isinstance(entering[s], str)]]
+    if len(slots) == 1 and isinstance(rule, ElementwiseRule):
+        slot = slots[0]
         d1 = rule.first_derivative(ctx).flatten(1)  # [N, F]
-        if averaged:
-            d1_mean = d1.mean(0)
-            matrix = output_matrix * torch.outer(d1_mean, d1_mean)
+        if expected:
+            weights = d1.T @ d1 / d1.shape[0]
         else:
-            matrix = output_matrix * (d1.T @ d1) / d1.shape[0]
-    else:
-        matrix = _sandwich(rule, ctx, slot, output_matrix, averaged, batched=True)
-    return _add_residual(matrix, residual, slot, mode)
+            weights = torch.outer(d1.mean(0), d1.mean(0))
+        frontier.add(entering[slot], entering[slot], output_matrix * weights)
+        return
+    if len(expected) < len(slots):
+        first = rule.averaged_vjp(ctx, output_matrix.reshape(rows, *out_shape), slots)
+        for a in slots:
+            left = first[a].reshape(rows, -1).T  # Jbar_a^T H_yy
+            wanted = [b for b in slots if not (a in expected and b in expected)]
+            second = rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), wanted)
+            for b in wanted:
+                frontier.add(entering[a], entering[b], second[b].reshape(left.shape[0], -1))
+    for a in expected:
+        for b in expected:
+            frontier.add(
+                entering[a], entering[b], _expected_sandwich(rule, ctx, a, b, output_matrix)
+            )
+
+
+def _expected_sandwich(rule: Rule, ctx: Context, a: str, b: str, output_matrix) -> Tensor:
+    """``(1/N) sum_n J_{a,n}^T H J_{b,n}`` in chunks of samples."""
+    if a in rule.sample_independent and b in rule.sample_independent:
+        first = rule.averaged_vjp(ctx, output_matrix.reshape(-1, *ctx.output.shape[1:]), [b])
+        left = first[b].reshape(output_matrix.shape[0], -1).T
+        return (
+            rule.averaged_vjp(ctx, left.reshape(-1, *ctx.output.shape[1:]), [a])[a]
+            .reshape(left.shape[0], -1)
+            .T
+        )
+    out_shape = ctx.output.shape[1:]
+    rows = output_matrix.shape[0]
+    size_a, size_b = _slot_size(ctx, a), _slot_size(ctx, b)
+    n_total = ctx.batch_size
+    step = max(1, CHUNK_ELEMENTS // (rows * (size_a + size_b) + size_a * size_b + rows * rows))
+    total = 0
+    for start in range(0, n_total, step):
+        sub = ctx.narrow(start, min(step, n_total - start))
+        n = sub.batch_size
+        cot = output_matrix.reshape(rows, 1, *out_shape).expand(rows, n, *out_shape)
+        right = rule.vjp(sub, cot, [b])[b].reshape(rows, n, size_b)  # rows of H J_bn
+        cot = right.permute(2, 1, 0).reshape(size_b, n, *out_shape)  # columns of H J_bn
+        total = total + rule.vjp(sub, cot, [a])[a].reshape(size_b, n, size_a).sum(1)
+    return (total / n_total).T
+
+
+def _add_residual(ctx, entering, residual, mode, frontier) -> None:
+    """Add the batch-summed residual on the entering arguments (modified per group)."""
+    if residual is None or not entering:
+        return
+    slots = list(entering)
+    activations = [s for s in slots if s in ctx.batched]
+    groups = [slots] if mode == "none" else ([activations] if activations else [])
+    groups += [] if mode == "none" else [[s] for s in slots if s not in ctx.batched]
+    for group in groups:
+        joint = residual.summed_joint(ctx, group)
+        if joint is None:
+            continue
+        joint = modify_symmetric(_symmetric(joint), mode)
+        sizes = [_slot_size(ctx, s) for s in group]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        for a, oa, sa in zip(group, offsets, sizes):
+            for b, ob, sb in zip(group, offsets, sizes):
+                frontier.add(entering[a], entering[b], joint[oa : oa + sa, ob : ob + sb])
 
 
 def _parameter_block(
     info, ctx: Context, slot, output_matrix, averaged, residual, mode, max_features
 ) -> Block:
-    """The block of a parameter argument ``s`` of ``info``'s node."""
+    """The block of an untied parameter of ``info``'s node."""
     rule = info.rule
-    weight = ctx.args[slot]
-    summed = None if residual is None else residual.summed_block(slot)
+    weight = ctx.value(slot)
+    summed = None if residual is None else residual.summed_joint(ctx, [slot])
     inputs = rule.kron_input(ctx, slot)
     if inputs is not None and summed is None:
         second = inputs.mean(0) if averaged else inputs.T @ inputs / inputs.shape[0]
         return KroneckerBlock(output_matrix, second, weight.shape)
-    _check_size(info, slot, weight.numel(), max_features, "the parameter")
-    matrix = _sandwich(rule, ctx, slot, output_matrix, averaged, batched=False)
-    return DenseBlock(_add_residual(matrix, residual, slot, mode), weight.shape)
-
-
-def _add_residual(matrix: Tensor, residual: Optional[Residual], slot: str, mode) -> Tensor:
-    summed = None if residual is None else residual.summed_block(slot)
-    if summed is not None:
-        modified = modify_symmetric(summed, mode)
-        matrix = matrix + (torch.diag(modified) if modified.dim() == 1 else modified)
-    return matrix
-
-
-def _sandwich(rule: Rule, ctx: Context, slot, output_matrix, averaged, batched) -> Tensor:
-    """``Jbar^T H Jbar`` (averaged, or sample-independent ``J``) or ``(1/N) sum_n J_n^T H J_n``."""
-    out_shape = ctx.output.shape[1:]
-    size = _features(ctx.args[slot], batched).numel()
-    rows = output_matrix.shape[0]
+    _check_size(info, slot, weight.numel(), max_features)
     if averaged or slot in rule.sample_independent:
-        first = rule.averaged_vjp(ctx, output_matrix.reshape(rows, *out_shape), [slot])[slot]
-        first = first.reshape(rows, size).T  # Jbar^T H
-        second = rule.averaged_vjp(ctx, first.reshape(size, *out_shape), [slot])[slot]
-        matrix = second.reshape(size, size)
+        first = rule.averaged_vjp(ctx, output_matrix.reshape(-1, *ctx.output.shape[1:]), [slot])
+        left = first[slot].reshape(output_matrix.shape[0], -1).T
+        second = rule.averaged_vjp(ctx, left.reshape(-1, *ctx.output.shape[1:]), [slot])
+        matrix = second[slot].reshape(left.shape[0], -1)
     else:
-        n_total = ctx.batch_size
-        step = max(1, CHUNK_ELEMENTS // (rows * size + size * size + rows * rows))
-        matrix = 0
-        for start in range(0, n_total, step):
-            sub = ctx.narrow(start, min(step, n_total - start))
-            n = sub.batch_size
-            cot = output_matrix.reshape(rows, 1, *out_shape).expand(rows, n, *out_shape)
-            first = rule.vjp(sub, cot, [slot])[slot].reshape(rows, n, size)  # rows of H J_n
-            cot = first.permute(2, 1, 0).reshape(size, n, *out_shape)  # columns of H J_n
-            matrix = matrix + rule.vjp(sub, cot, [slot])[slot].reshape(size, n, size).sum(1)
-        matrix = matrix / n_total
-    return (matrix + matrix.T) / 2
+        matrix = _expected_sandwich(rule, ctx, slot, slot, output_matrix)
+    if summed is not None:
+        matrix = matrix + modify_symmetric(_symmetric(summed), mode)
+    return DenseBlock(_symmetric(matrix), weight.shape)

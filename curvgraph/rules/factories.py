@@ -14,7 +14,14 @@ from typing import Callable, Dict, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from curvgraph.rules.registry import Context, Rule, Sample, randn, register_rule
+from curvgraph.rules.registry import (
+    Context,
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    randn,
+    register_rule,
+)
 from curvgraph.rules.residuals import Diagonal, Residual
 
 __all__ = ["ElementwiseRule", "LinearMapRule", "elementwise_rule", "linear_rule"]
@@ -25,9 +32,9 @@ def _options(ctx: Context) -> Dict:
     return {k: v for k, v in ctx.args.items() if k not in ("input", "inplace")}
 
 
-def _flat(fn: Callable, t: Tensor, **options) -> Tensor:
+def _flat(fn: Callable, t: Tensor) -> Tensor:
     """Apply a batched op to ``[K, N, ...]`` by folding K into the batch axis."""
-    return fn(t.flatten(0, 1), **options).unflatten(0, t.shape[:2])
+    return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
 
 
 class ElementwiseRule(Rule):
@@ -124,15 +131,26 @@ class LinearMapRule(Rule):
     def samples(self):  # noqa: D102
         return self._samples()
 
+    def apply(self, ctx: Context, input: Tensor) -> Tensor:
+        """The op with the recorded options on another ``input`` (batch axis first)."""
+        return self.call({**ctx.args, "input": input})
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.output.shape[:1] != ctx.input.shape[:1]:
+            raise UnsupportedConfigurationError(
+                f"{self.name} maps a batch of {ctx.input.shape[0]} to {ctx.output.shape[0]}: it "
+                "acts along the batch axis (dimension 0), which must stay the samples' axis"
+            )
+
     def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
-        return _flat(self.function, tangents["input"], **_options(ctx))
+        return _flat(lambda t: self.apply(ctx, t), tangents["input"])
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
         if "input" not in slots:
             return {}
         k, n = cotangent.shape[:2]
         zeros = ctx.input.new_zeros(k * n, *ctx.input.shape[1:])
-        _, transpose = torch.func.vjp(lambda x: self.function(x, **_options(ctx)), zeros)
+        _, transpose = torch.func.vjp(lambda x: self.apply(ctx, x), zeros)
         return {"input": transpose(cotangent.flatten(0, 1))[0].unflatten(0, (k, n))}
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102

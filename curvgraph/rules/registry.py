@@ -59,6 +59,7 @@ class Context:
         module: the module for ``call_module`` nodes, else ``None``.
         cache: scratch space for quantities a rule derives once per call (unfolded inputs,
             pooling indices, derivatives); never shared between calls.
+        mixes_samples: copied from the rule (see :attr:`Rule.mixes_samples`).
     """
 
     args: Dict[str, Any]
@@ -66,6 +67,7 @@ class Context:
     batched: frozenset = frozenset()
     module: Optional[nn.Module] = None
     cache: Dict[str, Any] = field(default_factory=dict)
+    mixes_samples: bool = False
 
     def __getattr__(self, name: str) -> Any:
         args = self.__dict__.get("args", {})
@@ -78,11 +80,26 @@ class Context:
         """Number of samples ``N`` (the output's leading dimension)."""
         return self.output.shape[0]
 
+    def value(self, slot: str) -> Any:
+        """The argument ``slot``; ``"tensors.1"`` is item 1 of the list argument ``tensors``."""
+        name, _, index = slot.partition(".")
+        value = self.args[name]
+        return value[int(index)] if index else value
+
     def narrow(self, start: int, length: int) -> Context:
         """The same call restricted to samples ``start .. start + length - 1``."""
-        args = {
-            k: v.narrow(0, start, length) if k in self.batched else v for k, v in self.args.items()
-        }
+
+        def cut(name, value):
+            if isinstance(value, (list, tuple)):
+                return type(value)(
+                    v.narrow(0, start, length) if f"{name}.{i}" in self.batched else v
+                    for i, v in enumerate(value)
+                )
+            return value.narrow(0, start, length) if name in self.batched else value
+
+        args = {k: cut(k, v) for k, v in self.args.items()}
+        if self.mixes_samples:
+            raise ValueError("an op that mixes samples cannot be restricted to a part of the batch")
         return Context(args, self.output.narrow(0, start, length), self.batched, self.module)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -124,6 +141,9 @@ class Rule:
     cotangents ``[K, N, *features]``; parameter tangents ``[K, *param.shape]``, per-sample
     parameter cotangents ``[K, N, *param.shape]``.
 
+    Arguments that are lists of tensors (``torch.cat(tensors)``) are expanded into slots
+    ``"tensors.0"``, ``"tensors.1"``, ...; tangents and cotangents use those names.
+
     Attributes:
         name: canonical op name used in tables and messages.
         signature: the op's canonical arguments.
@@ -132,6 +152,9 @@ class Rule:
             independent of the argument values (``Jbar == J_n``); HBP then skips the
             per-sample work for them.
         function: the op as a function of its canonical arguments (reference for checks).
+        mixes_samples: the output of one sample depends on other samples (BatchNorm in
+            training mode); then ``vjp`` and the residual couple samples, and per-sample
+            parameter cotangents are those of each *output* sample.
     """
 
     name: str = "op"
@@ -139,6 +162,7 @@ class Rule:
     differentiable: Tuple[str, ...] = ("input",)
     sample_independent: frozenset = frozenset()
     function: Optional[Callable] = None
+    mixes_samples: bool = False
 
     def samples(self) -> list:
         """Example calls (:class:`Sample`) that ``curvgraph.testing.check_rule`` checks.
@@ -161,6 +185,11 @@ class Rule:
                     bound.arguments[name] = getattr(module, name)
         bound.apply_defaults()
         return dict(bound.arguments)
+
+    def call(self, arguments: Dict[str, Any]) -> Any:
+        """Call :attr:`function` with bound canonical arguments (varargs included)."""
+        bound = inspect.BoundArguments(self.signature, arguments)
+        return self.function(*bound.args, **bound.kwargs)
 
     def check(self, arguments: Dict[str, Any]) -> None:
         """Raise :class:`UnsupportedConfigurationError` for arguments the rule cannot handle.
@@ -221,7 +250,7 @@ class Rule:
 def _slot_size(ctx: Context, slots: Iterable[str]) -> int:
     total = 0
     for s in slots:
-        value = ctx.args.get(s)
+        value = ctx.value(s)
         if isinstance(value, Tensor):
             total += value[0].numel() if s in ctx.batched else value.numel()
     return total

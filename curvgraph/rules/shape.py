@@ -23,6 +23,7 @@ from curvgraph.rules.registry import (
     randn,
     register_rule,
 )
+from curvgraph.tracing.tracer import take
 
 alias(nn.Flatten, torch.flatten, "flatten", "view", "reshape", torch.reshape)
 alias(nn.Identity, "contiguous")
@@ -83,10 +84,22 @@ linear_rule(
 )
 
 
+def _take_samples():
+    return [
+        Sample((randn(2, 6, 3), "chunk", 1, 3), dict(dim=1)),
+        Sample((randn(2, 4, 3), "split", 0, [1, 2]), dict(dim=-1)),
+        Sample((randn(3, 2, 4), "unbind", 1, 1)),
+    ]
+
+
+linear_rule(take, function=take, name="take", samples=_take_samples)
+
+
 class DropoutRule(LinearMapRule):
     """Dropout in evaluation mode is the identity; training mode (a random mask) is not."""
 
     def validate(self, ctx):  # noqa: D102
+        super().validate(ctx)
         if ctx.training and ctx.p > 0:
             raise UnsupportedConfigurationError(
                 "dropout in training mode (a random mask per call): call model.eval() before "

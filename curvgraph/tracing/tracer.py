@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from typing import Any
@@ -46,7 +47,38 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
             "trace, or rewrite it without data-dependent branches."
         ) from error
+    _split_multi_output(graph)
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+#: ops that return a tuple of tensors, each used through ``operator.getitem``
+MULTI_OUTPUT = {torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind", "unflatten"}
+
+
+def take(input, op: str, index: int, *args, **kwargs):
+    """``input.op(*args, **kwargs)[index]``: one output of a multi-output op as a node."""
+    return getattr(input, op)(*args, **kwargs)[index]
+
+
+def _split_multi_output(graph: torch.fx.Graph) -> None:
+    """Replace ``getitem(chunk(x), i)`` by ``take(x, chunk, i)``: single-output nodes."""
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in MULTI_OUTPUT:
+            continue
+        users = list(node.users)
+        if not users or any(u.target is not operator.getitem for u in users):
+            continue
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        for user in users:
+            with graph.inserting_after(user):
+                replacement = graph.call_function(
+                    take, (node.args[0], name, user.args[1], *node.args[1:]), node.kwargs
+                )
+            replacement.meta = dict(user.meta)
+            replacement.stack_trace = node.stack_trace
+            user.replace_all_uses_with(replacement)
+            graph.erase_node(user)
+        graph.erase_node(node)
 
 
 def node_key(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> Any:
