@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["loss_hessian"]
+__all__ = ["loss_hessian", "recognise", "LossModel"]
 
 _MEAN, _SUM = 1, 2  # ATen's reduction codes as saved on the autograd nodes
 
@@ -40,6 +40,11 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
         FloatingPointError: the loss is NaN or infinite.
         ValueError: the loss is not a scalar or does not depend on ``outputs``.
     """
+    return recognise(loss, outputs).summed_hessian()
+
+
+def recognise(loss: Tensor, outputs: Tensor) -> LossModel:
+    """The loss as a :class:`LossModel` (closed form if recognised, else autograd)."""
     if loss.dim() != 0:
         raise ValueError(
             f"the loss must be a scalar (reduction 'mean' or 'sum'), got shape {tuple(loss.shape)}"
@@ -51,10 +56,89 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
         )
     if outputs.dim() < 1 or outputs.grad_fn is None and not outputs.requires_grad:
         raise ValueError("outputs must be the model output the loss was computed from")
-    closed = _cross_entropy(loss, outputs)
-    if closed is None:
-        closed = _mse(loss, outputs)
-    return closed if closed is not None else _autograd_hessian(loss, outputs)
+    for candidate in (_cross_entropy, _mse):
+        model = candidate(loss, outputs)
+        if model is not None:
+            return model
+    return AutogradLoss(loss, outputs)
+
+
+class LossModel:
+    """Per-sample loss Hessians ``d2L/dz_n2`` of a loss, in three forms.
+
+    Index convention: ``K`` columns, ``N`` samples, ``C`` output features per sample.
+    """
+
+    def summed_hessian(self) -> Tensor:
+        """``sum_n d2L/dz_n2`` (``C x C``)."""
+        raise NotImplementedError
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:
+        """``(d2L/dz_n2) t_n`` for tangents ``[K, N, *out]``, per sample."""
+        raise NotImplementedError
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:
+        """Factors ``S_n`` ``[K, N, *out]`` with ``sum_k s_nk s_nk^T = d2L/dz_n2``.
+
+        With ``mc_samples > 0``, ``K = mc_samples`` Monte-Carlo columns whose outer products
+        are unbiased for the Hessian (labels sampled from the model's predictive
+        distribution); else exact columns (``K = C``).
+        """
+        raise NotImplementedError
+
+
+class CrossEntropyLoss(LossModel):
+    """``l_n = -log softmax(z_n)_y``: ``d2 l_n/dz_n2 = diag p_n - p_n p_n^T``, times ``scale``."""
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.p = torch.softmax(outputs.detach(), dim=1)
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        p = self.p
+        return (torch.diag(p.sum(0)) - p.T @ p) * self.scale
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        p = self.p
+        return self.scale * (p * tangents - p * (p * tangents).sum(-1, keepdim=True))
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        p, root = self.p, self.p.sqrt()
+        if mc_samples:
+            labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+            onehot = torch.nn.functional.one_hot(labels.T, p.shape[1]).to(p)  # [M, N, C]
+            return (p - onehot) * (self.scale / mc_samples) ** 0.5
+        # columns k of S_n = diag(sqrt p) - p sqrt(p)^T
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        factors = eye[:, None, :] * root.T[:, :, None] - root.T[:, :, None] * p[None]
+        return factors * self.scale**0.5
+
+
+class MSELoss(LossModel):
+    """``l = ||z - y||^2`` per entry, times ``scale``: ``d2L/dz_n2 = 2 scale I``."""
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.outputs = outputs.detach()
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        n, c = self.outputs.shape[0], self.outputs[0].numel()
+        eye = torch.eye(c, dtype=self.outputs.dtype, device=self.outputs.device)
+        return 2 * self.scale * n * eye
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return 2 * self.scale * tangents
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        z = self.outputs
+        if mc_samples:
+            noise = torch.randn(
+                mc_samples, *z.shape, generator=generator, dtype=z.dtype, device=z.device
+            )
+            return noise * (2 * self.scale / mc_samples) ** 0.5
+        c = z[0].numel()
+        eye = torch.eye(c, dtype=z.dtype, device=z.device).reshape(c, 1, *z.shape[1:])
+        return eye.expand(c, *z.shape) * (2 * self.scale) ** 0.5
 
 
 def _cross_entropy(loss: Tensor, outputs: Tensor):
@@ -90,9 +174,7 @@ def _cross_entropy(loss: Tensor, outputs: Tensor):
     reduction = fn._saved_reduction
     if reduction not in (_MEAN, _SUM):
         return None
-    p = torch.softmax(outputs.detach(), dim=1)
-    hessian = torch.diag(p.sum(0)) - p.T @ p
-    return hessian / outputs.shape[0] if reduction == _MEAN else hessian
+    return CrossEntropyLoss(outputs, 1.0 / outputs.shape[0] if reduction == _MEAN else 1.0)
 
 
 def _mse(loss: Tensor, outputs: Tensor):
@@ -106,38 +188,63 @@ def _mse(loss: Tensor, outputs: Tensor):
             return None  # broadcasting against the target
     except RuntimeError:  # freed by loss.backward(); mse_loss warns about broadcasting itself
         pass
-    n, c = outputs.shape[0], outputs[0].numel()
-    eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
     if fn._saved_reduction == _MEAN:
-        return 2.0 / c * eye
+        return MSELoss(outputs, 1.0 / outputs.numel())
     if fn._saved_reduction == _SUM:
-        return 2.0 * n * eye
+        return MSELoss(outputs, 1.0)
     return None
 
 
-def _autograd_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
-    """``sum_n d2L/dz_n2`` by double backward, one pass per output feature.
+class AutogradLoss(LossModel):
+    """Any loss, by double backward (assumes a sum of per-sample terms)."""
 
-    Differentiating ``sum_n dL/dz_{n,c}`` w.r.t. ``z`` gives row ``c`` of every sample's
-    Hessian (cross-sample terms vanish for a sum of per-sample losses).
-    """
-    try:
-        (grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"loss_hessian differentiates this loss ({type(loss.grad_fn).__name__}) twice with "
-            "autograd, which needs its graph: call loss_hessian before loss.backward(), or "
-            f"call loss.backward(retain_graph=True) ({error})"
-        ) from error
-    if grad.grad_fn is None:  # the loss is linear in the outputs
-        c = outputs[0].numel()
-        return outputs.new_zeros(c, c)
-    flat = grad.reshape(grad.shape[0], -1)
-    rows = []
-    for c in range(flat.shape[1]):
-        (row,) = torch.autograd.grad(
-            flat[:, c].sum(), outputs, retain_graph=True, allow_unused=True
+    def __init__(self, loss: Tensor, outputs: Tensor):
+        self.outputs = outputs
+        self.name = type(loss.grad_fn).__name__
+        try:
+            (self.grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
+        except RuntimeError as error:
+            raise self._freed(error) from error
+
+    def _freed(self, error: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"this loss ({self.name}) is differentiated twice with autograd, which needs its "
+            "graph: call loss_hessian (or cg.curvature) before loss.backward(), or call "
+            f"loss.backward(retain_graph=True) ({error})"
         )
-        rows.append(outputs.new_zeros(flat.shape) if row is None else row.reshape(flat.shape))
-    hessian = torch.stack(rows).sum(1)  # [C, C]
-    return ((hessian + hessian.T) / 2).detach()
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        if self.grad.grad_fn is None:  # the loss is linear in the outputs
+            return torch.zeros_like(tangents)
+        rows = []
+        for t in tangents:
+            try:
+                (row,) = torch.autograd.grad(
+                    self.grad, self.outputs, grad_outputs=t, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError as error:
+                raise self._freed(error) from error
+            rows.append(torch.zeros_like(t) if row is None else row.detach())
+        return torch.stack(rows)
+
+    def per_sample_hessians(self) -> Tensor:
+        """``d2L/dz_n2`` for every sample, ``[N, C, C]``."""
+        n, c = self.outputs.shape[0], self.outputs[0].numel()
+        eye = torch.eye(c, dtype=self.outputs.dtype, device=self.outputs.device)
+        columns = eye.reshape(c, 1, *self.outputs.shape[1:]).expand(c, *self.outputs.shape)
+        products = self.hessian_product(columns).reshape(c, n, c)  # [C (column), N, C]
+        hessians = products.permute(1, 2, 0)
+        return (hessians + hessians.transpose(1, 2)) / 2
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        return self.per_sample_hessians().sum(0)
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        if mc_samples:
+            raise NotImplementedError(
+                "Monte-Carlo factors need a known likelihood (cross-entropy or MSE); use exact "
+                "factors (mc_samples=0) for this loss"
+            )
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.per_sample_hessians())
+        factors = eigenvectors * eigenvalues.clamp(min=0).sqrt().unsqueeze(-2)  # [N, C, C]
+        return factors.permute(2, 0, 1).reshape(-1, *self.outputs.shape)
