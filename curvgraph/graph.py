@@ -225,26 +225,22 @@ class CurvGraph(nn.Module):
         method: str = "hbp",
         **options,
     ):
-        """Block curvature of ``loss`` in one call: loss Hessian, then ``method``.
+        """Block curvature of ``loss`` in one call.
 
         Args:
             loss: scalar loss computed from ``outputs``.
             outputs: the tensor this graph returned for the batch.
             curvature: ``"hessian" | "ggn" | "pch-abs" | "pch-clip"``.
-            method: ``"hbp"`` (the paper's batch-averaged backpropagation).
-            **options: passed to :meth:`backward_hessian`.
+            method: ``"hbp"`` (the paper's batch-averaged backpropagation), ``"exact"``
+                (per-sample block products), ``"sqrt"``, ``"diag"``, ``"kflr"``, ``"kfac"``,
+                ``"kfra"`` (GGN approximations); see ``curvgraph.propagation.methods``.
+            **options: method options (``average_input_jac``, ``mc_samples``, ...).
         """
-        from curvgraph.losses import loss_hessian
-        from curvgraph.propagation.hbp import backward_hessian
+        from curvgraph.propagation.methods import compute_curvature
 
-        if method != "hbp":
-            raise NotImplementedError(
-                f"method={method!r} is not available yet; this version implements 'hbp'"
-            )
         if outputs is not self.record.result:
             raise CurvGraphError("outputs must be the tensor returned by the last cg(x) call")
-        output_hessian = loss_hessian(loss, outputs)
-        return backward_hessian(self, output_hessian, curvature, loss=loss, **options)
+        return compute_curvature(self, loss, outputs, curvature, method, **options)
 
     # -- display ---------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -2,5 +2,6 @@
 
 from curvgraph.curvature.block_curvature import BlockCurvature
 from curvgraph.curvature.blocks import Block, DenseBlock, KroneckerBlock
+from curvgraph.curvature.implicit import ImplicitBlock
 
-__all__ = ["Block", "BlockCurvature", "DenseBlock", "KroneckerBlock"]
+__all__ = ["Block", "BlockCurvature", "DenseBlock", "ImplicitBlock", "KroneckerBlock"]

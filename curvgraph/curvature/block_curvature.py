@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.curvature.blocks import Block
+from curvgraph.curvature.implicit import ImplicitBlock
 
 __all__ = ["BlockCurvature"]
 
@@ -55,12 +56,35 @@ class BlockCurvature(Mapping):
         return None
 
     def matvec(self, vectors: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``C_b v_b`` for every block named in ``vectors`` (each shaped like its parameter)."""
-        return {name: self[name].matvec(v) for name, v in vectors.items()}
+        """``C_b v_b`` for every block named in ``vectors`` (each shaped like its parameter).
+
+        Blocks that share a product engine (``method="exact"``) are computed in one walk.
+        """
+        for name, v in vectors.items():
+            if v.shape != self[name].shape:
+                raise ValueError(
+                    f"vector for {name!r} has shape {tuple(v.shape)}, expected "
+                    f"{tuple(self[name].shape)}"
+                )
+        products = self.matmat({name: v.unsqueeze(0) for name, v in vectors.items()})
+        return {name: p[0] for name, p in products.items()}
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``C_b V_b`` for columns ``[K, *shape]`` per block."""
-        return {name: self[name].matmat(v) for name, v in columns.items()}
+        """``C_b V_b`` for columns ``[K_b, *shape]`` per block (one walk per engine)."""
+        result, shared = {}, {}
+        for name, v in columns.items():
+            block = self[name]
+            if isinstance(block, ImplicitBlock):
+                if v.shape[1:] != block.shape:
+                    raise ValueError(f"columns for {name!r} must be [K, {tuple(block.shape)}]")
+                shared.setdefault(id(block.engine), (block.engine, {}))[1][block.name] = v
+            else:
+                result[name] = block.matmat(v)
+        for engine, group in shared.values():
+            products = engine.matmat(group)
+            for name in group:
+                result[name] = products[name]
+        return {name: result[name] for name in columns}
 
     def to_dense(self) -> Tensor:
         """The block-diagonal matrix over all blocks, in order."""

@@ -84,6 +84,17 @@ class LinearRule(Rule):
             result["bias"] = c.sum(2)
         return result
 
+    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = cotangent @ ctx.weight
+        c = cotangent.reshape(*cotangent.shape[:2], -1, cotangent.shape[-1])  # [K,N,S,O]
+        if "weight" in slots:
+            result["weight"] = torch.einsum("knso,nsi->koi", c, self._positions(ctx.input))
+        if "bias" in slots:
+            result["bias"] = c.sum((1, 2))
+        return result
+
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         result = {}
         if "input" in slots:
@@ -216,6 +227,19 @@ class Conv2dRule(Rule):
             result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
         if "bias" in slots:
             result["bias"] = cotangent.sum((-2, -1))
+        return result
+
+    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
+        if "weight" in slots:
+            unfolded = ctx.cached("unfolded", lambda: self._unfold(ctx.input, ctx))
+            c = self._grouped_output(cotangent, ctx)
+            w = torch.einsum("kngop,ngip->kgoi", c, unfolded)
+            result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum((1, -2, -1))
         return result
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102

@@ -209,6 +209,15 @@ class Rule:
         """Per-sample input cotangents ``J_s^T c`` for the requested arguments ``slots``."""
         raise NotImplementedError(f"rule {self.name!r} has no vjp")
 
+    def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """Like :meth:`vjp`, with parameter cotangents summed over samples (``[K, *shape]``).
+
+        The default sums :meth:`vjp`; rules override it where the per-sample cotangents
+        would be large (a linear layer's ``[K, N, out, in]``).
+        """
+        result = self.vjp(ctx, cotangent, slots)
+        return {s: v if s in ctx.batched else v.sum(1) for s, v in result.items()}
+
     def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
         """``Jbar_s^T c`` with the batch-averaged Jacobian ``Jbar = (1/N) sum_n J_n``.
 

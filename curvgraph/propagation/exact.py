@@ -1,0 +1,169 @@
+"""Exact block curvature-matrix products (``method="exact"``, design 3.3).
+
+For parameter blocks ``theta_b`` and vectors ``v_b``, each product ``C_bb v_b`` is computed
+with the rules alone, in two walks over the graph:
+
+1. forward tangents: ``tdot_y = sum_s J_s tdot_s`` from the parameters (``tdot = v_b`` in
+   block ``b``'s columns) to the output;
+2. a second-order adjoint walk back: ``lambda_out = (d2L/dz_n2) tdot_out`` per sample, and at
+   every node ``lambda_s += J_s^T lambda_y + R(tdot)_s`` (the residual with the tangents of
+   all the node's arguments, cross terms included: the Hessian; modified per sample and
+   group: the PCH; dropped: the GGN). ``C_bb v_b = sum_n lambda_{theta_b, n}``.
+
+All blocks share the walks: their columns are stacked on the leading axis ``K``. A tensor
+carries only the columns of blocks upstream of it (the others are zero there), so a block's
+columns travel only from its parameter to the output and back. Exact for any batch size,
+on DAGs, with weight tying and with ops that mix samples.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from curvgraph.errors import CurvGraphError
+from curvgraph.losses import LossModel
+from curvgraph.propagation.plan import Plan
+from curvgraph.rules.residuals import groups_of
+
+if TYPE_CHECKING:
+    from curvgraph.graph import Record
+
+__all__ = ["ExactProducts"]
+
+Names = Tuple[str, ...]
+
+
+class _Stack:
+    """Columns of several blocks stacked on axis 0, in a fixed order of block names."""
+
+    def __init__(self, tensor: Tensor, names: Names, widths: Dict[str, int]):
+        self.tensor, self.names, self.widths = tensor, names, widths
+
+    def offset(self, name: str) -> int:
+        """First column of ``name``."""
+        return sum(self.widths[n] for n in self.names[: self.names.index(name)])
+
+    def select(self, names: Names) -> Tensor:
+        """The columns of ``names`` (zeros for blocks this stack lacks)."""
+        if names == self.names:
+            return self.tensor
+        parts = []
+        for name in names:
+            if name in self.names:
+                start = self.offset(name)
+                parts.append(self.tensor[start : start + self.widths[name]])
+            else:
+                parts.append(self.tensor.new_zeros(self.widths[name], *self.tensor.shape[1:]))
+        return torch.cat(parts)
+
+
+class ExactProducts:
+    """Block products ``C_bb v_b`` of one recorded batch; shared by the blocks of a result.
+
+    Args:
+        walk: the plan of the graph.
+        record: the forward pass (contexts and gradients are kept, so later forwards do not
+            change the products).
+        loss_model: per-sample loss Hessians.
+        mode: residual modification (``None``: GGN, ``"none"``: Hessian, ``"abs"``/``"clip"``).
+        grads: ``dL/dy`` per node name (Hessian and PCH only).
+    """
+
+    def __init__(self, walk: Plan, record: Record, loss_model: LossModel, mode, grads):
+        self.walk = walk
+        self.contexts = dict(record.contexts)
+        self.loss_model = loss_model
+        self.mode = mode
+        self.grads = dict(grads)
+        self.infos = {info.node: info for info in walk.order}
+
+    def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """``C_bb V_b`` for columns ``[K_b, *shape]`` of any subset of the blocks."""
+        order = tuple(n for n in self.walk.parameters if n in columns)
+        widths = {n: columns[n].shape[0] for n in order}
+        tangents, argument_tangents = self._forward(columns, order, widths)
+        output = tangents[self.walk.output]
+        adjoints = {
+            self.walk.output: _Stack(
+                self.loss_model.hessian_product(output.tensor), output.names, widths
+            )
+        }
+        results = {n: torch.zeros_like(columns[n]) for n in order}
+        for info in reversed(self.walk.order):
+            adjoint = adjoints.pop(info.node, None)
+            if adjoint is None:
+                continue
+            self._backward(info, adjoint, argument_tangents[info.node], tangents, adjoints, results)
+        return results
+
+    def _forward(self, columns, order: Names, widths):
+        tangents: Dict = {}
+        argument_tangents: Dict = {}
+        for info in self.walk.order:
+            slots = self.walk.active_slots(info)
+            present = set()
+            for key in slots.values():
+                if isinstance(key, str):
+                    present.update([key] if key in columns else [])
+                elif key in tangents:
+                    present.update(tangents[key].names)
+            if not present:
+                continue
+            names = tuple(n for n in order if n in present)
+            total = sum(widths[n] for n in names)
+            arguments = {}
+            for slot, key in slots.items():
+                if isinstance(key, str):
+                    if key in columns:
+                        tangent = columns[key].new_zeros(total, *columns[key].shape[1:])
+                        start = _Stack(tangent, names, widths).offset(key)
+                        tangent[start : start + widths[key]] = columns[key]
+                        arguments[slot] = tangent
+                elif key in tangents:
+                    arguments[slot] = tangents[key].select(names)
+            ctx = self.contexts[info.node.name]
+            tangents[info.node] = _Stack(info.rule.jvp(ctx, arguments), names, widths)
+            argument_tangents[info.node] = arguments
+        return tangents, argument_tangents
+
+    def _backward(self, info, adjoint: _Stack, arguments, tangents, adjoints, results) -> None:
+        ctx = self.contexts[info.node.name]
+        names = tangents[info.node].names
+        widths = adjoint.widths
+        lam = adjoint.select(names)
+        extra = {}
+        if self.mode is not None:
+            residual = info.rule.residual(ctx, self.grads[info.node.name])
+            if self.mode != "none":
+                slots = list(self.walk.active_slots(info))
+                try:
+                    residual = residual.modified(ctx, self.mode, groups_of(slots, ctx.batched))
+                except NotImplementedError as error:
+                    raise CurvGraphError(
+                        f"the PCH modifies each sample's residual, which {info.describe()} does "
+                        f"not have ({error}); use curvature='hessian' or 'ggn'"
+                    ) from error
+            extra = residual.apply(arguments)
+        for slot, key in self.walk.active_slots(info).items():
+            if isinstance(key, str):
+                if key not in results:
+                    continue
+                wanted: Names = (key,)
+            elif key in tangents:
+                wanted = tangents[key].names
+            else:
+                continue
+            restricted = _Stack(lam, names, widths).select(wanted)
+            cotangent = info.rule.batch_vjp(ctx, restricted, [slot])[slot]
+            if slot in extra:
+                part = _Stack(extra[slot], names, widths).select(wanted)
+                cotangent = cotangent + (part.sum(1) if isinstance(key, str) else part)
+            if isinstance(key, str):
+                results[key] = results[key] + cotangent
+            elif key in adjoints:
+                adjoints[key] = _Stack(adjoints[key].tensor + cotangent, wanted, widths)
+            else:
+                adjoints[key] = _Stack(cotangent, wanted, widths)
