@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Block", "DenseBlock", "KroneckerBlock"]
+__all__ = ["Block", "DenseBlock", "DiagonalBlock", "KroneckerBlock", "LowRankBlock"]
 
 
 class Block:
@@ -138,3 +138,42 @@ class KroneckerBlock(Block):
             return f * f if f.dim() == 1 else f.diagonal()
 
         return torch.outer(diagonal(self.first), diagonal(self.second)).reshape(self.shape)
+
+
+class LowRankBlock(Block):
+    """``C = U^T U`` from rows ``U`` ``[R, numel]`` (per-sample factors, ``R = K N``).
+
+    Args:
+        rows: ``[R, *shape]`` or ``[R, numel]``.
+        shape: the parameter's shape.
+    """
+
+    def __init__(self, rows: Tensor, shape: torch.Size):
+        super().__init__(shape)
+        self.rows = rows.reshape(rows.shape[0], -1)
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        return (columns @ self.rows.T) @ self.rows
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return self.rows.T @ self.rows
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return (self.rows**2).sum(0).reshape(self.shape)
+
+
+class DiagonalBlock(Block):
+    """``C = diag(d)`` with ``d`` shaped like the parameter."""
+
+    def __init__(self, diagonal: Tensor, shape: torch.Size):
+        super().__init__(shape)
+        self.diagonal = diagonal.reshape(-1)
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        return columns * self.diagonal
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        return torch.diag(self.diagonal)
+
+    def diag(self) -> Tensor:  # noqa: D102
+        return self.diagonal.reshape(self.shape)

@@ -125,6 +125,13 @@ class LinearRule(Rule):
     def kron_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
 
+    def kron_factors(self, ctx, slot, factors):
+        """``G = sum_{k,n} s_kn s_kn^T``, ``A = (1/N) sum_n x_n x_n^T`` (2-D inputs)."""
+        if slot != "weight" or ctx.input.dim() != 2:
+            return None
+        x = ctx.input
+        return torch.einsum("kno,knp->op", factors, factors), x.T @ x / x.shape[0]
+
 
 def _conv2d(
     input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
@@ -261,6 +268,16 @@ class Conv2dRule(Rule):
         return torch.nn.grad.conv2d_input(
             size, weight, cotangent, groups=ctx.groups, **self._geometry(ctx)
         )
+
+    def kron_factors(self, ctx, slot, factors):
+        """KFC: ``G = sum_{k,n,p} s s^T``, ``A = (1/N) sum_{n,p} x_p x_p^T`` (unfolded input)."""
+        if slot != "weight" or ctx.groups != 1:
+            return None
+        unfolded = ctx.cached("unfolded", lambda: self._unfold(ctx.input, ctx))[:, 0]  # [N, I, P]
+        s = factors.flatten(-2)  # [K, N, O, P]
+        gradient_factor = torch.einsum("knop,knqp->oq", s, s)
+        input_factor = torch.einsum("nip,njp->ij", unfolded, unfolded) / unfolded.shape[0]
+        return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         def product(t):

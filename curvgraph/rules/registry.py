@@ -252,6 +252,14 @@ class Rule:
         """Per-sample ``a_n`` with ``J_n^T H J_n = H (x) a_n a_n^T`` for a weight, if any."""
         return None
 
+    def kron_factors(self, ctx: Context, slot: str, factors: Tensor) -> Optional[tuple]:
+        """KFAC factors ``(G, A)`` of a weight from output factors ``[K, N, *out]``, if any.
+
+        ``G (x) A`` approximates ``sum_{n,k} (J_n^T s_nk)(J_n^T s_nk)^T`` (row-major
+        ``vec``), exactly for a linear layer with one sample.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<rule {self.name}{self.signature}>"
 
