@@ -12,7 +12,15 @@ torch.Size([12, 12])
 """
 
 from curvgraph import optim, rules, solvers
-from curvgraph.curvature import Block, BlockCurvature, DenseBlock, KroneckerBlock
+from curvgraph.curvature import (
+    Block,
+    BlockCurvature,
+    DenseBlock,
+    DiagonalBlock,
+    ImplicitBlock,
+    KroneckerBlock,
+    LowRankBlock,
+)
 from curvgraph.errors import CurvatureSizeError, CurvGraphError, TraceError, UnsupportedOpError
 from curvgraph.graph import CurvGraph, trace
 from curvgraph.losses import loss_hessian
@@ -27,7 +35,10 @@ __all__ = [
     "CurvGraphError",
     "CurvatureSizeError",
     "DenseBlock",
+    "DiagonalBlock",
+    "ImplicitBlock",
     "KroneckerBlock",
+    "LowRankBlock",
     "Rule",
     "TraceError",
     "UnsupportedOpError",

@@ -89,7 +89,7 @@ def factor_curvature(
                 if pair is not None:
                     kronecker[key] = pair
                     continue
-            if method == "diag":
+            if method == "diag" and not walk.tied(key):  # tied: square the summed rows
                 value = _squared_cotangents(info.rule, ctx, slot, factors)
                 diagonals[key] = value if key not in diagonals else diagonals[key] + value
                 continue
@@ -104,6 +104,8 @@ def factor_curvature(
             blocks[name] = KroneckerBlock(*kronecker[name], parameter.shape)
         elif name in diagonals:
             blocks[name] = DiagonalBlock(diagonals[name], parameter.shape)
+        elif name in rows and method == "diag":
+            blocks[name] = DiagonalBlock((rows[name] ** 2).sum(0), parameter.shape)
         elif name in rows:
             blocks[name] = LowRankBlock(rows[name], parameter.shape)
     return BlockCurvature(blocks, walk.parameters, curvature="ggn", method=method)

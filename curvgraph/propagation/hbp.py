@@ -96,6 +96,19 @@ class Frontier:
         current = self.blocks.get((a, b))
         self.blocks[(a, b)] = block if current is None else current + block
 
+    def add_pairs(self, contributions) -> None:
+        """Add blocks given for *ordered* pairs ``((a, b), block)`` of a symmetric matrix.
+
+        Both orientations of a pair describe the same stored block, so for ``a != b`` only
+        the first orientation met is added (the other is its transpose).
+        """
+        seen = set()
+        for (a, b), block in contributions:
+            if a != b and (b, a) in seen:
+                continue
+            seen.add((a, b))
+            self.add(a, b, block)
+
     def pop(self, key) -> Tuple[Tensor, Dict]:
         """Remove an entry; return its diagonal block and its blocks with the others."""
         self.sizes.pop(key)
@@ -240,7 +253,10 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) ->
     for other, block in cross.items():
         products = rule.averaged_vjp(ctx, block.T.reshape(-1, *out_shape), slots)
         for slot in slots:
-            frontier.add(entering[slot], other, products[slot].reshape(block.shape[1], -1).T)
+            contribution = products[slot].reshape(block.shape[1], -1).T
+            if entering[slot] == other:  # fan-out: H_x += J^T H_yx + H_xy J
+                contribution = contribution + contribution.T
+            frontier.add(entering[slot], other, contribution)
     # blocks between arguments: Jbar_s^T H_yy Jbar_s' or (1/N) sum_n J_sn^T H_yy J_s'n
     expected = [s for s in slots if not averaged[isinstance(entering[s], str)]]
     if len(slots) == 1 and isinstance(rule, ElementwiseRule):
@@ -252,6 +268,7 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) ->
             weights = torch.outer(d1.mean(0), d1.mean(0))
         frontier.add(entering[slot], entering[slot], output_matrix * weights)
         return
+    pairs = []
     if len(expected) < len(slots):
         first = rule.averaged_vjp(ctx, output_matrix.reshape(rows, *out_shape), slots)
         for a in slots:
@@ -259,12 +276,20 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) ->
             wanted = [b for b in slots if not (a in expected and b in expected)]
             second = rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), wanted)
             for b in wanted:
-                frontier.add(entering[a], entering[b], second[b].reshape(left.shape[0], -1))
+                pairs.append(((a, b), second[b].reshape(left.shape[0], -1)))
     for a in expected:
         for b in expected:
-            frontier.add(
-                entering[a], entering[b], _expected_sandwich(rule, ctx, a, b, output_matrix)
-            )
+            pairs.append(((a, b), _expected_sandwich(rule, ctx, a, b, output_matrix)))
+    _add_slot_pairs(frontier, entering, pairs)
+
+
+def _add_slot_pairs(frontier: Frontier, entering, pairs) -> None:
+    """Sum blocks of ordered argument pairs into the frontier entries of their keys."""
+    summed: Dict[Tuple, Tensor] = {}
+    for (a, b), block in pairs:
+        key = (entering[a], entering[b])
+        summed[key] = block if key not in summed else summed[key] + block
+    frontier.add_pairs(summed.items())
 
 
 def _expected_sandwich(rule: Rule, ctx: Context, a: str, b: str, output_matrix) -> Tensor:
@@ -308,9 +333,12 @@ def _add_residual(ctx, entering, residual, mode, frontier) -> None:
         joint = modify_symmetric(_symmetric(joint), mode)
         sizes = [_slot_size(ctx, s) for s in group]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for a, oa, sa in zip(group, offsets, sizes):
-            for b, ob, sb in zip(group, offsets, sizes):
-                frontier.add(entering[a], entering[b], joint[oa : oa + sa, ob : ob + sb])
+        pairs = [
+            ((a, b), joint[oa : oa + sa, ob : ob + sb])
+            for a, oa, sa in zip(group, offsets, sizes)
+            for b, ob, sb in zip(group, offsets, sizes)
+        ]
+        _add_slot_pairs(frontier, entering, pairs)
 
 
 def _parameter_block(
