@@ -46,6 +46,7 @@ class NodeInfo:
     sources: Dict[str, Source] = field(default_factory=dict)
     inplace: bool = False
     problem: str = ""
+    activations: frozenset = frozenset()  # arguments (differentiable or not) from other nodes
 
     @property
     def op(self) -> str:
@@ -92,9 +93,12 @@ class _Recorder(torch.fx.Interpreter):
         output = getattr(self, n.op)(n.target, args, kwargs)
         if isinstance(output, Tensor):
             detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in arguments.items()}
-            batched = frozenset(s for s, src in info.sources.items() if src.node is not None)
             self.record.contexts[n.name] = Context(
-                detached, output.detach(), batched, module, mixes_samples=info.rule.mixes_samples
+                detached,
+                output.detach(),
+                info.activations,
+                module,
+                mixes_samples=info.rule.mixes(arguments),
             )
             self.record.outputs[n.name] = output
             if output.requires_grad:
@@ -128,6 +132,7 @@ class CurvGraph(nn.Module):
                 self.infos[node] = info
                 if info.problem:
                     problems.append((node.name, info.op, info.where, info.problem))
+        problems += self._parameter_only_nodes()
         if problems:
             raise UnsupportedOpError(type(model).__name__, problems)
         self._record: Optional[Record] = None
@@ -150,6 +155,7 @@ class CurvGraph(nn.Module):
             info.problem = f"arguments do not match the rule {info.rule.name}: {error}"
             return info
         info.inplace = is_inplace(key, arguments)
+        info.activations = frozenset(_activation_arguments(arguments))
         for name in info.rule.differentiable:
             value = arguments.get(name)
             items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
@@ -170,6 +176,34 @@ class CurvGraph(nn.Module):
         if isinstance(value, Tensor) and id(value) in self._parameter_names:
             return Source(parameter=self._parameter_names[id(value)])
         return None
+
+    def _parameter_only_nodes(self) -> list:
+        """Nodes computed from parameters alone (``self.s.exp()``): not supported yet."""
+        from_inputs, from_parameters = set(), set()
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                from_inputs.add(node)
+            elif node.op == "get_attr":
+                from_parameters.add(node)
+            info = self.infos.get(node)
+            if info is None or info.problem:
+                continue
+            inputs = set(node.all_input_nodes)
+            if inputs & from_inputs:
+                from_inputs.add(node)
+            elif any(s.parameter for s in info.sources.values()) or inputs & from_parameters:
+                from_parameters.add(node)
+        return [
+            (
+                n.name,
+                self.infos[n].op,
+                self.infos[n].where,
+                "computes from parameters only (a parameter transform such as self.s.exp()): "
+                "not supported yet; put it in a leaf module with a rule (docs/custom_rules.md)",
+            )
+            for n in from_parameters
+            if n in self.infos and self.infos[n].sources and not self.infos[n].problem
+        ]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Any:
@@ -261,6 +295,15 @@ class CurvGraph(nn.Module):
         if record is None:
             lines.append("(output shapes appear after a forward pass)")
         return "\n".join(lines)
+
+
+def _activation_arguments(arguments: Dict[str, Any]):
+    """Names (``"tensors.1"`` for list items) of arguments computed by other nodes."""
+    for name, value in arguments.items():
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, torch.fx.Node) and item.op not in ("get_attr",):
+                yield name if i is None else f"{name}.{i}"
 
 
 def trace(model: nn.Module) -> CurvGraph:

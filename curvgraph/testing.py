@@ -7,6 +7,7 @@ which also covers ops that mix samples (BatchNorm in training mode).
 
 - ``jvp``: ``torch.func.jvp`` of the op;
 - ``vjp``: ``torch.func.vjp`` (activations over the batch, parameters per sample);
+- ``batch_vjp``: the same with parameter cotangents summed over samples;
 - ``averaged_vjp``: ``(1/N) sum_n J_n^T c`` with the same ``c`` for every sample;
 - ``residual``: ``d/de grad <g, f(x + e t)>`` (a Hessian-vector product of the op contracted
   with the output gradient), per sample for parameters;
@@ -105,8 +106,9 @@ class _Check:
         ctx = Context(dict(self.arguments), torch.empty(0), self.batched)
         self.primals = {s: ctx.value(s) for s in self.slots}
         self.output = self.call(self.primals).detach()
+        self.mixes = rule.mixes(self.arguments)
         self.ctx = Context(
-            dict(self.arguments), self.output, self.batched, mixes_samples=rule.mixes_samples
+            dict(self.arguments), self.output, self.batched, mixes_samples=self.mixes
         )
         self.gen = torch.Generator(device="cpu").manual_seed(0)
         self.dtype, self.device = dtype, device
@@ -156,23 +158,21 @@ class _Check:
         tangents = {s: self.random(_COLUMNS, *self.primals[s].shape) for s in slots}
         errors = {}
 
-        expected = torch.stack(
-            [
-                torch.func.jvp(
-                    self.call, (self.primals,), ({s: t[k] for s, t in tangents.items()},)
-                )[1]
-                for k in range(_COLUMNS)
-            ]
-        )
-        errors["jvp"] = _error(rule.jvp(ctx, tangents), expected)
+        errors["jvp"] = _error(rule.jvp(ctx, tangents), self.jvp_of(tangents))
+        for s in slots:  # a tangent in a single argument: shapes must still be full
+            alone = rule.jvp(ctx, {s: tangents[s]})
+            errors["jvp"] = max(errors["jvp"], _error(alone, self.jvp_of({s: tangents[s]})))
 
         cotangent = self.random(_COLUMNS, *self.output.shape)
         references = [self.per_sample_vjp(cotangent[k]) for k in range(_COLUMNS)]
         per_sample = {s: torch.stack([r[s] for r in references]) for s in slots}
         actual = rule.vjp(ctx, cotangent, slots)
         errors["vjp"] = max(_error(actual[s], per_sample[s]) for s in slots)
+        actual = rule.batch_vjp(ctx, cotangent, slots)
+        summed = {s: v if s in self.batched else v.sum(1) for s, v in per_sample.items()}
+        errors["batch_vjp"] = max(_error(actual[s], summed[s]) for s in slots)
 
-        if not rule.mixes_samples:
+        if not self.mixes:
             shared = self.random(_COLUMNS, *self.output.shape[1:])
             expanded = shared.unsqueeze(1).expand(_COLUMNS, *self.output.shape)
             _, vjp = torch.func.vjp(self.call, self.primals)
@@ -191,7 +191,7 @@ class _Check:
         errors["residual"] = max(
             _error(actual.get(s, torch.zeros_like(expected[s])), expected[s]) for s in slots
         )
-        if not rule.mixes_samples:
+        if not self.mixes:
             errors["residual_block"] = max(
                 self.block_error(residual, grad_output, s) for s in slots
             )
@@ -205,6 +205,19 @@ class _Check:
                     errors.get("kron_input", 0.0), _error(kron, per_sample[s])
                 )
         return errors
+
+    def jvp_of(self, tangents: Dict[str, Tensor]) -> Tensor:
+        """``torch.func.jvp`` column by column (arguments missing from ``tangents`` fixed)."""
+
+        def partial(values):
+            return self.call({**self.primals, **values})
+
+        primals = {s: self.primals[s] for s in tangents}
+        columns = [
+            torch.func.jvp(partial, (primals,), ({s: t[k] for s, t in tangents.items()},))[1]
+            for k in range(_COLUMNS)
+        ]
+        return torch.stack(columns)
 
     def residual_reference(self, grad_output, tangents) -> Dict[str, Tensor]:
         n = self.output.shape[0]

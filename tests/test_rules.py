@@ -26,8 +26,8 @@ def test_rule_matches_torch_func(rule):
         pytest.skip(f"{rule.name}: no differentiable arguments (structural op)")
     assert rule.samples(), f"rule {rule.name!r} has no samples"
     errors = check_rule(rule)
-    expected_pieces = {"jvp", "vjp", "residual"}
-    if not rule.mixes_samples:
+    expected_pieces = {"jvp", "vjp", "batch_vjp", "residual"}
+    if not any(rule.mixes(rule.bind(s.args, s.kwargs)) for s in rule.samples()):
         expected_pieces |= {"averaged_vjp", "residual_block", "residual_modified"}
     assert expected_pieces <= errors.keys()
     assert max(errors.values()) < TOLERANCE, errors

@@ -79,6 +79,8 @@ def plan(graph: CurvGraph) -> Plan:
             result.uses.setdefault(key, []).append((info.node, slot))
     if output not in needed:
         raise CurvGraphError("the model's output does not depend on any trainable parameter")
+    # parameters used only off the path to the output (dead code) get no block
+    result.parameters = {n: p for n, p in parameters.items() if n in result.uses}
     return result
 
 

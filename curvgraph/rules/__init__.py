@@ -3,7 +3,19 @@
 Importing this package registers the built-in rules.
 """
 
-from curvgraph.rules import activations, linear, pooling, shape  # noqa: F401  (registration)
+from curvgraph.rules import (  # noqa: F401  (registration)
+    activations,
+    arithmetic,
+    embedding,
+    joins,
+    linear,
+    matmul,
+    normalization,
+    pooling,
+    powers,
+    shape,
+    softmax,
+)
 from curvgraph.rules.factories import (
     ElementwiseRule,
     LinearMapRule,

@@ -101,7 +101,7 @@ class _JoinRule(Rule):
         parts = []
         for slot, item in zip(self._slots(ctx), ctx.tensors):
             t = tangents.get(slot)
-            parts.append(item.new_zeros(k, *item.shape) if t is None else t)
+            parts.append(item.new_zeros(k, *item.shape) if t is None else t.expand(k, *item.shape))
         return self._join(parts, self._output_dim(ctx) + 1)
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
@@ -114,6 +114,12 @@ class _JoinRule(Rule):
                 continue
             result[slot] = piece if slot in ctx.batched else _rows_per_sample(piece)
         return result
+
+    def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """Like :meth:`vjp`; a parameter's cotangents summed over samples are its slice."""
+        slots = set(slots)
+        pieces = self._split(cotangent, self._output_dim(ctx) + 1, ctx)
+        return {s: p for s, p in zip(self._slots(ctx), pieces) if s in slots}
 
     def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
         """``Jbar_i^T c``: the slice (activations), or the slice over ``N`` in every row."""
@@ -160,9 +166,7 @@ class CatRule(_JoinRule):
                 dict(dim=1),
                 batched=("tensors",),
             ),
-            Sample(
-                ((randn(3, 2, 4), randn(3, 2, 1, seed=1)),), dict(dim=-1), batched=("tensors",)
-            ),
+            Sample(((randn(3, 2, 4), randn(3, 2, 1, seed=1)),), dict(dim=-1), batched=("tensors",)),
             # a parameter with one row per sample, between two activations
             Sample(
                 ([randn(2, 3), randn(2, 2, seed=1), randn(2, 1, seed=2)], 1),

@@ -71,7 +71,7 @@ class LinearRule(Rule):
         if "bias" in tangents:
             b = tangents["bias"]
             out = out + b.reshape(b.shape[0], *([1] * (ctx.output.dim() - 1)), b.shape[-1])
-        return out
+        return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         result = {}
@@ -220,7 +220,7 @@ class Conv2dRule(Rule):
             out = out + y.reshape(y.shape[:2] + ctx.output.shape[1:])
         if "bias" in tangents:
             out = out + tangents["bias"][:, None, :, None, None]
-        return out
+        return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         result = {}

@@ -186,6 +186,10 @@ class Rule:
         bound.apply_defaults()
         return dict(bound.arguments)
 
+    def mixes(self, arguments: Dict[str, Any]) -> bool:
+        """Whether a call with these canonical arguments mixes samples (default: the flag)."""
+        return self.mixes_samples
+
     def call(self, arguments: Dict[str, Any]) -> Any:
         """Call :attr:`function` with bound canonical arguments (varargs included)."""
         bound = inspect.BoundArguments(self.signature, arguments)
@@ -305,6 +309,8 @@ def op_name(key: OpKey) -> str:
         return f"Tensor.{key}"
     module = getattr(key, "__module__", None) or ""
     name = getattr(key, "__qualname__", None) or getattr(key, "__name__", repr(key))
+    if name.startswith("_VariableFunctionsClass."):  # torch.cumprod and friends
+        name, module = name.split(".", 1)[1], "torch"
     if module.startswith("torch.nn.modules"):
         module = "torch.nn"
     elif module in ("torch._C._nn", "torch._C._VariableFunctions", "torch._VariableFunctions"):

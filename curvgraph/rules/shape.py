@@ -116,12 +116,24 @@ def _structural(*args, **kwargs):
     raise NotImplementedError  # outputs are sizes, not tensors
 
 
+#: attributes read with ``getattr`` that are not tensors
+STRUCTURAL_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
+
+
 class StructuralRule(Rule):
     """Ops whose outputs are sizes or numbers (``x.size(0)``, ``x.shape``): no derivatives."""
 
     name = "structural"
     signature = inspect.signature(_structural)
     differentiable = ()
+
+    def check(self, arguments):  # noqa: D102
+        args = arguments.get("args", ())
+        if len(args) >= 2 and isinstance(args[1], str) and args[1] not in STRUCTURAL_ATTRIBUTES:
+            raise UnsupportedConfigurationError(
+                f"attribute {args[1]!r} of a tensor (e.g. x.T, x.mT) has no rule; write "
+                "x.transpose(-2, -1) or x.permute(...) instead"
+            )
 
 
 register_rule("size", "dim", "numel", builtins.getattr, builtins.len)(StructuralRule())

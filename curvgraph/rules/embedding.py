@@ -1,0 +1,190 @@
+"""``embedding``: rows of a weight table selected by integer indices.
+
+Index convention: ``K`` columns, ``N`` samples, ``s`` the index positions of one sample
+(``input`` is ``[N, *positions]``, flattened to ``[N, S]``), ``v`` the vocabulary (rows of
+the weight ``[V, D]``), ``d`` the embedding feature.
+
+``y_{n,s} = W[i_{n,s}]`` is linear in the weight and the indices are not differentiable:
+
+- ``J t_W = t_W[i_n]`` (a gather), ``J_n^T c = sum_s e_{i_{n,s}} c_{n,s}^T`` (a scatter-add
+  into a zero ``[V, D]`` per sample: ``[K, N, V, D]`` in all, memory ``K N V D``);
+- ``Jbar^T c = A c`` with ``A[v, s] = (1/N) sum_n [i_{n,s} = v]`` (no per-sample tensor);
+- residual zero.
+
+``padding_idx`` follows PyTorch's gradient: that row receives no cotangent, so it is
+treated as a constant (its tangent does not reach the output either). ``max_norm``
+renormalizes the weight in place during the forward and ``scale_grad_by_freq`` rescales
+gradients by batch frequencies (not a derivative): both are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvgraph.rules.registry import (
+    Context,
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.residuals import Residual, Zero
+
+__all__ = ["EmbeddingRule"]
+
+alias(nn.Embedding, F.embedding)
+
+Tensors = Dict[str, Tensor]
+
+
+def _embedding(
+    input,
+    weight,
+    padding_idx=None,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
+    sparse=False,
+):
+    # ``sparse`` only chooses the format of the weight's gradient: the derivative is the same
+    return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq)
+
+
+def _indices(n: int, *positions: int, vocabulary: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(vocabulary, (n, *positions), generator=generator)
+
+
+def _padded_reference(indices: Tensor, padding_idx: int):
+    """The op with the padding row held constant, for checks.
+
+    PyTorch's forward-mode derivative of ``F.embedding`` ignores ``padding_idx`` while its
+    gradient zeroes that row, so ``torch.func.jvp`` and ``torch.func.vjp`` of the op are not
+    transposes of each other there; the rule follows the gradient (the row is a constant).
+    """
+
+    def reference(weight):
+        rows = torch.arange(weight.shape[0]) == padding_idx % weight.shape[0]
+        frozen = torch.where(rows[:, None], weight.detach(), weight)
+        return F.embedding(indices, frozen, padding_idx)
+
+    return reference
+
+
+@register_rule(F.embedding)
+class EmbeddingRule(Rule):
+    """``y_n = W[i_n]``: gather for ``jvp``, scatter-add for ``vjp``, zero residual."""
+
+    name = "embedding"
+    function = staticmethod(_embedding)
+    signature = inspect.signature(_embedding)
+    differentiable = ("weight",)
+    sample_independent = frozenset()
+
+    def samples(self):  # noqa: D102
+        padded = torch.tensor([[0, 2, 2], [1, 0, 3]])
+        indices = _indices(2, 2, 2, vocabulary=3, seed=5)
+        return [
+            Sample((_indices(3, vocabulary=5, seed=0), randn(5, 4, seed=1))),
+            Sample((_indices(2, 3, vocabulary=6, seed=2), randn(6, 3, seed=3))),
+            Sample(
+                (padded, randn(4, 2, seed=4)),
+                dict(padding_idx=2, sparse=True),
+                function=_padded_reference(padded, 2),
+            ),
+            Sample((indices, randn(3, 2, seed=6), -1), function=_padded_reference(indices, -1)),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        if arguments.get("max_norm") is not None:
+            raise UnsupportedConfigurationError(
+                "embedding with max_norm (the forward renormalizes the weight in place, a "
+                "non-differentiable side effect): use max_norm=None"
+            )
+        if arguments.get("scale_grad_by_freq"):
+            raise UnsupportedConfigurationError(
+                "embedding with scale_grad_by_freq=True (gradients rescaled by batch "
+                "frequencies are not derivatives): use scale_grad_by_freq=False"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        if ctx.input.dim() == 0 or ctx.input.shape[0] != ctx.output.shape[0]:
+            raise UnsupportedConfigurationError(
+                f"embedding indices of shape {tuple(ctx.input.shape)} for an output of shape "
+                f"{tuple(ctx.output.shape)}: the indices need the batch axis first (and a "
+                "context restricted to part of the batch must restrict the indices too)"
+            )
+
+    def _padding_row(self, ctx: Context):
+        """The non-negative ``padding_idx``, or ``None``."""
+        p = ctx.padding_idx
+        return None if p is None else p % ctx.weight.shape[0]
+
+    def _flat_indices(self, ctx: Context) -> Tensor:
+        return ctx.input.reshape(ctx.input.shape[0], -1)  # [N, S]
+
+    def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:
+        """``t_W[i_n]`` (zero at ``padding_idx``)."""
+        t = tangents["weight"]
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            t = t.clone()
+            t[:, pad] = 0
+        return t[:, ctx.input]  # [K, N, *positions, D]
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """Per sample: ``c_{n,s}`` added into row ``i_{n,s}`` of a zero ``[V, D]``."""
+        if "weight" not in slots:
+            return {}
+        self.validate(ctx)
+        k, n = cotangent.shape[:2]
+        v, d = ctx.weight.shape
+        index = self._flat_indices(ctx)  # [N, S]
+        c = cotangent.reshape(k, n, -1, d)  # [K, N, S, D]
+        out = cotangent.new_zeros(k, n, v, d)
+        out.scatter_add_(2, index[None, :, :, None].expand(c.shape), c)
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            out[:, :, pad] = 0
+        return {"weight": out}
+
+    def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """``sum_n J_n^T c_n``: one scatter-add into ``[K, V, D]`` (no per-sample tables)."""
+        if "weight" not in slots:
+            return {}
+        self.validate(ctx)
+        k, d = cotangent.shape[0], ctx.weight.shape[1]
+        index = ctx.input.reshape(-1)  # [N * S]
+        out = cotangent.new_zeros(k, *ctx.weight.shape)
+        out.index_add_(1, index, cotangent.reshape(k, -1, d))
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            out[:, pad] = 0
+        return {"weight": out}
+
+    def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """``A c`` with ``A[v, s] = (1/N) sum_n [i_{n,s} = v]``."""
+        if "weight" not in slots:
+            return {}
+        v, d = ctx.weight.shape
+        index = self._flat_indices(ctx)  # [N, S]
+        n, s = index.shape
+        counts = cotangent.new_zeros(v, s)
+        counts.scatter_add_(0, index, cotangent.new_full(index.shape, 1.0 / n))
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            counts[pad] = 0
+        c = cotangent.reshape(cotangent.shape[0], s, d)
+        return {"weight": torch.einsum("vs,ksd->kvd", counts, c)}
+
+    def residual(self, ctx: Context, grad_output: Tensor) -> Residual:
+        """Zero: the output is linear in the weight."""
+        return Zero()

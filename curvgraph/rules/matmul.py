@@ -1,0 +1,293 @@
+"""Matrix products (``matmul``/``bmm``/``mm``) and axis permutations (``transpose``/``permute``).
+
+Index convention: ``K`` columns, ``N`` samples, ``y = a @ b`` with ``a = input`` and
+``b = other``. The op acts sample by sample: ``y_n = f(a_n, b_n)`` with
+``f(a_n, b_n) = matmul(a_n[None], b_n[None])[0]`` for activations (batch axis first) and the
+parameter itself in place of ``b_n[None]`` (or ``a_n[None]``), i.e. PyTorch's broadcasting
+with the batch axis as the leading batch dimension. Supported: activation ``[N, *, d]`` @
+parameter (``[d]``, ``[d, m]``, ``[*, d, m]``), parameter @ activation ``[N, *, d, m]``, and
+two activations with at least two feature dimensions each (attention
+``q @ k.transpose(-2, -1)``: ``[N, h, S, d] @ [N, h, d, S]``).
+
+``f`` is bilinear, so every piece is a product with ``f`` or its transpose:
+
+- ``J_a t = f(t, b)``, ``J_b t = f(a, t)``; ``J_a^T c = d/da <c, f(a, b)>`` (``vjp``);
+- averaged Jacobians: ``J_a`` is linear in ``b``, so ``Jbar_a = J_a`` at ``bbar`` (and vice
+  versa);
+- residual (cross terms only): ``R[a, b] t_b = d/da <g, f(a, t_b)>``,
+  ``R[b, a] t_a = d/db <g, f(t_a, b)>``; the PCH uses the generic per-sample eigen-solve.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+from torch import Tensor
+
+from curvgraph.rules.arithmetic import _FullTangents
+from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.registry import (
+    Context,
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.residuals import CrossTerms, Residual, Zero
+
+__all__ = ["MatmulRule", "PermutationRule"]
+
+_OPERANDS = ("input", "other")
+
+alias(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
+alias(torch.transpose, "transpose", torch.swapdims, "swapdims")
+alias(torch.permute, "permute")
+
+
+def _matmul(input, other):
+    return torch.matmul(input, other)
+
+
+@register_rule(operator.matmul)
+class MatmulRule(Rule):
+    """``y_n = a_n @ b_n`` (see the module docstring for the supported shapes)."""
+
+    name = "matmul"
+    function = staticmethod(_matmul)
+    signature = inspect.signature(_matmul)
+    differentiable = _OPERANDS
+
+    def samples(self):  # noqa: D102
+        both, other = _OPERANDS, ("other",)
+        return [
+            Sample((randn(3, 4), randn(4, 5, seed=1))),
+            Sample((randn(2, 3, 4), randn(4, 5, seed=1))),
+            Sample((randn(2, 3, 4), randn(4, seed=1))),
+            Sample((randn(3, 4), randn(4, seed=1))),
+            Sample((randn(2, 3, 4), randn(1, 4, 5, seed=1))),
+            Sample((randn(2, 2, 3, 4), randn(2, 4, 3, seed=1))),
+            Sample((randn(5, 3, seed=1), randn(2, 3, 4)), batched=other),
+            Sample((randn(3, seed=1), randn(2, 3, 4)), batched=other),
+            Sample((randn(2, 3, 4), randn(2, 4, 5, seed=1)), batched=both),
+            Sample((randn(2, 2, 3, 4), randn(2, 2, 4, 3, seed=1)), batched=both),
+            Sample((randn(2, 2, 3, 4), randn(2, 1, 4, 3, seed=1)), batched=both),
+        ]
+
+    # -- the per-sample product ---------------------------------------------------------------
+    @staticmethod
+    def _per_sample(ctx: Context):
+        """``f(a_n, b_n)`` on one sample's features (parameters unchanged)."""
+        lift = [s in ctx.batched for s in _OPERANDS]
+
+        def f(a, b):
+            a, b = (a.unsqueeze(0) if lift[0] else a), (b.unsqueeze(0) if lift[1] else b)
+            return torch.matmul(a, b).squeeze(0) if any(lift) else torch.matmul(a, b)
+
+        return f
+
+    def validate(self, ctx):  # noqa: D102
+        a, b = ctx.input, ctx.other
+        n, batched = ctx.batch_size, [s for s in _OPERANDS if s in ctx.batched]
+        if not batched:
+            raise UnsupportedConfigurationError("matmul of parameters only (no batch axis)")
+        rows_are_samples = (
+            ("input" in batched and a.dim() < 2)
+            or ("other" in batched and b.dim() < 3)
+            or (len(batched) == 2 and a.dim() < 3)
+        )
+        if rows_are_samples or any(ctx.args[s].shape[0] != n for s in batched):
+            raise UnsupportedConfigurationError(
+                f"matmul of {tuple(a.shape)} and {tuple(b.shape)} ({' and '.join(batched)} "
+                "per-sample): an activation operand must be [N, ..., rows, columns] (or an "
+                "input [N, d]), so that its batch axis is not a matrix axis"
+            )
+        meta = [ctx.args[s][0] if s in batched else ctx.args[s] for s in _OPERANDS]
+        meta = [torch.empty(v.shape, device="meta") for v in meta]
+        if self._per_sample(ctx)(*meta).shape != ctx.output.shape[1:]:
+            raise UnsupportedConfigurationError(
+                f"matmul of {tuple(a.shape)} and {tuple(b.shape)}: a parameter broadcasts along "
+                "the batch axis (its leading dimension must be 1 there)"
+            )
+
+    def _pullback(self, ctx, wrt: str, a, b, c, column_axes) -> Tensor:
+        """``d/d(wrt) <c_n, f(a_n, b_n)>`` for every sample (and column), ``[K, N, ...]``.
+
+        ``column_axes`` says which of ``a, b, c`` carry a leading column axis ``K``.
+        """
+        f = self._per_sample(ctx)
+
+        def one(a_n, b_n, c_n):
+            if wrt == "input":
+                return torch.func.vjp(lambda x: f(x, b_n), a_n)[1](c_n)[0]
+            return torch.func.vjp(lambda y: f(a_n, y), b_n)[1](c_n)[0]
+
+        sample_axes = tuple(0 if s in ctx.batched else None for s in _OPERANDS) + (0,)
+        return torch.vmap(torch.vmap(one, in_dims=sample_axes), in_dims=column_axes)(a, b, c)
+
+    @staticmethod
+    def _full(ctx, tangents):
+        """Tangents of activations expanded to ``[K, N, *features]`` (broadcastable ones)."""
+        return {
+            s: t.expand(t.shape[0], *ctx.args[s].shape) if s in ctx.batched else t
+            for s, t in tangents.items()
+            if s in _OPERANDS
+        }
+
+    # -- first order ---------------------------------------------------------------------------
+    def jvp(self, ctx, tangents):  # noqa: D102
+        tangents, out = self._full(ctx, tangents), 0
+        if "input" in tangents:
+            out = out + torch.vmap(lambda t: torch.matmul(t, ctx.other))(tangents["input"])
+        if "other" in tangents:
+            out = out + torch.vmap(lambda t: torch.matmul(ctx.input, t))(tangents["other"])
+        return out
+
+    def _batch_pullback(self, ctx, cotangent) -> dict:
+        """Whole-batch ``J^T c`` per column (activations per sample, parameters summed)."""
+        _, pull = torch.func.vjp(torch.matmul, ctx.input, ctx.other)
+        c = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        return dict(zip(_OPERANDS, torch.vmap(pull)(c)))
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        whole = self._batch_pullback(ctx, cotangent)
+        per_sample = (None, None, 0)
+        return {
+            s: whole[s]
+            if s in ctx.batched
+            else self._pullback(ctx, s, ctx.input, ctx.other, cotangent, per_sample)
+            for s in _OPERANDS
+            if s in slots
+        }
+
+    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        whole = self._batch_pullback(ctx, cotangent)
+        return {s: whole[s] for s in _OPERANDS if s in slots}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        a, b = (
+            ctx.args[s].mean(0, keepdim=True) if s in ctx.batched else ctx.args[s]
+            for s in _OPERANDS
+        )
+        c = cotangent.expand(cotangent.shape[0], *ctx.output.shape[1:]).unsqueeze(1)  # 1 sample
+        return {
+            s: self._pullback(ctx, s, a, b, c, (None, None, 0)).squeeze(1)
+            for s in _OPERANDS
+            if s in slots
+        }
+
+    # -- second order --------------------------------------------------------------------------
+    def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
+        if not all(isinstance(ctx.args[s], Tensor) for s in _OPERANDS):
+            return Zero()
+        a, b, g = ctx.input, ctx.other, grad_output
+
+        def product(t):
+            t, result = self._full(ctx, t), {}
+            if "other" in t:
+                result["input"] = self._pullback(ctx, "input", a, t["other"], g, (None, 0, None))
+            if "input" in t:
+                result["other"] = self._pullback(ctx, "other", t["input"], b, g, (0, None, None))
+            return result
+
+        return _Cross(product)
+
+
+class _Cross(CrossTerms):
+    """Cross terms whose generic PCH (per-sample eigen-solve) accepts broadcast tangents."""
+
+    def modified(self, ctx, mode, groups):  # noqa: D102
+        return _FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
+
+
+# -- axis permutations ------------------------------------------------------------------------
+def _transpose(input, dim0, dim1):
+    return torch.transpose(input, dim0, dim1)
+
+
+def _permute(input, *args, dims=None):
+    return input.permute(*_permute_dims(args, dims))
+
+
+def _permute_dims(args, dims) -> list:
+    """``x.permute(0, 2, 1)``, ``x.permute([0, 2, 1])`` and ``torch.permute(x, dims)``."""
+    if dims is None:
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    return list(dims)
+
+
+class PermutationRule(LinearMapRule):
+    """``y = x`` with its feature axes reordered; the batch axis (dimension 0) must stay.
+
+    Args:
+        name: op name.
+        function: the op in its canonical signature.
+        order: ``order(arguments, ndim)`` -> the permutation of ``range(ndim)`` it applies.
+        samples: example calls.
+    """
+
+    def __init__(self, name, function, order, samples):
+        super().__init__(name, function, samples)
+        self.order = order
+
+    def check(self, arguments):  # noqa: D102
+        first = self.order(arguments, None)[0]
+        if isinstance(first, int) and first > 0:
+            raise UnsupportedConfigurationError(
+                f"{self.name} moves dimension {first} to the front: the batch axis (dimension 0) "
+                "must stay the samples' axis"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        super().validate(ctx)
+        ndim = ctx.input.dim()
+        if self.order(ctx.args, ndim)[0] % ndim != 0:
+            raise UnsupportedConfigurationError(
+                f"{self.name} of a {ndim}-dimensional tensor moves the batch axis (dimension 0)"
+            )
+
+
+def _transpose_order(arguments, ndim):
+    dim0, dim1 = arguments["dim0"], arguments["dim1"]
+    if ndim is None:  # trace time: only non-negative literals are known
+        known = [d for d in (dim0, dim1) if isinstance(d, int) and d >= 0]
+        return [dim1 if dim0 == 0 else dim0 if dim1 == 0 else 0] if len(known) == 2 else [0]
+    order = list(range(ndim))
+    i, j = dim0 % ndim, dim1 % ndim
+    order[i], order[j] = order[j], order[i]
+    return order
+
+
+def _permute_order(arguments, ndim):
+    dims = _permute_dims(arguments["args"], arguments["dims"])
+    return dims if ndim is None else [d % ndim for d in dims]
+
+
+register_rule(torch.transpose)(
+    PermutationRule(
+        "transpose",
+        _transpose,
+        _transpose_order,
+        lambda: [
+            Sample((randn(2, 3, 4), 1, 2)),
+            Sample((randn(2, 3, 4, 5), -1, -2)),
+            Sample((randn(2, 3, 4), 2, 2)),
+        ],
+    )
+)
+register_rule(torch.permute)(
+    PermutationRule(
+        "permute",
+        _permute,
+        _permute_order,
+        lambda: [
+            Sample((randn(2, 3, 4, 5), 0, 2, 3, 1)),
+            Sample((randn(2, 3, 4, 5), [0, 3, 1, 2])),
+            Sample((randn(2, 3, 4),), dict(dims=(-3, 2, 1))),
+        ],
+    )
+)
