@@ -96,7 +96,8 @@ class CGNewton(torch.optim.Optimizer):
             products = curvature.matvec(vectors)
             return {n: (1 - alpha) * products[n] + alpha * v for n, v in vectors.items()}
 
-        finite = {n: bool(torch.isfinite(p.grad).all()) for n, p in params.items()}
+        flags = torch.stack([torch.isfinite(p.grad).all() for p in params.values()]).tolist()
+        finite = dict(zip(params, flags))
         for name in [n for n, ok in finite.items() if not ok]:
             warnings.warn(
                 f"CGNewton: the gradient of {name!r} contains NaN/inf; parameter left unchanged",
@@ -114,13 +115,17 @@ class CGNewton(torch.optim.Optimizer):
             atol=group["cg_atol"],
             maxiter=group["cg_maxiter"],
         )
+        iterations = info.iterations.tolist()
+        residuals = info.residual_norm.tolist()
+        nonpositive = info.nonpositive_curvature.tolist()
+        finite = torch.stack([torch.isfinite(d).all() for d in directions.values()]).tolist()
         for i, (name, p) in enumerate(params.items()):
             direction = directions[name]
             state = self.state[p]
-            state["cg_iterations"] = int(info.iterations[i])
-            state["cg_residual"] = float(info.residual_norm[i])
-            state["nonpositive_curvature"] = bool(info.nonpositive_curvature[i])
-            if not torch.isfinite(direction).all():
+            state["cg_iterations"] = iterations[i]
+            state["cg_residual"] = residuals[i]
+            state["nonpositive_curvature"] = nonpositive[i]
+            if not finite[i]:
                 warnings.warn(
                     f"CGNewton: non-finite direction for {name!r} skipped (curvature or "
                     "gradient contains NaN/inf)",

@@ -327,6 +327,14 @@ def _add_residual(ctx, entering, residual, mode, frontier) -> None:
     groups = [slots] if mode == "none" else ([activations] if activations else [])
     groups += [] if mode == "none" else [[s] for s in slots if s not in ctx.batched]
     for group in groups:
+        if len(group) == 1:  # a diagonal block stays a vector (no eigendecomposition)
+            diagonal = residual.summed_block(group[0])
+            if diagonal is None:
+                continue
+            if diagonal is not NotImplemented and diagonal.dim() == 1:
+                key = entering[group[0]]
+                frontier.add(key, key, torch.diag(modify_symmetric(diagonal, mode)))
+                continue
         joint = residual.summed_joint(ctx, group)
         if joint is None:
             continue

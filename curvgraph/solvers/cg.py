@@ -82,68 +82,61 @@ def cg(
             return {"x": operator(v["x"])}
 
     names = list(b)
-    shapes = [b[n].shape for n in names]
-    sizes = [b[n].numel() for n in names]
     ref = b[names[0]]
-    flat_b = torch.cat([b[n].reshape(-1) for n in names])
-    segment = torch.repeat_interleave(
-        torch.arange(len(names), device=ref.device), torch.tensor(sizes, device=ref.device)
-    )
 
-    def blocks(flat: Tensor, which=None) -> Tensors:
-        parts = flat.split(sizes)
-        return {
-            n: parts[i].view(shapes[i]) for i, n in enumerate(names) if which is None or which[i]
-        }
-
-    def flatten(values: Tensors) -> Tensor:
-        return torch.cat(
-            [
-                values[n].reshape(-1) if n in values else flat_b.new_zeros(sizes[i])
-                for i, n in enumerate(names)
-            ]
+    def dots(u: Tensors, v: Tensors, which) -> Tensor:
+        """Per-block inner products (zero for blocks not in ``which``)."""
+        return torch.stack(
+            [(u[n] * v[n]).sum() if which[i] else ref.new_zeros(()) for i, n in enumerate(names)]
         )
 
-    def dot(u: Tensor, v: Tensor) -> Tensor:
-        return flat_b.new_zeros(len(names)).index_add_(0, segment, u * v)
-
+    everything = [True] * len(names)
+    sizes = [b[n].numel() for n in names]
     limit = torch.tensor(
         [s if maxiter is None else min(maxiter, s) for s in sizes], device=ref.device
     )
-    bound = torch.clamp(tol * dot(flat_b, flat_b).sqrt(), min=atol)
-    x = flat_b.new_zeros(flat_b.shape) if x0 is None else flatten(x0).clone()
-    r = flat_b - flatten(A(blocks(x))) if x0 is not None else flat_b.clone()
-    p = r.clone()
-    rs = dot(r, r)
+    bound = torch.clamp(tol * dots(b, b, everything).sqrt(), min=atol)
+    if x0 is None:
+        x = {n: torch.zeros_like(b[n]) for n in names}
+        r = {n: b[n].clone() for n in names}
+    else:
+        x = {n: x0[n].clone() for n in names}
+        products = A(x)
+        r = {n: b[n] - products[n] for n in names}
+    p = {n: r[n].clone() for n in names}
+    rs = dots(r, r, everything)
+    eps = torch.finfo(ref.dtype).eps
+    scale = torch.zeros_like(rs)
     iterations = torch.zeros(len(names), dtype=torch.long, device=ref.device)
     nonpositive = torch.zeros(len(names), dtype=torch.bool, device=ref.device)
-    eps = torch.finfo(flat_b.dtype).eps
-    scale = torch.zeros_like(rs)
     for it in range(int(limit.max())):
         active = (rs.sqrt() > bound) & (iterations < limit) & ~nonpositive & torch.isfinite(rs)
-        active_list = active.tolist()
-        if not any(active_list):
+        which = active.tolist()  # the loop's one host synchronization
+        if not any(which):
             break
-        Ap = flatten(A(blocks(p, active_list)))
-        pAp = dot(p, Ap)
-        pp = dot(p, p)
+        Ap = A({n: p[n] for i, n in enumerate(names) if which[i]})
+        pAp = dots(p, Ap, which)
+        pp = dots(p, p, which)
         # p^T A p at rounding level of the largest curvature seen counts as zero (singular A)
         scale = torch.maximum(scale, torch.where(active, pAp.abs() / pp, scale))
         breakdown = active & ~(pAp > _ROUNDING * eps * pp * scale)  # also catches NaN
         nonpositive |= breakdown
-        if it == 0 and x0 is None:
-            x = torch.where(breakdown[segment], flat_b, x)
-        active = active & ~breakdown
-        step = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), 0.0)
-        moving = active[segment]
-        x = torch.where(moving, x + step[segment] * p, x)
-        r = torch.where(moving, r - step[segment] * Ap, r)
-        rs_new = dot(r, r)
-        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), 0.0)
-        p = torch.where(moving, r + beta[segment] * p, p)
-        rs = torch.where(active, rs_new, rs)
-        iterations += active.long()
+        moving = active & ~breakdown
+        step = torch.where(moving, rs / torch.where(moving, pAp, torch.ones_like(pAp)), 0.0)
+        for i, n in enumerate(names):
+            if not which[i]:
+                continue
+            if it == 0 and x0 is None:
+                x[n] = torch.where(breakdown[i], b[n], x[n])
+            x[n].addcmul_(step[i], p[n])
+            r[n].addcmul_(step[i], torch.nan_to_num(Ap[n]), value=-1)
+        rs_new = dots(r, r, which)
+        beta = torch.where(moving, rs_new / torch.where(moving, rs, torch.ones_like(rs)), 0.0)
+        for i, n in enumerate(names):
+            if which[i]:
+                p[n].mul_(beta[i]).add_(r[n])
+        rs = torch.where(moving, rs_new, rs)
+        iterations += moving.long()
     residual = rs.sqrt()
     info = CGInfo(names, iterations, residual, residual <= bound, nonpositive)
-    x_blocks = blocks(x)
-    return (x_blocks["x"] if single else x_blocks), info
+    return (x["x"] if single else x), info
