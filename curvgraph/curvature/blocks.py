@@ -127,6 +127,9 @@ class KroneckerBlock(Block):
 
     def _matmat(self, columns: Tensor) -> Tensor:
         matrices = columns.reshape(-1, self.rows, self.cols)
+        if self.second.dim() == 1:  # A V u u^T = (A (V u)) u^T: matrix-vector work only
+            left = self._apply_left(self.first, (matrices @ self.second).unsqueeze(-1))
+            return (left * self.second).reshape(columns.shape)
         result = self._apply_left(self.first, self._apply_right(matrices, self.second))
         return result.reshape(columns.shape)
 

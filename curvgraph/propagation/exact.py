@@ -100,32 +100,41 @@ class ExactProducts:
         return results
 
     def _forward(self, columns, order: Names, widths):
+        """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns)."""
         tangents: Dict = {}
         argument_tangents: Dict = {}
         for info in self.walk.order:
-            slots = self.walk.active_slots(info)
-            present = set()
-            for key in slots.values():
-                if isinstance(key, str):
-                    present.update([key] if key in columns else [])
-                elif key in tangents:
-                    present.update(tangents[key].names)
-            if not present:
-                continue
-            names = tuple(n for n in order if n in present)
-            total = sum(widths[n] for n in names)
-            arguments = {}
-            for slot, key in slots.items():
+            arguments: Dict[str, _Stack] = {}
+            for slot, key in self.walk.active_slots(info).items():
                 if isinstance(key, str):
                     if key in columns:
-                        tangent = columns[key].new_zeros(total, *columns[key].shape[1:])
-                        start = _Stack(tangent, names, widths).offset(key)
-                        tangent[start : start + widths[key]] = columns[key]
-                        arguments[slot] = tangent
+                        arguments[slot] = _Stack(columns[key], (key,), widths)
                 elif key in tangents:
-                    arguments[slot] = tangents[key].select(names)
+                    arguments[slot] = tangents[key]
+            if not arguments:
+                continue
+            present = {n for stack in arguments.values() for n in stack.names}
+            names = tuple(n for n in order if n in present)
+            # J t = sum_s J_s t_s: one jvp per set of columns, no zero-padded columns
+            groups: Dict[Names, Dict[str, Tensor]] = {}
+            for slot, stack in arguments.items():
+                groups.setdefault(stack.names, {})[slot] = stack.tensor
             ctx = self.contexts[info.node.name]
-            tangents[info.node] = _Stack(info.rule.jvp(ctx, arguments), names, widths)
+            output = None
+            for group_names, group in groups.items():
+                part = info.rule.jvp(ctx, group)
+                if group_names == names and output is None:
+                    output = part
+                    continue
+                if output is None:
+                    total = sum(widths[n] for n in names)
+                    output = part.new_zeros(total, *part.shape[1:])
+                target = _Stack(output, names, widths)
+                source = _Stack(part, group_names, widths)
+                for n in group_names:
+                    start, offset = target.offset(n), source.offset(n)
+                    output[start : start + widths[n]] += part[offset : offset + widths[n]]
+            tangents[info.node] = _Stack(output, names, widths)
             argument_tangents[info.node] = arguments
         return tangents, argument_tangents
 
@@ -134,36 +143,50 @@ class ExactProducts:
         names = tangents[info.node].names
         widths = adjoint.widths
         lam = adjoint.select(names)
-        extra = {}
-        if self.mode is not None:
-            residual = info.rule.residual(ctx, self.grads[info.node.name])
-            if self.mode != "none":
-                slots = list(self.walk.active_slots(info))
-                try:
-                    residual = residual.modified(ctx, self.mode, groups_of(slots, ctx.batched))
-                except NotImplementedError as error:
-                    raise CurvGraphError(
-                        f"the PCH modifies each sample's residual, which {info.describe()} does "
-                        f"not have ({error}); use curvature='hessian' or 'ggn'"
-                    ) from error
-            extra = residual.apply(arguments)
+        # destinations, grouped by the columns they need: a parameter its own block's, an
+        # activation those of the blocks upstream of it
+        destinations: Dict[Names, list] = {}
         for slot, key in self.walk.active_slots(info).items():
             if isinstance(key, str):
-                if key not in results:
-                    continue
-                wanted: Names = (key,)
+                if key in results:
+                    destinations.setdefault((key,), []).append((slot, key))
             elif key in tangents:
-                wanted = tangents[key].names
-            else:
-                continue
+                destinations.setdefault(tangents[key].names, []).append((slot, key))
+        residual = self._residual(info, ctx) if self.mode is not None else None
+        for wanted, targets in destinations.items():
+            slots = [slot for slot, _ in targets]
             restricted = _Stack(lam, names, widths).select(wanted)
-            cotangent = info.rule.batch_vjp(ctx, restricted, [slot])[slot]
-            if slot in extra:
-                part = _Stack(extra[slot], names, widths).select(wanted)
-                cotangent = cotangent + (part.sum(1) if isinstance(key, str) else part)
-            if isinstance(key, str):
-                results[key] = results[key] + cotangent
-            elif key in adjoints:
-                adjoints[key] = _Stack(adjoints[key].tensor + cotangent, wanted, widths)
-            else:
-                adjoints[key] = _Stack(cotangent, wanted, widths)
+            cotangents = info.rule.batch_vjp(ctx, restricted, slots)
+            if residual is not None:
+                perturbed = {
+                    slot: stack.select(wanted)
+                    for slot, stack in arguments.items()
+                    if set(stack.names) & set(wanted)
+                }
+                extra = residual.apply(perturbed, wanted=slots) if perturbed else {}
+                for slot, key in targets:
+                    if slot in extra:
+                        part = extra[slot]
+                        part = part.sum(1) if isinstance(key, str) else part
+                        cotangents[slot] = cotangents[slot] + part
+            for slot, key in targets:
+                cotangent = cotangents[slot]
+                if isinstance(key, str):
+                    results[key] = results[key] + cotangent
+                elif key in adjoints:
+                    adjoints[key] = _Stack(adjoints[key].tensor + cotangent, wanted, widths)
+                else:
+                    adjoints[key] = _Stack(cotangent, wanted, widths)
+
+    def _residual(self, info, ctx):
+        residual = info.rule.residual(ctx, self.grads[info.node.name])
+        if self.mode == "none":
+            return residual
+        slots = list(self.walk.active_slots(info))
+        try:
+            return residual.modified(ctx, self.mode, groups_of(slots, ctx.batched))
+        except NotImplementedError as error:
+            raise CurvGraphError(
+                f"the PCH modifies each sample's residual, which {info.describe()} does "
+                f"not have ({error}); use curvature='hessian' or 'ggn'"
+            ) from error

@@ -149,9 +149,11 @@ class _Entrywise(Residual):
         self.ctx, self.second = ctx, second
         self.product, self.summed_blocks = self.apply, {}
 
-    def apply(self, tangents):  # noqa: D102
+    def apply(self, tangents, wanted=None):  # noqa: D102
         ctx, result = self.ctx, {}
         for s in _slots(ctx):
+            if wanted is not None and s not in wanted:
+                continue
             acc = 0
             for s2, t in tangents.items():
                 h = self.second.get(tuple(sorted((s, s2))))
@@ -207,10 +209,11 @@ class _FullTangents(Residual):
         """``inner`` made to accept broadcast-shaped tangents (``Zero`` stays as is)."""
         return inner if isinstance(inner, Zero) else cls(inner, ctx)
 
-    def apply(self, tangents):  # noqa: D102
+    def apply(self, tangents, wanted=None):  # noqa: D102
         batched = self.ctx.batched
         return self.inner.apply(
-            {s: _lift(self.ctx, s, t) if s in batched else t for s, t in tangents.items()}
+            {s: _lift(self.ctx, s, t) if s in batched else t for s, t in tangents.items()},
+            wanted,
         )
 
     def summed_block(self, slot):  # noqa: D102
@@ -234,7 +237,7 @@ class _Blocks(Residual):
     def __init__(self, ctx: Context, diagonal: Dict[str, Tensor], cross: Optional[Tensor]):
         self.batched, self.diagonal, self.cross = ctx.batched, diagonal, cross
 
-    def apply(self, tangents):  # noqa: D102
+    def apply(self, tangents, wanted=None):  # noqa: D102
         result = {}
         for s, d in self.diagonal.items():
             if s in tangents:
@@ -244,7 +247,7 @@ class _Blocks(Residual):
             for s, s2 in (("input", "other"), ("other", "input")):
                 if s2 in tangents:
                     result[s] = result.get(s, 0) + self.cross * tangents[s2]
-        return result
+        return result if wanted is None else {k: v for k, v in result.items() if k in wanted}
 
     def summed_block(self, slot):  # noqa: D102
         return self.diagonal[slot].sum(0).flatten() if slot in self.diagonal else None

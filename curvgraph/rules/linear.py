@@ -110,12 +110,12 @@ class LinearRule(Rule):
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         g = self._positions(grad_output)
 
-        def product(t):
+        def product(t, wanted=None):
             result = {}
-            if "weight" in t:
+            if "weight" in t and (wanted is None or "input" in wanted):
                 r = torch.einsum("nso,koi->knsi", g, t["weight"])
                 result["input"] = r.reshape(r.shape[:2] + ctx.input.shape[1:])
-            if "input" in t:
+            if "input" in t and (wanted is None or "weight" in wanted):
                 x_t = t["input"].reshape(*t["input"].shape[:2], -1, ctx.input.shape[-1])
                 result["weight"] = torch.einsum("nso,knsi->knoi", g, x_t)
             return result
@@ -280,12 +280,12 @@ class Conv2dRule(Rule):
         return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        def product(t):
+        def product(t, wanted=None):
             result = {}
-            if "weight" in t:
+            if "weight" in t and (wanted is None or "input" in wanted):
                 per_column = [self._input_vjp(ctx, grad_output, w) for w in t["weight"]]
                 result["input"] = torch.stack(per_column)
-            if "input" in t:
+            if "input" in t and (wanted is None or "weight" in wanted):
                 unfolded = self._unfold(t["input"], ctx)  # [K, N, g, i, p]
                 g = self._grouped_output(grad_output, ctx)
                 w = torch.einsum("ngop,kngip->kngoi", g, unfolded)

@@ -88,11 +88,13 @@ def _features(ctx: Context, slot: str) -> torch.Size:
 class Residual:
     """Second-order term of one op at one loss gradient (see the module docstring)."""
 
-    def apply(self, tangents: Tensors) -> Tensors:
+    def apply(self, tangents: Tensors, wanted: Optional[Sequence[str]] = None) -> Tensors:
         """Per-sample products ``R_n t`` for tangents of (some of) the op's arguments.
 
         Args:
             tangents: argument name -> tangent; missing arguments are zero.
+            wanted: the arguments whose products are needed (default: all); products of
+                the others may be skipped.
 
         Returns:
             Argument name -> per-sample cotangent ``[K, N, *shape]`` for every argument
@@ -133,7 +135,7 @@ class Residual:
 class Zero(Residual):
     """The residual of an op that is linear in its arguments jointly."""
 
-    def apply(self, tangents: Tensors) -> Tensors:  # noqa: D102
+    def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
         return {}
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
@@ -157,8 +159,12 @@ class Diagonal(Residual):
     def __init__(self, values: Tensors):
         self.values = values
 
-    def apply(self, tangents: Tensors) -> Tensors:  # noqa: D102
-        return {s: self.values[s] * t for s, t in tangents.items() if s in self.values}
+    def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
+        return {
+            s: self.values[s] * t
+            for s, t in tangents.items()
+            if s in self.values and (wanted is None or s in wanted)
+        }
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return self.values[slot].sum(0).flatten() if slot in self.values else None
@@ -175,11 +181,11 @@ class CrossTerms(Residual):
     ``sum_{s' != s} R[s, s'] t_{s'}`` for every argument ``s``.
     """
 
-    def __init__(self, product: Callable[[Tensors], Tensors]):
+    def __init__(self, product: Callable[..., Tensors]):
         self.product = product
 
-    def apply(self, tangents: Tensors) -> Tensors:  # noqa: D102
-        return self.product(tangents)
+    def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
+        return _call_product(self.product, tangents, wanted)
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return None
@@ -202,8 +208,8 @@ class General(Residual):
         self.product = product
         self.summed_blocks = summed_blocks or {}
 
-    def apply(self, tangents: Tensors) -> Tensors:  # noqa: D102
-        return self.product(tangents)
+    def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
+        return _call_product(self.product, tangents, wanted)
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return self.summed_blocks.get(slot, NotImplemented)
@@ -217,10 +223,12 @@ class PerSample(Residual):
         self.shapes = {s: _features(ctx, s) for g in blocks for s in g}
         self.batched = ctx.batched
 
-    def apply(self, tangents: Tensors) -> Tensors:  # noqa: D102
+    def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
         result = {}
         for group, matrices in self.blocks.items():
             if not any(s in tangents for s in group):
+                continue
+            if wanted is not None and not any(s in wanted for s in group):
                 continue
             k = next(t.shape[0] for t in tangents.values())
             n = matrices.shape[0]
@@ -238,6 +246,21 @@ class PerSample(Residual):
             if list(group) == list(slots):
                 return matrices.sum(0)
         return per_sample_matrices(self, ctx, slots).sum(0)
+
+
+def _call_product(product: Callable, tangents: Tensors, wanted) -> Tensors:
+    """Call ``product(tangents, wanted)`` if it takes ``wanted``, else filter its result."""
+    takes_wanted = _takes_wanted.get(product.__code__)
+    if takes_wanted is None:
+        takes_wanted = product.__code__.co_argcount >= 2
+        _takes_wanted[product.__code__] = takes_wanted
+    if takes_wanted:
+        return product(tangents, wanted)
+    result = product(tangents)
+    return result if wanted is None else {s: v for s, v in result.items() if s in wanted}
+
+
+_takes_wanted: Dict = {}
 
 
 def _per_sample_flat(tangent, slot, residual, k, n, like) -> Tensor:
