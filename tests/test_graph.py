@@ -306,3 +306,16 @@ def test_tensor_attributes_and_parameter_transforms_are_refused_clearly():
     message = str(info.value)
     assert "attribute 'mT'" in message and "x.transpose(-2, -1)" in message
     assert "computes from parameters only" in message
+
+
+def test_indexing_the_batch_axis_is_refused():
+    class Index(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x)[0]
+
+    with pytest.raises(curvgraph.UnsupportedOpError, match="keeps dimension 0"):
+        curvgraph.trace(Index())

@@ -92,6 +92,20 @@ class TinyAttention(nn.Module):
         return self.fc((attended + x).flatten(1))
 
 
+class ChunkMLP(nn.Module):
+    """Multi-output ops: chunk / split / getitem, merged again by mul and stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, dim=1)
+        parts = torch.split(torch.tanh(a) * b, [1, 2], dim=1)
+        merged = torch.stack([parts[1][:, 0], parts[0][:, 0], b[:, 1]], dim=1)
+        return self.out(torch.cat([merged, a * 2 - 1], dim=1))
+
+
 class BatchNormTrain(nn.Module):
     def __init__(self):
         super().__init__()
@@ -107,6 +121,7 @@ ZOO = {
     "tied": (Tied, (4,)),
     "two_branch_cnn": (TwoBranchCNN, (1, 4, 4)),
     "attention": (TinyAttention, (3, 4)),
+    "chunk_mlp": (ChunkMLP, (4,)),
     "batchnorm_train": (BatchNormTrain, (4,)),
 }
 PER_SAMPLE = [name for name in ZOO if name != "batchnorm_train"]

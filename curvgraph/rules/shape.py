@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,39 @@ def _take_samples():
 
 
 linear_rule(take, function=take, name="take", samples=_take_samples)
+
+
+def _getitem(input, index):
+    return input[index]
+
+
+class GetitemRule(LinearMapRule):
+    """``x[index]`` with basic indexing that keeps the batch axis (``x[:, 0]``, ``x[..., 1:]``)."""
+
+    def check(self, arguments):  # noqa: D102
+        index = arguments["index"]
+        index = index if isinstance(index, tuple) else (index,)
+        first = index[0] if index else slice(None)
+        keeps_batch = first == slice(None) or (first is Ellipsis and len(index) > 1)
+        if not keeps_batch or any(
+            not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index
+        ):
+            raise UnsupportedConfigurationError(
+                f"indexing with {arguments['index']!r}: only basic indexing (ints, slices, None, "
+                "...) that keeps dimension 0, the batch axis, whole (x[:, ...])"
+            )
+
+
+def _getitem_samples():
+    return [
+        Sample((randn(3, 4, 5), (slice(None), 1))),
+        Sample((randn(2, 6), (slice(None), slice(1, 5, 2)))),
+        Sample((randn(2, 3, 4), (Ellipsis, 0))),
+        Sample((randn(2, 3), (slice(None), None, slice(0, 2)))),
+    ]
+
+
+register_rule(operator.getitem)(GetitemRule("getitem", _getitem, _getitem_samples))
 
 
 class DropoutRule(LinearMapRule):
