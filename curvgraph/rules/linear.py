@@ -270,13 +270,18 @@ class Conv2dRule(Rule):
         )
 
     def kron_factors(self, ctx, slot, factors):
-        """KFC: ``G = sum_{k,n,p} s s^T``, ``A = (1/N) sum_{n,p} x_p x_p^T`` (unfolded input)."""
+        """KFC (Grosse & Martens, 2016): ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
+
+        ``x`` are the unfolded input patches, ``P`` the output positions; exact when the GGN
+        block is itself a Kronecker product (one sample, e.g. a convolution feeding MSE).
+        """
         if slot != "weight" or ctx.groups != 1:
             return None
         unfolded = ctx.cached("unfolded", lambda: self._unfold(ctx.input, ctx))[:, 0]  # [N, I, P]
         s = factors.flatten(-2)  # [K, N, O, P]
         gradient_factor = torch.einsum("knop,knqp->oq", s, s)
-        input_factor = torch.einsum("nip,njp->ij", unfolded, unfolded) / unfolded.shape[0]
+        positions = unfolded.shape[0] * unfolded.shape[-1]
+        input_factor = torch.einsum("nip,njp->ij", unfolded, unfolded) / positions
         return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
