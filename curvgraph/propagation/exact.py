@@ -79,6 +79,8 @@ class ExactProducts:
         self.mode = mode
         self.grads = dict(grads)
         self.infos = {info.node: info for info in walk.order}
+        for info in walk.order:
+            info.rule.validate(self.contexts[info.node.name])
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``C_bb V_b`` for columns ``[K_b, *shape]`` of any subset of the blocks."""

@@ -5,6 +5,7 @@ Importing this package registers the built-in rules.
 
 from curvgraph.rules import (  # noqa: F401  (registration)
     activations,
+    activations_more,
     arithmetic,
     embedding,
     joins,
@@ -12,6 +13,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     matmul,
     normalization,
     pooling,
+    pooling_more,
     powers,
     shape,
     softmax,
