@@ -270,9 +270,10 @@ class Conv2dRule(Rule):
         )
 
     def kron_factors(self, ctx, slot, factors):
-        """KFC (Grosse & Martens, 2016): ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
+        """KFC factors: ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
 
-        ``x`` are the unfolded input patches, ``P`` the output positions; exact when the GGN
+        (Grosse & Martens, 2016.) ``x`` are the unfolded input patches, ``P`` the output
+        positions; exact when the GGN
         block is itself a Kronecker product (one sample, e.g. a convolution feeding MSE).
         """
         if slot != "weight" or ctx.groups != 1:
