@@ -1,8 +1,9 @@
-"""curvgraph's benchmark suite (run the scripts with ``python -m benchmarks.<name>``).
+"""curvgraph's benchmarks.
 
-- :mod:`benchmarks.timing`: timing, peak-memory and environment helpers shared by all scripts.
-- :mod:`benchmarks.foundation`: speed of the gradient, the HBP pass and the CG-Newton step on
-  the seed model and an MLP (ratios to a gradient and to SGD, measured in one run).
-
-See ``benchmarks/README.md`` for what each script measures and how to run it.
+- ``python -m benchmarks --suite quick|full``: the suite (:mod:`benchmarks.suite`): cost
+  against a gradient and the peers (:mod:`benchmarks.cost`), accuracy of the approximations
+  (:mod:`benchmarks.accuracy`), convergence of CG-Newton against SGD and Adam
+  (:mod:`benchmarks.convergence`) and the seed tutorial's figure.
+- ``python -m benchmarks.foundation``: HBP pass / gradient and CG-Newton step / SGD step.
+- :mod:`benchmarks.timing`: medians after warm-up, interleaving, contention, peak memory.
 """
