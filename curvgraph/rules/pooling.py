@@ -8,6 +8,7 @@ windows add). It is piecewise linear, so its residual is zero.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,51 +31,72 @@ alias(nn.AvgPool2d, F.avg_pool2d)
 def _max_pool2d(
     input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
 ):
-    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-@register_rule(F.max_pool2d)
-class MaxPool2dRule(Rule):
-    """``y_n[c, p] = x_n[c, idx_n[c, p]]`` with the argmax ``idx_n`` of each window."""
+class MaxPoolRule(Rule):
+    """``y_n[c, p] = x_n[c, idx_n[c, p]]`` over ``spatial`` trailing dimensions.
 
-    name = "max_pool2d"
-    function = staticmethod(_max_pool2d)
-    signature = inspect.signature(_max_pool2d)
+    Args:
+        name: op name.
+        function: the op in its canonical signature, which has a ``return_indices``
+            argument; called with ``return_indices=True`` it returns ``(output, indices)``
+            with indices flat over the spatial dimensions.
+        spatial: number of pooled (trailing) dimensions.
+        samples: returns the sample calls to check.
+    """
+
+    def __init__(self, name: str, function: Callable, spatial: int, samples: Callable):
+        self.name = name
+        self.function = function
+        self.signature = inspect.signature(function)
+        self.spatial = spatial
+        self._samples = samples
+
+    def samples(self):  # noqa: D102
+        return self._samples()
 
     def check(self, arguments):  # noqa: D102
         if arguments.get("return_indices"):
-            raise UnsupportedConfigurationError("max_pool2d with return_indices=True")
-
-    def samples(self):  # noqa: D102
-        return [
-            Sample((randn(2, 3, 6, 6), 2)),
-            Sample((randn(2, 2, 7, 5, seed=1), 3), dict(stride=2, padding=1)),
-            Sample((randn(1, 2, 9, 9, seed=2), (2, 3)), dict(stride=1, dilation=2, ceil_mode=True)),
-        ]
+            raise UnsupportedConfigurationError(f"{self.name} with return_indices=True")
 
     def _indices(self, ctx):
-        """Flat argmax positions ``[N, C, Ho * Wo]`` into the input's ``H * W``."""
+        """Flat argmax positions ``[N, C, P]`` into the input's spatial dimensions."""
 
         def compute():
-            options = {k: v for k, v in ctx.args.items() if k not in ("input", "return_indices")}
-            _, idx = F.max_pool2d(ctx.input, **options, return_indices=True)
-            return idx.flatten(-2)
+            _, idx = self.call({**ctx.args, "return_indices": True})
+            return idx.flatten(-self.spatial)
 
         return ctx.cached("indices", compute)
 
     def jvp(self, ctx, tangents):  # noqa: D102
         t = tangents["input"]
-        idx = self._indices(ctx).expand(t.shape[0], *self._indices(ctx).shape)
-        return t.flatten(-2).gather(-1, idx).reshape(t.shape[:2] + ctx.output.shape[1:])
+        idx = self._indices(ctx)
+        idx = idx.expand(t.shape[0], *idx.shape)
+        return t.flatten(-self.spatial).gather(-1, idx).reshape(t.shape[:1] + ctx.output.shape)
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         if "input" not in slots:
             return {}
-        k, n = cotangent.shape[:2]
-        idx = self._indices(ctx).expand(k, *self._indices(ctx).shape)
-        flat = cotangent.new_zeros(k, n, *ctx.input.shape[1:-2], ctx.input.shape[-2:].numel())
-        flat.scatter_add_(-1, idx, cotangent.flatten(-2))
-        return {"input": flat.reshape(k, n, *ctx.input.shape[1:])}
+        k = cotangent.shape[0]
+        idx = self._indices(ctx)
+        idx = idx.expand(k, *idx.shape)
+        shape = ctx.input.shape
+        spatial = shape[-self.spatial :].numel()
+        flat = cotangent.new_zeros(k, *shape[: -self.spatial], spatial)
+        flat.scatter_add_(-1, idx, cotangent.flatten(-self.spatial))
+        return {"input": flat.reshape(k, *shape)}
+
+
+def _max_pool2d_samples():
+    return [
+        Sample((randn(2, 3, 6, 6), 2)),
+        Sample((randn(2, 2, 7, 5, seed=1), 3), dict(stride=2, padding=1)),
+        Sample((randn(1, 2, 9, 9, seed=2), (2, 3)), dict(stride=1, dilation=2, ceil_mode=True)),
+    ]
+
+
+register_rule(F.max_pool2d)(MaxPoolRule("max_pool2d", _max_pool2d, 2, _max_pool2d_samples))
 
 
 def _avg_pool2d(

@@ -11,16 +11,13 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from curvgraph.rules.factories import LinearMapRule, linear_rule
+from curvgraph.rules.pooling import MaxPoolRule
 from curvgraph.rules.registry import (
-    Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
@@ -48,60 +45,6 @@ alias(
 
 
 # -- max pooling (selection) ----------------------------------------------------------------------
-
-
-class MaxPoolRule(Rule):
-    """``y_n[c, p] = x_n[c, idx_n[c, p]]`` over ``spatial`` trailing dimensions.
-
-    Args:
-        name: op name.
-        function: the op in its canonical signature, which has a ``return_indices``
-            argument; called with ``return_indices=True`` it returns ``(output, indices)``
-            with indices flat over the spatial dimensions.
-        spatial: number of pooled (trailing) dimensions.
-        samples: returns the sample calls to check.
-    """
-
-    def __init__(self, name: str, function: Callable, spatial: int, samples: Callable):
-        self.name = name
-        self.function = function
-        self.signature = inspect.signature(function)
-        self.spatial = spatial
-        self._samples = samples
-
-    def samples(self):  # noqa: D102
-        return self._samples()
-
-    def check(self, arguments):  # noqa: D102
-        if arguments.get("return_indices"):
-            raise UnsupportedConfigurationError(f"{self.name} with return_indices=True")
-
-    def _indices(self, ctx):
-        """Flat argmax positions ``[N, C, P]`` into the input's spatial dimensions."""
-
-        def compute():
-            _, idx = self.call({**ctx.args, "return_indices": True})
-            return idx.flatten(-self.spatial)
-
-        return ctx.cached("indices", compute)
-
-    def jvp(self, ctx, tangents):  # noqa: D102
-        t = tangents["input"]
-        idx = self._indices(ctx)
-        idx = idx.expand(t.shape[0], *idx.shape)
-        return t.flatten(-self.spatial).gather(-1, idx).reshape(t.shape[:1] + ctx.output.shape)
-
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        if "input" not in slots:
-            return {}
-        k = cotangent.shape[0]
-        idx = self._indices(ctx)
-        idx = idx.expand(k, *idx.shape)
-        shape = ctx.input.shape
-        spatial = shape[-self.spatial :].numel()
-        flat = cotangent.new_zeros(k, *shape[: -self.spatial], spatial)
-        flat.scatter_add_(-1, idx, cotangent.flatten(-self.spatial))
-        return {"input": flat.reshape(k, *shape)}
 
 
 def _max_pool1d(
