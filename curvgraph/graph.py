@@ -55,8 +55,13 @@ class NodeInfo:
 
     @property
     def where(self) -> str:
-        """The user's source line."""
-        return source_line(self.node)
+        """The user's source line (or the submodule, for containers such as nn.Sequential)."""
+        line = source_line(self.node)
+        if line == "<source unknown>" and self.node.op == "call_module":
+            return (
+                f"submodule {self.node.target!r} (no user source line: called by a torch container)"
+            )
+        return line
 
     def describe(self) -> str:
         """``node 'name' (op) at file:line`` for error messages."""

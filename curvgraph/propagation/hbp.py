@@ -154,6 +154,11 @@ def backward_hessian(
     walk = plan(graph)
     output = record.contexts[walk.output.name].output
     _check_output_hessian(output_hessian, output)
+    for info in walk.order:  # fail fast, before any dense matrix is built
+        ctx = record.contexts[info.node.name]
+        for slot, key in walk.active_slots(info).items():
+            if not isinstance(key, str) or walk.tied(key):
+                _check_size(info, slot, _slot_size(ctx, slot), max_features)
     grads = gradients(graph, walk.order, loss) if mode is not None else {}
     averaged = {True: average_param_jac, False: average_input_jac}  # keyed by "is parameter"
 
