@@ -5,6 +5,7 @@ Importing this package registers the built-in rules.
 
 from curvgraph.rules import (  # noqa: F401  (registration)
     activations,
+    activations_extra,
     activations_more,
     arithmetic,
     embedding,
