@@ -1,5 +1,19 @@
-"""Linear solvers on block curvature."""
+"""Linear solvers on block curvature: lockstep (preconditioned) CG and Kronecker eig solves."""
 
 from curvgraph.solvers.cg import CGInfo, cg
+from curvgraph.solvers.kronecker import kronecker_eigen, kronecker_solve
+from curvgraph.solvers.preconditioners import (
+    BlockPreconditioner,
+    diagonal_preconditioner,
+    kronecker_preconditioner,
+)
 
-__all__ = ["CGInfo", "cg"]
+__all__ = [
+    "BlockPreconditioner",
+    "CGInfo",
+    "cg",
+    "diagonal_preconditioner",
+    "kronecker_eigen",
+    "kronecker_preconditioner",
+    "kronecker_solve",
+]
