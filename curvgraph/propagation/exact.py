@@ -50,6 +50,11 @@ class _Stack:
         """The columns of ``names`` (zeros for blocks this stack lacks)."""
         if names == self.names:
             return self.tensor
+        if all(n in self.names for n in names):
+            first = self.names.index(names[0])
+            if self.names[first : first + len(names)] == names:  # a contiguous run: a view
+                start = self.offset(names[0])
+                return self.tensor[start : start + sum(self.widths[n] for n in names)]
         parts = []
         for name in names:
             if name in self.names:
@@ -93,13 +98,14 @@ class ExactProducts:
                 self.loss_model.hessian_product(output.tensor), output.names, widths
             )
         }
-        results = {n: torch.zeros_like(columns[n]) for n in order}
+        results: Dict[str, Tensor] = {}
         for info in reversed(self.walk.order):
             adjoint = adjoints.pop(info.node, None)
             if adjoint is None:
                 continue
             self._backward(info, adjoint, argument_tangents[info.node], tangents, adjoints, results)
-        return results
+        # a block whose columns never reach the output (or are cut off) has a zero product
+        return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
 
     def _forward(self, columns, order: Names, widths):
         """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns)."""
@@ -122,21 +128,8 @@ class ExactProducts:
             for slot, stack in arguments.items():
                 groups.setdefault(stack.names, {})[slot] = stack.tensor
             ctx = self.contexts[info.node.name]
-            output = None
-            for group_names, group in groups.items():
-                part = info.rule.jvp(ctx, group)
-                if group_names == names and output is None:
-                    output = part
-                    continue
-                if output is None:
-                    total = sum(widths[n] for n in names)
-                    output = part.new_zeros(total, *part.shape[1:])
-                target = _Stack(output, names, widths)
-                source = _Stack(part, group_names, widths)
-                for n in group_names:
-                    start, offset = target.offset(n), source.offset(n)
-                    output[start : start + widths[n]] += part[offset : offset + widths[n]]
-            tangents[info.node] = _Stack(output, names, widths)
+            parts = {names_: info.rule.jvp(ctx, group) for names_, group in groups.items()}
+            tangents[info.node] = _Stack(_combine(parts, names, widths), names, widths)
             argument_tangents[info.node] = arguments
         return tangents, argument_tangents
 
@@ -150,7 +143,7 @@ class ExactProducts:
         destinations: Dict[Names, list] = {}
         for slot, key in self.walk.active_slots(info).items():
             if isinstance(key, str):
-                if key in results:
+                if key in widths:
                     destinations.setdefault((key,), []).append((slot, key))
             elif key in tangents:
                 destinations.setdefault(tangents[key].names, []).append((slot, key))
@@ -174,7 +167,7 @@ class ExactProducts:
             for slot, key in targets:
                 cotangent = cotangents[slot]
                 if isinstance(key, str):
-                    results[key] = results[key] + cotangent
+                    results[key] = cotangent if key not in results else results[key] + cotangent
                 elif key in adjoints:
                     adjoints[key] = _Stack(adjoints[key].tensor + cotangent, wanted, widths)
                 else:
@@ -192,3 +185,30 @@ class ExactProducts:
                 f"the PCH modifies each sample's residual, which {info.describe()} does "
                 f"not have ({error}); use curvature='hessian' or 'ggn'"
             ) from error
+
+
+def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -> Tensor:
+    """Sum of per-column-set parts as one stack over ``names``.
+
+    Parts with disjoint column sets are concatenated in order (no zero fill); columns that
+    several parts share (merges of branches with common upstream blocks) are added.
+    """
+    if len(parts) == 1 and next(iter(parts)) == names:
+        return next(iter(parts.values()))
+    owners = [[g for g in parts if n in g] for n in names]
+    if all(len(o) == 1 for o in owners):
+        pieces = []
+        for n, (group,) in zip(names, owners):
+            start = _Stack(parts[group], group, widths).offset(n)
+            pieces.append(parts[group][start : start + widths[n]])
+        shape = torch.broadcast_shapes(*(p.shape[1:] for p in pieces))
+        return torch.cat([p.expand(p.shape[0], *shape) for p in pieces])
+    first = next(iter(parts.values()))
+    output = first.new_zeros(sum(widths[n] for n in names), *first.shape[1:])
+    target = _Stack(output, names, widths)
+    for group, part in parts.items():
+        source = _Stack(part, group, widths)
+        for n in group:
+            start, offset = target.offset(n), source.offset(n)
+            output[start : start + widths[n]] += part[offset : offset + widths[n]]
+    return output
