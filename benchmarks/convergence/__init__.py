@@ -107,7 +107,7 @@ CURVATURE_LABELS = {
 #: optimizer family -> label, in report order
 FAMILIES = {"sgd": "SGD", "adam": "Adam"}
 FAMILIES.update({f"cgnewton-{c}": f"CG-Newton ({CURVATURE_LABELS[c]})" for c in CURVATURES})
-DEFAULT_FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+DEFAULT_FASHION_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion-mnist"
 EVAL_CHUNK = 2000  # test samples per evaluation forward pass
 BUSY = 0.1  # others' share of the CPUs above which the report warns that times are distorted
 
