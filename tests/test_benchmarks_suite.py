@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cost, problems, suite  # noqa: E402
+from benchmarks.cost import measure, peers  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Full backward hook is firing:UserWarning",
@@ -169,7 +170,7 @@ def test_goal_evaluation():
         ),
         row("backpack", "kfac", "KFAC", {"total": 4.0}, {"total": 0.4}),
     ]
-    goals = cost._evaluate_goals({"mnist_mlp": {"rows": rows}})
+    goals = cost.evaluate_goals({"mnist_mlp": {"rows": rows}})
     by_goal = {g["goal"]: g for g in goals}
     assert by_goal["kfac pass <= 2x gradient"]["status"] == "met"
     assert by_goal["kfac <= 0.5x BackPACK KFAC"]["value"] == pytest.approx(0.625)
@@ -228,8 +229,8 @@ def test_seed_section(tmp_path, monkeypatch):
 
 
 def test_peer_not_installed_is_reported(monkeypatch):
-    real = cost._installed
-    monkeypatch.setattr(cost, "_installed", lambda m: False if m == "backpack" else real(m))
+    real = peers.installed
+    monkeypatch.setattr(peers, "installed", lambda m: False if m == "backpack" else real(m))
     config = cost.config_for("smoke", methods=["kfac"], peers=["backpack"])
     config.repeats = 1
     result = cost.run(config, progress=False)
@@ -244,7 +245,7 @@ def test_budgets_and_limits(monkeypatch):
     """A call over the time limit and factors over the memory budget become n/a with why."""
     config = cost.config_for("smoke", methods=["sqrt", "kfac"], peers=[])
     config.repeats, config.memory_budget_gib = 1, 1e-6
-    original = cost._curvgraph_cell
+    original = measure.curvgraph_cell
 
     def slow_kfac(bench, method, curvature):
         cell = original(bench, method, curvature)
@@ -260,7 +261,7 @@ def test_budgets_and_limits(monkeypatch):
             cell.measurements["pass"] = (sleepy, setup)
         return cell
 
-    monkeypatch.setattr(cost, "_curvgraph_cell", slow_kfac)
+    monkeypatch.setattr(measure, "curvgraph_cell", slow_kfac)
     config.cell_budget_s = 1.0
     rows = cost.run(config, progress=False)["problems"]["seed_logreg"]["rows"]
     sqrt = next(r for r in rows if r["group"] == "sqrt")

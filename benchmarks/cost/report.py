@@ -1,0 +1,197 @@
+"""The cost section's Markdown and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from benchmarks.cost.cells import INFO_PREFIXES
+from benchmarks.cost.config import MEASUREMENTS
+from benchmarks.foundation import BUSY, MIN_CONTENTION_WALL_S, _busy, _fmt, _mib, _share
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _note(notes: List[str], text: str) -> int:
+    """The footnote number of ``text`` (added once)."""
+    if text not in notes:
+        notes.append(text)
+    return notes.index(text) + 1
+
+
+def _cell(row: Dict[str, Any], m: str, notes: List[str]) -> str:
+    if m in row["ratios"]:
+        return _fmt(row["ratios"][m])
+    reason = row["not_measured"].get(m)
+    if reason is None:
+        return "—"
+    if reason.startswith(INFO_PREFIXES):
+        return "—"
+    if row["status"] == "n/a":
+        return "n/a"
+    return f"n/a [{_note(notes, reason)}]"
+
+
+def _memory(row: Dict[str, Any]) -> str:
+    for m in MEASUREMENTS:
+        if m in row["memory"]:
+            return _mib(row["memory"][m]["delta_bytes"])
+    return ""
+
+
+def _contention(row: Dict[str, Any]) -> Optional[Dict[str, float]]:
+    for m in MEASUREMENTS:
+        if m in row["timings"]:
+            return row["timings"][m]["contention"]
+    return None
+
+
+def _library(name: str) -> str:
+    return {"backpack": "BackPACK", "curvlinops": "curvlinops"}.get(name, name)
+
+
+def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, Any]]) -> str:
+    """One problem's table (rows grouped by the curvgraph method they sit by)."""
+    if result.get("status") == "failed":
+        return f"### {name}\n\n**Failed:** {result['error']}\n"
+    data = result["data"]
+    grad = result["baseline"]["grad"]
+    n_note = ""
+    if result["batch_size"] != result["default_batch_size"]:
+        n_note = f" (reduced from the problem's N = {result['default_batch_size']})"
+    dataset = f"**synthetic** ({data['dataset']})" if data["synthetic"] else data["dataset"]
+    lines = [
+        f"### {name}: {result['title']}",
+        "",
+        f"N = {result['batch_size']}{n_note}, {result['num_parameters']:,} parameters; data: "
+        f"{dataset}. Gradient: median {grad['median_s'] * 1e3:.3g} ms "
+        f"(q25–q75 {grad['q25_s'] * 1e3:.3g}–{grad['q75_s'] * 1e3:.3g} ms); traced gradient "
+        f"/ gradient = {_fmt(result['ratios']['grad_traced/grad'])}. Other processes used "
+        f"{_share(result['contention'])} of the CPUs during the timed rounds.",
+        "",
+        "| quantity | library | computation | total / grad | pass / grad | product / grad | "
+        "peak Δ mem [MiB] | others' CPU | goal |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    notes: List[str] = []
+    by_group: Dict[str, List[str]] = {}
+    for g in goals:
+        if g["problem"] == name and g["group"]:
+            mark = {"met": "met", "not met": "**not met**"}.get(g["status"], "not measured")
+            value = _fmt(g["value"]) if g["value"] is not None else "–"
+            by_group.setdefault(g["group"], []).append(f"{g['goal']}: {value} {mark}")
+    shown_goal = set()
+    for row in result["rows"]:
+        quantity = row["group"] if row["library"] == "curvgraph" else ""
+        goal = ""
+        if row["library"] == "curvgraph" and row["group"] not in shown_goal:
+            goal = "; ".join(by_group.get(row["group"], []))
+            shown_goal.add(row["group"])
+        if row["status"] == "n/a":
+            cells = [f"n/a [{_note(notes, row['reason'])}]", "", ""]
+        else:
+            cells = [_cell(row, m, notes) for m in MEASUREMENTS]
+        method = row["method"]
+        if row["note"]:
+            method += f" [{_note(notes, row['note'])}]"
+        lines.append(
+            f"| {quantity} | {_library(row['library'])} | {method} | {' | '.join(cells)} | "
+            f"{_memory(row)} | {_share(_contention(row))} | {goal} |"
+        )
+    if notes:
+        lines += ["", "Notes and reasons for n/a:", ""]
+        lines += [f"{i}. {text}" for i, text in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The cost section of the report."""
+    config = result["config"]
+    lines = [
+        "## Cost: curvature time / gradient time",
+        "",
+        f"Median of {config['repeats']} timed rounds after {config['warmup']} warm-up "
+        "round(s) and one probe call per measurement; all measurements of a problem "
+        "interleaved round by round in one process on one fixed batch; ratios are medians "
+        "divided by the median of the plain gradient of the same run. Peers: "
+        + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in result["peers"].items())
+        + f". Memory: {result['memory_kind']} (peak minus level before the call). "
+        f"Wall time {result['wall_s']:.0f} s.",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in result["definitions"].items()]
+    for note in config.get("notes", []):
+        lines += ["", f"*{note}.*"]
+    goals = result.get("goals", [])
+    if goals:
+        lines += [
+            "",
+            "### Goals of issue 4",
+            "",
+            "| problem | goal | measured as | value | status |",
+            "|---|---|---|---:|---|",
+        ]
+        for g in goals:
+            value = _fmt(g["value"]) if g["value"] is not None else "–"
+            status = g["status"] + (f" ({g['reason']})" if g["reason"] else "")
+            lines.append(
+                f"| {g['problem']} | {g['goal']} | {g['measured_as']} | {value} | {status} |"
+            )
+    busy = []
+    for name, problem in result["problems"].items():
+        if "rows" in problem and _busy(problem["contention"], 0.0):
+            busy.append(f"{name} ({_share(problem['contention'])})")
+    if busy:
+        lines += [
+            "",
+            f"**Contention:** other processes took more than {BUSY:.0%} of the CPUs during "
+            f"the timed rounds of {', '.join(busy)}; those ratios are distorted (all "
+            "measurements of a problem are interleaved, so they are distorted alike, but "
+            "small parallel kernels suffer most). Rerun on a quiet machine. Shares over "
+            f"less than {MIN_CONTENTION_WALL_S} s of timed calls show as '–'.",
+        ]
+    for name, problem in result["problems"].items():
+        lines += ["", problem_markdown(name, problem, goals)]
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {
+    "curvgraph": "tab:blue",
+    "backpack": "tab:orange",
+    "curvlinops": "tab:green",
+    "torch.func": "tab:purple",
+}
+
+
+def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
+    """One PNG: per problem, the total / gradient ratio of every measured row (log scale)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    problems = {k: v for k, v in result["problems"].items() if "rows" in v}
+    if not problems:
+        return []
+    heights = [max(2.0, 0.22 * len(p["rows"]) + 1.0) for p in problems.values()]
+    fig = Figure(figsize=(9, sum(heights)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(problems), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (name, problem) in zip(axes[:, 0], problems.items()):
+        rows = [r for r in problem["rows"] if "total" in r["ratios"]]
+        labels = [f"{r['library']}: {r['method'][:38]} ({r['curvature']})" for r in rows]
+        values = [r["ratios"]["total"] for r in rows]
+        colors = [_COLORS.get(r["library"], "gray") for r in rows]
+        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_yticks(range(len(rows)), labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title(
+            f"{name} (N = {problem['batch_size']}): (fwd + bwd + curvature) / gradient", fontsize=8
+        )
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {_fmt(v)}", va="center", fontsize=6)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "cost.png"
+    fig.savefig(path, dpi=110)
+    return [path]
