@@ -312,9 +312,12 @@ def test_missing_block_raises_value_error_naming_the_parameter():
     clone.grad = params["b"].grad.clone()
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         CGNewton([clone]).step(curv)
-    # the first group was updated before the error, the orphan was not touched
+    # every group is checked before any parameter moves: nothing was changed
     assert torch.equal(orphan.detach(), randn(5, 2, seed=1))
-    assert not torch.equal(params["w"].detach(), before["w"])
+    for n, p in params.items():
+        assert torch.equal(p.detach(), before[n])
+    with pytest.raises(ValueError, match="No parameter was changed"):
+        opt.step(curv)
 
 
 @pytest.mark.parametrize("bad", [None, {}, {"w": None}, "ggn"])

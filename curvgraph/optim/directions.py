@@ -1,0 +1,166 @@
+"""Newton directions of one parameter group: eig solves for Kronecker blocks, lockstep CG.
+
+Every block solves ``[(1 - alpha) C + alpha I] d = -g``: Kronecker blocks exactly through
+their factors' eigendecompositions when the group's ``solver`` asks for it (cached in the
+optimizer state and recomputed every ``update_every`` steps), all other blocks in one
+lockstep (preconditioned, warm-started) CG loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from curvgraph.curvature import BlockCurvature, KroneckerBlock
+from curvgraph.solvers import cg, diagonal_preconditioner, kronecker_preconditioner
+from curvgraph.solvers.kronecker import (
+    _solve,
+    eigen_matches,
+    has_negative_eigenvalues,
+    kronecker_eigen,
+)
+
+__all__ = ["GroupSolution", "solve_group", "BACKTRACKING_GROWTH"]
+
+#: CG-backtracking keeps the iterates ``ceil(BACKTRACKING_GROWTH^j)`` (Martens 2010, 4.6)
+BACKTRACKING_GROWTH = 1.3
+
+
+@dataclass
+class GroupSolution:
+    """What :func:`solve_group` returns.
+
+    Attributes:
+        directions: name -> ``d`` (the final CG iterate or the exact eig solution).
+        candidates: for CG-backtracking, name -> ``d`` at a growing sequence of CG
+            iterations (the last equals ``directions``); otherwise ``[directions]``.
+        iterations / residuals / nonpositive: name -> 0-dim tensors (CG iterations, final
+            residual norm, whether non-positive curvature was met).
+        solver: name -> ``"cg"`` or ``"eig"``.
+    """
+
+    directions: Dict[str, Tensor]
+    candidates: List[Dict[str, Tensor]] = field(default_factory=list)
+    iterations: Dict[str, Tensor] = field(default_factory=dict)
+    residuals: Dict[str, Tensor] = field(default_factory=dict)
+    nonpositive: Dict[str, Tensor] = field(default_factory=dict)
+    solver: Dict[str, str] = field(default_factory=dict)
+
+
+def _eig_names(group: dict, params: Dict[str, Tensor], curvature: BlockCurvature) -> List[str]:
+    solver = group["solver"]
+    if solver == "cg":
+        return []
+    kron = [n for n in params if isinstance(curvature[n], KroneckerBlock)]
+    if solver == "eig":
+        for name in params:
+            if name not in kron:
+                raise ValueError(
+                    f"solver='eig' needs Kronecker blocks, but the block of {name!r} is a "
+                    f"{type(curvature[name]).__name__}; use solver='auto' (eig for Kronecker "
+                    "blocks, CG for the others) or a method that gives Kronecker blocks "
+                    "(kflr, kfac, hbp)"
+                )
+    return kron
+
+
+def _cached_eigen(state: dict, block: KroneckerBlock, update_every: int):
+    """The factors' eigendecompositions, recomputed when ``update_every`` steps old."""
+    eigen, age = state.get("kron_eigen"), state.get("kron_eigen_age", 0)
+    if eigen is None or age >= update_every or not eigen_matches(eigen, block):
+        eigen, age = kronecker_eigen(block), 0
+    state["kron_eigen"], state["kron_eigen_age"] = eigen, age + 1
+    return eigen
+
+
+def solve_group(
+    states: dict, group: dict, params: Dict[str, Tensor], curvature: BlockCurvature
+) -> GroupSolution:
+    """Directions for the blocks of ``params`` (name -> parameter with a finite gradient).
+
+    Args:
+        states: the optimizer's ``state`` (parameter -> dict); eig caches and warm-start
+            directions are read from and written to it.
+        group: the parameter group (``alpha``, ``solver``, ``cg_*``, ...).
+        params: name -> parameter.
+        curvature: the blocks.
+    """
+    alpha = group["alpha"]
+    eig_names = _eig_names(group, params, curvature)
+    cg_names = [n for n in params if n not in eig_names]
+    solution = GroupSolution(directions={})
+    zero = params[next(iter(params))].grad.new_zeros(())
+    for name in eig_names:
+        eigen = _cached_eigen(states[params[name]], curvature[name], group["update_every"])
+        gradient = params[name].grad
+        solution.directions[name] = -_solve(eigen, gradient.unsqueeze(0), alpha)[0]
+        solution.iterations[name] = torch.zeros((), dtype=torch.long, device=zero.device)
+        solution.residuals[name] = zero
+        solution.nonpositive[name] = has_negative_eigenvalues(eigen)
+        solution.solver[name] = "eig"
+    if not cg_names:
+        solution.candidates = [dict(solution.directions)]
+        return solution
+    _solve_cg(states, group, {n: params[n] for n in cg_names}, curvature, solution)
+    return solution
+
+
+def _solve_cg(states, group, params, curvature, solution: GroupSolution) -> None:
+    alpha, names = group["alpha"], list(params)
+
+    def damped(vectors):
+        products = curvature.matvec(vectors)
+        return {n: (1 - alpha) * products[n] + alpha * v for n, v in vectors.items()}
+
+    preconditioner = None
+    if group["preconditioner"] == "diagonal":
+        preconditioner = diagonal_preconditioner(curvature, alpha, names)
+    elif group["preconditioner"] == "kronecker":
+        preconditioner = kronecker_preconditioner(curvature, alpha, names)
+    x0 = None
+    if group["warm_start"] > 0:
+        previous = {n: states[p].get("cg_direction") for n, p in params.items()}
+        if any(v is not None for v in previous.values()):
+            x0 = {
+                n: (
+                    torch.zeros_like(p)
+                    if previous[n] is None
+                    else group["warm_start"] * previous[n]
+                )
+                for n, p in params.items()
+            }
+    kept, callback = [], None
+    if group["backtracking"]:
+        schedule = {math.ceil(BACKTRACKING_GROWTH**j) for j in range(200)}
+
+        def callback(k, x):
+            if k in schedule:
+                kept.append((k, {n: v.clone() for n, v in x.items()}))
+
+    directions, info = cg(
+        damped,
+        {n: -p.grad for n, p in params.items()},
+        x0,
+        tol=group["cg_tol"],
+        atol=group["cg_atol"],
+        maxiter=group["cg_maxiter"],
+        M=preconditioner,
+        callback=callback,
+    )
+    if group["warm_start"] > 0:
+        for n, p in params.items():
+            states[p]["cg_direction"] = directions[n].clone()
+    fixed = dict(solution.directions)
+    solution.directions.update(directions)
+    last = int(info.iterations.max()) if kept else 0
+    earlier = [{**fixed, **x} for k, x in kept if k < last]
+    solution.candidates = earlier + [dict(solution.directions)]
+    for i, n in enumerate(names):
+        solution.iterations[n] = info.iterations[i]
+        solution.residuals[n] = info.residual_norm[i]
+        solution.nonpositive[n] = info.nonpositive_curvature[i]
+        solution.solver[n] = "cg"
