@@ -170,13 +170,36 @@ def test_goal_evaluation():
         ),
         row("backpack", "kfac", "KFAC", {"total": 4.0}, {"total": 0.4}),
     ]
-    goals = cost.evaluate_goals({"mnist_mlp": {"rows": rows}})
+    floors = {"kfac_pass": 0.5, "kfac_product": 0.8, "kflr_product": 0.05}
+    problem = {"rows": rows, "floors": floors, "baseline": {"grad": {"median_s": 0.1}}}
+    goals = cost.evaluate_goals({"mnist_mlp": problem})
     by_goal = {g["goal"]: g for g in goals}
     assert by_goal["kfac pass <= 2x gradient"]["status"] == "met"
-    assert by_goal["kfac <= 0.5x BackPACK KFAC"]["value"] == pytest.approx(0.625)
-    assert by_goal["kfac <= 0.5x BackPACK KFAC"]["status"] == "not met"
+    preparation = by_goal["kfac preparation <= 0.5x BackPACK KFAC"]
+    assert preparation["value"] == pytest.approx(0.15 / 0.4) and preparation["status"] == "met"
+    assert preparation["floor"] == pytest.approx(0.5 * 0.1 / 0.4)
+    strict = by_goal["kfac <= 0.5x BackPACK KFAC (stricter: with the forward and backward)"]
+    assert strict["value"] == pytest.approx(0.625) and strict["status"] == "not met"
+    assert strict["floor"] == pytest.approx(1.5 * 0.1 / 0.4)  # 0.375: feasible
+    product = by_goal["kfac all-block product from prepared Kronecker blocks <= 0.1x gradient"]
+    assert product["status"] == "not met (infeasible)" and "0.8" in product["floor_note"]
     kflr = by_goal["kflr <= BackPACK KFLR"]
     assert kflr["status"] == "not measured" and kflr["reason"]
+
+
+def test_operation_floors_count_a_linear_layer():
+    """The floors of one linear layer follow from its shape (MACs counted by hand)."""
+    from benchmarks.cost.floors import operation_floors
+
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20, bias=False))
+    x, y = torch.randn(8, 30), torch.randint(0, 20, (8,))
+    floors = operation_floors(model, x, y, torch.nn.functional.cross_entropy, 20)
+    # forward 8*30*20 MACs, weight gradient the same (no input gradient needed)
+    assert floors["gradient_flops"] == 2 * 2 * 8 * 30 * 20
+    product_macs = 20 * 30 * min(20 + 30, min(20, 8) + min(30, 8))  # low rank: 16
+    assert floors["kfac_product"] == pytest.approx(2 * product_macs / floors["gradient_flops"])
+    factor_macs = 8 * (30**2 + 20**2) // 2
+    assert floors["kfac_pass"] == pytest.approx(2 * factor_macs / floors["gradient_flops"])
 
 
 def test_failing_section_is_recorded(tmp_path, monkeypatch):

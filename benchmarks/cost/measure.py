@@ -21,7 +21,16 @@ from benchmarks.cost.cells import (
     installed,
     version_of,
 )
-from benchmarks.cost.config import CURVATURES, DEFINITIONS, MEASUREMENTS, METHODS, SEED, CostConfig
+from benchmarks.cost.config import (
+    CURVATURES,
+    DEFINITIONS,
+    GOAL_PROBLEMS,
+    MEASUREMENTS,
+    METHODS,
+    SEED,
+    CostConfig,
+)
+from benchmarks.cost.floors import operation_floors
 from benchmarks.cost.goals import evaluate_goals
 from benchmarks.cost.peers import backpack_cells, curvlinops_cells, torch_func_cells
 from benchmarks.cost.probe import describe_error, probe_call
@@ -294,6 +303,14 @@ def run_problem(
             last = max(i for i, r in enumerate(rows) if r["group"] == "sqrt")
             rows[last + 1 : last + 1] = reduced["rows"]
     data = problem.data(config.data_dir)
+    floors = None
+    if name in GOAL_PROBLEMS:
+        device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+        model = problem.model(SEED, device, dtype)
+        x, y = problem.batch(n, device, dtype, config.data_dir)
+        with torch.no_grad():
+            classes = model(x[:1]).shape[-1]
+        floors = operation_floors(model, x, y, problem.loss, classes)
     result = {
         "status": "ok",
         "title": problem.title,
@@ -301,6 +318,7 @@ def run_problem(
         "default_batch_size": problem.batch_size,
         "num_parameters": sum(p.numel() for p in problem.build_model().parameters()),
         "data": data,
+        "floors": floors,
         "model": repr(problem.build_model()),
         **measured,
         "wall_s": time.perf_counter() - started,

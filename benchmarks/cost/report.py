@@ -128,14 +128,22 @@ def markdown(result: Dict[str, Any]) -> str:
             "",
             "### Goals of issue 4",
             "",
-            "| problem | goal | measured as | value | status |",
-            "|---|---|---|---:|---|",
+            "Floor: the least arithmetic the quantity needs on that problem in the same unit "
+            "(benchmarks/cost/floors.py: multiply-adds of the cheapest exact algorithm at the "
+            "gradient's FLOP rate); a goal below its floor cannot be met by any implementation.",
+            "",
+            "| problem | goal | measured as | value | floor | status |",
+            "|---|---|---|---:|---:|---|",
         ]
         for g in goals:
             value = _fmt(g["value"]) if g["value"] is not None else "–"
+            floor = _fmt(g["floor"]) if g.get("floor") is not None else "–"
             status = g["status"] + (f" ({g['reason']})" if g["reason"] else "")
+            if g.get("floor_note"):
+                status += f"; {g['floor_note']}"
             lines.append(
-                f"| {g['problem']} | {g['goal']} | {g['measured_as']} | {value} | {status} |"
+                f"| {g['problem']} | {g['goal']} | {g['measured_as']} | {value} | {floor} | "
+                f"{status} |"
             )
     busy = []
     for name, problem in result["problems"].items():
