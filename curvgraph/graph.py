@@ -7,6 +7,7 @@ in :mod:`curvgraph.propagation`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -15,6 +16,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from curvgraph.errors import CurvGraphError, UnsupportedOpError
+from curvgraph.rules.fallback import FallbackRule, fallback_warning, rule_for_node
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -122,13 +124,16 @@ class CurvGraph(nn.Module):
         model: the traced model.
         graph_module: the ``torch.fx.GraphModule``.
         infos: node -> :class:`NodeInfo` for every call node.
+        problems: ``(node, op, source line, reason)`` of nodes without a usable rule (empty
+            unless built with ``strict=False``, which :func:`curvgraph.inspect` uses).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fallback: bool = False, strict: bool = True):
         super().__init__()
         self.model = model
         self.graph_module = symbolic_trace(model)
         self._parameter_names = {id(p): n for n, p in model.named_parameters()}
+        self.fallback = fallback
         self.infos: Dict[torch.fx.Node, NodeInfo] = {}
         problems = []
         for node in self.graph_module.graph.nodes:
@@ -138,14 +143,31 @@ class CurvGraph(nn.Module):
                 if info.problem:
                     problems.append((node.name, info.op, info.where, info.problem))
         problems += self._parameter_only_nodes()
-        if problems:
+        if problems and strict:
             raise UnsupportedOpError(type(model).__name__, problems)
+        self.problems = problems
+        self._warn_fallback_ops()
         self._record: Optional[Record] = None
 
     # -- trace-time analysis ----------------------------------------------------------------
     def _analyse(self, node: torch.fx.Node) -> NodeInfo:
+        info = self._analyse_with(node, lookup_rule(node_key(node, self.graph_module)))
+        if info.problem and self.fallback:  # no rule, or one that refuses this call
+            info = self._analyse_with(node, rule_for_node(node, self.graph_module))
+        return info
+
+    def _warn_fallback_ops(self) -> None:
+        """One warning per op served by the autograd fallback (design 4.3)."""
+        counts: Dict[str, int] = {}
+        for info in self.infos.values():
+            if isinstance(info.rule, FallbackRule) and not info.problem:
+                counts[info.op] = counts.get(info.op, 0) + 1
+        for op, count in counts.items():
+            warnings.warn(fallback_warning(op, count), stacklevel=4)
+
+    def _analyse_with(self, node: torch.fx.Node, rule: Optional[Rule]) -> NodeInfo:
         key = node_key(node, self.graph_module)
-        info = NodeInfo(node, key, lookup_rule(key))
+        info = NodeInfo(node, key, rule)
         if info.rule is None:
             info.problem = "no rule registered"
             return info
@@ -254,6 +276,7 @@ class CurvGraph(nn.Module):
         """
         from curvgraph.propagation.hbp import backward_hessian
 
+        self._refuse_problems()
         return backward_hessian(self, output_hessian, curvature, **options)
 
     def curvature(
@@ -277,9 +300,25 @@ class CurvGraph(nn.Module):
         """
         from curvgraph.propagation.methods import compute_curvature
 
+        self._refuse_problems()
         if outputs is not self.record.result:
             raise CurvGraphError("outputs must be the tensor returned by the last cg(x) call")
         return compute_curvature(self, loss, outputs, curvature, method, **options)
+
+    def _refuse_problems(self) -> None:
+        if self.problems:  # a graph built with strict=False, for inspection only
+            raise UnsupportedOpError(type(self.model).__name__, self.problems)
+
+    def to_networkx(self, *example_args, **example_kwargs):
+        """The graph as a ``networkx.DiGraph`` with the inspection report as node attributes.
+
+        Attributes per node: op, rule kind, parameter blocks, shapes and HBP matrix sizes
+        (see :func:`curvgraph.inspect`). Uses the last forward's record, or runs
+        ``example_args`` through the graph first.
+        """
+        from curvgraph.inspection import inspect_graph
+
+        return inspect_graph(self, example_args, example_kwargs).to_networkx()
 
     # -- display ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -311,18 +350,20 @@ def _activation_arguments(arguments: Dict[str, Any]):
                 yield name if i is None else f"{name}.{i}"
 
 
-def trace(model: nn.Module) -> CurvGraph:
+def trace(model: nn.Module, fallback: bool = False) -> CurvGraph:
     """Trace an unmodified ``nn.Module`` for curvature computations.
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace; modules with a registered rule
             stay leaves of the trace.
+        fallback: give every op without a usable rule a rule derived with ``torch.func``
+            (:mod:`curvgraph.rules.fallback`; correct but slower, one warning per op).
 
     Returns:
         A :class:`CurvGraph` that behaves like ``model`` and computes curvature.
 
     Raises:
-        UnsupportedOpError: listing every node without a usable rule.
+        UnsupportedOpError: listing every node without a usable rule (``fallback=False``).
         TraceError: ``torch.fx`` could not trace the model.
     """
-    return CurvGraph(model)
+    return CurvGraph(model, fallback=fallback)

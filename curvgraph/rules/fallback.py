@@ -1,0 +1,491 @@
+"""Rules derived with ``torch.func`` for ops that have none (design 4.3).
+
+``curvgraph.trace(model, fallback=True)`` gives every node without a usable rule a
+:class:`FallbackRule`: the op's forward ``y = f(a_0, a_1, ..., theta)`` (its positional
+arguments ``arg0``, ``arg1``, ..., its keyword arguments, and for a leaf module its
+parameters, called with ``torch.func.functional_call``) differentiated by ``torch.func``:
+
+- ``jvp``: ``sum_s J_s t_s`` = ``torch.func.jvp`` of the whole batch, vmapped over columns;
+- ``vjp`` / ``batch_vjp``: ``torch.func.vjp`` of the whole batch (activations, and
+  parameters summed over samples); per-sample parameter cotangents ``J_n^T c_n`` from the
+  per-sample function ``f_n`` vmapped over samples, or, for an op that mixes samples, from
+  the cotangent of each output sample alone;
+- ``averaged_vjp``: ``(1/N) sum_n J_n^T c`` = one batch vjp with ``c`` repeated for every
+  sample (activations averaged, parameters divided by ``N``);
+- ``residual``: a :class:`~curvgraph.rules.residuals.General` residual whose product is the
+  Hessian-vector product ``d/de grad <g, f(p + e t)>`` (``torch.func.jvp`` of
+  ``torch.func.grad``), of the batch for activations and per (output) sample for
+  parameters; batch-summed blocks for HBP come from identity tangents;
+- no ``kron_input`` / ``kron_factors``: ``kflr``/``kfac`` give such parameters exact
+  (``kflr``) or Monte-Carlo (``kfac``) low-rank blocks, ``hbp`` dense blocks.
+
+Whether the op mixes samples is *verified*, not assumed: on each recorded call the op is
+evaluated sample by sample (``f_n(x_n) = f(x_1..x_N)_n`` must hold) and a random
+directional derivative of the batch must equal the sample-wise one. Any mismatch, or an op
+that cannot be evaluated on one sample, counts as mixing (conservative: ``exact`` stays
+correct, the per-sample methods refuse the node with a clear error instead of returning a
+wrong answer). A batch of one sample never mixes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+from curvgraph.rules.registry import (
+    CHUNK_ELEMENTS,
+    Context,
+    OpKey,
+    Rule,
+    UnsupportedConfigurationError,
+    lookup_rule,
+    op_name,
+    register_rule,
+    unregister,
+)
+from curvgraph.rules.residuals import General, Residual
+
+__all__ = ["FallbackRule", "rule_for_node", "without_rules", "fallback_warning"]
+
+Tensors = Dict[str, Tensor]
+
+
+class FallbackRule(Rule):
+    """Rule of one call of an op, derived with ``torch.func`` (see the module docstring).
+
+    Args:
+        op: the function, the Tensor method name, or the module (``call_module``).
+        kind: ``"call_function" | "call_method" | "call_module"``.
+        positional: number of positional arguments (named ``arg0``, ``arg1``, ...).
+        keywords: names of the keyword arguments.
+        batched: argument slots that carry the batch axis (``"arg0"``, ``"arg1.0"``).
+        inplace: the op modifies its first argument (it is called on a copy).
+    """
+
+    def __init__(
+        self,
+        op: Any,
+        kind: str = "call_function",
+        positional: int = 1,
+        keywords: Sequence[str] = (),
+        batched: Iterable[str] = ("arg0",),
+        inplace: bool = False,
+    ):
+        if kind not in ("call_function", "call_method", "call_module"):
+            raise ValueError(f"kind={kind!r}; expected call_function, call_method or call_module")
+        self.op, self.kind, self.inplace = op, kind, inplace
+        self.key = type(op) if kind == "call_module" else op
+        self.name = f"fallback:{op_name(self.key)}"
+        self.positional, self.keywords = positional, tuple(keywords)
+        kinds = inspect.Parameter
+        parameters = [kinds(f"arg{i}", kinds.POSITIONAL_OR_KEYWORD) for i in range(positional)]
+        parameters += [kinds(k, kinds.KEYWORD_ONLY) for k in self.keywords]
+        self.parameter_slots: Dict[str, str] = {}  # slot -> qualified parameter name
+        if kind == "call_module":
+            for qualified, _ in op.named_parameters():
+                slot = qualified.replace(".", "/")  # "." would mean a list item
+                if slot in self.keywords:
+                    slot = f"parameter/{slot}"
+                self.parameter_slots[slot] = qualified
+                parameters.append(kinds(slot, kinds.KEYWORD_ONLY, default=None))
+        self.signature = inspect.Signature(parameters)
+        self.differentiable = tuple(p.name for p in parameters)
+        self.batched = frozenset(batched)
+
+    # -- calling the op -----------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict, module: Optional[nn.Module] = None) -> Dict:
+        """Arguments by slot name; a module's parameters are added as arguments."""
+        arguments = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+        if self.kind == "call_module":
+            parameters = dict(self.op.named_parameters())
+            for slot, qualified in self.parameter_slots.items():
+                arguments[slot] = parameters[qualified]
+        return arguments
+
+    def call(self, arguments: Dict[str, Any]) -> Any:
+        """The op on the arguments ``arguments`` (as returned by :meth:`bind`)."""
+        args = [arguments[f"arg{i}"] for i in range(self.positional)]
+        kwargs = {k: arguments[k] for k in self.keywords if k in arguments}
+        inplace = self.inplace or getattr(self.op, "inplace", False) is True
+        if inplace and args and isinstance(args[0], Tensor):
+            args[0] = args[0].clone()
+        if self.kind == "call_module":
+            values = {q: arguments[s] for s, q in self.parameter_slots.items()}
+            # copies of the buffers: a re-evaluation must not update running statistics
+            values.update({q: b.clone() for q, b in self.op.named_buffers()})
+            return functional_call(self.op, values, tuple(args), kwargs)
+        if self.kind == "call_method":
+            return getattr(args[0], self.op)(*args[1:], **kwargs)
+        return self.op(*args, **kwargs)
+
+    def _function(self, ctx: Context) -> Callable[[Tensors], Tensor]:
+        """``values -> f(arguments with values substituted)`` for slot -> tensor values."""
+        return lambda values: self.call(_substitute(ctx.args, values))
+
+    def _sample_function(self, ctx: Context, slots: Sequence[str]) -> Callable:
+        """``(samples, values) -> f_n``: the op on one sample of the batched ``slots``."""
+
+        def single(samples: Tensors, values: Tensors) -> Tensor:
+            batch = {s: v.unsqueeze(0) for s, v in samples.items()}
+            return self.call(_substitute(ctx.args, {**values, **batch})).squeeze(0)
+
+        return single
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _slots(self, arguments: Dict[str, Any]) -> List[str]:
+        """Floating-point tensor arguments (list items included)."""
+        slots = []
+        for name in self.differentiable:
+            value = arguments.get(name)
+            items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, Tensor) and item.is_floating_point():
+                    slots.append(name if i is None else f"{name}.{i}")
+        return slots
+
+    def _batched_slots(self, arguments, batched) -> List[str]:
+        return [s for s in self._slots(arguments) if s in batched]
+
+    # -- checks ---------------------------------------------------------------------------------
+    def mixes(self, arguments: Dict[str, Any]) -> bool:
+        """Whether the call mixes samples, verified on these arguments (module docstring)."""
+        arguments = {k: _detach(v) for k, v in arguments.items()}
+        ctx = Context(arguments, torch.empty(0), self.batched)
+        slots = self._batched_slots(arguments, self.batched)
+        if not slots:
+            return False
+        samples = {s: ctx.value(s) for s in slots}
+        n = next(iter(samples.values())).shape[0]
+        if n == 1:
+            return False
+        if any(v.dim() == 0 or v.shape[0] != n for v in samples.values()):
+            return True
+        generator = torch.Generator().manual_seed(0)
+        tangents = {
+            s: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+            for s, v in samples.items()
+        }
+        try:
+            output, derivative = jvp(self._function(ctx), (samples,), (tangents,))
+            single = self._sample_function(ctx, slots)
+            per_sample, per_derivative = _map(
+                lambda x, t: jvp(lambda y: single(y, {}), (x,), (t,))
+            )(samples, tangents)
+        except Exception:  # noqa: BLE001 - an op that cannot run on one sample: assume mixing
+            return True
+        return not (_close(per_sample, output) and _close(per_derivative, derivative))
+
+    def validate(self, ctx: Context) -> None:
+        """Refuse calls the fallback cannot serve: batch axis lost, or non-deterministic."""
+        if "fallback_validated" in ctx.cache:
+            return
+        slots = self._batched_slots(ctx.args, ctx.batched)
+        for s in slots:
+            value = ctx.value(s)
+            if value.dim() == 0 or value.shape[0] != ctx.batch_size:
+                raise UnsupportedConfigurationError(
+                    f"{op_name(self.key)}: argument {s!r} of shape {tuple(value.shape)} and the "
+                    f"output of shape {tuple(ctx.output.shape)} do not share the batch axis "
+                    "(dimension 0); the autograd fallback needs it; register a rule"
+                )
+        with torch.no_grad():
+            again = self.call(ctx.args)
+        if not isinstance(again, Tensor) or not _close(again, ctx.output):
+            raise UnsupportedConfigurationError(
+                f"{op_name(self.key)} gave a different output when called again (a random op "
+                "such as dropout in training mode?); the autograd fallback needs a "
+                "deterministic op: call model.eval() or register a rule"
+            )
+        ctx.cache["fallback_validated"] = True
+
+    # -- first order ----------------------------------------------------------------------------
+    def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:  # noqa: D102
+        k = next(iter(tangents.values())).shape[0]
+        tangents = {s: t for s, t in tangents.items() if s in self._slots(ctx.args)}
+        if not tangents:  # only integer arguments perturbed
+            return ctx.output.new_zeros(k, *ctx.output.shape)
+        primals = {s: ctx.value(s) for s in tangents}
+        f = self._function(ctx)
+        chunk = _chunk(ctx, primals)
+        return _map(lambda t: jvp(f, (primals,), (t,))[1], chunk_size=chunk)(tangents)
+
+    def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
+        slots = [s for s in slots if s in self._slots(ctx.args)]
+        if not slots:
+            return {}
+        primals = {s: ctx.value(s) for s in slots}
+        _, pullback = vjp(self._function(ctx), primals)
+        return _map(lambda c: pullback(c)[0], chunk_size=_chunk(ctx, primals))(cotangent)
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
+        slots = [s for s in slots if s in self._slots(ctx.args)]
+        activations = [s for s in slots if s in ctx.batched]
+        parameters = [s for s in slots if s not in ctx.batched]
+        result = self.batch_vjp(ctx, cotangent, activations)
+        if parameters:
+            result.update(self._per_sample(ctx, parameters, {"cotangent": cotangent}, _pullback))
+        return result
+
+    def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
+        n = ctx.batch_size
+        expanded = cotangent.unsqueeze(1).expand(cotangent.shape[0], n, *cotangent.shape[1:])
+        summed = self.batch_vjp(ctx, expanded, slots)
+        return {s: v.mean(1) if s in ctx.batched else v / n for s, v in summed.items()}
+
+    # -- second order ---------------------------------------------------------------------------
+    def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
+        all_slots = self._slots(ctx.args)
+
+        def product(tangents: Tensors, wanted=None) -> Tensors:
+            tangents = {s: t for s, t in tangents.items() if s in all_slots}
+            if not tangents:
+                return {}
+            wanted = all_slots if wanted is None else [s for s in wanted if s in all_slots]
+            slots = [s for s in all_slots if s in tangents or s in wanted]
+            k = next(iter(tangents.values())).shape[0]
+            full = {s: tangents[s] if s in tangents else _zeros(ctx.value(s), k) for s in slots}
+            activations = [s for s in wanted if s in ctx.batched]
+            parameters = [s for s in wanted if s not in ctx.batched]
+            result = {}
+            if activations:
+                primals = {s: ctx.value(s) for s in slots}
+                f = self._function(ctx)
+
+                def column(t):
+                    def contracted(values):
+                        return (grad_output * f(values)).sum()
+
+                    return jvp(grad(contracted), (primals,), (t,))[1]
+
+                products = _map(column, chunk_size=_chunk(ctx, primals))(full)
+                result.update({s: products[s] for s in activations})
+            if parameters:
+                data = {"grad_output": grad_output, **{f"t:{s}": full[s] for s in slots}}
+                per_sample = self._per_sample(ctx, slots, data, _hvp)
+                result.update({s: per_sample[s] for s in parameters})
+            return result
+
+        return General(product)
+
+    # -- per-sample parameter pieces ------------------------------------------------------------
+    def _per_sample(
+        self, ctx: Context, slots: List[str], data: Tensors, piece: Callable
+    ) -> Tensors:
+        """``piece`` per (output) sample, as ``[K, N, *shape]`` for every slot in ``slots``.
+
+        ``piece(f, primals, data)`` computes one sample's quantity from a function ``f`` of
+        the ``primals``. ``data["grad_output"]`` ``[N, *out]`` or ``data["cotangent"]``
+        ``[K, N, *out]`` belong to the output samples; tangents ``data["t:<slot>"]`` carry
+        the batch on axis 1 for activations. When the op keeps samples apart this runs
+        sample-wise through ``f_n`` (vmapped over samples); otherwise on the whole batch
+        with the ``grad_output`` / ``cotangent`` of every other output sample zeroed.
+        """
+        n = ctx.batch_size
+        if not ctx.mixes_samples:
+            batched = self._batched_slots(ctx.args, ctx.batched)
+            single = self._sample_function(ctx, batched)
+            fixed = {s: ctx.value(s) for s in slots if s not in ctx.batched}
+
+            def one(samples: Tensors, sample_data: Tensors) -> Tensors:
+                def f(values):
+                    own = {s: v for s, v in values.items() if s in samples}
+                    return single(
+                        {**samples, **own}, {s: v for s, v in values.items() if s not in own}
+                    )
+
+                inputs = {s: samples[s] for s in slots if s in samples}
+                return piece(f, {**fixed, **inputs}, sample_data)
+
+            dims = {key: _sample_axis(key, ctx.batched) for key in data}
+            samples = {s: ctx.value(s) for s in batched}
+            return _map(one, in_dims=(0, dims), out_dims=1)(samples, data)
+        f = self._function(ctx)
+        primals = {s: ctx.value(s) for s in slots}
+        masks = torch.eye(n, dtype=ctx.output.dtype, device=ctx.output.device)
+
+        def masked(mask: Tensor) -> Tensors:
+            sample_data = dict(data)
+            for key, axis in (("grad_output", 0), ("cotangent", 1)):
+                if key in data:
+                    shape = [1] * data[key].dim()
+                    shape[axis] = n
+                    sample_data[key] = data[key] * mask.reshape(shape)
+            return piece(f, primals, sample_data)
+
+        return _map(masked, out_dims=1)(masks)
+
+    def samples(self) -> list:  # noqa: D102 - fallback rules are checked where they are built
+        return []
+
+
+def _sample_axis(key: str, batched) -> Optional[int]:
+    """Axis of the samples in per-sample data (see :meth:`FallbackRule._per_sample`)."""
+    if key == "grad_output":
+        return 0
+    if key == "cotangent":
+        return 1
+    return 1 if key[2:] in batched else None
+
+
+def _pullback(f, primals: Tensors, data: Tensors) -> Tensors:
+    """``J^T c`` for cotangent columns ``data["cotangent"]`` ``[K, *out]``."""
+    _, pullback = vjp(f, primals)
+    return _map(lambda c: pullback(c)[0])(data["cotangent"])
+
+
+def _hvp(f, primals: Tensors, data: Tensors) -> Tensors:
+    """``d/de grad <g, f(p + e t)>`` for tangent columns ``data["t:<slot>"]``."""
+
+    def contracted(values):
+        return (data["grad_output"] * f(values)).sum()
+
+    def column(t):
+        return jvp(grad(contracted), (primals,), (t,))[1]
+
+    return _map(column)({s: data[f"t:{s}"] for s in primals})
+
+
+def _zeros(value: Tensor, k: int) -> Tensor:
+    return value.new_zeros(1, *value.shape).expand(k, *value.shape)
+
+
+def _close(actual: Tensor, expected: Tensor) -> bool:
+    if actual.shape != expected.shape:
+        return False
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    tolerance = 1e-4 if expected.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
+    return bool(((actual - expected).abs() <= tolerance * scale).all())
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _substitute(arguments: Dict[str, Any], values: Tensors) -> Dict[str, Any]:
+    """``arguments`` with slots replaced (``"arg0.1"``: item 1 of list argument ``arg0``)."""
+    arguments = dict(arguments)
+    for slot, value in values.items():
+        name, _, index = slot.partition(".")
+        if index:
+            items = list(arguments[name])
+            items[int(index)] = value
+            arguments[name] = items
+        else:
+            arguments[name] = value
+    return arguments
+
+
+def _chunk(ctx: Context, primals: Tensors) -> int:
+    """Columns per vmap chunk, bounding the memory of the batched intermediates."""
+    per_column = ctx.output.numel() + sum(v.numel() for v in primals.values())
+    return max(1, CHUNK_ELEMENTS // (8 * max(1, per_column)))
+
+
+# -- building fallback rules ----------------------------------------------------------------------
+
+
+def rule_for_node(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> FallbackRule:
+    """The fallback rule of a ``call_function`` / ``call_method`` / ``call_module`` node.
+
+    Arguments computed by other nodes (not ``get_attr``) carry the batch axis; a leaf
+    module's parameters become differentiable arguments.
+    """
+    if node.op == "call_module":
+        op = graph_module.get_submodule(node.target)
+    else:
+        op = node.target
+    name = op if isinstance(op, str) else getattr(op, "__name__", "")
+    inplace = node.op != "call_module" and name.endswith("_") and not name.endswith("__")
+    inplace = inplace or node.kwargs.get("inplace") is True
+    rule = FallbackRule(op, node.op, len(node.args), list(node.kwargs), (), inplace)
+    batched = set()
+    for slot, value in rule.bind(node.args, node.kwargs).items():
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, torch.fx.Node) and item.op != "get_attr":
+                batched.add(slot if i is None else f"{slot}.{i}")
+    rule.batched = frozenset(batched)
+    return rule
+
+
+def fallback_warning(op: str, count: int) -> str:
+    """The message warned once per op served by the fallback (``op`` from ``op_name``)."""
+    key = repr(op[len("Tensor.") :]) if op.startswith("Tensor.") else op  # a method: its name
+    return (
+        f"curvgraph: no rule for {op} ({count} node(s)); using the autograd fallback "
+        "(correct, derived with torch.func, but slower). Register a fast rule with "
+        f"@curvgraph.register_rule({key}) on a curvgraph.rules.Rule subclass, or "
+        "curvgraph.rules.elementwise_rule for an elementwise op (docs/custom_rules.md)."
+    )
+
+
+@contextmanager
+def without_rules(*op_keys: OpKey) -> Iterator[None]:
+    """Temporarily remove the rules of ``op_keys`` (and their aliases), then restore them.
+
+    For comparing the fallback with a hand-written rule (tests, benchmarks)::
+
+        with without_rules(torch.nn.Tanh):
+            cg = curvgraph.trace(model, fallback=True)   # tanh served by the fallback
+    """
+    saved = {key: lookup_rule(key) for key in op_keys}
+    unregister(*op_keys)
+    try:
+        yield
+    finally:
+        for key, rule in saved.items():
+            if rule is not None:
+                register_rule(key, override=True)(rule)
+
+
+def _map(fn: Callable, in_dims: Any = 0, out_dims: int = 0, chunk_size: Optional[int] = None):
+    """``torch.func.vmap``, or a loop where an op's batching rule fails.
+
+    (For instance ``prelu``'s backward under nested ``vmap``.) Slower, same result.
+    """
+
+    def run(*args):
+        try:
+            return torch.func.vmap(fn, in_dims, out_dims, chunk_size=chunk_size)(*args)
+        except RuntimeError:
+            dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+            size = next(_sizes(args, dims))
+            results = [fn(*_select(args, dims, i)) for i in range(size)]
+            return _stack(results, out_dims)
+
+    return run
+
+
+def _sizes(value, dim):
+    if isinstance(value, (tuple, list)):
+        for v, d in zip(value, dim):
+            yield from _sizes(v, d)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _sizes(v, dim[k] if isinstance(dim, dict) else dim)
+    elif dim is not None and isinstance(value, Tensor):
+        yield value.shape[dim]
+
+
+def _select(value, dim, i):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select(v, d, i) for v, d in zip(value, dim))
+    if isinstance(value, dict):
+        return {
+            k: _select(v, dim[k] if isinstance(dim, dict) else dim, i) for k, v in value.items()
+        }
+    return value if dim is None else value.select(dim, i)
+
+
+def _stack(results: list, dim: int):
+    if isinstance(results[0], dict):
+        return {k: torch.stack([r[k] for r in results], dim) for k in results[0]}
+    return torch.stack(results, dim)
