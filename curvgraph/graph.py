@@ -272,7 +272,8 @@ class CurvGraph(nn.Module):
 
         See :func:`curvgraph.propagation.hbp.backward_hessian` for the options
         (``modify_2nd_order_terms``, ``average_input_jac``, ``average_param_jac``,
-        ``max_features``).
+        ``max_features``, and ``process_group`` / ``loss_reduction`` for a batch split over
+        ranks: ``docs/distributed.md``).
         """
         from curvgraph.propagation.hbp import backward_hessian
 
@@ -296,7 +297,9 @@ class CurvGraph(nn.Module):
             method: ``"hbp"`` (the paper's batch-averaged backpropagation), ``"exact"``
                 (per-sample block products), ``"sqrt"``, ``"diag"``, ``"kflr"``, ``"kfac"``,
                 ``"kfra"`` (GGN approximations); see ``curvgraph.propagation.methods``.
-            **options: method options (``average_input_jac``, ``mc_samples``, ...).
+            **options: method options (``average_input_jac``, ``mc_samples``, ...), and for
+                every method ``process_group`` / ``loss_reduction`` (``"mean"`` or ``"sum"``):
+                combine a batch split over ranks, see :mod:`curvgraph.distributed`.
         """
         from curvgraph.propagation.methods import compute_curvature
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.curvature.blocks import Block
+from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
 from curvgraph.propagation.plan import gradients, plan
 from curvgraph.rules.factories import ElementwiseRule
@@ -128,6 +129,8 @@ def backward_hessian(
     average_param_jac: bool = True,
     max_features: int = 8192,
     loss: Optional[Tensor] = None,
+    process_group=None,
+    loss_reduction: str = "mean",
 ) -> BlockCurvature:
     """Block curvature by Hessian backpropagation from ``output_hessian``.
 
@@ -144,6 +147,12 @@ def backward_hessian(
             matrix is built; above it a :class:`CurvatureSizeError` is raised.
         loss: the loss, only to compute the gradients ``dL/dy`` that the Hessian and PCH
             need when ``loss.backward()`` has not been called.
+        process_group: data parallelism: the ``torch.distributed`` group over whose ranks
+            the batch is split; every batch average and batch sum is combined over the
+            ranks (:mod:`curvgraph.distributed`), so each rank gets the blocks of the whole
+            batch. ``output_hessian`` and the gradients are this rank's.
+        loss_reduction: ``"mean"`` or ``"sum"``, how each rank's loss reduces its samples
+            (only with ``process_group``).
 
     Returns:
         One block per trainable parameter, by name.
@@ -154,6 +163,7 @@ def backward_hessian(
     walk = plan(graph)
     output = record.contexts[walk.output.name].output
     _check_output_hessian(output_hessian, output)
+    shard = BatchShard(process_group, output.shape[0], output, loss_reduction)
     for info in walk.order:  # fail fast, before any dense matrix is built
         ctx = record.contexts[info.node.name]
         for slot, key in walk.active_slots(info).items():
@@ -164,7 +174,7 @@ def backward_hessian(
 
     frontier = Frontier()
     frontier.sizes[walk.output] = output[0].numel()
-    frontier.add(walk.output, walk.output, output_hessian.to(output))
+    frontier.add(walk.output, walk.output, shard.loss_sum(output_hessian.to(output)))
     remaining = {key: len(uses) for key, uses in walk.uses.items()}
     blocks: Dict[str, Block] = {}
     for info in reversed(walk.order):
@@ -187,13 +197,21 @@ def backward_hessian(
             is_parameter = isinstance(key, str)
             if is_parameter and not walk.tied(key):
                 blocks[key] = _parameter_block(
-                    info, ctx, slot, output_matrix, averaged[True], residual, mode, max_features
+                    info,
+                    ctx,
+                    slot,
+                    output_matrix,
+                    averaged[True],
+                    residual,
+                    mode,
+                    max_features,
+                    shard,
                 )
             else:
                 _check_size(info, slot, _slot_size(ctx, slot), max_features)
                 entering[slot] = key
-        _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged)
-        _add_residual(ctx, entering, residual, mode, frontier)
+        _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged, shard)
+        _add_residual(ctx, entering, residual, mode, frontier, shard)
         for key in entering.values():
             remaining[key] -= 1
             if isinstance(key, str) and remaining[key] == 0:
@@ -244,7 +262,7 @@ def _symmetric(matrix: Tensor) -> Tensor:
     return (matrix + matrix.T) / 2
 
 
-def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) -> None:
+def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged, shard) -> None:
     """Replace the node's output on the frontier by its arguments ``entering``."""
     if not entering:
         return
@@ -257,6 +275,7 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) ->
     # cross terms with the rest of the frontier: Jbar_s^T H_yo
     for other, block in cross.items():
         products = rule.averaged_vjp(ctx, block.T.reshape(-1, *out_shape), slots)
+        products = shard.batch_means(products, rule.sample_independent)
         for slot in slots:
             contribution = products[slot].reshape(block.shape[1], -1).T
             if entering[slot] == other:  # fan-out: H_x += J^T H_yx + H_xy J
@@ -268,23 +287,26 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged) ->
         slot = slots[0]
         d1 = rule.first_derivative(ctx).flatten(1)  # [N, F]
         if expected:
-            weights = d1.T @ d1 / d1.shape[0]
+            weights = shard.batch_mean(d1.T @ d1 / d1.shape[0])
         else:
-            weights = torch.outer(d1.mean(0), d1.mean(0))
+            mean = shard.batch_mean(d1.mean(0))
+            weights = torch.outer(mean, mean)
         frontier.add(entering[slot], entering[slot], output_matrix * weights)
         return
     pairs = []
     if len(expected) < len(slots):
         first = rule.averaged_vjp(ctx, output_matrix.reshape(rows, *out_shape), slots)
+        first = shard.batch_means(first, rule.sample_independent)
         for a in slots:
             left = first[a].reshape(rows, -1).T  # Jbar_a^T H_yy
             wanted = [b for b in slots if not (a in expected and b in expected)]
             second = rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), wanted)
+            second = shard.batch_means(second, rule.sample_independent)
             for b in wanted:
                 pairs.append(((a, b), second[b].reshape(left.shape[0], -1)))
     for a in expected:
         for b in expected:
-            pairs.append(((a, b), _expected_sandwich(rule, ctx, a, b, output_matrix)))
+            pairs.append(((a, b), _expected_sandwich(rule, ctx, a, b, output_matrix, shard)))
     _add_slot_pairs(frontier, entering, pairs)
 
 
@@ -297,8 +319,8 @@ def _add_slot_pairs(frontier: Frontier, entering, pairs) -> None:
     frontier.add_pairs(summed.items())
 
 
-def _expected_sandwich(rule: Rule, ctx: Context, a: str, b: str, output_matrix) -> Tensor:
-    """``(1/N) sum_n J_{a,n}^T H J_{b,n}`` in chunks of samples."""
+def _expected_sandwich(rule: Rule, ctx: Context, a: str, b: str, output_matrix, shard) -> Tensor:
+    """``(1/N) sum_n J_{a,n}^T H J_{b,n}`` in chunks of samples (over all ranks)."""
     if a in rule.sample_independent and b in rule.sample_independent:
         first = rule.averaged_vjp(ctx, output_matrix.reshape(-1, *ctx.output.shape[1:]), [b])
         left = first[b].reshape(output_matrix.shape[0], -1).T
@@ -320,10 +342,10 @@ def _expected_sandwich(rule: Rule, ctx: Context, a: str, b: str, output_matrix) 
         right = rule.vjp(sub, cot, [b])[b].reshape(rows, n, size_b)  # rows of H J_bn
         cot = right.permute(2, 1, 0).reshape(size_b, n, *out_shape)  # columns of H J_bn
         total = total + rule.vjp(sub, cot, [a])[a].reshape(size_b, n, size_a).sum(1)
-    return (total / n_total).T
+    return shard.batch_mean((total / n_total).T)
 
 
-def _add_residual(ctx, entering, residual, mode, frontier) -> None:
+def _add_residual(ctx, entering, residual, mode, frontier, shard) -> None:
     """Add the batch-summed residual on the entering arguments (modified per group)."""
     if residual is None or not entering:
         return
@@ -333,14 +355,14 @@ def _add_residual(ctx, entering, residual, mode, frontier) -> None:
     groups += [] if mode == "none" else [[s] for s in slots if s not in ctx.batched]
     for group in groups:
         if len(group) == 1:  # a diagonal block stays a vector (no eigendecomposition)
-            diagonal = residual.summed_block(group[0])
+            diagonal = shard.loss_sum(residual.summed_block(group[0]))
             if diagonal is None:
                 continue
             if diagonal is not NotImplemented and diagonal.dim() == 1:
                 key = entering[group[0]]
                 frontier.add(key, key, torch.diag(modify_symmetric(diagonal, mode)))
                 continue
-        joint = residual.summed_joint(ctx, group)
+        joint = shard.loss_sum(residual.summed_joint(ctx, group))
         if joint is None:
             continue
         joint = modify_symmetric(_symmetric(joint), mode)
@@ -355,24 +377,27 @@ def _add_residual(ctx, entering, residual, mode, frontier) -> None:
 
 
 def _parameter_block(
-    info, ctx: Context, slot, output_matrix, averaged, residual, mode, max_features
+    info, ctx: Context, slot, output_matrix, averaged, residual, mode, max_features, shard
 ) -> Block:
     """The block of an untied parameter of ``info``'s node."""
     rule = info.rule
     weight = ctx.value(slot)
-    summed = None if residual is None else residual.summed_joint(ctx, [slot])
+    summed = None if residual is None else shard.loss_sum(residual.summed_joint(ctx, [slot]))
     inputs = rule.kron_input(ctx, slot)
     if inputs is not None and summed is None:
         second = inputs.mean(0) if averaged else inputs.T @ inputs / inputs.shape[0]
+        second = shard.batch_mean(second)
         return KroneckerBlock(output_matrix, second, weight.shape)
     _check_size(info, slot, weight.numel(), max_features)
     if averaged or slot in rule.sample_independent:
         first = rule.averaged_vjp(ctx, output_matrix.reshape(-1, *ctx.output.shape[1:]), [slot])
+        first = shard.batch_means(first, rule.sample_independent)
         left = first[slot].reshape(output_matrix.shape[0], -1).T
         second = rule.averaged_vjp(ctx, left.reshape(-1, *ctx.output.shape[1:]), [slot])
+        second = shard.batch_means(second, rule.sample_independent)
         matrix = second[slot].reshape(left.shape[0], -1)
     else:
-        matrix = _expected_sandwich(rule, ctx, slot, slot, output_matrix)
+        matrix = _expected_sandwich(rule, ctx, slot, slot, output_matrix, shard)
     if summed is not None:
         matrix = matrix + modify_symmetric(_symmetric(summed), mode)
     return DenseBlock(_symmetric(matrix), weight.shape)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, ImplicitBlock
+from curvgraph.distributed import BatchShard
 from curvgraph.losses import recognise
 from curvgraph.propagation.exact import ExactProducts
 from curvgraph.propagation.hbp import CURVATURES, backward_hessian, resolve_curvature
@@ -41,7 +42,12 @@ def compute_curvature(
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {sorted(METHODS)}")
     model = recognise(loss, outputs)
+    process_group = options.pop("process_group", None)
+    loss_reduction = options.pop("loss_reduction", "mean")
+    shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
+    shard.check_loss(model)
     if method in ("hbp", "kfra"):
+        options.update(process_group=process_group, loss_reduction=loss_reduction)
         if method == "kfra":
             _only_ggn(curvature, method)
             options.update(average_input_jac=False, average_param_jac=False)
@@ -52,13 +58,13 @@ def compute_curvature(
         mode = CURVATURES[curvature]
         walk = plan(graph)
         grads = gradients(graph, walk.order, loss) if mode is not None else {}
-        engine = ExactProducts(walk, graph.record, model, mode, grads)
+        engine = shard.products(ExactProducts(walk, graph.record, model, mode, grads))
         blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
         return BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
     from curvgraph.propagation.factors import factor_curvature
 
     _only_ggn(curvature, method)
-    return factor_curvature(graph, model, method, **options)
+    return shard.combine_factor_blocks(factor_curvature(graph, model, method, **options))
 
 
 def _only_ggn(curvature: Optional[str], method: str) -> None:

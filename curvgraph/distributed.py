@@ -1,0 +1,255 @@
+"""Data-parallel curvature: combine what each method needs across the ranks of a process group.
+
+A batch of ``N`` samples is split over ``R`` ranks, ``N_r`` samples on rank ``r``. Each rank
+computes its local loss ``L_r`` (PyTorch's default: the mean over its ``N_r`` samples); the
+loss of the whole batch is
+
+    L = sum_r w_r L_r,     w_r = N_r / N  (loss_reduction="mean"),  w_r = 1  ("sum").
+
+Every curvature quantity is one of two kinds, and :class:`BatchShard` combines each kind:
+
+- **loss sums** (linear in the loss: loss Hessians ``sum_n d2L/dz_n2``, residuals with
+  ``g = dL/dy``, exact products, GGN diagonals, KFAC's ``G``, low-rank factor rows):
+  ``X = sum_r w_r X_r`` (:meth:`BatchShard.loss_sum`; factor rows are scaled by
+  ``sqrt(w_r)`` and gathered, :meth:`BatchShard.gather_rows`);
+- **batch averages** (HBP's ``Jbar = (1/N) sum_n J_n`` and ``(1/N) sum_n J_n^T H J_n``,
+  KFAC's ``A = (1/N) sum_n x_n x_n^T``): ``X = sum_r (N_r / N) X_r``
+  (:meth:`BatchShard.batch_mean`). Products of averages (``Jbar^T H Jbar``) are formed
+  only after the averages are combined.
+
+With these, every rank gets the blocks one process would compute on all ``N`` samples (up
+to rounding); Monte-Carlo methods (``kfac``, ``sqrt``/``diag`` with ``mc_samples``) get the
+same blocks *in distribution*: each rank samples its own labels, so pass each rank its own
+``generator`` (e.g. seeded with ``seed + rank``). See ``docs/distributed.md``.
+
+All ranks must make the same calls in the same order: each combination is a collective
+(``torch.distributed.all_reduce`` / ``all_gather``), and so is every product of an exact
+(implicit) block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from curvgraph.errors import CurvGraphError
+
+__all__ = ["BatchShard", "all_reduce_gradients"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+class BatchShard:
+    """This rank's share of a batch split over a process group (identity without one).
+
+    Args:
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks), or ``None`` for a single process.
+        batch_size: ``N_r``, the samples of this rank.
+        like: a tensor on the device the collectives use (CUDA for NCCL).
+        loss_reduction: ``"mean"`` if each rank's loss averages over its samples,
+            ``"sum"`` if it sums them.
+
+    Attributes:
+        batch_weight: ``N_r / N``.
+        loss_weight: ``w_r`` (``N_r / N`` for ``"mean"``, ``1`` for ``"sum"``).
+        sizes: ``[N_1, ..., N_R]``.
+    """
+
+    def __init__(self, process_group, batch_size: int, like: Tensor, loss_reduction="mean"):
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'")
+        self.group, self.like = process_group, like
+        self.loss_reduction = loss_reduction
+        self.sizes = [batch_size]
+        self.batch_weight = self.loss_weight = 1.0
+        if process_group is None:
+            return
+        dist = _initialized()
+        size = torch.tensor([batch_size], dtype=torch.int64, device=like.device)
+        sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(sizes, size, group=process_group)
+        self.sizes = [int(s) for s in sizes]
+        if min(self.sizes) < 1:
+            raise CurvGraphError(f"every rank needs samples; batch sizes per rank: {self.sizes}")
+        self.batch_weight = batch_size / sum(self.sizes)
+        self.loss_weight = self.batch_weight if loss_reduction == "mean" else 1.0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there is a process group to combine over."""
+        return self.group is not None
+
+    # -- the two kinds of combination -----------------------------------------------------
+    def loss_sum(self, value):
+        """``sum_r w_r X_r`` for a term linear in the loss (``None`` passes through)."""
+        return self._weighted_sum(value, self.loss_weight)
+
+    def batch_mean(self, value):
+        """``sum_r (N_r / N) X_r`` for per-rank batch averages (``None`` passes through)."""
+        return self._weighted_sum(value, self.batch_weight)
+
+    def batch_means(self, values: Dict[str, Tensor], exempt=frozenset()) -> Dict[str, Tensor]:
+        """:meth:`batch_mean` of each value, except keys in ``exempt`` (equal on every rank)."""
+        if not self.distributed:
+            return values
+        names = [n for n in values if n not in exempt]
+        combined = _all_reduce_many([values[n] * self.batch_weight for n in names], self.group)
+        return {**values, **dict(zip(names, combined))}
+
+    def gather_rows(self, rows: Tensor) -> Tensor:
+        """Factor rows ``U_r`` ``[R_r, numel]`` -> ``[sqrt(w_1) U_1; ...; sqrt(w_R) U_R]``.
+
+        Then ``U^T U = sum_r w_r U_r^T U_r`` (ranks in order; row counts may differ).
+        """
+        if not self.distributed:
+            return rows
+        dist = _initialized()
+        rows = rows * math.sqrt(self.loss_weight)
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+        counts = [torch.empty_like(count) for _ in self.sizes]
+        dist.all_gather(counts, count, group=self.group)
+        counts = [int(c) for c in counts]
+        padded = rows.new_zeros(max(counts), *rows.shape[1:])
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(gathered, padded.contiguous(), group=self.group)
+        return torch.cat([part[:c] for part, c in zip(gathered, counts)])
+
+    def _weighted_sum(self, value, weight: float):
+        if not self.distributed or not isinstance(value, Tensor):
+            return value
+        return _all_reduce_many([value * weight], self.group)[0]
+
+    # -- methods --------------------------------------------------------------------------
+    def check_loss(self, loss_model) -> None:
+        """Refuse a recognised loss whose reduction contradicts ``loss_reduction``."""
+        from curvgraph.losses import CrossEntropyLoss, MSELoss
+
+        if not self.distributed:
+            return
+        if isinstance(loss_model, CrossEntropyLoss):
+            count = loss_model.p.shape[0]
+        elif isinstance(loss_model, MSELoss):
+            count = loss_model.outputs.numel()
+        else:
+            return  # a loss seen through autograd: trust loss_reduction
+        mean = math.isclose(loss_model.scale, 1.0 / count)
+        total = math.isclose(loss_model.scale, 1.0)
+        if (self.loss_reduction == "mean" and not mean) or (
+            self.loss_reduction == "sum" and not total
+        ):
+            actual = "sum" if total else "mean"
+            raise ValueError(
+                f"the loss uses reduction={actual!r} but loss_reduction={self.loss_reduction!r}; "
+                f"pass loss_reduction={actual!r} so that the ranks' losses combine correctly"
+            )
+
+    def products(self, engine):
+        """A product engine whose products are combined over the ranks (loss sums)."""
+        return engine if not self.distributed else _CombinedProducts(engine, self)
+
+    def combine_factor_blocks(self, curvature):
+        """Blocks of a factor method (``sqrt``/``diag``/``kflr``/``kfac``) over all ranks.
+
+        Diagonal: loss sum. Low-rank: rows gathered (the block stays low-rank, ``K N``
+        rows on every rank). Kronecker ``G (x) A``: ``G`` a loss sum, ``A`` a batch mean.
+        """
+        from curvgraph.curvature import (
+            BlockCurvature,
+            DiagonalBlock,
+            KroneckerBlock,
+            LowRankBlock,
+        )
+
+        if not self.distributed:
+            return curvature
+        blocks = {}
+        for name, block in curvature.items():
+            if isinstance(block, DiagonalBlock):
+                blocks[name] = DiagonalBlock(self.loss_sum(block.diagonal), block.shape)
+            elif isinstance(block, LowRankBlock):
+                blocks[name] = LowRankBlock(self.gather_rows(block.rows), block.shape)
+            elif isinstance(block, KroneckerBlock):
+                first, second = (_square(f) for f in (block.first, block.second))
+                blocks[name] = KroneckerBlock(
+                    self.loss_sum(first), self.batch_mean(second), block.shape
+                )
+            else:
+                raise CurvGraphError(f"cannot combine a {type(block).__name__} over ranks")
+        return BlockCurvature(
+            blocks, curvature.parameters, curvature=curvature.curvature, method=curvature.method
+        )
+
+
+class _CombinedProducts:
+    """Exact products summed over the ranks: ``C V = sum_r w_r C_r V`` (one collective)."""
+
+    def __init__(self, engine, shard: BatchShard):
+        self.engine, self.shard = engine, shard
+
+    def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Local products, then one ``all_reduce``: every rank must call this in lockstep."""
+        products = self.engine.matmat(columns)
+        names = list(products)
+        weight = self.shard.loss_weight
+        combined = _all_reduce_many([products[n] * weight for n in names], self.shard.group)
+        return dict(zip(names, combined))
+
+
+def all_reduce_gradients(
+    parameters: Iterable[Tensor], batch_size: int, process_group, loss_reduction: str = "mean"
+) -> None:
+    """Set each ``p.grad`` to the gradient of the whole batch's loss, ``sum_r w_r grad L_r``.
+
+    ``DistributedDataParallel`` averages gradients with equal weights ``1/R``, which is the
+    same only for ``"mean"`` losses on equal batch sizes; with uneven batches (or ``"sum"``
+    losses) run the backward pass under ``ddp.no_sync()`` and call this instead.
+
+    Args:
+        parameters: the parameters (those without a gradient are skipped).
+        batch_size: ``N_r`` of this rank.
+        process_group: the process group.
+        loss_reduction: ``"mean"`` or ``"sum"`` (each rank's loss over its samples).
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:
+        return
+    shard = BatchShard(process_group, batch_size, parameters[0].grad, loss_reduction)
+    combined = _all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
+    for p, grad in zip(parameters, combined):
+        p.grad.copy_(grad)
+
+
+def _square(factor: Tensor) -> Tensor:
+    """A Kronecker factor as a matrix (a vector ``u`` stands for ``u u^T``)."""
+    return torch.outer(factor, factor) if factor.dim() == 1 else factor
+
+
+def _initialized():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise CurvGraphError(
+            "a process_group was given but torch.distributed is not initialized: call "
+            "torch.distributed.init_process_group(...) on every rank first"
+        )
+    return dist
+
+
+def _all_reduce_many(tensors: List[Tensor], group) -> List[Tensor]:
+    """Sum each tensor over the ranks, one collective per dtype and device."""
+    dist = _initialized()
+    results: List[Optional[Tensor]] = [None] * len(tensors)
+    kinds: Dict = {}
+    for i, t in enumerate(tensors):
+        kinds.setdefault((t.dtype, t.device), []).append(i)
+    for indices in kinds.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat, group=group)
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            results[i] = part.reshape(tensors[i].shape)
+    return results
