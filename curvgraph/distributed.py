@@ -215,6 +215,11 @@ def all_reduce_gradients(
         process_group: the process group.
         loss_reduction: ``"mean"`` or ``"sum"`` (each rank's loss over its samples).
     """
+    if process_group is None:
+        raise ValueError(
+            "all_reduce_gradients needs a process group (torch.distributed.group.WORLD for "
+            "all ranks)"
+        )
     parameters = [p for p in parameters if p.grad is not None]
     if not parameters:
         return

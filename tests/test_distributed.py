@@ -282,6 +282,9 @@ def test_process_group_without_initialisation_is_refused():
     loss = F.cross_entropy(out, y)
     with pytest.raises(curvgraph.CurvGraphError, match="init_process_group"):
         cg.curvature(loss, out, process_group=object())
+    loss.backward()
+    with pytest.raises(ValueError, match="needs a process group"):
+        all_reduce_gradients(model.parameters(), 8, None)
 
 
 def test_loss_reduction_is_checked_and_validated(ranks):
