@@ -4,6 +4,8 @@ One batch of 8 samples is split unevenly over 2 ranks (3 and 5 samples; 4 and 4 
 ``DistributedDataParallel`` recipe). Every rank must get, for every method, the blocks one
 process computes on the concatenated batch (dense blocks compared to ``1e-12``), the ranks
 must agree with each other, and one ``CGNewton`` step must equal the single-process step.
+Lanczos and Hutch++ on exact (implicit) blocks, whose every product is a collective, must
+equal the single-process results for the same seed.
 Monte-Carlo KFAC is compared in distribution: its ``A`` factor exactly, its ``G`` factor
 against KFLR's within the Monte-Carlo error (4000 samples per input).
 
@@ -102,6 +104,11 @@ def compute(group=None, rank=None):
         for method, curvature, extra in CONFIGS[case]:
             curv = cg.curvature(loss, out, curvature, method, **extra, **options)
             results[(case, method, curvature, str(extra))] = curv.to_dense()
+            if method == "exact":  # analysis by products: every product is a collective
+                results[(case, "lanczos", curvature)] = curv.top_eigenvalues(
+                    3, per_block=False, generator=0
+                )
+                results[(case, "hutch++", curvature)] = curv.trace_estimate(30, generator=0).total
         hessian = curvgraph.loss_hessian(loss, out)
         curv = cg.backward_hessian(hessian, curvature="pch-clip", loss=loss, **options)
         results[(case, "backward_hessian")] = curv.to_dense()
@@ -227,7 +234,8 @@ def single():
 
 def test_every_method_equals_one_process_on_the_whole_batch(ranks, single):
     keys = [k for k in single if k[0] in CASES]
-    assert len(keys) == sum(len(c) + 1 for c in CONFIGS.values())
+    exact = sum(m == "exact" for c in CONFIGS.values() for m, _, _ in c)
+    assert len(keys) == sum(len(c) + 1 for c in CONFIGS.values()) + 2 * exact
     for key in keys:
         expected = single[key]
         for rank, results in enumerate(ranks):
