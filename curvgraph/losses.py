@@ -1,10 +1,12 @@
 """Loss Hessians w.r.t. the model output, summed over the batch (design 3.1).
 
 ``loss_hessian(loss, outputs) = sum_n d2L / dz_n2`` (``C x C``) is the bpexts
-``batch_summed_hessian``. Cross-entropy and MSE are recognised from the autograd graph and
-use closed forms; any other loss (or an unusual configuration such as class weights) goes
-through autograd, assuming, as every curvature method here does, that the loss is a sum of
-per-sample terms.
+``batch_summed_hessian``. Cross-entropy (also spelled ``nll_loss(log_softmax(z))``), MSE,
+binary cross-entropy on logits (``binary_cross_entropy_with_logits(z, t)`` or
+``binary_cross_entropy(sigmoid(z), t)``) and ``nll_loss`` on log-probabilities are
+recognised from the autograd graph and use closed forms; any other loss (or an unusual
+configuration such as class weights) goes through autograd, assuming, as every curvature
+method here does, that the loss is a sum of per-sample terms.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["loss_hessian", "recognise", "LossModel"]
+__all__ = ["loss_hessian", "recognise", "LossModel", "BinaryCrossEntropyLoss", "LinearLoss"]
 
 _MEAN, _SUM = 1, 2  # ATen's reduction codes as saved on the autograd nodes
 
@@ -24,6 +26,10 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
 
     - cross-entropy, mean: ``(1/N) sum_n (diag p_n - p_n p_n^T)``; sum: without ``1/N``.
     - MSE, mean over all ``N C`` entries: ``(2/C) I``; sum: ``2 N I``.
+    - binary cross-entropy on logits, ``p = sigmoid(z)``: ``diag(sum_n p_n (1 - p_n))``
+      divided by ``N C`` (mean) or not (sum).
+    - ``nll_loss`` applied to the outputs themselves (log-probabilities): ``0`` (the loss
+      is linear in them; the curvature comes from the model's ``log_softmax`` residual).
 
     Both closed forms work after ``loss.backward()``. Cross-entropy targets equal to the
     default ``ignore_index=-100`` can only be detected before ``loss.backward()`` frees
@@ -56,7 +62,7 @@ def recognise(loss: Tensor, outputs: Tensor) -> LossModel:
         )
     if outputs.dim() < 1 or outputs.grad_fn is None and not outputs.requires_grad:
         raise ValueError("outputs must be the model output the loss was computed from")
-    for candidate in (_cross_entropy, _mse):
+    for candidate in (_cross_entropy, _mse, _binary_cross_entropy, _nll_of_outputs):
         model = candidate(loss, outputs)
         if model is not None:
             return model
@@ -193,6 +199,109 @@ def _mse(loss: Tensor, outputs: Tensor):
     if fn._saved_reduction == _SUM:
         return MSELoss(outputs, 1.0)
     return None
+
+
+class BinaryCrossEntropyLoss(LossModel):
+    """``l = -t log p - (1 - t) log(1 - p)`` per entry, ``p = sigmoid(z)``, times ``scale``.
+
+    ``d2 l / dz2 = p (1 - p)`` entry by entry (independent of ``t``), so the per-sample
+    Hessian is diagonal: ``d2L/dz_n2 = scale * diag(p_n (1 - p_n))``. Exact factor: the
+    columns ``sqrt(scale p (1 - p)) e_c``; Monte-Carlo: labels ``y ~ Bernoulli(p)`` give
+    ``s = sqrt(scale / M) (p - y)`` with ``E[s s^T] = diag(p (1 - p)) scale / M`` (entries
+    independent).
+    """
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.p = torch.sigmoid(outputs.detach())
+        self.curvature = self.p * (1 - self.p) * scale  # [N, *out]
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        return torch.diag(self.curvature.sum(0).flatten())
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return self.curvature * tangents
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        p = self.p
+        if mc_samples:
+            uniform = torch.rand(
+                mc_samples, *p.shape, generator=generator, dtype=p.dtype, device=p.device
+            )
+            labels = (uniform < p).to(p.dtype)
+            return (p - labels) * (self.scale / mc_samples) ** 0.5
+        c = p[0].numel()
+        eye = torch.eye(c, dtype=p.dtype, device=p.device).reshape(c, 1, *p.shape[1:])
+        return eye * self.curvature.sqrt()
+
+
+class LinearLoss(LossModel):
+    """A loss linear in the outputs (``nll_loss`` of log-probabilities): zero Hessian.
+
+    The Hessian of the model is then entirely in the residuals of the layers before (e.g.
+    the ``log_softmax`` that produced the outputs), and the GGN at this split is zero: end
+    the model with logits and use ``cross_entropy`` for the usual GGN of a classifier.
+    """
+
+    def __init__(self, outputs: Tensor):
+        self.outputs = outputs.detach()
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        c = self.outputs[0].numel()
+        return self.outputs.new_zeros(c, c)
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return torch.zeros_like(tangents)
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        return self.outputs.new_zeros(max(mc_samples, 1), *self.outputs.shape)
+
+
+def _binary_cross_entropy(loss: Tensor, outputs: Tensor):
+    """``bce_with_logits(z, t)`` or ``bce(sigmoid(z), t)``, no weights, mean or sum."""
+    fn = loss.grad_fn
+    name = type(fn).__name__ if fn is not None else ""
+    if name == "BinaryCrossEntropyWithLogitsBackward0":
+        if fn._saved_pos_weight is not None:
+            return None  # a positive-class weight: the autograd path handles it
+        logits = fn.next_functions[0][0]
+    elif name == "BinaryCrossEntropyBackward0":
+        sigmoid = fn.next_functions[0][0]
+        if type(sigmoid).__name__ != "SigmoidBackward0":
+            return None  # probabilities from elsewhere: the autograd path
+        logits = sigmoid.next_functions[0][0]
+    else:
+        return None
+    if logits is not outputs.grad_fn or fn.next_functions[1][0] is not None:
+        return None  # not the outputs, or targets that depend on parameters
+    try:
+        if fn._saved_weight is not None:
+            return None  # weights: the autograd path handles them
+    except RuntimeError:  # weights were saved, and freed by loss.backward()
+        raise RuntimeError(
+            "binary cross-entropy with weights: call loss_hessian before loss.backward() (or "
+            "backward with retain_graph=True)"
+        ) from None
+    try:
+        if fn._saved_self.shape != outputs.shape:
+            return None  # broadcasting against the target
+    except RuntimeError:  # freed by loss.backward(); the loss checks the shapes itself
+        pass
+    if fn._saved_reduction == _MEAN:
+        return BinaryCrossEntropyLoss(outputs, 1.0 / outputs.numel())
+    if fn._saved_reduction == _SUM:
+        return BinaryCrossEntropyLoss(outputs, 1.0)
+    return None
+
+
+def _nll_of_outputs(loss: Tensor, outputs: Tensor):
+    """``nll_loss(z, y)`` on the outputs themselves: linear in ``z``."""
+    fn = loss.grad_fn
+    if fn is None or type(fn).__name__ != "NllLossBackward0":
+        return None
+    if fn.next_functions[0][0] is not outputs.grad_fn:
+        return None
+    return LinearLoss(outputs)
 
 
 class AutogradLoss(LossModel):
