@@ -1,0 +1,233 @@
+"""torchvision model zoo: which classification models curvgraph traces, and are they exact?
+
+For every model of ``torchvision.models.list_models(module=torchvision.models)``:
+
+- **fx**: ``torch.fx.symbolic_trace`` traces it (in eval mode);
+- **hand-written**: ``curvgraph.trace(model)`` succeeds, i.e. every op has a hand-written rule
+  (otherwise the ops without one are listed);
+- **fallback**: ``curvgraph.trace(model, fallback=True)`` succeeds;
+- **exact**: GGN block products of ``method="exact"`` equal ``torch.func`` (float64, eval mode,
+  batch 2, the smallest of 64, 224, 299 pixels the model accepts, cross-entropy): for a few
+  parameter blocks chosen at random with a fixed seed, ``J^T H J v`` with ``J`` the Jacobian
+  of the outputs w.r.t. the block (``torch.func.jvp`` / ``vjp``) and ``H`` the loss Hessian
+  w.r.t. the outputs (``jvp`` of ``grad``). Models above ``--max-params`` are not checked
+  (the float64 copy would not fit a small machine).
+
+Run ``python -m benchmarks.zoo`` (all models, writes ``benchmarks/results/zoo.json`` and
+prints a Markdown table); ``--models resnet18,alexnet`` for a subset, ``--no-exact`` for the
+tracing columns only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+import curvgraph
+
+__all__ = ["build", "input_size", "exact_check", "zoo_row", "markdown", "main"]
+
+SIZES = (64, 224, 299)
+TOLERANCE = 1e-8
+
+
+def build(name: str, device: str = "cpu") -> nn.Module:
+    """The torchvision model ``name`` (random weights, eval mode) on ``device``."""
+    import torchvision
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = torchvision.models.get_model(name, weights=None)
+    return model.eval()
+
+
+def input_size(model: nn.Module) -> Optional[int]:
+    """The smallest of :data:`SIZES` that the model accepts (``None`` if none)."""
+    for size in SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+            return size
+        except Exception:  # noqa: BLE001 - too small for this architecture
+            continue
+    return None
+
+
+def exact_check(
+    model: nn.Module, size: int, blocks: int = 3, seed: int = 0, fallback: bool = False
+) -> Dict[str, float]:
+    """Relative errors ``|C v - J^T H J v| / |J^T H J v|`` of a few random GGN blocks.
+
+    Args:
+        model: a float64 model in eval mode.
+        size: input height and width.
+        blocks: number of parameter blocks (chosen with ``random.Random(seed)``).
+        seed: seed of the block choice, the input, the labels and the vectors.
+        fallback: trace with the autograd fallback.
+
+    Returns:
+        block name -> relative error (max-norm).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(2, 3, size, size, generator=generator, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cg = curvgraph.trace(model, fallback=fallback)
+    out = cg(x)
+    y = torch.randint(0, out.shape[1], (2,), generator=generator)
+    loss = F.cross_entropy(out, y)
+    curv = cg.curvature(loss, out, curvature="ggn", method="exact")
+    names = sorted(random.Random(seed).sample(sorted(curv), min(blocks, len(curv))))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
+    products = curv.matvec(vectors)
+    errors = {}
+    for name in names:
+        expected = _ggn_vector_product(model, params, name, x, y, vectors[name])
+        scale = expected.abs().max().clamp(min=torch.finfo(dtype).tiny)
+        errors[name] = ((products[name] - expected).abs().max() / scale).item()
+    return errors
+
+
+def _ggn_vector_product(model, params, name, x, y, v) -> Tensor:
+    """``J^T H J v`` restricted to block ``name``, with torch.func only."""
+
+    def outputs(theta):
+        return functional_call(model, {**params, name: theta}, (x,))
+
+    out, jv = jvp(outputs, (params[name],), (v,))
+    _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out.detach(),), (jv,))
+    return vjp(outputs, params[name])[1](hjv)[0]
+
+
+def _trace_status(model: nn.Module, fallback: bool) -> Dict:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            curvgraph.trace(model, fallback=fallback)
+        return {"ok": True}
+    except curvgraph.UnsupportedOpError as error:
+        return {"ok": False, "missing": sorted({op for _, op, _, _ in error.nodes})}
+    except Exception as error:  # noqa: BLE001 - recorded in the table
+        return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
+def zoo_row(name: str, exact: bool = True, max_params: float = 150e6, blocks: int = 3) -> Dict:
+    """One model's row of the table (see the module docstring)."""
+    start = time.perf_counter()
+    try:
+        model = build(name, "meta")  # structure only: no memory, no initialisation
+    except Exception:  # noqa: BLE001 - some builders compute on tensors (regnet)
+        model = build(name)
+    row: Dict = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    try:
+        torch.fx.symbolic_trace(model)
+        row["fx"] = True
+    except Exception as error:  # noqa: BLE001
+        row.update(fx=False, fx_error=f"{type(error).__name__}: {str(error)[:200]}")
+    hand = _trace_status(model, fallback=False)
+    row["hand_written"] = hand["ok"]
+    row["missing"] = hand.get("missing", [])
+    fallback = hand if hand["ok"] else _trace_status(model, fallback=True)
+    row["fallback"] = fallback["ok"]
+    if "error" in fallback:
+        row["error"] = fallback["error"]
+    if exact and row["fallback"] and row["params"] <= max_params:
+        try:
+            model = build(name)
+            row["input"] = input_size(model)
+            errors = exact_check(model.double(), row["input"], blocks, fallback=not hand["ok"])
+            row["exact_errors"] = errors
+            row["exact"] = max(errors.values()) < TOLERANCE
+        except Exception as error:  # noqa: BLE001 - recorded in the table
+            row.update(exact=False, exact_error=f"{type(error).__name__}: {str(error)[:300]}")
+    elif exact and row["fallback"]:
+        row["exact_skipped"] = f"{row['params'] / 1e6:.0f}M parameters > --max-params"
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _mark(value: Optional[bool]) -> str:
+    return {True: "yes", False: "no", None: "-"}[value]
+
+
+def markdown(rows: Sequence[Dict], commit: str = "") -> str:
+    """The table of :func:`zoo_row` results."""
+    lines = [
+        f"torchvision {_torchvision_version()}, torch {torch.__version__}"
+        + (f", curvgraph commit {commit}" if commit else ""),
+        "",
+        "| model | params | fx traces | hand-written rules only | with fallback | exact check "
+        "(max rel. error, input) | ops without a hand-written rule |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "exact_errors" in r:
+            check = f"{_mark(r['exact'])} ({max(r['exact_errors'].values()):.0e}, {r['input']}px)"
+        elif "exact_error" in r:
+            check = f"failed: {r['exact_error'][:80]}"
+        elif "exact_skipped" in r:
+            check = f"not run ({r['exact_skipped']})"
+        else:
+            check = "-"
+        missing = ", ".join(f"`{m}`" for m in r.get("missing", [])) or r.get("error", "")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {_mark(r.get('fx'))} | "
+            f"{_mark(r['hand_written'])} | {_mark(r['fallback'])} | {check} | {missing} |"
+        )
+    return "\n".join(lines)
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
+    """Command line: see the module docstring."""
+    import torchvision
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--no-exact", action="store_true", help="tracing columns only")
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo.json"))
+    args = parser.parse_args(argv)
+    names = args.models.split(",") if args.models else None
+    names = names or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        rows.append(zoo_row(name, not args.no_exact, args.max_params, args.blocks))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"commit": _commit(), "rows": rows}, indent=1))
+    print(markdown(rows, _commit()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
