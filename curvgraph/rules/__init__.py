@@ -8,6 +8,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     activations_extra,
     activations_more,
     arithmetic,
+    conv,
     embedding,
     joins,
     linear,

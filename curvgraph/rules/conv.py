@@ -1,0 +1,454 @@
+"""Convolutions (1d/2d/3d) and transposed convolutions, through unfolded patches.
+
+Index convention (einsum letters): ``k`` column, ``n`` sample, ``g`` group, ``o`` output
+channel within a group, ``i`` unfolded patch entry (``C/g * prod(kernel)``) or input
+channel within a group, ``j`` patch entry of a transposed convolution's output side,
+``p`` position (output positions of a convolution, input positions of a transposed one).
+
+A convolution ``y_n = W * x_n + b`` is ``y_n[g] = W[g] X_n[g] + b`` with the unfolded
+input ``X_n`` (``[g, C_in/g * prod(kernel), P]``), so weight products are einsums with the
+patches and input products are convolutions. Patches come from ``F.unfold`` for 2-d inputs
+(the fast path) and from ``Tensor.unfold`` along each spatial axis otherwise.
+
+A transposed convolution ``y = T(x; W) + b`` is the adjoint of the convolution ``A(c; W)``
+with the same ``stride, padding, dilation, groups``: ``<c, T(x; W)> = <A(c; W), x>``. So
+``J_x^T c = A(c; W)`` and ``J_W^T c = sum_p x_p C_p^T`` with ``C`` the patches of ``c``.
+
+Both ops are linear in the input and the weight separately: their residual only has cross
+terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _ntuple
+
+from curvgraph.rules.registry import (
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.residuals import CrossTerms, Residual
+
+__all__ = ["ConvRule", "ConvTransposeRule", "patches"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_INPUT = {
+    1: torch.nn.grad.conv1d_input,
+    2: torch.nn.grad.conv2d_input,
+    3: torch.nn.grad.conv3d_input,
+}
+
+alias(nn.Conv1d, F.conv1d, torch.conv1d)
+alias(nn.Conv2d, F.conv2d, torch.conv2d)
+alias(nn.Conv3d, F.conv3d, torch.conv3d)
+alias(nn.ConvTranspose1d, F.conv_transpose1d, torch.conv_transpose1d)
+alias(nn.ConvTranspose2d, F.conv_transpose2d, torch.conv_transpose2d)
+alias(nn.ConvTranspose3d, F.conv_transpose3d, torch.conv_transpose3d)
+
+
+def resolve_padding(padding, kernel_size, dilation, dims: int) -> tuple:
+    """Numeric per-axis padding for ints, tuples, ``"valid"`` and symmetric ``"same"``."""
+    if padding == "valid":
+        return (0,) * dims
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(_ntuple(dims)(dilation), kernel_size)]
+        if any(t % 2 for t in totals):
+            raise UnsupportedConfigurationError(
+                f"conv{dims}d with padding='same' and an even effective kernel pads "
+                "asymmetrically; pass explicit padding instead"
+            )
+        return tuple(t // 2 for t in totals)
+    return _ntuple(dims)(padding)
+
+
+def patches(x: Tensor, kernel, stride, padding, dilation, groups: int) -> Tensor:
+    """Unfolded patches ``[..., C, *S] -> [..., g, C/g * prod(kernel), P]`` (zero padding).
+
+    Entry ``(c, kernel offsets)`` of a patch matches the row-major layout of a weight's
+    trailing ``[C/g, *kernel]`` dimensions; ``P`` counts the output positions, row-major.
+    """
+    dims = len(kernel)
+    lead, channels = x.shape[: -dims - 1], x.shape[-dims - 1]
+    x = x.reshape(-1, channels, *x.shape[-dims:])
+    if dims == 2:
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    else:
+        pads = [p for axis in reversed(padding) for p in (axis, axis)]
+        x = F.pad(x, pads) if any(pads) else x
+        for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+            x = x.unfold(2 + axis, d * (k - 1) + 1, s)  # window appended as the last axis
+        if any(d > 1 for d in dilation):
+            x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in dilation)]
+        positions = x.shape[2 : 2 + dims]
+        order = [0, 1] + list(range(2 + dims, 2 + 2 * dims)) + list(range(2, 2 + dims))
+        cols = x.permute(order).reshape(x.shape[0], -1, math.prod(positions))
+    return cols.reshape(*lead, groups, -1, cols.shape[-1])
+
+
+def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    raise NotImplementedError  # the signature only; see ConvRule.function
+
+
+class _ConvFamily(Rule):
+    """Shared geometry of (transposed) convolutions with ``dims`` spatial axes."""
+
+    differentiable = ("input", "weight", "bias")
+    sample_independent = frozenset({"input", "bias"})
+
+    def __init__(self, dims: int):
+        self.dims = dims
+
+    def _geometry(self, ctx) -> dict:
+        kernel = ctx.weight.shape[2:]
+        padding = resolve_padding(ctx.padding, kernel, ctx.dilation, self.dims)
+        tuples = _ntuple(self.dims)
+        return dict(stride=tuples(ctx.stride), padding=padding, dilation=tuples(ctx.dilation))
+
+    def _patches(self, x: Tensor, ctx) -> Tensor:
+        return patches(x, ctx.weight.shape[2:], groups=ctx.groups, **self._geometry(ctx))
+
+    def _positions(self, y: Tensor, ctx) -> Tensor:
+        """``[..., C, *S] -> [..., g, C/g, P]``."""
+        spatial = y.shape[-self.dims :]
+        return y.reshape(*y.shape[: -self.dims - 1], ctx.groups, -1, math.prod(spatial))
+
+    def _bias(self, tangent: Tensor) -> Tensor:
+        return tangent.reshape(tangent.shape[0], 1, tangent.shape[-1], *([1] * self.dims))
+
+    def _spatial(self) -> tuple:
+        return tuple(range(-self.dims, 0))
+
+    def check(self, arguments):  # noqa: D102
+        if arguments.get("padding_mode", "zeros") != "zeros":
+            raise UnsupportedConfigurationError(
+                f"{self.name} with padding_mode={arguments['padding_mode']!r} (only 'zeros')"
+            )
+        weight = arguments.get("weight")
+        if isinstance(weight, Tensor):
+            resolve_padding(
+                arguments["padding"], weight.shape[2:], arguments["dilation"], self.dims
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.input.dim() != self.dims + 2:
+            raise UnsupportedConfigurationError(
+                f"{self.name} of an input of shape {tuple(ctx.input.shape)}: it needs a batch "
+                f"axis, [N, C, {', '.join('S' * self.dims)}]"
+            )
+
+
+class ConvRule(_ConvFamily):
+    """``y_n = W * x_n + b`` in ``dims`` spatial dimensions (see the module docstring)."""
+
+    def __init__(self, dims: int):
+        super().__init__(dims)
+        self.name = f"conv{dims}d"
+        conv = _CONV[dims]
+
+        def function(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+            return conv(input, weight, bias, stride, padding, dilation, groups)
+
+        self.function = function
+        self.signature = inspect.Signature(
+            list(inspect.signature(_conv_signature).parameters.values())
+            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
+        )
+
+    def call(self, arguments):  # noqa: D102
+        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
+        return self.function(**arguments)
+
+    def samples(self):  # noqa: D102
+        d = self.dims
+        size, kernel = (5, 3) if d < 3 else (3, 2)  # 3-d samples small: torch.func.hessian
+        return [
+            Sample(
+                (randn(2, 3, *[size] * d), randn(4, 3, *[kernel] * d, seed=1), randn(4, seed=2))
+            ),
+            Sample(
+                (randn(2, 4, *[6, 5, 4][:d]), randn(6, 2, *[2, 3, 2][:d], seed=1), None),
+                dict(stride=(2, 1, 1)[:d], padding=1, dilation=(1, 2, 1)[:d], groups=2),
+            ),
+            Sample(
+                (randn(1, 2, *[4] * d), randn(2, 2, *[3] * d, seed=1), None), dict(padding="same")
+            ),
+        ]
+
+    def _input_vjp(self, ctx, cotangent: Tensor, weight: Tensor) -> Tensor:
+        """``J_x^T c`` for ``c`` of shape ``[B, C_out, *O]``."""
+        size = (cotangent.shape[0],) + tuple(ctx.input.shape[1:])
+        return _CONV_INPUT[self.dims](
+            size, weight, cotangent, groups=ctx.groups, **self._geometry(ctx)
+        )
+
+    def _grouped_weight(self, weight: Tensor, groups: int) -> Tensor:
+        """``[..., C_out, C_in/g, *kernel] -> [..., g, C_out/g, C_in/g * prod(kernel)]``."""
+        lead = weight.shape[: weight.dim() - self.dims - 2]
+        return weight.reshape(*lead, groups, weight.shape[len(lead)] // groups, -1)
+
+    def _unfolded(self, ctx) -> Tensor:
+        return ctx.cached("unfolded", lambda: self._patches(ctx.input, ctx))
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        out = 0
+        if "input" in tangents:
+            t = tangents["input"]
+            y = _CONV[self.dims](
+                t.flatten(0, 1), ctx.weight, None, groups=ctx.groups, **self._geometry(ctx)
+            )
+            out = out + y.unflatten(0, t.shape[:2])
+        if "weight" in tangents:
+            w = self._grouped_weight(tangents["weight"], ctx.groups)
+            y = torch.einsum("kgoi,ngip->kngop", w, self._unfolded(ctx))
+            out = out + y.reshape(y.shape[:2] + ctx.output.shape[1:])
+        if "bias" in tangents:
+            out = out + self._bias(tangents["bias"])
+        return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            c = cotangent.flatten(0, 1)
+            result["input"] = self._input_vjp(ctx, c, ctx.weight).unflatten(0, cotangent.shape[:2])
+        if "weight" in slots:
+            c = self._positions(cotangent, ctx)
+            w = torch.einsum("kngop,ngip->kngoi", c, self._unfolded(ctx))
+            result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(self._spatial())
+        return result
+
+    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
+        if "weight" in slots:
+            c = self._positions(cotangent, ctx)
+            w = torch.einsum("kngop,ngip->kgoi", c, self._unfolded(ctx))
+            result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum((1,) + self._spatial())
+        return result
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = self._input_vjp(ctx, cotangent, ctx.weight)
+        if "weight" in slots:
+            c = self._positions(cotangent, ctx)
+            w = torch.einsum("kgop,gip->kgoi", c, self._unfolded(ctx).mean(0))
+            result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(self._spatial())
+        return result
+
+    def kron_factors(self, ctx, slot, factors):
+        """KFC factors: ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
+
+        (Grosse & Martens, 2016.) ``x`` are the unfolded input patches, ``P`` the output
+        positions; exact when the GGN block is itself a Kronecker product (one sample and
+        one output position, e.g. a convolution feeding MSE).
+        """
+        if slot != "weight" or ctx.groups != 1:
+            return None
+        unfolded = self._unfolded(ctx)[:, 0]  # [N, I, P]
+        s = factors.flatten(-self.dims)  # [K, N, O, P]
+        gradient_factor = torch.einsum("knop,knqp->oq", s, s)
+        positions = unfolded.shape[0] * unfolded.shape[-1]
+        input_factor = torch.einsum("nip,njp->ij", unfolded, unfolded) / positions
+        return gradient_factor, input_factor
+
+    def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
+        def product(t, wanted=None):
+            result = {}
+            if "weight" in t and (wanted is None or "input" in wanted):
+                per_column = [self._input_vjp(ctx, grad_output, w) for w in t["weight"]]
+                result["input"] = torch.stack(per_column)
+            if "input" in t and (wanted is None or "weight" in wanted):
+                unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]
+                g = self._positions(grad_output, ctx)
+                w = torch.einsum("ngop,kngip->kngoi", g, unfolded)
+                result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
+            return result
+
+        return CrossTerms(product)
+
+
+def _conv_transpose_signature(
+    input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+):
+    raise NotImplementedError  # the signature only; see ConvTransposeRule.function
+
+
+class ConvTransposeRule(_ConvFamily):
+    """``y = T(x; W) + b``, the adjoint of a convolution (see the module docstring).
+
+    The weight is ``[C_in, C_out/g, *kernel]``.
+    """
+
+    def __init__(self, dims: int):
+        super().__init__(dims)
+        self.name = f"conv_transpose{dims}d"
+        transpose = _CONV_TRANSPOSE[dims]
+
+        def function(
+            input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+        ):
+            return transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+        self.function = function
+        self.signature = inspect.Signature(
+            list(inspect.signature(_conv_transpose_signature).parameters.values())
+            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
+        )
+
+    def call(self, arguments):  # noqa: D102
+        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
+        return self.function(**arguments)
+
+    def samples(self):  # noqa: D102
+        d = self.dims
+        return [
+            Sample(
+                (randn(2, 3, *[3] * d), randn(3, 4, *[3 - d // 3] * d, seed=1), randn(4, seed=2))
+            ),
+            Sample(
+                (randn(2, 4, *[3, 4, 2][:d]), randn(4, 3, *[2, 3, 2][:d], seed=1), None),
+                dict(stride=(2, 1, 2)[:d], padding=1, output_padding=(1, 0, 1)[:d], groups=2),
+            ),
+            Sample(
+                (randn(1, 2, *[3] * d), randn(2, 2, *[2] * d, seed=1), randn(2, seed=2)),
+                dict(stride=2, dilation=2, padding=1),
+            ),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        weight = arguments.get("weight")
+        if isinstance(weight, (list, tuple)):
+            raise UnsupportedConfigurationError(
+                f"{self.name} called with output_size: pass output_padding instead"
+            )
+        if isinstance(arguments.get("padding"), str):
+            raise UnsupportedConfigurationError(
+                f"{self.name} with padding={arguments['padding']!r}"
+            )
+        super().check(arguments)
+
+    def _adjoint(self, c: Tensor, weight: Tensor, ctx) -> Tensor:
+        """``A(c; W)``: the convolution whose adjoint this op is (``[B, C_out, *O]`` in)."""
+        return _CONV[self.dims](c, weight, None, groups=ctx.groups, **self._geometry(ctx))
+
+    def _apply(self, x: Tensor, weight: Tensor, ctx) -> Tensor:
+        """``T(x; W)`` without bias, for ``x`` ``[B, C_in, *S]``."""
+        geometry = self._geometry(ctx)
+        return _CONV_TRANSPOSE[self.dims](
+            x,
+            weight,
+            None,
+            geometry["stride"],
+            geometry["padding"],
+            _ntuple(self.dims)(ctx.output_padding),
+            ctx.groups,
+            geometry["dilation"],
+        )
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        out = 0
+        if "input" in tangents:
+            t = tangents["input"]
+            out = out + self._apply(t.flatten(0, 1), ctx.weight, ctx).unflatten(0, t.shape[:2])
+        if "weight" in tangents:
+            out = out + torch.vmap(lambda w: self._apply(ctx.input, w, ctx))(tangents["weight"])
+        if "bias" in tangents:
+            out = out + self._bias(tangents["bias"])
+        return out.expand(out.shape[0], *ctx.output.shape)
+
+    def _weight_products(self, ctx, c: Tensor, x: Tensor, summed: str) -> Tensor:
+        """``sum_p x_p C_p^T`` per sample (``summed=""``) or summed over samples (``"n"``).
+
+        ``c`` is ``[K, N, C_out, *O]`` and ``x`` is ``[(K,) N, C_in, *S]``.
+        """
+        cols = self._patches(c, ctx)  # [K, N, g, j, p]
+        x = self._positions(x, ctx)
+        x_letters = "kngip" if x.dim() == 5 else "ngip"
+        out = "k" + ("" if summed else "n") + "gij"
+        w = torch.einsum(f"kngjp,{x_letters}->{out}", cols, x)
+        return w.reshape(w.shape[: 2 - len(summed)] + ctx.weight.shape)
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        result = {}
+        if "input" in slots:
+            c = cotangent.flatten(0, 1)
+            result["input"] = self._adjoint(c, ctx.weight, ctx).unflatten(0, cotangent.shape[:2])
+        if "weight" in slots:
+            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "")
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(self._spatial())
+        return result
+
+    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        result = {}
+        if "input" in slots:
+            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
+        if "weight" in slots:
+            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "n")
+        if "bias" in slots:
+            result["bias"] = cotangent.sum((1,) + self._spatial())
+        return result
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = self._adjoint(cotangent, ctx.weight, ctx)
+        if "weight" in slots:
+            mean_input = ctx.input.mean(0, keepdim=True)
+            w = self._weight_products(ctx, cotangent.unsqueeze(1), mean_input, "")
+            result["weight"] = w.squeeze(1)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(self._spatial())
+        return result
+
+    def kron_factors(self, ctx, slot, factors):
+        """KFC factors with the roles of the sides swapped (the weight is ``[C_in, ...]``).
+
+        ``A = (1/(N P)) sum_{n,p} x_p x_p^T`` over input channels (``P`` input positions)
+        and ``G = sum_{k,n,p} C_p C_p^T`` over the output factors' patches ``C``; the block
+        is ``A (x) G`` in the weight's row-major order.
+        """
+        if slot != "weight" or ctx.groups != 1:
+            return None
+        cols = self._patches(factors, ctx)[:, :, 0]  # [K, N, j, p]
+        x = self._positions(ctx.input, ctx)[:, 0]  # [N, i, p]
+        input_factor = torch.einsum("nip,nqp->iq", x, x) / (x.shape[0] * x.shape[-1])
+        return input_factor, torch.einsum("knjp,knlp->jl", cols, cols)
+
+    def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
+        def product(t, wanted=None):
+            result = {}
+            if "weight" in t and (wanted is None or "input" in wanted):
+                result["input"] = torch.vmap(lambda w: self._adjoint(grad_output, w, ctx))(
+                    t["weight"]
+                )
+            if "input" in t and (wanted is None or "weight" in wanted):
+                g = grad_output.unsqueeze(0).expand(t["input"].shape[0], *grad_output.shape)
+                result["weight"] = self._weight_products(ctx, g, t["input"], "")
+            return result
+
+        return CrossTerms(product)
+
+
+for _dims in (1, 2, 3):
+    register_rule(_CONV[_dims])(ConvRule(_dims))
+    register_rule(_CONV_TRANSPOSE[_dims])(ConvTransposeRule(_dims))
