@@ -23,6 +23,7 @@ from curvgraph.curvature import (
 )
 from curvgraph.errors import CurvatureSizeError, CurvGraphError, TraceError, UnsupportedOpError
 from curvgraph.graph import CurvGraph, trace
+from curvgraph.inspection import inspect
 from curvgraph.losses import loss_hessian
 from curvgraph.rules import Rule, register_rule
 
@@ -42,6 +43,7 @@ __all__ = [
     "Rule",
     "TraceError",
     "UnsupportedOpError",
+    "inspect",
     "loss_hessian",
     "optim",
     "register_rule",

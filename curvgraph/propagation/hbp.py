@@ -23,7 +23,7 @@ is read when its last use has been processed. On a chain this is the plain recur
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,13 +32,13 @@ from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.curvature.blocks import Block
 from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
-from curvgraph.propagation.plan import gradients, plan
+from curvgraph.propagation.plan import Plan, gradients, plan
 from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import CHUNK_ELEMENTS, Context, Rule
 from curvgraph.rules.residuals import modify_symmetric
 
 if TYPE_CHECKING:
-    from curvgraph.graph import CurvGraph, NodeInfo
+    from curvgraph.graph import CurvGraph, NodeInfo, Record
 
 __all__ = ["backward_hessian", "resolve_curvature", "CURVATURES", "MODIFY_2ND_ORDER_TERMS"]
 
@@ -164,11 +164,8 @@ def backward_hessian(
     output = record.contexts[walk.output.name].output
     _check_output_hessian(output_hessian, output)
     shard = BatchShard(process_group, output.shape[0], output, loss_reduction)
-    for info in walk.order:  # fail fast, before any dense matrix is built
-        ctx = record.contexts[info.node.name]
-        for slot, key in walk.active_slots(info).items():
-            if not isinstance(key, str) or walk.tied(key):
-                _check_size(info, slot, _slot_size(ctx, slot), max_features)
+    for info, slot, size in dense_sizes(walk, record):  # fail fast, before any is built
+        _check_size(info, slot, size, max_features)
     grads = gradients(graph, walk.order, loss) if mode is not None else {}
     averaged = {True: average_param_jac, False: average_input_jac}  # keyed by "is parameter"
 
@@ -220,6 +217,19 @@ def backward_hessian(
                 blocks[key] = DenseBlock(_symmetric(matrix), shape)
     ordered = {n: blocks[n] for n in walk.parameters if n in blocks}
     return BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
+
+
+def dense_sizes(walk: Plan, record: Record) -> Iterator[Tuple[NodeInfo, str, int]]:
+    """``(node, argument, D)`` for every dense ``D x D`` argument matrix HBP builds.
+
+    Activations and tied parameters; an untied parameter's block is sized where it is built
+    (Kronecker blocks need none). Also used by :func:`curvgraph.inspect`.
+    """
+    for info in walk.order:
+        ctx = record.contexts[info.node.name]
+        for slot, key in walk.active_slots(info).items():
+            if not isinstance(key, str) or walk.tied(key):
+                yield info, slot, _slot_size(ctx, slot)
 
 
 def frontier_size(ctx: Context) -> int:

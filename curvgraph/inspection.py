@@ -1,0 +1,371 @@
+"""Coverage and cost report before any curvature computation: ``curvgraph.inspect``.
+
+One forward pass with an example input records the shapes; nothing else is computed. The
+report lists, per node, the op, the rule that serves it (hand-written, the autograd
+fallback, or missing), its parameter blocks, its output shape and the dense matrices HBP
+would build for its arguments (``D x D``, the sizes :func:`curvgraph.propagation.hbp.
+dense_sizes` checks against ``max_features``), and, for the model, which methods can run:
+
+- ``exact``: always, once every op has a rule (per-sample products, no dense matrices);
+- ``hbp`` / ``kfra``: every dense argument and parameter matrix within ``max_features``, and
+  no op that mixes samples (BatchNorm in training mode);
+- ``sqrt`` / ``diag`` / ``kflr`` / ``kfac``: no op that mixes samples; ``kflr``/``kfac`` give
+  Kronecker blocks where a rule has Kronecker structure (linear and convolution weights) and
+  exact / Monte-Carlo low-rank blocks elsewhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from curvgraph.errors import CurvGraphError
+from curvgraph.graph import CurvGraph, Record, _Recorder
+from curvgraph.propagation.hbp import dense_sizes
+from curvgraph.propagation.plan import plan
+from curvgraph.rules.fallback import FallbackRule
+from curvgraph.rules.registry import Rule
+
+__all__ = ["inspect", "inspect_graph", "InspectionReport", "NodeReport", "ParameterReport"]
+
+#: rule kinds, with their colours in :meth:`InspectionReport.plot`
+KINDS = {
+    "hand-written": "tab:green",
+    "fallback": "tab:orange",
+    "missing": "tab:red",
+    "input": "tab:blue",
+    "output": "tab:purple",
+    "attribute": "tab:gray",
+}
+METHOD_NAMES = ("exact", "hbp", "kfra", "sqrt", "diag", "kflr", "kfac")
+
+
+@dataclass
+class ParameterReport:
+    """A parameter block: its shape and the form HBP / KFLR / KFAC give it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    numel: int
+    kronecker: Optional[Tuple[int, int]] = None  # (output features, input features)
+    kronecker_factors: bool = False  # KFLR / KFAC give a Kronecker block
+
+    @property
+    def hbp_block(self) -> str:
+        """``Kronecker G (a x a) (x) A (b x b)`` or ``dense D x D`` (GGN)."""
+        if self.kronecker:
+            a, b = self.kronecker
+            return f"Kronecker {a}x{a} (x) {b}x{b}"
+        return f"dense {self.numel}x{self.numel}"
+
+
+@dataclass
+class NodeReport:
+    """One node of the traced graph."""
+
+    name: str
+    op: str
+    kind: str  # a key of KINDS
+    rule: str = "-"
+    where: str = ""
+    problem: str = ""
+    parameters: List[str] = field(default_factory=list)
+    output_shape: Optional[Tuple[int, ...]] = None
+    hbp_sizes: Dict[str, int] = field(default_factory=dict)  # argument -> D of D x D
+    mixes_samples: bool = False
+    inputs: List[str] = field(default_factory=list)
+
+
+@dataclass
+class InspectionReport:
+    """What :func:`inspect` found; ``str(report)`` is the table."""
+
+    model: str
+    nodes: List[NodeReport]
+    parameters: Dict[str, ParameterReport]
+    methods: Dict[str, str]  # method -> "yes ..." or "no: reason"
+    max_features: int
+
+    @property
+    def missing(self) -> List[NodeReport]:
+        """Nodes without a usable rule (with the fallback off)."""
+        return [n for n in self.nodes if n.kind == "missing"]
+
+    @property
+    def largest_hbp_matrix(self) -> int:
+        """``D`` of the largest dense ``D x D`` matrix HBP would build."""
+        sizes = [d for n in self.nodes for d in n.hbp_sizes.values()]
+        sizes += [p.numel for p in self.parameters.values() if not p.kronecker]
+        return max(sizes, default=0)
+
+    def __str__(self) -> str:
+        header = ("node", "op", "rule", "parameters", "output", "HBP matrices (D x D)")
+        rows = []
+        for n in self.nodes:
+            if n.kind in ("input", "output", "attribute"):
+                continue
+            rule = n.kind if n.kind != "hand-written" else f"{n.kind}: {n.rule}"
+            params = ", ".join(f"{p} {_shape(self.parameters[p].shape)}" for p in n.parameters)
+            sizes = ", ".join(f"{s}: {d}" for s, d in n.hbp_sizes.items())
+            shape = _shape(n.output_shape) if n.output_shape is not None else "-"
+            rows.append((n.name, n.op, rule, params or "-", shape, sizes or "-"))
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        lines = [f"curvgraph.inspect({self.model})"]
+        for row in [header, tuple("-" * w for w in widths)] + rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines += ["", "parameter blocks:"]
+        for p in self.parameters.values():
+            kfac = "Kronecker" if p.kronecker_factors else "low-rank"
+            lines.append(
+                f"  {p.name} {_shape(p.shape)} ({p.numel} entries): HBP {p.hbp_block}, "
+                f"KFLR/KFAC {kfac}"
+            )
+        if self.missing:
+            lines += ["", f"{len(self.missing)} node(s) without a rule:"]
+            lines += [f"  {n.name}: {n.op} at {n.where}" for n in self.missing]
+        lines += ["", f"methods (max_features={self.max_features}):"]
+        lines += [f"  {m:6s} {text}" for m, text in self.methods.items()]
+        return "\n".join(lines)
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph``: one node per graph node, the report's fields as attributes."""
+        try:
+            import networkx as nx
+        except ImportError as error:
+            raise ImportError(
+                "to_networkx needs networkx: pip install networkx (or curvgraph[graph])"
+            ) from error
+        graph = nx.DiGraph(model=self.model, methods=dict(self.methods))
+        for n in self.nodes:
+            graph.add_node(
+                n.name,
+                op=n.op,
+                kind=n.kind,
+                rule=n.rule,
+                where=n.where,
+                problem=n.problem,
+                parameters=list(n.parameters),
+                parameter_sizes={p: self.parameters[p].numel for p in n.parameters},
+                output_shape=n.output_shape,
+                hbp_sizes=dict(n.hbp_sizes),
+                mixes_samples=n.mixes_samples,
+            )
+        for n in self.nodes:
+            for source in n.inputs:
+                graph.add_edge(source, n.name)
+        return graph
+
+    def plot(self, path) -> None:
+        """Draw the graph into ``path``: layers by depth, colour by rule kind."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+
+        depth: Dict[str, int] = {}
+        for n in self.nodes:  # topological order
+            depth[n.name] = 1 + max((depth[s] for s in n.inputs if s in depth), default=-1)
+        layers: Dict[int, List[str]] = {}
+        for name, d in depth.items():
+            layers.setdefault(d, []).append(name)
+        position = {
+            name: (d, i - (len(names) - 1) / 2)
+            for d, names in layers.items()
+            for i, name in enumerate(names)
+        }
+        width = max(6.0, min(60.0, 0.5 * len(layers)))
+        height = max(3.0, min(30.0, 0.6 * max(len(v) for v in layers.values())))
+        figure, axes = plt.subplots(figsize=(width, height))
+        for n in self.nodes:
+            for source in n.inputs:
+                (x0, y0), (x1, y1) = position[source], position[n.name]
+                axes.plot([x0, x1], [y0, y1], color="0.75", lw=0.6, zorder=1)
+        kinds = {n.name: n.kind for n in self.nodes}
+        xs, ys = zip(*(position[n.name] for n in self.nodes))
+        colours = [KINDS[kinds[n.name]] for n in self.nodes]
+        axes.scatter(xs, ys, c=colours, s=40, zorder=2)
+        if len(self.nodes) <= 120:
+            for n in self.nodes:
+                x, y = position[n.name]
+                axes.annotate(n.name, (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+        used = sorted(set(kinds.values()), key=list(KINDS).index)
+        axes.legend(handles=[Patch(color=KINDS[k], label=k) for k in used], loc="best")
+        axes.set_title(f"{self.model}: rules per node")
+        axes.set_axis_off()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+def inspect(
+    model: nn.Module, *example_args: Any, fallback: bool = False, max_features: int = 8192
+) -> InspectionReport:
+    """Report coverage and cost of ``model`` before any curvature computation.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        *example_args: an example input (a batch), run once through the traced graph.
+        fallback: whether ops without a rule would use the autograd fallback (they are
+            reported as ``fallback`` instead of ``missing``).
+        max_features: the HBP size limit (see :func:`curvgraph.propagation.hbp.
+            backward_hessian`).
+
+    Returns:
+        An :class:`InspectionReport`; ``print(report)`` shows the table.
+    """
+    with warnings.catch_warnings():  # the report lists the fallback ops itself
+        warnings.simplefilter("ignore")
+        graph = CurvGraph(model, fallback=True, strict=False)
+    return inspect_graph(graph, example_args, {}, fallback, max_features)
+
+
+class _ShapeRecorder(_Recorder):
+    """The graph's recorder, also keeping the shape of every tensor."""
+
+    def __init__(self, graph: CurvGraph, record: Record):
+        super().__init__(graph, record)
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.shapes[n.name] = tuple(result.shape)
+        return result
+
+
+def inspect_graph(
+    graph: CurvGraph,
+    example_args: tuple = (),
+    example_kwargs: Optional[dict] = None,
+    fallback: Optional[bool] = None,
+    max_features: int = 8192,
+) -> InspectionReport:
+    """:func:`inspect` for a traced graph (``fallback=None``: as the graph was traced)."""
+    fallback = graph.fallback if fallback is None else fallback
+    if not example_args and not example_kwargs and graph._record is None:
+        raise CurvGraphError("pass an example input, or call the graph on a batch first")
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if example_args or example_kwargs:
+        record = Record()
+        recorder = _ShapeRecorder(graph, record)
+        with torch.no_grad():
+            record.result = recorder.run(*example_args, **(example_kwargs or {}))
+        graph._record, shapes = record, recorder.shapes
+    record = graph.record
+    problems = {name: reason for name, _, _, reason in graph.problems}
+    nodes = [_node_report(graph, n, record, shapes, problems, fallback) for n in _nodes(graph)]
+    by_name = {n.name: n for n in nodes}
+    parameters: Dict[str, ParameterReport] = {}
+    methods: Dict[str, str] = {}
+    blocked = [n for n in nodes if n.kind == "missing" or n.problem]
+    try:
+        walk = plan(graph) if not graph.problems else None
+    except CurvGraphError as error:
+        walk, methods = None, {m: f"no: {error}" for m in METHOD_NAMES}
+    if walk is not None:
+        for info, slot, size in dense_sizes(walk, record):
+            by_name[info.node.name].hbp_sizes[slot] = size
+        by_name[walk.output.name].hbp_sizes["output"] = (
+            record.contexts[walk.output.name].output[0].numel()
+        )
+        for info in walk.order:
+            for slot, key in walk.active_slots(info).items():
+                if isinstance(key, str) and key not in parameters:
+                    ctx = record.contexts[info.node.name]
+                    parameters[key] = _parameter_report(info.rule, ctx, slot, key, walk)
+                    by_name[info.node.name].parameters.append(key)
+                elif isinstance(key, str):
+                    by_name[info.node.name].parameters.append(key)
+    if blocked:
+        reason = f"no: {len(blocked)} node(s) without a usable rule"
+        if any(n.kind == "missing" for n in blocked):
+            reason += " (register rules, or trace with fallback=True)"
+        methods = {m: reason for m in METHOD_NAMES}
+    elif walk is not None:
+        methods = _methods(nodes, parameters, max_features)
+    return InspectionReport(type(graph.model).__name__, nodes, parameters, methods, max_features)
+
+
+def _nodes(graph: CurvGraph) -> List[torch.fx.Node]:
+    return list(graph.graph_module.graph.nodes)
+
+
+def _node_report(graph, node, record, shapes, problems, fallback) -> NodeReport:
+    inputs = [s.name for s in node.all_input_nodes]
+    if node.op in ("placeholder", "output", "get_attr"):
+        kind = {"placeholder": "input", "output": "output", "get_attr": "attribute"}[node.op]
+        return NodeReport(
+            node.name, node.op, kind, output_shape=shapes.get(node.name), inputs=inputs
+        )
+    info = graph.infos[node]
+    ctx = record.contexts.get(node.name)
+    if isinstance(info.rule, FallbackRule):
+        kind = "fallback" if fallback else "missing"
+    else:
+        kind = "missing" if info.rule is None else "hand-written"
+    shape = shapes.get(node.name) or (tuple(ctx.output.shape) if ctx is not None else None)
+    return NodeReport(
+        node.name,
+        info.op,
+        kind,
+        rule=info.rule.name if info.rule is not None else "-",
+        where=info.where,
+        problem=problems.get(node.name, ""),
+        output_shape=shape,
+        mixes_samples=bool(ctx is not None and ctx.mixes_samples),
+        inputs=inputs,
+    )
+
+
+def _parameter_report(rule: Rule, ctx, slot: str, name: str, walk) -> ParameterReport:
+    value = ctx.value(slot)
+    report = ParameterReport(name, tuple(value.shape), value.numel())
+    if not walk.tied(name) and value.dim() >= 2:
+        if rule.kron_input(ctx, slot) is not None:
+            report.kronecker = (value.shape[0], value[0].numel())
+        report.kronecker_factors = type(rule).kron_factors is not Rule.kron_factors
+    return report
+
+
+def _methods(nodes, parameters, max_features) -> Dict[str, str]:
+    mixing = [n.name for n in nodes if n.mixes_samples]
+    too_large = [
+        (n.name, s, d) for n in nodes for s, d in n.hbp_sizes.items() if d > max_features
+    ] + [
+        (p.name, "block", p.numel)
+        for p in parameters.values()
+        if not p.kronecker and p.numel > max_features
+    ]
+    no_mixing = f"no: node(s) {', '.join(mixing)} mix samples; use exact" if mixing else ""
+    kron = sum(1 for p in parameters.values() if p.kronecker_factors)
+    largest = max([d for n in nodes for d in n.hbp_sizes.values()], default=0)
+    if too_large:
+        name, slot, size = max(too_large, key=lambda t: t[2])
+        hbp = (
+            f"no: {len(too_large)} dense matrices above max_features, the largest "
+            f"{size}x{size} ({name} {slot}); use exact or kfac, or raise max_features"
+        )
+    else:
+        hbp = no_mixing or f"yes (largest dense argument matrix {largest}x{largest})"
+    factor = no_mixing or "yes"
+    return {
+        "exact": "yes (per-sample products, no dense matrices)",
+        "hbp": hbp,
+        "kfra": hbp,
+        "sqrt": factor,
+        "diag": factor,
+        "kflr": no_mixing
+        or f"yes ({kron} Kronecker block(s), {len(parameters) - kron} exact low-rank)",
+        "kfac": no_mixing
+        or f"yes ({kron} Kronecker block(s), {len(parameters) - kron} Monte-Carlo low-rank)",
+    }
