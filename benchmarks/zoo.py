@@ -7,7 +7,7 @@ For every model of ``torchvision.models.list_models(module=torchvision.models)``
   (otherwise the ops without one are listed);
 - **fallback**: ``curvgraph.trace(model, fallback=True)`` succeeds;
 - **exact**: GGN block products of ``method="exact"`` equal ``torch.func`` (float64, eval mode,
-  batch 2, the smallest of 64, 224, 299 pixels the model accepts, cross-entropy): for a few
+  batch 2, the smallest of ``--sizes`` pixels the model accepts, cross-entropy): for a few
   parameter blocks chosen at random with a fixed seed, ``J^T H J v`` with ``J`` the Jacobian
   of the outputs w.r.t. the block (``torch.func.jvp`` / ``vjp``) and ``H`` the loss Hessian
   w.r.t. the outputs (``jvp`` of ``grad``). Models above ``--max-params`` are not checked
@@ -39,7 +39,7 @@ import curvgraph
 
 __all__ = ["build", "input_size", "exact_check", "zoo_row", "markdown", "main"]
 
-SIZES = (64, 224, 299)
+SIZES = (64, 224, 299)  # input sizes tried, smallest first
 TOLERANCE = 1e-8
 
 
@@ -53,9 +53,9 @@ def build(name: str, device: str = "cpu") -> nn.Module:
     return model.eval()
 
 
-def input_size(model: nn.Module) -> Optional[int]:
-    """The smallest of :data:`SIZES` that the model accepts (``None`` if none)."""
-    for size in SIZES:
+def input_size(model: nn.Module, sizes: Sequence[int] = SIZES) -> Optional[int]:
+    """The smallest of ``sizes`` that the model accepts (``None`` if none)."""
+    for size in sizes:
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, size, size))
@@ -95,22 +95,27 @@ def exact_check(
     vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
     products = curv.matvec(vectors)
     errors = {}
-    for name in names:
-        expected = _ggn_vector_product(model, params, name, x, y, vectors[name])
+    references = _ggn_vector_products(model, params, x, y, vectors)
+    for name, expected in references.items():
         scale = expected.abs().max().clamp(min=torch.finfo(dtype).tiny)
         errors[name] = ((products[name] - expected).abs().max() / scale).item()
     return errors
 
 
-def _ggn_vector_product(model, params, name, x, y, v) -> Tensor:
-    """``J^T H J v`` restricted to block ``name``, with torch.func only."""
+def _ggn_vector_products(model, params, x, y, vectors) -> Dict[str, Tensor]:
+    """``J_b^T H J_b v_b`` for each block ``b`` of ``vectors``, with torch.func only."""
+    blocks = {name: params[name] for name in vectors}
 
-    def outputs(theta):
-        return functional_call(model, {**params, name: theta}, (x,))
+    def outputs(values):
+        return functional_call(model, {**params, **values}, (x,))
 
-    out, jv = jvp(outputs, (params[name],), (v,))
-    _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out.detach(),), (jv,))
-    return vjp(outputs, params[name])[1](hjv)[0]
+    out, pullback = vjp(outputs, blocks)  # one linearisation for every block's J_b^T
+    result = {}
+    for name, v in vectors.items():
+        _, jv = jvp(lambda theta, name=name: outputs({name: theta}), (blocks[name],), (v,))
+        _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out.detach(),), (jv,))
+        result[name] = pullback(hjv)[0][name]
+    return result
 
 
 def _trace_status(model: nn.Module, fallback: bool) -> Dict:
@@ -125,7 +130,13 @@ def _trace_status(model: nn.Module, fallback: bool) -> Dict:
         return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
-def zoo_row(name: str, exact: bool = True, max_params: float = 150e6, blocks: int = 3) -> Dict:
+def zoo_row(
+    name: str,
+    exact: bool = True,
+    max_params: float = 150e6,
+    blocks: int = 3,
+    sizes: Sequence[int] = SIZES,
+) -> Dict:
     """One model's row of the table (see the module docstring)."""
     start = time.perf_counter()
     try:
@@ -148,7 +159,7 @@ def zoo_row(name: str, exact: bool = True, max_params: float = 150e6, blocks: in
     if exact and row["fallback"] and row["params"] <= max_params:
         try:
             model = build(name)
-            row["input"] = input_size(model)
+            row["input"] = input_size(model, sizes)
             errors = exact_check(model.double(), row["input"], blocks, fallback=not hand["ok"])
             row["exact_errors"] = errors
             row["exact"] = max(errors.values()) < TOLERANCE
@@ -215,13 +226,18 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--no-exact", action="store_true", help="tracing columns only")
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="input sizes to try, smallest first"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo.json"))
     args = parser.parse_args(argv)
     names = args.models.split(",") if args.models else None
     names = names or torchvision.models.list_models(module=torchvision.models)
     rows = []
     for name in names:
-        rows.append(zoo_row(name, not args.no_exact, args.max_params, args.blocks))
+        sizes = [int(s) for s in args.sizes.split(",")]
+        rows.append(zoo_row(name, not args.no_exact, args.max_params, args.blocks, sizes))
+        rows[-1]["commit"] = _commit()
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"commit": _commit(), "rows": rows}, indent=1))
