@@ -226,6 +226,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--no-exact", action="store_true", help="tracing columns only")
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--commit", default="", help="label (default: git rev-parse HEAD)")
     parser.add_argument(
         "--sizes", default=",".join(map(str, SIZES)), help="input sizes to try, smallest first"
     )
@@ -233,15 +234,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = parser.parse_args(argv)
     names = args.models.split(",") if args.models else None
     names = names or torchvision.models.list_models(module=torchvision.models)
+    commit = args.commit or _commit()
     rows = []
     for name in names:
         sizes = [int(s) for s in args.sizes.split(",")]
         rows.append(zoo_row(name, not args.no_exact, args.max_params, args.blocks, sizes))
-        rows[-1]["commit"] = _commit()
+        rows[-1]["commit"] = commit
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"commit": _commit(), "rows": rows}, indent=1))
-    print(markdown(rows, _commit()))
+        args.out.write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
+    print(markdown(rows, commit))
     return rows
 
 
