@@ -166,30 +166,44 @@ def test_linear_least_squares_one_undamped_newton_step_lands_on_the_minimiser():
 
 # -- Levenberg-Marquardt -------------------------------------------------------------------------
 def test_lm_damping_down_after_good_step_up_after_bad_step():
+    alpha = 0.2
+    lam = alpha / (1 - alpha)
     for scale, direction in [(1.0, "down"), (0.05, "up")]:
         problem = Quadratic(seed=3)
-        alpha = 0.2
+        given = problem.curvature(scale)
+        # the trial step, from dense solves of the given (damped) blocks, and its ratio
+        steps = {n: -damped_solve(given[n], problem.grads[n], alpha) for n in problem.params}
+        with torch.no_grad():
+            for n, p in problem.params.items():
+                p.copy_(problem.start[n] + steps[n])
+        trial = problem.loss().item()
+        with torch.no_grad():
+            for n, p in problem.params.items():
+                p.copy_(problem.start[n])
+        change = sum(
+            (problem.grads[n] * s).sum() + 0.5 * (s * given[n].matvec(s)).sum()
+            for n, s in steps.items()
+        ).item()
+        f0 = problem.loss().item()
+        expected_rho = (trial - f0) / change
+
         opt = CGNewton(
             problem.params.values(), lr=1.0, alpha=alpha, damping="lm", cg_tol=1e-13, cg_maxiter=200
         )
-        f0 = problem.loss().item()
-        opt.step(problem.curvature(scale), closure=problem.loss)
-        lam = alpha / (1 - alpha)
+        opt.step(given, closure=problem.loss)
         rho = opt.state[problem.params["w"]]["reduction_ratio"]
-        # the same ratio from its definition: actual change / model change with the given curvature
-        given = problem.curvature(scale)
-        change = sum(
-            (problem.grads[n] * s).sum() + 0.5 * (s * given[n].matvec(s)).sum()
-            for n, s in ((n, p.detach() - problem.start[n]) for n, p in problem.params.items())
-        )
-        assert rho == pytest.approx((problem.loss().item() - f0) / change.item(), rel=1e-9)
+        assert rho == pytest.approx(expected_rho, rel=1e-8)
         new = opt.param_groups[0]["alpha"]
-        if direction == "down":  # exact model: rho = 1
+        if direction == "down":  # exact model: rho = 1, the step is kept
             assert rho == pytest.approx(1.0, rel=1e-9)
             assert new == pytest.approx((lam / 1.5) / (1 + lam / 1.5), rel=1e-12)
-        else:  # curvature 20x too small: the step overshoots
-            assert rho < 0.25
+            for n, p in problem.params.items():
+                torch.testing.assert_close(p.detach(), problem.start[n] + steps[n])
+        else:  # curvature 20x too small: the step overshoots, the loss goes up: rejected
+            assert rho < 0
             assert new == pytest.approx((lam * 1.5) / (1 + lam * 1.5), rel=1e-12)
+            for n, p in problem.params.items():
+                assert torch.equal(p.detach(), problem.start[n])
 
 
 def test_lm_from_zero_damping_and_non_finite_loss_is_undone():

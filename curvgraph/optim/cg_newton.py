@@ -45,7 +45,8 @@ class CGNewton(torch.optim.Optimizer):
     - ``damping="lm"``: ``alpha`` adapted after every step from the reduction ratio
       ``rho = (L(theta + s) - L(theta)) / q(s)`` of the quadratic model
       ``q(s) = g^T s + 1/2 s^T C s`` (:mod:`curvgraph.optim.levenberg_marquardt`); needs a
-      ``closure``. A step whose re-evaluated loss is not finite is undone.
+      ``closure``. A step that does not lower the re-evaluated loss (``rho <= 0``, or a
+      loss that is not finite) is rejected: the parameters go back, the damping goes up.
     - ``warm_start=decay``: CG starts from ``decay`` times the previous CG solution
       (Martens 2010).
     - ``backtracking=True``: CG iterates at iterations ``ceil(1.3^j)`` are kept and, going
@@ -277,7 +278,7 @@ class CGNewton(torch.optim.Optimizer):
         gradients = {n: p.grad for n, p in params.items()}
         change = float(model_change(gradients, self._final_steps, curvature))
         rho = reduction_ratio(new_loss, float(loss), change)
-        if not math.isfinite(new_loss):  # never keep a step that makes the loss NaN/inf
+        if not rho > 0:  # the loss went up (or is not finite): the step is rejected
             for n, p in params.items():
                 p.copy_(start[n])
         for group, ps in plan:

@@ -18,6 +18,8 @@ Indefinite factors (Hessian blocks): a product eigenvalue ``l_G l_A < 0`` is rep
 absolute value (the saddle-free choice, so the step stays a descent direction). An
 eigenvalue of the damped matrix at rounding level (``alpha = 0`` and a singular factor) is
 dropped: the solution is then the minimum-norm (pseudo-inverse) one, never inf or NaN.
+A factor whose ``eigh`` fails to converge is decomposed again in float64; if that fails too
+(NaN/inf entries) the solution is NaN, which ``CGNewton`` never applies.
 """
 
 from __future__ import annotations
@@ -77,7 +79,15 @@ def _factor_eigen(factor: Tensor):
         norm = torch.linalg.vector_norm(factor)
         tiny = torch.finfo(factor.dtype).tiny
         return (norm**2).reshape(1), (factor / norm.clamp_min(tiny)).unsqueeze(-1)
-    return torch.linalg.eigh(factor)
+    try:
+        return torch.linalg.eigh(factor)
+    except torch.linalg.LinAlgError:  # e.g. float32 with a huge range: retry in float64
+        try:
+            values, vectors = torch.linalg.eigh(factor.double())
+            return values.to(factor.dtype), vectors.to(factor.dtype)
+        except torch.linalg.LinAlgError:  # NaN/inf entries: a NaN solution, never applied
+            nan = torch.full_like(factor, float("nan"))
+            return nan[0], nan
 
 
 def kronecker_solve(block_or_eigen, rhs: Tensor, alpha: float, shape: torch.Size = None) -> Tensor:
