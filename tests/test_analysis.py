@@ -247,3 +247,15 @@ def test_small_blocks_give_at_most_numel_eigenvalues():
     values = curv.top_eigenvalues(7, generator=0)
     assert values["diagonal"].shape == (6,)
     assert_eigenvalues(values["diagonal"], top(curv["diagonal"].to_dense(), 6), 3.0)
+
+
+def test_lanczos_on_an_indefinite_block_with_zero_diagonal():
+    # [[0, B], [B^T, 0]] has eigenvalues +-sigma(B); every Rayleigh quotient alpha may be ~0
+    b = torch.randn(4, 4, generator=torch.Generator().manual_seed(9), dtype=DTYPE)
+    matrix = torch.cat([torch.cat([torch.zeros_like(b), b], 1), torch.cat([b.T, 0 * b], 1)])
+    curv = BlockCurvature(
+        {"w": DenseBlock(matrix, (8,))}, {"w": torch.zeros(8, dtype=DTYPE)}, "test", "test"
+    )
+    values = curv.top_eigenvalues(8, generator=0)["w"]
+    expected = torch.cat([torch.linalg.svdvals(b), -torch.linalg.svdvals(b).flip(0)])
+    assert_eigenvalues(values, expected, expected.max())

@@ -36,7 +36,7 @@ Columns = Dict[str, Tensor]  # name -> columns [K, numel]
 Seed = Union[torch.Generator, int, None]
 #: the key of the whole block diagonal in the lockstep loops
 _ALL = "<block diagonal>"
-#: ``beta_j <= _BREAKDOWN * eps * max |alpha|`` marks an invariant Krylov subspace
+#: ``beta_j <= _BREAKDOWN * eps * max(|alpha|, beta)`` marks an invariant Krylov subspace
 _BREAKDOWN = 100.0
 
 
@@ -236,7 +236,7 @@ def _lanczos(matmat, dims, iterations, like, generator) -> Dict[str, Tuple]:
             if len(basis) == iterations[key]:
                 continue
             beta = torch.linalg.vector_norm(w)
-            scale = torch.stack(alphas[key]).abs().max()
+            scale = torch.stack(alphas[key] + betas[key]).abs().max()  # ~ ||T|| <= ||C||
             if beta <= _BREAKDOWN * eps * scale:  # invariant subspace: restart orthogonally
                 w = _random((dims[key],), like, generator)
                 for _ in range(2):
