@@ -207,7 +207,7 @@ def test_divergence_is_recorded_not_dropped():
 
 def test_full_suite_falls_back_to_bundled_data(monkeypatch, tmp_path):
     spec = replace(convergence.SUITES["full"], max_train=64, max_test=32)
-    monkeypatch.setattr(convergence, "DEFAULT_FASHION_MNIST", tmp_path / "missing")
+    monkeypatch.setattr(convergence.data, "DEFAULT_FASHION_MNIST", tmp_path / "missing")
     info, _ = convergence._load_data(spec, None)
     assert info["key"] == "mnist-subset" and "not found" in info["note"]
     with pytest.raises(FileNotFoundError):  # an explicit directory must exist
