@@ -20,7 +20,9 @@ Sections (``--sections``, default all):
 - ``convergence`` (:mod:`benchmarks.convergence`): CG-Newton (GGN, PCH, Hessian) against SGD
   and Adam;
 - ``seed``: the seed tutorial (:mod:`curvgraph.examples.seed_tutorial`), its figure and its
-  final numbers.
+  final numbers;
+- ``solvers`` (:mod:`benchmarks.solvers`): a CG-Newton step with exact Kronecker (eig)
+  solves against CG, and LM against constant damping on Fashion-MNIST.
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every
@@ -52,7 +54,7 @@ from benchmarks.timing import contention, cpu_snapshot, environment, load_averag
 __all__ = ["SECTIONS", "SUITES", "main", "parse_args", "report", "run", "write_results"]
 
 SCHEMA_VERSION = 1
-SECTIONS = ("cost", "accuracy", "convergence", "seed")
+SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers")
 SUITES = ("quick", "full")  # public; "smoke" (tests) is accepted but not advertised
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -186,6 +188,10 @@ def _last_epoch(history: Dict[str, List[float]], key: str) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _run_solvers(args, out: Path) -> Dict[str, Any]:
+    return _module("solvers").run(args.suite, args.device, args.data_dir, not args.no_progress)
+
+
 def _run_seed(args, out: Path) -> Dict[str, Any]:
     from curvgraph.examples import seed_tutorial
 
@@ -217,6 +223,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "accuracy": _run_accuracy,
     "convergence": _run_convergence,
     "seed": _run_seed,
+    "solvers": _run_solvers,
 }
 
 
