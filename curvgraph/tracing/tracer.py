@@ -13,6 +13,7 @@ from torch import nn
 
 from curvgraph.errors import TraceError
 from curvgraph.rules.registry import lookup_rule
+from curvgraph.tracing.decompositions import decompose
 
 __all__ = ["symbolic_trace", "node_key", "source_line"]
 
@@ -47,6 +48,7 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
             "trace, or rewrite it without data-dependent branches."
         ) from error
+    decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout -> primitive ops
     _split_multi_output(graph)
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 

@@ -1,0 +1,241 @@
+"""Dropout variants and stochastic depth, in evaluation and in training mode.
+
+In training mode these ops multiply by a random mask drawn in the forward pass. The
+decompositions here rewrite each call into two nodes, so that the mask is *recorded*:
+
+    mask = dropout_mask(x, kind, p, training, owner)    # no derivatives; ones in eval mode
+    y = apply_dropout_mask(x, mask, kind, p, training, owner)   # J = diag(mask)
+
+so every method sees the linear map that was actually applied (``J_n = diag(m_n)``, zero
+residual; the batch-averaged Jacobian of HBP is ``diag(mean_n m_n)``). ``owner`` is the
+module (read at run time, so ``model.train()`` / ``model.eval()`` after tracing take
+effect); functional spellings pass ``p`` and ``training`` as traced.
+
+Masks (``b ~ Bernoulli(1 - p)``, shapes broadcast against ``x`` ``[N, C, *S]``):
+
+- ``"element"`` (``nn.Dropout``): ``b / (1 - p)`` per entry;
+- ``"feature"`` (``nn.Dropout1d/2d/3d``): ``b / (1 - p)`` per sample and channel;
+- ``"alpha"`` / ``"feature_alpha"`` (``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``):
+  ``y = s (x + alpha) - alpha a (1 - p)`` with ``s = a b``, ``a = ((1 - p)(1 + p alpha^2))^(-1/2)``
+  (PyTorch's formula), affine in ``x`` with ``J = diag(s)``;
+- ``"row"`` / ``"batch"`` (``torchvision.ops.StochasticDepth``): ``b / (1 - p)`` per sample
+  (``row``) or one draw for the batch (``batch``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvgraph.rules.registry import (
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.residuals import Zero
+from curvgraph.tracing.decompositions import register_decomposition
+
+__all__ = ["dropout_mask", "apply_dropout_mask", "ApplyDropoutMaskRule"]
+
+_ALPHA = 1.7580993408473766  # SELU's alpha * scale, as in PyTorch's alpha_dropout
+_KINDS = ("element", "feature", "alpha", "feature_alpha", "row", "batch")
+
+
+def _options(p, training, owner):
+    """``(p, training)``, read from ``owner`` (a module) when given."""
+    if owner is None:
+        return p, training
+    if isinstance(owner, nn.MultiheadAttention):
+        return owner.dropout, owner.training
+    return owner.p, owner.training
+
+
+def _active(p, training, owner) -> bool:
+    p, training = _options(p, training, owner)
+    return bool(training) and p > 0
+
+
+def dropout_mask(input: Tensor, kind: str, p=0.5, training=True, owner=None) -> Tensor:
+    """The multiplier ``s`` of a dropout call (ones ``[N, 1, ...]`` when it is the identity).
+
+    Shapes: ``input``'s for element masks, ``[N, C, 1, ...]`` for feature masks,
+    ``[N, 1, ...]`` for stochastic depth; always with the batch axis first.
+    """
+    n = input.shape[0]
+    ones = [1] * (input.dim() - 2)
+    if not _active(p, training, owner):
+        return input.new_ones(n, 1, *ones)
+    p, training = _options(p, training, owner)
+    shape = {
+        "element": input.shape,
+        "alpha": input.shape,
+        "feature": (n, input.shape[1], *ones),
+        "feature_alpha": (n, input.shape[1], *ones),
+        "row": (n, 1, *ones),
+        "batch": (1, 1, *ones),
+    }[kind]
+    if p == 1:
+        keep = input.new_zeros(shape)
+    else:
+        keep = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
+    if kind == "batch":
+        keep = keep.expand(n, *keep.shape[1:])
+    if kind in ("alpha", "feature_alpha"):
+        return keep * ((1 - p) * (1 + p * _ALPHA**2)) ** -0.5
+    return keep / (1 - p) if p < 1 else keep
+
+
+def apply_dropout_mask(
+    input: Tensor, mask: Tensor, kind: str, p=0.5, training=True, owner=None
+) -> Tensor:
+    """``y = x * s`` (plus the constant shift of alpha dropout); ``x`` in evaluation mode."""
+    if not _active(p, training, owner):
+        return input
+    if kind in ("alpha", "feature_alpha"):
+        p, _ = _options(p, True, owner)
+        a = ((1 - p) * (1 + p * _ALPHA**2)) ** -0.5
+        return mask * (input + _ALPHA) - _ALPHA * a * (1 - p)
+    return input * mask
+
+
+def _no_derivative(input, kind, p=0.5, training=True, owner=None):
+    raise NotImplementedError  # signature only
+
+
+class _MaskRule(Rule):
+    """``dropout_mask``: random, no derivatives (it never depends on parameters)."""
+
+    name = "dropout_mask"
+    signature = inspect.signature(_no_derivative)
+    differentiable = ()
+
+
+register_rule(dropout_mask)(_MaskRule())
+
+
+@register_rule(apply_dropout_mask)
+class ApplyDropoutMaskRule(Rule):
+    """``y = s * x (+ c)`` with the recorded multiplier ``s``: ``J_n = diag(s_n)``, ``R = 0``."""
+
+    name = "apply_dropout_mask"
+    function = staticmethod(apply_dropout_mask)
+    signature = inspect.signature(apply_dropout_mask)
+
+    def samples(self):  # noqa: D102
+        x = randn(3, 4, 2)
+        bits = (randn(3, 4, 2, seed=1) > 0).double()
+        return [
+            Sample((x, torch.ones(3, 1, 1, dtype=x.dtype), "element"), dict(training=False)),
+            Sample((x, bits * 2, "element"), dict(p=0.5)),
+            Sample((x, bits[:, :, :1] * 1.25, "feature"), dict(p=0.2)),
+            Sample((x, bits * 0.9, "alpha"), dict(p=0.3)),
+            Sample((x, bits[:, :1, :1] * 4 / 3, "row"), dict(p=0.25)),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        if arguments["kind"] not in _KINDS:
+            raise UnsupportedConfigurationError(f"dropout kind {arguments['kind']!r}")
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        return ctx.mask * tangents["input"]
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" not in slots:
+            return {}
+        return {"input": (ctx.mask * cotangent).expand(*cotangent.shape[:2], *ctx.input.shape[1:])}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" not in slots:
+            return {}
+        return {
+            "input": (ctx.mask.mean(0) * cotangent).expand(cotangent.shape[0], *ctx.input.shape[1:])
+        }
+
+    def residual(self, ctx, grad_output):  # noqa: D102
+        return Zero()
+
+
+# -- decompositions -------------------------------------------------------------------------------
+def _decomposition(kind: str):
+    def module_call(call, input, *args, **kwargs):
+        owner = call.owner()
+        mask = call.function(dropout_mask, input, kind, owner=owner)
+        return call.function(apply_dropout_mask, input, mask, kind, owner=owner)
+
+    return module_call
+
+
+for _module, _kind in [
+    (nn.Dropout, "element"),
+    (nn.Dropout1d, "feature"),
+    (nn.Dropout2d, "feature"),
+    (nn.Dropout3d, "feature"),
+    (nn.AlphaDropout, "alpha"),
+    (nn.FeatureAlphaDropout, "feature_alpha"),
+]:
+    register_decomposition(_module)(_decomposition(_kind))
+
+
+def _functional(kind: str):
+    def function_call(call, input, p=0.5, training=True, inplace=False):
+        if isinstance(p, torch.fx.Proxy) or isinstance(training, torch.fx.Proxy):
+            raise UnsupportedConfigurationError("dropout with p or training computed in the graph")
+        mask = call.function(dropout_mask, input, kind, p, training)
+        return call.function(apply_dropout_mask, input, mask, kind, p, training)
+
+    return function_call
+
+
+for _function, _kind in [
+    (F.dropout, "element"),
+    (F.dropout1d, "feature"),
+    (F.dropout2d, "feature"),
+    (F.dropout3d, "feature"),
+    (F.alpha_dropout, "alpha"),
+    (F.feature_alpha_dropout, "feature_alpha"),
+]:
+    register_decomposition(_function)(_functional(_kind))
+
+
+def _placeholder(name: str):
+    """A rule that keeps a decomposed module a leaf; it is never called on data."""
+
+    def signature(*args, **kwargs):
+        raise NotImplementedError
+
+    rule = Rule()
+    rule.name, rule.signature, rule.differentiable = name, inspect.signature(signature), ()
+    return rule
+
+
+for _module in (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+    register_rule(_module)(_placeholder(_module.__name__))
+
+try:  # torchvision is optional
+    import torchvision.ops as _ops
+except ImportError:  # pragma: no cover
+    _ops = None
+
+if _ops is not None:
+
+    @register_decomposition(_ops.StochasticDepth)
+    def _stochastic_depth_module(call, input):
+        if call.module.mode not in ("row", "batch"):
+            raise UnsupportedConfigurationError(f"stochastic depth mode {call.module.mode!r}")
+        owner, mode = call.owner(), call.module.mode
+        mask = call.function(dropout_mask, input, mode, owner=owner)
+        return call.function(apply_dropout_mask, input, mask, mode, owner=owner)
+
+    @register_decomposition(_ops.stochastic_depth)
+    def _stochastic_depth(call, input, p, mode, training=True):
+        if mode not in ("row", "batch") or isinstance(training, torch.fx.Proxy):
+            raise UnsupportedConfigurationError(f"stochastic_depth with mode={mode!r}")
+        mask = call.function(dropout_mask, input, mode, p, training)
+        return call.function(apply_dropout_mask, input, mask, mode, p, training)
+
+    register_rule(_ops.StochasticDepth)(_placeholder("StochasticDepth"))

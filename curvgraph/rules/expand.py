@@ -1,0 +1,83 @@
+"""``expand`` / ``expand_as`` (linear, zero residual) and ``addmm`` / ``baddbmm`` (decomposed).
+
+``y = x.expand(*sizes)`` repeats size-1 feature axes: ``J t = t.expand(...)``, ``J^T c`` sums
+the repeated axes. The batch axis must stay the samples' axis (same rank, same size).
+``torch.addmm(b, m1, m2, beta, alpha) = beta b + alpha (m1 @ m2)`` and ``baddbmm`` (batched
+``bmm``) are rewritten at trace time into ``matmul``, ``mul`` and ``add``, which have rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.registry import (
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.tracing.decompositions import register_decomposition
+
+__all__ = ["ExpandRule"]
+
+alias("expand", torch.Tensor.expand)
+alias("expand_as", torch.Tensor.expand_as)
+
+
+class ExpandRule(LinearMapRule):
+    """``x.expand(...)`` / ``x.expand_as(other)`` of an activation, batch axis kept."""
+
+    def apply(self, ctx, input):
+        """The recorded expansion of each sample, for any number of leading samples."""
+        return input.expand(input.shape[0], *ctx.output.shape[1:])
+
+    def validate(self, ctx):  # noqa: D102
+        super().validate(ctx)
+        if ctx.output.dim() != ctx.input.dim():
+            raise UnsupportedConfigurationError(
+                f"{self.name} from {tuple(ctx.input.shape)} to {tuple(ctx.output.shape)} adds "
+                "leading axes, so dimension 0 would no longer be the batch axis"
+            )
+
+
+def _expand(input, *sizes):
+    return input.expand(*sizes)
+
+
+def _expand_as(input, other):
+    return input.expand_as(other)
+
+
+register_rule("expand")(
+    ExpandRule(
+        "expand",
+        _expand,
+        lambda: [
+            Sample((randn(2, 1, 3), -1, 4, 3)),
+            Sample((randn(3, 2, 1), 3, -1, 5)),
+        ],
+    )
+)
+register_rule("expand_as")(
+    ExpandRule(
+        "expand_as",
+        _expand_as,
+        lambda: [Sample((randn(2, 3, 1), torch.empty(2, 3, 4, dtype=torch.float64)))],
+    )
+)
+
+
+def _scaled(value, factor):
+    return value if factor == 1 else value * factor
+
+
+@register_decomposition(torch.addmm, "addmm")
+def _addmm(call, input, mat1, mat2, *, beta=1, alpha=1):
+    return _scaled(input, beta) + _scaled(mat1 @ mat2, alpha)
+
+
+@register_decomposition(torch.baddbmm, "baddbmm")
+def _baddbmm(call, input, batch1, batch2, *, beta=1, alpha=1):
+    return _scaled(input, beta) + _scaled(batch1 @ batch2, alpha)
