@@ -11,7 +11,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+import curvgraph
 from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.solvers import (
     cg,
@@ -286,3 +288,36 @@ def test_eig_solve_indefinite_uses_absolute_eigenvalues_and_zero_factor_stays_fi
         kronecker_solve(block, torch.zeros(4, 3, dtype=DTYPE), 0.1)
     with pytest.raises(TypeError, match="KroneckerBlock"):
         kronecker_eigen(DenseBlock(spd(2), (2,)))
+
+
+@pytest.mark.parametrize("method", ["hbp", "kflr"])
+def test_eig_solve_on_traced_blocks_with_fan_out(method):
+    """Kronecker blocks of a graph whose hidden layer feeds two nodes (summed factors)."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gate, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x))
+            return self.head(h * torch.sigmoid(self.gate(h)) + h)
+
+    torch.manual_seed(0)
+    model = Gated().to(DTYPE)
+    traced = curvgraph.trace(model)
+    out = traced(randn(12, 5, seed=30))
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(31))
+    loss = torch.nn.functional.cross_entropy(out, labels)
+    loss.backward()
+    curv = traced.curvature(loss, out, curvature="ggn", method=method)
+    kron = [n for n in curv if isinstance(curv[n], KroneckerBlock)]
+    assert {"fc.weight", "gate.weight", "head.weight"} <= set(kron)
+    for name in kron:
+        block = curv[name]
+        dense = 0.95 * block.to_dense() + 0.05 * torch.eye(block.numel, dtype=DTYPE)
+        rhs = randn(*block.shape, seed=32)
+        expected = torch.linalg.solve(dense, rhs.reshape(-1)).reshape(block.shape)
+        torch.testing.assert_close(
+            kronecker_solve(block, rhs, 0.05), expected, rtol=1e-9, atol=1e-11
+        )
