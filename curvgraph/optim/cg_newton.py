@@ -151,9 +151,9 @@ class CGNewton(torch.optim.Optimizer):
         plan = [(g, params) for g, params in plan if params]
         solutions = [solve_group(self.state, g, params, curvature) for g, params in plan]
         self._record(plan, solutions)
-        start, new_loss = self._move(plan, solutions, closure if needy else None)
+        start, steps, new_loss = self._move(plan, solutions, closure if needy else None)
         if any(g["damping"] == "lm" for g, _ in plan):
-            self._adapt_damping(plan, start, curvature, loss, new_loss)
+            self._adapt_damping(plan, start, steps, curvature, loss, new_loss)
         return loss
 
     # -- validation ------------------------------------------------------------------------
@@ -236,17 +236,18 @@ class CGNewton(torch.optim.Optimizer):
                 steps[n] = (p, group["lr"], velocity, mu > 0)
         return steps
 
-    def _move(self, plan, solutions, closure) -> Tuple[Dict[str, Tensor], Optional[float]]:
+    def _move(self, plan, solutions, closure) -> Tuple[Dict, Dict, Optional[float]]:
         """Apply the step (the best backtracking candidate, judged by ``closure``).
 
-        Returns the start point (when ``closure`` is given) and the re-evaluated loss.
+        Returns, when ``closure`` is given, the start point, the steps taken and the
+        re-evaluated loss (else empty dicts and None).
         """
         if closure is None:
             for p, lr, velocity, keep in self._steps(plan, solutions, 0).values():
                 p.add_(velocity, alpha=lr)
                 if keep:
                     self.state[p]["momentum_buffer"] = velocity.clone()
-            return {}, None
+            return {}, {}, None
         start = {n: p.detach().clone() for _, params in plan for n, p in params.items()}
         count = max((len(s.candidates) for s in solutions), default=1)
         losses: Dict[int, float] = {}
@@ -264,19 +265,19 @@ class CGNewton(torch.optim.Optimizer):
             if not value < best_loss:
                 break
             best, best_loss = index, value
-        self._final_steps = {}
+        steps = {}
         for n, (p, lr, velocity, keep) in self._steps(plan, solutions, best).items():
             torch.add(start[n], velocity, alpha=lr, out=p)
-            self._final_steps[n] = p - start[n]
+            steps[n] = p - start[n]
             if keep:
                 self.state[p]["momentum_buffer"] = velocity.clone()
-        return start, losses[best]
+        return start, steps, losses[best]
 
-    def _adapt_damping(self, plan, start, curvature, loss, new_loss) -> None:
+    def _adapt_damping(self, plan, start, steps, curvature, loss, new_loss) -> None:
         """Levenberg-Marquardt: adapt ``alpha`` of the ``damping="lm"`` groups from ``rho``."""
         params = {n: p for _, ps in plan for n, p in ps.items()}
         gradients = {n: p.grad for n, p in params.items()}
-        change = float(model_change(gradients, self._final_steps, curvature))
+        change = float(model_change(gradients, steps, curvature))
         rho = reduction_ratio(new_loss, float(loss), change)
         if not rho > 0:  # the loss went up (or is not finite): the step is rejected
             for n, p in params.items():
