@@ -436,3 +436,50 @@ def test_unsupported_sdpa_is_named_at_trace_time():
 
     with pytest.raises(UnsupportedOpError, match="enable_gqa=True"):
         curvgraph.trace(Model())
+
+
+@pytest.mark.parametrize(
+    "module, shape, mask_shape",
+    [
+        (nn.Dropout1d(0.5), (4,), (6, 1)),  # unbatched [C, L] for PyTorch: one draw per row
+        (nn.Dropout1d(0.5), (3, 4), (6, 3, 1)),
+        (nn.Dropout2d(0.5), (3, 4), (6, 3, 1)),  # read as (N, C, L) by PyTorch
+        (nn.Dropout2d(0.5), (3, 2, 2), (6, 3, 1, 1)),
+        (nn.Dropout3d(0.5), (3, 2, 2), (6, 1, 1, 1)),  # unbatched [C, D, H, W]
+        (nn.Dropout3d(0.5), (3, 2, 2, 2), (6, 3, 1, 1, 1)),
+    ],
+    ids=["1d-unbatched", "1d", "2d-3d-input", "2d", "3d-unbatched", "3d"],
+)
+def test_feature_dropout_masks_have_pytorchs_shapes(module, shape, mask_shape):
+    model = nn.Sequential(nn.Identity(), module).train()
+    cg = curvgraph.trace(model)
+    x = torch.ones(6, *shape)
+    out = cg(x)
+    (mask,) = [c.args["mask"] for c in cg.record.contexts.values() if "mask" in c.args]
+    assert mask.shape == mask_shape
+    torch.testing.assert_close(out, x * mask)
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_baddbmm_and_addmm_are_decomposed():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+            self.shift = nn.Parameter(torch.randn(5, 5) * 0.1)
+            self.w = nn.Parameter(torch.randn(5, 3) * 0.3)
+            self.c = nn.Parameter(torch.randn(3) * 0.1)
+
+        def forward(self, x):  # [N, 5, 3]
+            scores = torch.baddbmm(self.shift, self.a(x), self.b(x).transpose(1, 2), alpha=0.5)
+            return torch.addmm(self.c, torch.tanh(scores).mean(1), self.w, beta=2.0)
+
+    torch.manual_seed(0)
+    model = Model().to(DTYPE)
+    x, y = torch.randn(2, 5, 3, dtype=DTYPE), torch.tensor([0, 2])
+    cg = curvgraph.trace(model)
+    targets = {n.target for n in cg.graph_module.graph.nodes}
+    assert torch.baddbmm not in targets and torch.addmm not in targets
+    torch.testing.assert_close(cg(x), model(x))
+    for curvature in ("ggn", "hessian"):
+        assert_blocks(blocks(model, x, y, curvature, "exact"), references(model, x, y, curvature))

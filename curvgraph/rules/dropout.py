@@ -14,7 +14,10 @@ effect); functional spellings pass ``p`` and ``training`` as traced.
 Masks (``b ~ Bernoulli(1 - p)``, shapes broadcast against ``x`` ``[N, C, *S]``):
 
 - ``"element"`` (``nn.Dropout``): ``b / (1 - p)`` per entry;
-- ``"feature"`` (``nn.Dropout1d/2d/3d``): ``b / (1 - p)`` per sample and channel;
+- ``"feature1d"``, ``"feature2d"``, ``"feature3d"`` (``nn.Dropout1d/2d/3d``): ``b / (1 - p)``
+  per sample and channel; an input PyTorch reads as one unbatched sample (``[C, L]`` for
+  ``Dropout1d``, ``[C, D, H, W]`` for ``Dropout3d``) has our samples as its "channels":
+  then one draw per sample, as PyTorch does;
 - ``"alpha"`` / ``"feature_alpha"`` (``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``):
   ``y = s (x + alpha) - alpha a (1 - p)`` with ``s = a b``, ``a = ((1 - p)(1 + p alpha^2))^(-1/2)``
   (PyTorch's formula), affine in ``x`` with ``J = diag(s)``;
@@ -43,7 +46,18 @@ from curvgraph.tracing.decompositions import register_decomposition
 __all__ = ["dropout_mask", "apply_dropout_mask", "ApplyDropoutMaskRule"]
 
 _ALPHA = 1.7580993408473766  # SELU's alpha * scale, as in PyTorch's alpha_dropout
-_KINDS = ("element", "feature", "alpha", "feature_alpha", "row", "batch")
+_KINDS = (
+    "element",
+    "feature1d",
+    "feature2d",
+    "feature3d",
+    "alpha",
+    "feature_alpha",
+    "row",
+    "batch",
+)
+#: lowest input rank PyTorch treats as batched ((N, C, L) counts for dropout2d)
+_FEATURE_RANK = {"feature1d": 3, "feature2d": 3, "feature3d": 5}
 
 
 def _options(p, training, owner):
@@ -71,14 +85,17 @@ def dropout_mask(input: Tensor, kind: str, p=0.5, training=True, owner=None) -> 
     if not _active(p, training, owner):
         return input.new_ones(n, 1, *ones)
     p, training = _options(p, training, owner)
-    shape = {
-        "element": input.shape,
-        "alpha": input.shape,
-        "feature": (n, input.shape[1], *ones),
-        "feature_alpha": (n, input.shape[1], *ones),
-        "row": (n, 1, *ones),
-        "batch": (1, 1, *ones),
-    }[kind]
+    per_channel, per_sample = (n, input.shape[1], *ones), (n, 1, *ones)
+    if kind in _FEATURE_RANK:
+        shape = per_channel if input.dim() >= _FEATURE_RANK[kind] else per_sample
+    else:
+        shape = {
+            "element": input.shape,
+            "alpha": input.shape,
+            "feature_alpha": per_channel,
+            "row": per_sample,
+            "batch": (1, 1, *ones),
+        }[kind]
     if p == 1:
         keep = input.new_zeros(shape)
     else:
@@ -132,7 +149,7 @@ class ApplyDropoutMaskRule(Rule):
         return [
             Sample((x, torch.ones(3, 1, 1, dtype=x.dtype), "element"), dict(training=False)),
             Sample((x, bits * 2, "element"), dict(p=0.5)),
-            Sample((x, bits[:, :, :1] * 1.25, "feature"), dict(p=0.2)),
+            Sample((x, bits[:, :, :1] * 1.25, "feature1d"), dict(p=0.2)),
             Sample((x, bits * 0.9, "alpha"), dict(p=0.3)),
             Sample((x, bits[:, :1, :1] * 4 / 3, "row"), dict(p=0.25)),
         ]
@@ -172,9 +189,9 @@ def _decomposition(kind: str):
 
 for _module, _kind in [
     (nn.Dropout, "element"),
-    (nn.Dropout1d, "feature"),
-    (nn.Dropout2d, "feature"),
-    (nn.Dropout3d, "feature"),
+    (nn.Dropout1d, "feature1d"),
+    (nn.Dropout2d, "feature2d"),
+    (nn.Dropout3d, "feature3d"),
     (nn.AlphaDropout, "alpha"),
     (nn.FeatureAlphaDropout, "feature_alpha"),
 ]:
@@ -193,9 +210,9 @@ def _functional(kind: str):
 
 for _function, _kind in [
     (F.dropout, "element"),
-    (F.dropout1d, "feature"),
-    (F.dropout2d, "feature"),
-    (F.dropout3d, "feature"),
+    (F.dropout1d, "feature1d"),
+    (F.dropout2d, "feature2d"),
+    (F.dropout3d, "feature3d"),
     (F.alpha_dropout, "alpha"),
     (F.feature_alpha_dropout, "feature_alpha"),
 ]:

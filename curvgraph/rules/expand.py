@@ -69,15 +69,20 @@ register_rule("expand_as")(
 )
 
 
-def _scaled(value, factor):
-    return value if factor == 1 else value * factor
+def _add_product(input, product, beta, alpha):
+    """``beta input + alpha product``, never scaling ``input`` alone (it may be a parameter)."""
+    if beta == 0:
+        return product if alpha == 1 else product * alpha
+    scaled = product if alpha == beta else product * (alpha / beta)
+    total = input + scaled
+    return total if beta == 1 else total * beta
 
 
 @register_decomposition(torch.addmm, "addmm")
 def _addmm(call, input, mat1, mat2, *, beta=1, alpha=1):
-    return _scaled(input, beta) + _scaled(mat1 @ mat2, alpha)
+    return _add_product(input, mat1 @ mat2, beta, alpha)
 
 
 @register_decomposition(torch.baddbmm, "baddbmm")
 def _baddbmm(call, input, batch1, batch2, *, beta=1, alpha=1):
-    return _scaled(input, beta) + _scaled(batch1 @ batch2, alpha)
+    return _add_product(input, batch1 @ batch2, beta, alpha)
