@@ -22,7 +22,9 @@ Sections (``--sections``, default all):
 - ``seed``: the seed tutorial (:mod:`curvgraph.examples.seed_tutorial`), its figure and its
   final numbers;
 - ``solvers`` (:mod:`benchmarks.solvers`): a CG-Newton step with exact Kronecker (eig)
-  solves against CG, and LM against constant damping on Fashion-MNIST.
+  solves against CG, and LM against constant damping on Fashion-MNIST;
+- ``fallback`` (:mod:`benchmarks.fallback`): the autograd fallback's cost relative to the
+  hand-written rule for three activations (exact products and HBP pass).
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every
@@ -54,7 +56,7 @@ from benchmarks.timing import contention, cpu_snapshot, environment, load_averag
 __all__ = ["SECTIONS", "SUITES", "main", "parse_args", "report", "run", "write_results"]
 
 SCHEMA_VERSION = 1
-SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers")
+SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers", "fallback")
 SUITES = ("quick", "full")  # public; "smoke" (tests) is accepted but not advertised
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -192,6 +194,10 @@ def _run_solvers(args, out: Path) -> Dict[str, Any]:
     return _module("solvers").run(args.suite, args.device, args.data_dir, not args.no_progress)
 
 
+def _run_fallback(args, out: Path) -> Dict[str, Any]:
+    return _module("fallback").run(args.suite, args.device, not args.no_progress)
+
+
 def _run_seed(args, out: Path) -> Dict[str, Any]:
     from curvgraph.examples import seed_tutorial
 
@@ -224,6 +230,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "convergence": _run_convergence,
     "seed": _run_seed,
     "solvers": _run_solvers,
+    "fallback": _run_fallback,
 }
 
 
