@@ -64,7 +64,10 @@ register_rule("expand_as")(
     ExpandRule(
         "expand_as",
         _expand_as,
-        lambda: [Sample((randn(2, 3, 1), torch.empty(2, 3, 4, dtype=torch.float64)))],
+        lambda: [
+            Sample((randn(2, 3, 1), torch.empty(2, 3, 4, dtype=torch.float64))),
+            Sample((randn(3, 1, 2, 1), torch.empty(3, 4, 2, 2, dtype=torch.float64))),
+        ],
     )
 )
 
