@@ -13,9 +13,11 @@ For every model of ``torchvision.models.list_models(module=torchvision.models)``
   w.r.t. the outputs (``jvp`` of ``grad``). Models above ``--max-params`` are not checked
   (the float64 copy would not fit a small machine).
 
-Run ``python -m benchmarks.zoo`` (all models, writes ``benchmarks/results/zoo.json`` and
-prints a Markdown table); ``--models resnet18,alexnet`` for a subset, ``--no-exact`` for the
-tracing columns only.
+Run ``python -m benchmarks.zoo`` (all models, smallest first; writes
+``benchmarks/results/zoo.json`` and prints a Markdown table); ``--models resnet18,alexnet``
+for a subset, ``--no-exact`` for the tracing columns only, ``--reuse old.json`` to keep the
+exact checks of an earlier run for models whose tracing columns did not change (each row
+names the commit its exact check ran at).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import curvgraph
 
 __all__ = ["build", "input_size", "exact_check", "zoo_row", "markdown", "main"]
 
+EXACT_KEYS = ("input", "exact", "exact_errors", "exact_error", "exact_skipped", "exact_commit")
 SIZES = (64, 224, 299)  # input sizes tried, smallest first
 TOLERANCE = 1e-8
 
@@ -187,7 +190,9 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
     ]
     for r in rows:
         if "exact_errors" in r:
-            check = f"{_mark(r['exact'])} ({max(r['exact_errors'].values()):.0e}, {r['input']}px)"
+            check = f"{_mark(r['exact'])} ({max(r['exact_errors'].values()):.0e}, {r['input']}px"
+            old = r.get("exact_commit") and r["exact_commit"] != r.get("commit")
+            check += f", at {r['exact_commit']})" if old else ")"
         elif "exact_error" in r:
             check = f"failed: {r['exact_error'][:80]}"
         elif "exact_skipped" in r:
@@ -227,6 +232,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--commit", default="", help="label (default: git rev-parse HEAD)")
+    parser.add_argument("--reuse", type=Path, help="results of an earlier run (see above)")
     parser.add_argument(
         "--sizes", default=",".join(map(str, SIZES)), help="input sizes to try, smallest first"
     )
@@ -235,16 +241,38 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     names = args.models.split(",") if args.models else None
     names = names or torchvision.models.list_models(module=torchvision.models)
     commit = args.commit or _commit()
+    previous = {}
+    if args.reuse:
+        previous = {r["model"]: r for r in json.loads(args.reuse.read_text())["rows"]}
     rows = []
-    for name in names:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        rows.append(zoo_row(name, not args.no_exact, args.max_params, args.blocks, sizes))
-        rows[-1]["commit"] = commit
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for name in sorted(names, key=_size):
+        row = zoo_row(name, exact=False)
+        old = previous.get(name, {})
+        same = all(old.get(k) == row[k] for k in ("fx", "hand_written", "fallback", "missing"))
+        if same and any(k in old for k in EXACT_KEYS[1:]):
+            row.update({k: old[k] for k in EXACT_KEYS if k in old})
+            row.setdefault("exact_commit", old.get("commit", ""))
+        elif not args.no_exact:
+            row = zoo_row(name, True, args.max_params, args.blocks, sizes)
+            row["exact_commit"] = commit
+        row["commit"] = commit
+        rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
+    rows.sort(key=lambda r: r["model"])
+    args.out.write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
     print(markdown(rows, commit))
     return rows
+
+
+def _size(name: str) -> int:
+    """Parameter count (meta device: no memory), to run the small models first."""
+    try:
+        return sum(p.numel() for p in build(name, "meta").parameters())
+    except Exception:  # noqa: BLE001 - builders that compute on tensors: last
+        return 10**12
 
 
 if __name__ == "__main__":
