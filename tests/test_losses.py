@@ -54,7 +54,14 @@ def test_loss_hessian_matches_torch_func(name, after_backward):
     loss = loss_fn(out, target)
     expected = ref.loss_output_hessian(out.detach(), target, loss_fn)
     # nll(log_softmax(z)) is cross-entropy's own graph: recognised, closed form
-    closed_form = name in ("ce-mean", "ce-sum", "mse-mean", "mse-sum", "nll-log-softmax")
+    closed_form = name in (
+        "ce-mean",
+        "ce-sum",
+        "mse-mean",
+        "mse-sum",
+        "nll-log-softmax",
+        "bce-with-logits",
+    )
     if after_backward:
         loss.backward()
         if not closed_form:
