@@ -483,3 +483,24 @@ def test_baddbmm_and_addmm_are_decomposed():
     torch.testing.assert_close(cg(x), model(x))
     for curvature in ("ggn", "hessian"):
         assert_blocks(blocks(model, x, y, curvature, "exact"), references(model, x, y, curvature))
+
+
+def test_attention_dropout_in_training_mode_is_applied_after_the_softmax():
+    """The recorded mask multiplies the attention weights, as in PyTorch's MultiheadAttention."""
+    model, x, _ = build("self_attention", n=3)
+    model.train()
+    cg = curvgraph.trace(model)
+    torch.manual_seed(1)
+    out = cg(x)
+    (mask,) = [c.args["mask"] for c in cg.record.contexts.values() if "mask" in c.args]
+    attn = model.attn
+    h = torch.tanh(model.embed(x))
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+    q, k, v = (t.reshape(3, 5, 2, 2).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / 2**0.5 + model.causal
+    scores = scores.masked_fill(model.padding[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, -1) * mask
+    attended = F.linear((weights @ v).transpose(1, 2).flatten(2), *attn.out_proj.parameters())
+    expected = model.head((attended + weights.mean(1).mean(-1, keepdim=True)).mean(1))
+    assert (mask == 0).any()
+    torch.testing.assert_close(out, expected)

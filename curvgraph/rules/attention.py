@@ -235,6 +235,11 @@ def _multihead_attention(
     problem = mha_problem(module)
     if problem:
         raise UnsupportedConfigurationError(problem)
+    if _constant(is_causal, "is_causal") and attn_mask is None:
+        raise UnsupportedConfigurationError(
+            "MultiheadAttention with is_causal=True and no attn_mask (PyTorch needs the mask; "
+            "is_causal is only a hint there)"
+        )
     need_weights = _constant(need_weights, "need_weights")
     average_attn_weights = _constant(average_attn_weights, "average_attn_weights")
     e, heads = module.embed_dim, module.num_heads
