@@ -13,10 +13,12 @@ variants and stochastic depth (evaluation mode, and training mode with the recor
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.activation as activation
 import torchvision.ops
 from torch import nn
 
@@ -504,3 +506,13 @@ def test_attention_dropout_in_training_mode_is_applied_after_the_softmax():
     expected = model.head((attended + weights.mean(1).mean(-1, keepdim=True)).mean(1))
     assert (mask == 0).any()
     torch.testing.assert_close(out, expected)
+
+
+def test_every_activation_module_of_torch_nn_has_a_rule():
+    classes = [
+        c
+        for _, c in inspect.getmembers(activation, inspect.isclass)
+        if issubclass(c, nn.Module) and c.__module__ == activation.__name__
+    ]
+    assert len(classes) > 25
+    assert [c.__name__ for c in classes if lookup_rule(c) is None] == []
