@@ -4,7 +4,8 @@ Each check (``benchmarks.zoo.exact_check``): float64, eval mode, batch 2, cross-
 smallest of 64, 224, 299 pixels the model accepts; three parameter blocks chosen at random
 with a fixed seed; ``method="exact"`` products against ``J^T H J v`` from ``torch.func``
 (``jvp`` of the outputs w.r.t. the block, ``jvp`` of the loss gradient w.r.t. the outputs,
-``vjp``). The six models named by the issue run with hand-written rules only; every other
+``vjp``), relative error below 1e-8 (1e-6 with hardsigmoid, whose forward-mode derivative in
+torch is float32-accurate: ``benchmarks.zoo.TOLERANCE_HARDSIGMOID``). The six models named by the issue run with hand-written rules only; every other
 model of ``torchvision.models`` that ``torch.fx`` traces is checked too, with the autograd
 fallback where an op has no hand-written rule. All but two small models are slow tests.
 """
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
 torchvision = pytest.importorskip("torchvision")
 
 import curvgraph  # noqa: E402
-from benchmarks.zoo import build, exact_check, input_size  # noqa: E402
+from benchmarks.zoo import build, exact_check, input_size, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 
@@ -42,7 +43,7 @@ def _check(name: str, fallback: bool) -> None:
     assert size is not None, f"{name} accepts none of the input sizes {SIZES}"
     errors = exact_check(model.double(), size, blocks=3, seed=0, fallback=fallback)
     assert len(errors) == 3
-    assert max(errors.values()) < 1e-8, errors
+    assert max(errors.values()) < tolerance(model), errors
 
 
 def _named_params(names):
