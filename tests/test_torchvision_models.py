@@ -5,9 +5,10 @@ smallest of 64, 224, 299 pixels the model accepts; three parameter blocks chosen
 with a fixed seed; ``method="exact"`` products against ``J^T H J v`` from ``torch.func``
 (``jvp`` of the outputs w.r.t. the block, ``jvp`` of the loss gradient w.r.t. the outputs,
 ``vjp``), relative error below 1e-8 (1e-6 with hardsigmoid, whose forward-mode derivative in
-torch is float32-accurate: ``benchmarks.zoo.TOLERANCE_HARDSIGMOID``). The six models named by the issue run with hand-written rules only; every other
-model of ``torchvision.models`` that ``torch.fx`` traces is checked too, with the autograd
-fallback where an op has no hand-written rule. All but two small models are slow tests.
+torch is float32-accurate: ``benchmarks.zoo.TOLERANCE_HARDSIGMOID``). The six models named
+by the issue run with hand-written rules only; every other model of ``torchvision.models``
+that ``torch.fx`` traces is checked too, with the autograd fallback where an op has no
+hand-written rule. All but two small models are slow tests.
 """
 
 from __future__ import annotations
