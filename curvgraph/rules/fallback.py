@@ -38,6 +38,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
+from curvgraph.rules.func_tools import close, detach, map_columns, substitute, zeros_columns
 from curvgraph.rules.registry import (
     CHUNK_ELEMENTS,
     Context,
@@ -126,14 +127,14 @@ class FallbackRule(Rule):
 
     def _function(self, ctx: Context) -> Callable[[Tensors], Tensor]:
         """``values -> f(arguments with values substituted)`` for slot -> tensor values."""
-        return lambda values: self.call(_substitute(ctx.args, values))
+        return lambda values: self.call(substitute(ctx.args, values))
 
     def _sample_function(self, ctx: Context, slots: Sequence[str]) -> Callable:
         """``(samples, values) -> f_n``: the op on one sample of the batched ``slots``."""
 
         def single(samples: Tensors, values: Tensors) -> Tensor:
             batch = {s: v.unsqueeze(0) for s, v in samples.items()}
-            return self.call(_substitute(ctx.args, {**values, **batch})).squeeze(0)
+            return self.call(substitute(ctx.args, {**values, **batch})).squeeze(0)
 
         return single
 
@@ -155,7 +156,7 @@ class FallbackRule(Rule):
     # -- checks ---------------------------------------------------------------------------------
     def mixes(self, arguments: Dict[str, Any]) -> bool:
         """Whether the call mixes samples, verified on these arguments (module docstring)."""
-        arguments = {k: _detach(v) for k, v in arguments.items()}
+        arguments = {k: detach(v) for k, v in arguments.items()}
         ctx = Context(arguments, torch.empty(0), self.batched)
         slots = self._batched_slots(arguments, self.batched)
         if not slots:
@@ -174,12 +175,12 @@ class FallbackRule(Rule):
         try:
             output, derivative = jvp(self._function(ctx), (samples,), (tangents,))
             single = self._sample_function(ctx, slots)
-            per_sample, per_derivative = _map(
+            per_sample, per_derivative = map_columns(
                 lambda x, t: jvp(lambda y: single(y, {}), (x,), (t,))
             )(samples, tangents)
         except Exception:  # noqa: BLE001 - an op that cannot run on one sample: assume mixing
             return True
-        return not (_close(per_sample, output) and _close(per_derivative, derivative))
+        return not (close(per_sample, output) and close(per_derivative, derivative))
 
     def validate(self, ctx: Context) -> None:
         """Refuse calls the fallback cannot serve: batch axis lost, or non-deterministic."""
@@ -196,7 +197,7 @@ class FallbackRule(Rule):
                 )
         with torch.no_grad():
             again = self.call(ctx.args)
-        if not isinstance(again, Tensor) or not _close(again, ctx.output):
+        if not isinstance(again, Tensor) or not close(again, ctx.output):
             raise UnsupportedConfigurationError(
                 f"{op_name(self.key)} gave a different output when called again (a random op "
                 "such as dropout in training mode?); the autograd fallback needs a "
@@ -209,11 +210,11 @@ class FallbackRule(Rule):
         k = next(iter(tangents.values())).shape[0]
         tangents = {s: t for s, t in tangents.items() if s in self._slots(ctx.args)}
         if not tangents:  # only integer arguments perturbed
-            return ctx.output.new_zeros(k, *ctx.output.shape)
+            return ctx.output.newzeros_columns(k, *ctx.output.shape)
         primals = {s: ctx.value(s) for s in tangents}
         f = self._function(ctx)
         chunk = _chunk(ctx, primals)
-        return _map(lambda t: jvp(f, (primals,), (t,))[1], chunk_size=chunk)(tangents)
+        return map_columns(lambda t: jvp(f, (primals,), (t,))[1], chunk_size=chunk)(tangents)
 
     def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
         slots = [s for s in slots if s in self._slots(ctx.args)]
@@ -221,7 +222,7 @@ class FallbackRule(Rule):
             return {}
         primals = {s: ctx.value(s) for s in slots}
         _, pullback = vjp(self._function(ctx), primals)
-        return _map(lambda c: pullback(c)[0], chunk_size=_chunk(ctx, primals))(cotangent)
+        return map_columns(lambda c: pullback(c)[0], chunk_size=_chunk(ctx, primals))(cotangent)
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
         slots = [s for s in slots if s in self._slots(ctx.args)]
@@ -249,7 +250,9 @@ class FallbackRule(Rule):
             wanted = all_slots if wanted is None else [s for s in wanted if s in all_slots]
             slots = [s for s in all_slots if s in tangents or s in wanted]
             k = next(iter(tangents.values())).shape[0]
-            full = {s: tangents[s] if s in tangents else _zeros(ctx.value(s), k) for s in slots}
+            full = {
+                s: tangents[s] if s in tangents else zeros_columns(ctx.value(s), k) for s in slots
+            }
             activations = [s for s in wanted if s in ctx.batched]
             parameters = [s for s in wanted if s not in ctx.batched]
             result = {}
@@ -263,7 +266,7 @@ class FallbackRule(Rule):
 
                     return jvp(grad(contracted), (primals,), (t,))[1]
 
-                products = _map(column, chunk_size=_chunk(ctx, primals))(full)
+                products = map_columns(column, chunk_size=_chunk(ctx, primals))(full)
                 result.update({s: products[s] for s in activations})
             if parameters:
                 data = {"grad_output": grad_output, **{f"t:{s}": full[s] for s in slots}}
@@ -304,7 +307,7 @@ class FallbackRule(Rule):
 
             dims = {key: _sample_axis(key, ctx.batched) for key in data}
             samples = {s: ctx.value(s) for s in batched}
-            return _map(one, in_dims=(0, dims), out_dims=1)(samples, data)
+            return map_columns(one, in_dims=(0, dims), out_dims=1)(samples, data)
         f = self._function(ctx)
         primals = {s: ctx.value(s) for s in slots}
         masks = torch.eye(n, dtype=ctx.output.dtype, device=ctx.output.device)
@@ -318,7 +321,7 @@ class FallbackRule(Rule):
                     sample_data[key] = data[key] * mask.reshape(shape)
             return piece(f, primals, sample_data)
 
-        return _map(masked, out_dims=1)(masks)
+        return map_columns(masked, out_dims=1)(masks)
 
     def samples(self) -> list:  # noqa: D102 - fallback rules are checked where they are built
         return []
@@ -336,7 +339,7 @@ def _sample_axis(key: str, batched) -> Optional[int]:
 def _pullback(f, primals: Tensors, data: Tensors) -> Tensors:
     """``J^T c`` for cotangent columns ``data["cotangent"]`` ``[K, *out]``."""
     _, pullback = vjp(f, primals)
-    return _map(lambda c: pullback(c)[0])(data["cotangent"])
+    return map_columns(lambda c: pullback(c)[0])(data["cotangent"])
 
 
 def _hvp(f, primals: Tensors, data: Tensors) -> Tensors:
@@ -348,39 +351,7 @@ def _hvp(f, primals: Tensors, data: Tensors) -> Tensors:
     def column(t):
         return jvp(grad(contracted), (primals,), (t,))[1]
 
-    return _map(column)({s: data[f"t:{s}"] for s in primals})
-
-
-def _zeros(value: Tensor, k: int) -> Tensor:
-    return value.new_zeros(1, *value.shape).expand(k, *value.shape)
-
-
-def _close(actual: Tensor, expected: Tensor) -> bool:
-    if actual.shape != expected.shape:
-        return False
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    tolerance = 1e-4 if expected.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
-    return bool(((actual - expected).abs() <= tolerance * scale).all())
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
-    return value.detach() if isinstance(value, Tensor) else value
-
-
-def _substitute(arguments: Dict[str, Any], values: Tensors) -> Dict[str, Any]:
-    """``arguments`` with slots replaced (``"arg0.1"``: item 1 of list argument ``arg0``)."""
-    arguments = dict(arguments)
-    for slot, value in values.items():
-        name, _, index = slot.partition(".")
-        if index:
-            items = list(arguments[name])
-            items[int(index)] = value
-            arguments[name] = items
-        else:
-            arguments[name] = value
-    return arguments
+    return map_columns(column)({s: data[f"t:{s}"] for s in primals})
 
 
 def _chunk(ctx: Context, primals: Tensors) -> int:
@@ -444,48 +415,3 @@ def without_rules(*op_keys: OpKey) -> Iterator[None]:
         for key, rule in saved.items():
             if rule is not None:
                 register_rule(key, override=True)(rule)
-
-
-def _map(fn: Callable, in_dims: Any = 0, out_dims: int = 0, chunk_size: Optional[int] = None):
-    """``torch.func.vmap``, or a loop where an op's batching rule fails.
-
-    (For instance ``prelu``'s backward under nested ``vmap``.) Slower, same result.
-    """
-
-    def run(*args):
-        try:
-            return torch.func.vmap(fn, in_dims, out_dims, chunk_size=chunk_size)(*args)
-        except RuntimeError:
-            dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
-            size = next(_sizes(args, dims))
-            results = [fn(*_select(args, dims, i)) for i in range(size)]
-            return _stack(results, out_dims)
-
-    return run
-
-
-def _sizes(value, dim):
-    if isinstance(value, (tuple, list)):
-        for v, d in zip(value, dim):
-            yield from _sizes(v, d)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _sizes(v, dim[k] if isinstance(dim, dict) else dim)
-    elif dim is not None and isinstance(value, Tensor):
-        yield value.shape[dim]
-
-
-def _select(value, dim, i):
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select(v, d, i) for v, d in zip(value, dim))
-    if isinstance(value, dict):
-        return {
-            k: _select(v, dim[k] if isinstance(dim, dict) else dim, i) for k, v in value.items()
-        }
-    return value if dim is None else value.select(dim, i)
-
-
-def _stack(results: list, dim: int):
-    if isinstance(results[0], dict):
-        return {k: torch.stack([r[k] for r in results], dim) for k in results[0]}
-    return torch.stack(results, dim)
