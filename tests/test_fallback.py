@@ -246,3 +246,34 @@ def test_without_rules_restores_the_registry():
         assert curvgraph.rules.lookup_rule(torch.tanh) is None
     assert curvgraph.rules.lookup_rule(torch.tanh) is before
     assert curvgraph.rules.lookup_rule("tanh") is before
+
+
+def test_a_rule_that_refuses_the_call_is_replaced_by_the_fallback():
+    """Conv2d with circular padding: the conv rule refuses it, the fallback serves the leaf
+    module with its parameters (weight, bias) through functional_call."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 3),
+    ).to(DTYPE)
+    with pytest.raises(curvgraph.UnsupportedOpError, match="padding_mode='circular'"):
+        curvgraph.trace(model)
+    with pytest.warns(UserWarning, match="torch.nn.Conv2d"):
+        cg = curvgraph.trace(model, fallback=True)
+    rule = next(i.rule for i in cg.infos.values() if i.node.target == "0")
+    assert isinstance(rule, FallbackRule) and rule.differentiable == ("arg0", "weight", "bias")
+    x, y = torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    expected = ggn_blocks(model, x, y, F.cross_entropy)
+    for method in ("exact", "sqrt"):  # per-sample parameter cotangents of the conv (sqrt)
+        curv = cg.curvature(loss, out, curvature="ggn", method=method)
+        for name in ("0.weight", "0.bias"):
+            torch.testing.assert_close(curv[name].to_dense(), expected[name], atol=1e-10, rtol=1e-8)
+    x, y = x[:1], y[:1]
+    out = cg(x)
+    curv = cg.curvature(F.cross_entropy(out, y), out, curvature="hessian", method="hbp")
+    for name, block in hessian_blocks(model, x, y, F.cross_entropy).items():
+        torch.testing.assert_close(curv[name].to_dense(), block, atol=1e-10, rtol=1e-8)
