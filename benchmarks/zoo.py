@@ -193,9 +193,22 @@ def _mark(value: Optional[bool]) -> str:
 
 def markdown(rows: Sequence[Dict], commit: str = "") -> str:
     """The table of :func:`zoo_row` results."""
+
+    def names(rows):
+        return ", ".join(r["model"] for r in rows) or "none"
+
+    hand = [r for r in rows if r["hand_written"]]
+    fallback = [r for r in rows if r["fallback"] and not r["hand_written"]]
+    untraced = [r for r in rows if not r["fallback"]]
+    checked = [r for r in rows if "exact" in r]
     lines = [
         f"torchvision {_torchvision_version()}, torch {torch.__version__}"
         + (f", curvgraph commit {commit}" if commit else ""),
+        "",
+        f"- hand-written rules only ({len(hand)} of {len(rows)}): {names(hand)}",
+        f"- with the autograd fallback ({len(fallback)}): {names(fallback)}",
+        f"- not traced ({len(untraced)}): {names(untraced)}",
+        f"- exact check run on {len(checked)}, passed on {sum(1 for r in checked if r['exact'])}",
         "",
         "| model | params | fx traces | hand-written rules only | with fallback | exact check "
         "(max rel. error, input) | ops without a hand-written rule |",
