@@ -277,3 +277,20 @@ def test_a_rule_that_refuses_the_call_is_replaced_by_the_fallback():
     curv = cg.curvature(F.cross_entropy(out, y), out, curvature="hessian", method="hbp")
     for name, block in hessian_blocks(model, x, y, F.cross_entropy).items():
         torch.testing.assert_close(curv[name].to_dense(), block, atol=1e-10, rtol=1e-8)
+
+
+def test_integer_arguments_get_no_tangents():
+    """gather with an index computed from an activation (argmax): only ``input`` is perturbed."""
+    rule = FallbackRule(torch.gather, "call_function", 3, (), ("arg0", "arg2"))
+    x = torch.randn(3, 4, dtype=DTYPE)
+    index = x.argmax(1, keepdim=True)
+    ctx = curvgraph.rules.Context(
+        {"arg0": x, "arg1": 1, "arg2": index}, x.gather(1, index), frozenset({"arg0", "arg2"})
+    )
+    tangent = rule.jvp(ctx, {"arg2": torch.ones(2, 3, 1, dtype=DTYPE)})
+    assert tangent.shape == (2, 3, 1) and not tangent.any()
+    cotangent = torch.randn(2, 3, 1, dtype=DTYPE)
+    result = rule.vjp(ctx, cotangent, ["arg0", "arg2"])
+    assert set(result) == {"arg0"}
+    expected = torch.zeros(2, 3, 4, dtype=DTYPE).scatter(2, index.expand(2, 3, 1), cotangent)
+    torch.testing.assert_close(result["arg0"], expected)

@@ -210,7 +210,7 @@ class FallbackRule(Rule):
         k = next(iter(tangents.values())).shape[0]
         tangents = {s: t for s, t in tangents.items() if s in self._slots(ctx.args)}
         if not tangents:  # only integer arguments perturbed
-            return ctx.output.newzeros_columns(k, *ctx.output.shape)
+            return ctx.output.new_zeros(k, *ctx.output.shape)
         primals = {s: ctx.value(s) for s in tangents}
         f = self._function(ctx)
         chunk = _chunk(ctx, primals)
