@@ -516,3 +516,16 @@ def test_every_activation_module_of_torch_nn_has_a_rule():
     ]
     assert len(classes) > 25
     assert [c.__name__ for c in classes if lookup_rule(c) is None] == []
+
+
+def test_attention_output_tuple_used_whole_is_named_at_trace_time():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)  # the tuple itself is the output
+
+    with pytest.raises(UnsupportedOpError, match="output tuple is used other than by indexing"):
+        curvgraph.trace(Model())
