@@ -10,6 +10,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     arithmetic,
     attention,
     conv,
+    conv_transpose,
     dropout,
     embedding,
     expand,

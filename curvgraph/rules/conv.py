@@ -1,20 +1,15 @@
-"""Convolutions (1d/2d/3d) and transposed convolutions, through unfolded patches.
+"""Convolutions (1d/2d/3d) through unfolded patches (transposed ones: :mod:`.conv_transpose`).
 
 Index convention (einsum letters): ``k`` column, ``n`` sample, ``g`` group, ``o`` output
-channel within a group, ``i`` unfolded patch entry (``C/g * prod(kernel)``) or input
-channel within a group, ``j`` patch entry of a transposed convolution's output side,
-``p`` position (output positions of a convolution, input positions of a transposed one).
+channel within a group, ``i`` unfolded patch entry (``C/g * prod(kernel)``), ``p`` output
+position.
 
 A convolution ``y_n = W * x_n + b`` is ``y_n[g] = W[g] X_n[g] + b`` with the unfolded
 input ``X_n`` (``[g, C_in/g * prod(kernel), P]``), so weight products are einsums with the
 patches and input products are convolutions. Patches come from ``F.unfold`` for 2-d inputs
 (the fast path) and from ``Tensor.unfold`` along each spatial axis otherwise.
 
-A transposed convolution ``y = T(x; W) + b`` is the adjoint of the convolution ``A(c; W)``
-with the same ``stride, padding, dilation, groups``: ``<c, T(x; W)> = <A(c; W), x>``. So
-``J_x^T c = A(c; W)`` and ``J_W^T c = sum_p x_p C_p^T`` with ``C`` the patches of ``c``.
-
-Both ops are linear in the input and the weight separately: their residual only has cross
+The op is linear in the input and the weight separately: its residual only has cross
 terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
 """
 
@@ -38,10 +33,9 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import CrossTerms, Residual
 
-__all__ = ["ConvRule", "ConvTransposeRule", "patches"]
+__all__ = ["ConvRule", "patches", "resolve_padding"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _CONV_INPUT = {
     1: torch.nn.grad.conv1d_input,
     2: torch.nn.grad.conv2d_input,
@@ -51,9 +45,6 @@ _CONV_INPUT = {
 alias(nn.Conv1d, F.conv1d, torch.conv1d)
 alias(nn.Conv2d, F.conv2d, torch.conv2d)
 alias(nn.Conv3d, F.conv3d, torch.conv3d)
-alias(nn.ConvTranspose1d, F.conv_transpose1d, torch.conv_transpose1d)
-alias(nn.ConvTranspose2d, F.conv_transpose2d, torch.conv_transpose2d)
-alias(nn.ConvTranspose3d, F.conv_transpose3d, torch.conv_transpose3d)
 
 
 def resolve_padding(padding, kernel_size, dilation, dims: int) -> tuple:
@@ -284,171 +275,5 @@ class ConvRule(_ConvFamily):
         return CrossTerms(product)
 
 
-def _conv_transpose_signature(
-    input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
-):
-    raise NotImplementedError  # the signature only; see ConvTransposeRule.function
-
-
-class ConvTransposeRule(_ConvFamily):
-    """``y = T(x; W) + b``, the adjoint of a convolution (see the module docstring).
-
-    The weight is ``[C_in, C_out/g, *kernel]``.
-    """
-
-    def __init__(self, dims: int):
-        super().__init__(dims)
-        self.name = f"conv_transpose{dims}d"
-        transpose = _CONV_TRANSPOSE[dims]
-
-        def function(
-            input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
-        ):
-            return transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
-
-        self.function = function
-        self.signature = inspect.Signature(
-            list(inspect.signature(_conv_transpose_signature).parameters.values())
-            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
-        )
-
-    def call(self, arguments):  # noqa: D102
-        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
-        return self.function(**arguments)
-
-    def samples(self):  # noqa: D102
-        d = self.dims
-        return [
-            Sample(
-                (randn(2, 3, *[3] * d), randn(3, 4, *[3 - d // 3] * d, seed=1), randn(4, seed=2))
-            ),
-            Sample(
-                (randn(2, 4, *[3, 4, 2][:d]), randn(4, 3, *[2, 3, 2][:d], seed=1), None),
-                dict(stride=(2, 1, 2)[:d], padding=1, output_padding=(1, 0, 1)[:d], groups=2),
-            ),
-            Sample(
-                (randn(1, 2, *[3] * d), randn(2, 2, *[2] * d, seed=1), randn(2, seed=2)),
-                dict(stride=2, dilation=2, padding=1),
-            ),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        weight = arguments.get("weight")
-        if isinstance(weight, (list, tuple)):
-            raise UnsupportedConfigurationError(
-                f"{self.name} called with output_size: pass output_padding instead"
-            )
-        if isinstance(arguments.get("padding"), str):
-            raise UnsupportedConfigurationError(
-                f"{self.name} with padding={arguments['padding']!r}"
-            )
-        super().check(arguments)
-
-    def _adjoint(self, c: Tensor, weight: Tensor, ctx) -> Tensor:
-        """``A(c; W)``: the convolution whose adjoint this op is (``[B, C_out, *O]`` in)."""
-        return _CONV[self.dims](c, weight, None, groups=ctx.groups, **self._geometry(ctx))
-
-    def _apply(self, x: Tensor, weight: Tensor, ctx) -> Tensor:
-        """``T(x; W)`` without bias, for ``x`` ``[B, C_in, *S]``."""
-        geometry = self._geometry(ctx)
-        return _CONV_TRANSPOSE[self.dims](
-            x,
-            weight,
-            None,
-            geometry["stride"],
-            geometry["padding"],
-            _ntuple(self.dims)(ctx.output_padding),
-            ctx.groups,
-            geometry["dilation"],
-        )
-
-    def jvp(self, ctx, tangents):  # noqa: D102
-        out = 0
-        if "input" in tangents:
-            t = tangents["input"]
-            out = out + self._apply(t.flatten(0, 1), ctx.weight, ctx).unflatten(0, t.shape[:2])
-        if "weight" in tangents:
-            out = out + torch.vmap(lambda w: self._apply(ctx.input, w, ctx))(tangents["weight"])
-        if "bias" in tangents:
-            out = out + self._bias(tangents["bias"])
-        return out.expand(out.shape[0], *ctx.output.shape)
-
-    def _weight_products(self, ctx, c: Tensor, x: Tensor, summed: str) -> Tensor:
-        """``sum_p x_p C_p^T`` per sample (``summed=""``) or summed over samples (``"n"``).
-
-        ``c`` is ``[K, N, C_out, *O]`` and ``x`` is ``[(K,) N, C_in, *S]``.
-        """
-        cols = self._patches(c, ctx)  # [K, N, g, j, p]
-        x = self._positions(x, ctx)
-        x_letters = "kngip" if x.dim() == 5 else "ngip"
-        out = "k" + ("" if summed else "n") + "gij"
-        w = torch.einsum(f"kngjp,{x_letters}->{out}", cols, x)
-        return w.reshape(w.shape[: 2 - len(summed)] + ctx.weight.shape)
-
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        result = {}
-        if "input" in slots:
-            c = cotangent.flatten(0, 1)
-            result["input"] = self._adjoint(c, ctx.weight, ctx).unflatten(0, cotangent.shape[:2])
-        if "weight" in slots:
-            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "")
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
-
-    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        result = {}
-        if "input" in slots:
-            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
-        if "weight" in slots:
-            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "n")
-        if "bias" in slots:
-            result["bias"] = cotangent.sum((1,) + self._spatial())
-        return result
-
-    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            result["input"] = self._adjoint(cotangent, ctx.weight, ctx)
-        if "weight" in slots:
-            mean_input = ctx.input.mean(0, keepdim=True)
-            w = self._weight_products(ctx, cotangent.unsqueeze(1), mean_input, "")
-            result["weight"] = w.squeeze(1)
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
-
-    def kron_factors(self, ctx, slot, factors):
-        """KFC factors with the roles of the sides swapped (the weight is ``[C_in, ...]``).
-
-        ``A = (1/(N P)) sum_{n,p} x_p x_p^T`` over input channels (``P`` input positions)
-        and ``G = sum_{k,n,p} C_p C_p^T`` over the output factors' patches ``C``; the block
-        is ``A (x) G`` in the weight's row-major order.
-        """
-        if slot != "weight" or ctx.groups != 1:
-            return None
-        cols = self._patches(factors, ctx)[:, :, 0]  # [K, N, j, p]
-        x = self._positions(ctx.input, ctx)[:, 0]  # [N, i, p]
-        input_factor = torch.einsum("nip,nqp->iq", x, x) / (x.shape[0] * x.shape[-1])
-        return input_factor, torch.einsum("knjp,knlp->jl", cols, cols)
-
-    def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        def product(t, wanted=None):
-            result = {}
-            if "weight" in t and (wanted is None or "input" in wanted):
-                result["input"] = torch.vmap(lambda w: self._adjoint(grad_output, w, ctx))(
-                    t["weight"]
-                )
-            if "input" in t and (wanted is None or "weight" in wanted):
-                g = grad_output.unsqueeze(0).expand(t["input"].shape[0], *grad_output.shape)
-                result["weight"] = self._weight_products(ctx, g, t["input"], "")
-            return result
-
-        return CrossTerms(product)
-
-
 for _dims in (1, 2, 3):
     register_rule(_CONV[_dims])(ConvRule(_dims))
-    register_rule(_CONV_TRANSPOSE[_dims])(ConvTransposeRule(_dims))
