@@ -73,7 +73,7 @@ class Config:
 CONFIGS: Dict[str, Config] = {
     "full": Config(
         (784, 1000, 500, 100, 10), 128, 5, 1, 0.02,
-        (784, 128, 10), "fashion-mnist", None, None, 128, 2.0, 4, 0.85, 0.1, 0.1,
+        (784, 128, 10), "fashion-mnist", None, None, 128, 4.0, 4, 0.85, 0.1, 0.1,
         (0.1, 0.02), 10,
     ),
     "quick": Config(
