@@ -411,3 +411,20 @@ def test_state_dict_round_trip_takes_the_identical_next_step():
 def test_invalid_feature_options_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CGNewton([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_eig_on_indefinite_kronecker_block_flags_and_uses_absolute_eigenvalues():
+    q, _ = torch.linalg.qr(randn(3, 3, seed=50))
+    first = (q * torch.tensor([-2.0, 0.5, 3.0], dtype=DTYPE)) @ q.T
+    block = KroneckerBlock(first, spd(4, seed=51), (3, 4))
+    w = nn.Parameter(randn(3, 4, seed=52))
+    w.grad = randn(3, 4, seed=53)
+    start = w.detach().clone()
+    CGNewton([w], lr=1.0, alpha=0.1, solver="eig").step(BlockCurvature({"w": block}, {"w": w}))
+    values, vectors = torch.linalg.eigh(block.to_dense())
+    damped = (vectors * (0.9 * values.abs() + 0.1)) @ vectors.T
+    expected = start - torch.linalg.solve(damped, w.grad.reshape(-1)).reshape(3, 4)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-10, atol=1e-12)
+    opt = CGNewton([w], alpha=0.0, solver="eig")
+    opt.step(BlockCurvature({"w": block}, {"w": w}))
+    assert opt.state[w]["nonpositive_curvature"] is True and torch.isfinite(w).all()

@@ -321,3 +321,17 @@ def test_eig_solve_on_traced_blocks_with_fan_out(method):
         torch.testing.assert_close(
             kronecker_solve(block, rhs, 0.05), expected, rtol=1e-9, atol=1e-11
         )
+
+
+def test_broken_preconditioner_stops_the_column_finite():
+    a = spd(4, seed=40)
+    b = {"w": randn(2, 4, seed=41)}
+
+    def op(v):
+        return {"w": v["w"] @ a}
+
+    for bad in (lambda v: {"w": -v["w"]}, lambda v: {"w": torch.full_like(v["w"], float("nan"))}):
+        x, info = cg(op, b, tol=1e-12, columns=True, M=bad)
+        assert torch.equal(x["w"], b["w"])  # r^T M r <= 0 (or NaN) at the start: x = b
+        assert info.column_nonpositive_curvature[0].tolist() == [True, True]
+        assert int(info.iterations[0]) == 0
