@@ -33,7 +33,33 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import CrossTerms, Residual
 
-__all__ = ["ConvRule", "patches", "resolve_padding"]
+__all__ = ["ConvRule", "gram", "patches", "resolve_padding"]
+
+#: entries of one chunk's ``[B, d, d]`` products in :func:`gram` (bounds its memory)
+_GRAM_CHUNK_ENTRIES = 2**22
+
+
+def gram(rows: Tensor) -> Tensor:
+    """``sum_b X_b X_b^T`` for ``X`` of shape ``[B, d, P]`` (a Kronecker factor).
+
+    ``einsum("bip,bjp->ij")`` contracts ``b`` and ``p`` together, for which torch copies
+    ``X`` into a ``[d, B P]`` layout once per operand. With many positions (``P >= 2 d``,
+    early convolution layers) per-``b`` products summed over ``b`` read ``X`` in place
+    (about 4x faster on a 3c3d-shaped network); otherwise one transposed copy and one
+    matrix product.
+    """
+    b, d, positions = rows.shape
+    if positions < 2 * d:
+        flat = rows.transpose(0, 1).reshape(d, b * positions)
+        return flat @ flat.T
+    chunk = max(1, _GRAM_CHUNK_ENTRIES // (d * d))
+    total = None
+    for start in range(0, b, chunk):
+        part = rows[start : start + chunk]
+        products = torch.bmm(part, part.transpose(1, 2)).sum(0)
+        total = products if total is None else total + products
+    return total
+
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {
@@ -254,9 +280,9 @@ class ConvRule(_ConvFamily):
             return None
         unfolded = self._unfolded(ctx)[:, 0]  # [N, I, P]
         s = factors.flatten(-self.dims)  # [K, N, O, P]
-        gradient_factor = torch.einsum("knop,knqp->oq", s, s)
+        gradient_factor = gram(s.flatten(0, 1))
         positions = unfolded.shape[0] * unfolded.shape[-1]
-        input_factor = torch.einsum("nip,njp->ij", unfolded, unfolded) / positions
+        input_factor = gram(unfolded) / positions
         return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
-from curvgraph.rules.conv import _CONV, _ConvFamily
+from curvgraph.rules.conv import _CONV, _ConvFamily, gram
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
@@ -186,8 +186,8 @@ class ConvTransposeRule(_ConvFamily):
             return None
         cols = self._patches(factors, ctx)[:, :, 0]  # [K, N, j, p]
         x = self._positions(ctx.input, ctx)[:, 0]  # [N, i, p]
-        input_factor = torch.einsum("nip,nqp->iq", x, x) / (x.shape[0] * x.shape[-1])
-        return input_factor, torch.einsum("knjp,knlp->jl", cols, cols)
+        input_factor = gram(x) / (x.shape[0] * x.shape[-1])
+        return input_factor, gram(cols.flatten(0, 1))
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         def product(t, wanted=None):
