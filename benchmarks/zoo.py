@@ -140,7 +140,13 @@ def _trace_status(model: nn.Module, fallback: bool) -> Dict:
             curvgraph.trace(model, fallback=fallback)
         return {"ok": True}
     except curvgraph.UnsupportedOpError as error:
-        return {"ok": False, "missing": sorted({op for _, op, _, _ in error.nodes})}
+        # ops the fallback can serve (no rule, or a rule refusing the call) vs other problems
+        fixable = ("no rule", "unsupported", "arguments do not match")
+        missing = {op for _, op, _, why in error.nodes if why.startswith(fixable)}
+        problems = {
+            why.split(" (")[0] for _, _, _, why in error.nodes if not why.startswith(fixable)
+        }
+        return {"ok": False, "missing": sorted(missing), "problems": sorted(problems)}
     except Exception as error:  # noqa: BLE001 - recorded in the table
         return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:200]}"}
 
@@ -171,6 +177,11 @@ def zoo_row(
     row["fallback"] = fallback["ok"]
     if "error" in fallback:
         row["error"] = fallback["error"]
+    if fallback.get("problems"):
+        n = len(fallback["problems"])
+        row["error"] = f"{n} kind(s) of node without a usable rule: " + "; ".join(
+            fallback["problems"]
+        )
     if exact and row["fallback"] and row["params"] <= max_params:
         try:
             model = build(name)
@@ -211,7 +222,7 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
         f"- exact check run on {len(checked)}, passed on {sum(1 for r in checked if r['exact'])}",
         "",
         "| model | params | fx traces | hand-written rules only | with fallback | exact check "
-        "(max rel. error, input) | ops without a hand-written rule |",
+        "(max rel. error, input) | ops without a hand-written rule; other problems |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -225,7 +236,9 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
             check = f"not run ({r['exact_skipped']})"
         else:
             check = "-"
-        missing = ", ".join(f"`{m}`" for m in r.get("missing", [])) or r.get("error", "")
+        missing = ", ".join(f"`{m}`" for m in r.get("missing", []))
+        if r.get("error"):  # why the fallback does not help either
+            missing += ("; " if missing else "") + r["error"]
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {_mark(r.get('fx'))} | "
             f"{_mark(r['hand_written'])} | {_mark(r['fallback'])} | {check} | {missing} |"
