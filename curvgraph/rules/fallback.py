@@ -24,7 +24,8 @@ evaluated sample by sample (``f_n(x_n) = f(x_1..x_N)_n`` must hold) and a random
 directional derivative of the batch must equal the sample-wise one. Any mismatch, or an op
 that cannot be evaluated on one sample, counts as mixing (conservative: ``exact`` stays
 correct, the per-sample methods refuse the node with a clear error instead of returning a
-wrong answer). A batch of one sample never mixes.
+wrong answer). A batch of one sample never mixes; an op without a per-sample input (a
+parameter broadcast to the batch) always counts as mixing.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class FallbackRule(Rule):
         arguments = {k: detach(v) for k, v in arguments.items()}
         ctx = Context(arguments, torch.empty(0), self.batched)
         slots = self._batched_slots(arguments, self.batched)
-        if not slots:
-            return False
+        if not slots:  # no per-sample input (a parameter broadcast to the batch): no f_n
+            return True
         samples = {s: ctx.value(s) for s in slots}
         n = next(iter(samples.values())).shape[0]
         if n == 1:
