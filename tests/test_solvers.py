@@ -492,6 +492,41 @@ def test_kronecker_block_against_dense(case):
     torch.testing.assert_close(block.trace(), dense.trace(), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("thin", ["first", "second", "both", "thick"])
+def test_kronecker_block_products_through_roots(thin):
+    """Thin roots R (A = R^T R) give the same products as the factors; thick ones are unused."""
+    rows, cols = 12, 10
+    r_first = randn(2 if thin in ("first", "both") else 9, rows, seed=1)
+    r_second = randn(3 if thin in ("second", "both") else 8, cols, seed=2)
+    a, b = r_first.T @ r_first, r_second.T @ r_second
+    block = KroneckerBlock(a, b, (rows, cols), roots=(r_first, r_second))
+    assert (block.first_root is not None) == (thin in ("first", "both"))
+    assert (block.second_root is not None) == (thin in ("second", "both"))
+    columns = randn(4, rows, cols, seed=3)
+    expected = (columns.reshape(4, -1) @ torch.kron(a, b)).reshape(columns.shape)
+    torch.testing.assert_close(block.matmat(columns), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="root"):
+        KroneckerBlock(a, b, (rows, cols), roots=(None, randn(2, cols + 1, seed=4)))
+
+
+def test_kflr_kfac_blocks_of_linear_layers_use_thin_roots():
+    """A linear layer with fewer samples than inputs: products via x_n / sqrt(N) are exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    model = model.double()
+    cg = curvgraph.trace(model)
+    x, y = torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 5, (6,))
+    out = cg(x)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    for method in ("kflr", "kfac"):
+        block = cg.curvature(loss, out, "ggn", method=method)["0.weight"]
+        assert block.second_root is not None  # 6 samples < 40 / 2 inputs
+        assert (block.first_root is not None) == (method == "kfac")  # kflr: K N = 30 rows
+        v = randn(3, 30, 40, seed=7)
+        expected = (v.reshape(3, -1) @ block.to_dense()).reshape(v.shape)
+        torch.testing.assert_close(block.matmat(v), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(6,), (2, 3), (2, 1, 3, 1)])
 def test_dense_block_against_dense(shape):
     n = math.prod(shape)

@@ -67,6 +67,10 @@ def _goal(
     return entry
 
 
+#: a goal is infeasible when its floor exceeds it by more than this factor
+FLOOR_MARGIN = 2.0
+
+
 def _in_peer_time(
     gradients: Optional[float], grad_s: Optional[float], peer_s: Optional[float]
 ) -> Optional[float]:
@@ -77,9 +81,14 @@ def _in_peer_time(
 
 
 def _with_floor(entry: Dict[str, Any], floor: Optional[float], how: str) -> Dict[str, Any]:
-    """Attach an operation-count floor; a goal below its floor is marked infeasible."""
+    """Attach an operation-count floor; a goal well below its floor is marked infeasible.
+
+    A floor counts arithmetic at the gradient's FLOP rate; a product of large matrices can
+    run faster than the gradient's mix of kernels, so only a goal below the floor by more
+    than :data:`FLOOR_MARGIN` counts as infeasible.
+    """
     entry["floor"] = floor
-    if floor is not None and math.isfinite(floor) and floor > entry["at_most"]:
+    if floor is not None and math.isfinite(floor) and floor > FLOOR_MARGIN * entry["at_most"]:
         entry["floor_note"] = (
             f"infeasible as stated: the operation count alone is {floor:.3g} ({how}; "
             "see benchmarks/cost/floors.py)"

@@ -7,6 +7,8 @@ private ``_matmat`` computes on columns ``[K, numel]``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -92,13 +94,22 @@ class KroneckerBlock(Block):
     parameter. Each factor is a symmetric matrix, or a 1-D tensor ``u`` standing for the
     rank-one ``u u^T`` (stored and applied as a vector, e.g. ``xbar xbar^T``).
 
+    Products use a factor's root ``R`` (``A = R^T R``) instead of ``A`` when ``R`` is thin
+    (fewer than half as many rows as columns, e.g. ``x_n / sqrt(N)`` of a linear layer with
+    fewer samples than inputs): ``A V = R^T (R V)`` costs ``2 r`` instead of ``rows``
+    multiply-adds per entry of ``V``.
+
     Args:
         first: ``A`` (``rows x rows``) or ``u`` (``rows``).
         second: ``B`` (``cols x cols``) or ``u`` (``cols``).
         shape: the parameter's shape.
+        roots: optional ``(R_A, R_B)`` with ``A = R_A^T R_A``, ``B = R_B^T R_B`` (either
+            ``None``); the caller guarantees they match the factors.
     """
 
-    def __init__(self, first: Tensor, second: Tensor, shape: torch.Size):
+    def __init__(
+        self, first: Tensor, second: Tensor, shape: torch.Size, roots: Optional[tuple] = None
+    ):
         super().__init__(shape)
         self.first, self.second = first.contiguous(), second.contiguous()
         self.rows = self.shape[0]
@@ -106,6 +117,10 @@ class KroneckerBlock(Block):
         for factor, size in ((first, self.rows), (second, self.cols)):
             if factor.shape not in ((size,), (size, size)):
                 raise ValueError(f"factor {tuple(factor.shape)} does not fit size {size}")
+        self.first_root, self.second_root = None, None
+        if roots is not None:
+            self.first_root = _thin(roots[0], self.first, self.rows)
+            self.second_root = _thin(roots[1], self.second, self.cols)
 
     @staticmethod
     def _dense(factor: Tensor) -> Tensor:
@@ -127,11 +142,24 @@ class KroneckerBlock(Block):
 
     def _matmat(self, columns: Tensor) -> Tensor:
         matrices = columns.reshape(-1, self.rows, self.cols)
+        if self.first_root is not None or self.second_root is not None:
+            return self._matmat_roots(matrices).reshape(columns.shape)
         if self.second.dim() == 1:  # A V u u^T = (A (V u)) u^T: matrix-vector work only
             left = self._apply_left(self.first, (matrices @ self.second).unsqueeze(-1))
             return (left * self.second).reshape(columns.shape)
         result = self._apply_left(self.first, self._apply_right(matrices, self.second))
         return result.reshape(columns.shape)
+
+    def _matmat_roots(self, matrices: Tensor) -> Tensor:
+        """``A V B`` with thin roots: ``R_A^T (R_A V R_B^T) R_B`` (dense factor otherwise)."""
+        left, right = self.first_root, self.second_root
+        core = matrices if left is None else left @ matrices
+        core = self._apply_right(core, self.second) if right is None else core @ right.T
+        if right is not None:
+            core = core @ right
+        if left is not None:
+            return left.T @ core
+        return self._apply_left(self.first, core)
 
     def to_dense(self) -> Tensor:  # noqa: D102
         return torch.kron(self._dense(self.first), self._dense(self.second))
@@ -180,3 +208,12 @@ class DiagonalBlock(Block):
 
     def diag(self) -> Tensor:  # noqa: D102
         return self.diagonal.reshape(self.shape)
+
+
+def _thin(root: Optional[Tensor], factor: Tensor, size: int) -> Optional[Tensor]:
+    """``root`` ``[r, size]`` if it is worth using (``2 r < size``, dense factor), else None."""
+    if root is None or factor.dim() != 2:
+        return None
+    if root.dim() != 2 or root.shape[1] != size:
+        raise ValueError(f"a root of a {size} x {size} factor must be [r, {size}]")
+    return root.contiguous() if 2 * root.shape[0] < size else None

@@ -87,7 +87,7 @@ def factor_curvature(
             if method in ("kflr", "kfac") and not walk.tied(key):
                 pair = info.rule.kron_factors(ctx, slot, factors)
                 if pair is not None:
-                    kronecker[key] = pair
+                    kronecker[key] = (*pair, info.rule.kron_roots(ctx, slot, factors))
                     continue
             if method == "diag" and not walk.tied(key):  # tied: square the summed rows
                 value = _squared_cotangents(info.rule, ctx, slot, factors)
@@ -101,7 +101,8 @@ def factor_curvature(
     blocks = {}
     for name, parameter in walk.parameters.items():
         if name in kronecker:
-            blocks[name] = KroneckerBlock(*kronecker[name], parameter.shape)
+            first, second, roots = kronecker[name]
+            blocks[name] = KroneckerBlock(first, second, parameter.shape, roots=roots)
         elif name in diagonals:
             blocks[name] = DiagonalBlock(diagonals[name], parameter.shape)
         elif name in rows and method == "diag":

@@ -10,6 +10,7 @@ cross terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -126,3 +127,10 @@ class LinearRule(Rule):
             return None
         x = ctx.input
         return torch.einsum("kno,knp->op", factors, factors), x.T @ x / x.shape[0]
+
+    def kron_roots(self, ctx, slot, factors):
+        """``R_G = [s_kn]`` (``K N`` rows), ``R_A = [x_n] / sqrt(N)`` (2-D inputs)."""
+        if slot != "weight" or ctx.input.dim() != 2:
+            return None
+        x = ctx.input
+        return factors.reshape(-1, factors.shape[-1]), x / math.sqrt(x.shape[0])

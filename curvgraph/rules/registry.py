@@ -264,6 +264,14 @@ class Rule:
         """
         return None
 
+    def kron_roots(self, ctx: Context, slot: str, factors: Tensor) -> Optional[tuple]:
+        """Optional roots ``(R_G, R_A)`` of the factors: ``G = R_G^T R_G``, ``A = R_A^T R_A``.
+
+        Blocks use a thin root (fewer rows than columns) for cheaper products; either root
+        may be ``None``.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<rule {self.name}{self.signature}>"
 
