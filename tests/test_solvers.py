@@ -640,3 +640,18 @@ def test_singular_psd_in_rotated_basis_stops_like_unrotated():
         assert torch.isfinite(x).all()
         ratios.append((torch.linalg.vector_norm(x) / torch.linalg.vector_norm(b)).item())
     assert max(ratios) < 1e3, ratios
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (257, 1000), (20, 7)])
+def test_symmetric_product_and_gram_equal_plain_products(shape):
+    """Kronecker factors built from the block upper triangle equal F F^T (float64)."""
+    from curvgraph.rules.conv import gram, symmetric_product
+
+    flat = randn(*shape, seed=11)
+    torch.testing.assert_close(symmetric_product(flat), flat @ flat.T, rtol=1e-13, atol=1e-11)
+    rows = randn(5, shape[0], 3, seed=12)  # few positions: transposed copy path
+    expected = torch.einsum("bip,bjp->ij", rows, rows)
+    torch.testing.assert_close(gram(rows), expected, rtol=1e-13, atol=1e-11)
+    rows = randn(5, 8, 40, seed=13)  # many positions: per-sample products
+    expected = torch.einsum("bip,bjp->ij", rows, rows)
+    torch.testing.assert_close(gram(rows), expected, rtol=1e-13, atol=1e-11)

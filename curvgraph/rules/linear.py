@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.rules.conv import symmetric_product
 from curvgraph.rules.registry import (
     Rule,
     Sample,
@@ -125,8 +126,8 @@ class LinearRule(Rule):
         """``G = sum_{k,n} s_kn s_kn^T``, ``A = (1/N) sum_n x_n x_n^T`` (2-D inputs)."""
         if slot != "weight" or ctx.input.dim() != 2:
             return None
-        x = ctx.input
-        return torch.einsum("kno,knp->op", factors, factors), x.T @ x / x.shape[0]
+        x, s = ctx.input, factors.reshape(-1, factors.shape[-1])
+        return symmetric_product(s.T), symmetric_product(x.T) / x.shape[0]
 
     def kron_roots(self, ctx, slot, factors):
         """``R_G = [s_kn]`` (``K N`` rows), ``R_A = [x_n] / sqrt(N)`` (2-D inputs)."""
