@@ -161,7 +161,7 @@ def markdown(result: Dict[str, Any]) -> str:
     """The section's table: medians, the fallback's price and agreement."""
     c = result["config"]
     lines = [
-        f"### {result['title']}",
+        f"## Fallback: {result['title']}",
         "",
         f"Batch {c['batch_size']}, hidden width {c['hidden']}, "
         f"{c['repeats']} timed repeats after {c['warmup']} warm-up(s), {c['dtype']}.",
