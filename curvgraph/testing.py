@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
+from curvgraph.rules.func_tools import substitute
 from curvgraph.rules.registry import Context, OpKey, Rule, Sample, lookup_rule
 from curvgraph.rules.residuals import groups_of, modify_symmetric
 
@@ -114,15 +115,7 @@ class _Check:
         self.dtype, self.device = dtype, device
 
     def call(self, values: Dict[str, Tensor]) -> Tensor:
-        arguments = dict(self.arguments)
-        for slot, value in values.items():
-            name, _, index = slot.partition(".")
-            if index:
-                items = list(arguments[name])
-                items[int(index)] = value
-                arguments[name] = items
-            else:
-                arguments[name] = value
+        arguments = substitute(self.arguments, values)
         if self.sample.function is not None:
             return self.sample.function(**{k: arguments[k] for k in self.rule.differentiable})
         return self.rule.call(arguments)

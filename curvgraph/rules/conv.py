@@ -144,6 +144,18 @@ class _ConvFamily(Rule):
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
 
+    @staticmethod
+    def _with_padding_mode(signature_of) -> inspect.Signature:
+        """``signature_of``'s signature plus the module attribute ``padding_mode``."""
+        return inspect.Signature(
+            list(inspect.signature(signature_of).parameters.values())
+            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
+        )
+
+    def call(self, arguments):  # noqa: D102
+        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
+        return self.function(**arguments)
+
     def __init__(self, dims: int):
         self.dims = dims
 
@@ -198,14 +210,7 @@ class ConvRule(_ConvFamily):
             return conv(input, weight, bias, stride, padding, dilation, groups)
 
         self.function = function
-        self.signature = inspect.Signature(
-            list(inspect.signature(_conv_signature).parameters.values())
-            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
-        )
-
-    def call(self, arguments):  # noqa: D102
-        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
-        return self.function(**arguments)
+        self.signature = self._with_padding_mode(_conv_signature)
 
     def samples(self):  # noqa: D102
         d = self.dims

@@ -13,8 +13,6 @@ is linear in the input and the weight separately: its residual only has cross te
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,14 +60,7 @@ class ConvTransposeRule(_ConvFamily):
             return transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
         self.function = function
-        self.signature = inspect.Signature(
-            list(inspect.signature(_conv_transpose_signature).parameters.values())
-            + [inspect.Parameter("padding_mode", inspect.Parameter.KEYWORD_ONLY, default="zeros")]
-        )
-
-    def call(self, arguments):  # noqa: D102
-        arguments = {k: v for k, v in arguments.items() if k != "padding_mode"}
-        return self.function(**arguments)
+        self.signature = self._with_padding_mode(_conv_transpose_signature)
 
     def samples(self):  # noqa: D102
         d = self.dims
