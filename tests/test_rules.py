@@ -24,7 +24,10 @@ TOLERANCE = 1e-10
 def test_rule_matches_torch_func(rule):
     if not rule.differentiable:
         pytest.skip(f"{rule.name}: no differentiable arguments (structural op)")
-    assert rule.samples(), f"rule {rule.name!r} has no samples"
+    samples = rule.samples()
+    assert samples, f"rule {rule.name!r} has no samples"
+    shapes = {tuple(tuple(a.shape) for a in s.args if isinstance(a, torch.Tensor)) for s in samples}
+    assert len(samples) >= 2 and len(shapes) >= 2, f"{rule.name}: check several input shapes"
     errors = check_rule(rule)
     expected_pieces = {"jvp", "vjp", "batch_vjp", "residual"}
     if not any(rule.mixes(rule.bind(s.args, s.kwargs)) for s in rule.samples()):

@@ -81,7 +81,10 @@ def _dropout(input, p=0.5, training=True, inplace=False):
 
 
 linear_rule(
-    nn.Identity, function=_identity, name="identity", samples=lambda: [Sample((randn(2, 3),))]
+    nn.Identity,
+    function=_identity,
+    name="identity",
+    samples=lambda: [Sample((randn(2, 3),)), Sample((randn(3, 2, 4, 2, seed=1),))],
 )
 
 
@@ -142,7 +145,14 @@ class DropoutRule(LinearMapRule):
 
 
 register_rule(F.dropout)(
-    DropoutRule("dropout", _dropout, lambda: [Sample((randn(2, 3, 4),), dict(training=False))])
+    DropoutRule(
+        "dropout",
+        _dropout,
+        lambda: [
+            Sample((randn(2, 3, 4),), dict(training=False)),
+            Sample((randn(3, 5, seed=1),), dict(p=0.2, training=False)),
+        ],
+    )
 )
 
 
