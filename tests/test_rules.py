@@ -20,13 +20,21 @@ RULES = sorted(registered_rules(), key=lambda r: r.name)
 TOLERANCE = 1e-10
 
 
+def _shapes(arguments):
+    for a in arguments:
+        if isinstance(a, torch.Tensor):
+            yield tuple(a.shape)
+        elif isinstance(a, (list, tuple)):
+            yield tuple(_shapes(a))
+
+
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
 def test_rule_matches_torch_func(rule):
     if not rule.differentiable:
         pytest.skip(f"{rule.name}: no differentiable arguments (structural op)")
     samples = rule.samples()
     assert samples, f"rule {rule.name!r} has no samples"
-    shapes = {tuple(tuple(a.shape) for a in s.args if isinstance(a, torch.Tensor)) for s in samples}
+    shapes = {tuple(_shapes(s.args)) for s in samples}
     assert len(samples) >= 2 and len(shapes) >= 2, f"{rule.name}: check several input shapes"
     errors = check_rule(rule)
     expected_pieces = {"jvp", "vjp", "batch_vjp", "residual"}
