@@ -151,10 +151,22 @@ class CurvGraph(nn.Module):
 
     # -- trace-time analysis ----------------------------------------------------------------
     def _analyse(self, node: torch.fx.Node) -> NodeInfo:
+        if self._on_sizes_only(node):  # x.shape[0] // 2, torch._assert(h == 224, ...)
+            return NodeInfo(node, node_key(node, self.graph_module), lookup_rule("size"))
         info = self._analyse_with(node, lookup_rule(node_key(node, self.graph_module)))
         if info.problem and self.fallback:  # no rule, or one that refuses this call
             info = self._analyse_with(node, rule_for_node(node, self.graph_module))
         return info
+
+    def _on_sizes_only(self, node: torch.fx.Node) -> bool:
+        """Whether every input of ``node`` is a size or number computed by a structural op."""
+        inputs = node.all_input_nodes
+        return bool(inputs) and all(
+            n in self.infos
+            and not self.infos[n].problem
+            and isinstance(self.infos[n].rule, type(lookup_rule("size")))
+            for n in inputs
+        )
 
     def _warn_fallback_ops(self) -> None:
         """One warning per op served by the autograd fallback (design 4.3)."""

@@ -27,19 +27,56 @@ alias("expand_as", torch.Tensor.expand_as)
 
 
 class ExpandRule(LinearMapRule):
-    """``x.expand(...)`` / ``x.expand_as(other)`` of an activation, batch axis kept."""
+    """``x.expand(...)`` / ``x.expand_as(other)`` of an activation or a parameter.
+
+    An activation keeps its batch axis; a parameter is broadcast to the batch (a class
+    token: ``self.cls.expand(n, -1, -1)``).
+
+    For a parameter ``p`` every sample gets the same copy: ``y_n = broadcast(p)``, so
+    ``J t = t`` broadcast to each sample and ``J_n^T c_n`` sums ``c_n`` over the broadcast
+    axes.
+    """
 
     def apply(self, ctx, input):
         """The recorded expansion of each sample, for any number of leading samples."""
         return input.expand(input.shape[0], *ctx.output.shape[1:])
 
     def validate(self, ctx):  # noqa: D102
+        if "input" not in ctx.batched:
+            shape, output = ctx.input.shape, ctx.output.shape
+            if len(shape) == len(output) and shape[0] != 1:
+                raise UnsupportedConfigurationError(
+                    f"{self.name} of a parameter of shape {tuple(shape)} along the batch axis "
+                    "gives each sample a different slice: only broadcasting a size-1 axis "
+                    "(or adding the batch axis) is supported"
+                )
+            return
         super().validate(ctx)
         if ctx.output.dim() != ctx.input.dim():
             raise UnsupportedConfigurationError(
                 f"{self.name} from {tuple(ctx.input.shape)} to {tuple(ctx.output.shape)} adds "
                 "leading axes, so dimension 0 would no longer be the batch axis"
             )
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        if "input" in ctx.batched:
+            return super().jvp(ctx, tangents)
+        t = tangents["input"]
+        aligned = t.reshape(t.shape[0], *self._aligned(ctx.input.shape, ctx.output.shape))
+        return aligned.expand(t.shape[0], *ctx.output.shape)
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        if "input" in ctx.batched or "input" not in slots:
+            return super().vjp(ctx, cotangent, slots)
+        k, n = cotangent.shape[:2]
+        per_sample = self._aligned(ctx.input.shape, ctx.output.shape)[1:]
+        summed = cotangent.sum_to_size(k, n, *per_sample)
+        return {"input": summed.reshape(k, n, *ctx.input.shape)}
+
+    @staticmethod
+    def _aligned(shape, output) -> list:
+        """``shape`` with leading 1s up to the output's rank (broadcasting alignment)."""
+        return [1] * (len(output) - len(shape)) + list(shape)
 
 
 def _expand(input, *sizes):
