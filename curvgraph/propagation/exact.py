@@ -25,7 +25,7 @@ from torch import Tensor
 
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses import LossModel
-from curvgraph.propagation.plan import Plan
+from curvgraph.propagation.plan import Plan, validate_call
 from curvgraph.rules.residuals import groups_of
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class ExactProducts:
         self.grads = dict(grads)
         self.infos = {info.node: info for info in walk.order}
         for info in walk.order:
-            info.rule.validate(self.contexts[info.node.name])
+            validate_call(info, self.contexts[info.node.name])
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``C_bb V_b`` for columns ``[K_b, *shape]`` of any subset of the blocks."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses import LossModel
-from curvgraph.propagation.plan import plan
+from curvgraph.propagation.plan import plan, validate_call
 from curvgraph.rules.registry import CHUNK_ELEMENTS
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def factor_curvature(
         if factors is None:
             continue
         ctx = record.contexts[info.node.name]
-        info.rule.validate(ctx)
+        validate_call(info, ctx)
         if ctx.mixes_samples:
             raise CurvGraphError(
                 f"method={method!r} propagates per-sample factors, but {info.describe()} mixes "

@@ -32,7 +32,7 @@ from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.curvature.blocks import Block
 from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
-from curvgraph.propagation.plan import Plan, gradients, plan
+from curvgraph.propagation.plan import Plan, gradients, plan, validate_call
 from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import CHUNK_ELEMENTS, Context, Rule
 from curvgraph.rules.residuals import modify_symmetric
@@ -178,7 +178,7 @@ def backward_hessian(
         if info.node not in frontier.sizes:
             continue
         ctx = record.contexts[info.node.name]
-        info.rule.validate(ctx)
+        validate_call(info, ctx)
         if ctx.mixes_samples:
             raise CurvGraphError(
                 f"HBP averages over samples, but {info.describe()} mixes them (e.g. BatchNorm in "

@@ -99,3 +99,16 @@ def gradients(graph: CurvGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor
         for name, g, out in zip(missing, grads, outputs):
             record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
     return record.grads
+
+
+def validate_call(info: NodeInfo, ctx) -> None:
+    """``info.rule.validate(ctx)``, with the node and the user's source line in any error."""
+    try:
+        info.rule.validate(ctx)
+    except ValueError as error:  # UnsupportedConfigurationError and other refusals
+        message = f"{info.describe()}: {error}"
+        try:
+            located = type(error)(message)
+        except TypeError:  # an error class with another constructor
+            located = CurvGraphError(message)
+        raise located from error
