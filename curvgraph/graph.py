@@ -25,6 +25,7 @@ from curvgraph.rules.registry import (
     lookup_rule,
     op_name,
 )
+from curvgraph.rules.shape import STRUCTURAL, StructuralRule
 from curvgraph.tracing import node_key, source_line, symbolic_trace
 
 __all__ = ["CurvGraph", "NodeInfo", "Source", "trace"]
@@ -152,7 +153,7 @@ class CurvGraph(nn.Module):
     # -- trace-time analysis ----------------------------------------------------------------
     def _analyse(self, node: torch.fx.Node) -> NodeInfo:
         if self._on_sizes_only(node):  # x.shape[0] // 2, torch._assert(h == 224, ...)
-            return NodeInfo(node, node_key(node, self.graph_module), lookup_rule("size"))
+            return NodeInfo(node, node_key(node, self.graph_module), STRUCTURAL)
         info = self._analyse_with(node, lookup_rule(node_key(node, self.graph_module)))
         if info.problem and self.fallback:  # no rule, or one that refuses this call
             info = self._analyse_with(node, rule_for_node(node, self.graph_module))
@@ -164,7 +165,7 @@ class CurvGraph(nn.Module):
         return bool(inputs) and all(
             n in self.infos
             and not self.infos[n].problem
-            and isinstance(self.infos[n].rule, type(lookup_rule("size")))
+            and isinstance(self.infos[n].rule, StructuralRule)
             for n in inputs
         )
 

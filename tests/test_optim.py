@@ -35,9 +35,11 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
 
 
-def textbook_cg(a, b, tol, maxiter):
-    """Plain CG from zero on a dense SPD matrix (flat vectors), stopping as in design 3.6."""
-    x, r = torch.zeros_like(b), b.clone()
+def textbook_cg(a, b, tol, maxiter, x0=None):
+    """Plain CG on a dense SPD matrix (flat vectors), from ``x0`` (default zero), stopping as
+    in design 3.6 (``tol=0``: exactly ``maxiter`` iterations)."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - a @ x
     p, rs = r.clone(), r @ r
     bound = tol * torch.linalg.vector_norm(b)
     for _ in range(min(maxiter, b.numel())):

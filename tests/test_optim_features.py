@@ -18,6 +18,11 @@ from torch import nn
 import curvgraph
 from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.optim import CGNewton
+
+try:
+    from test_optim import textbook_cg as reference_cg
+except ImportError:  # tests/ is a package
+    from tests.test_optim import textbook_cg as reference_cg
 from curvgraph.optim.levenberg_marquardt import LAMBDA_MIN
 
 DTYPE = torch.float64
@@ -39,16 +44,8 @@ def damped_solve(block, grad, alpha):
 
 
 def textbook_cg(a, b, x0, maxiter):
-    x = x0.clone()
-    r = b - a @ x
-    p, rs = r.clone(), r @ r
-    for _ in range(maxiter):
-        ap = a @ p
-        step = rs / (p @ ap)
-        x, r = x + step * p, r - step * ap
-        rs_new = r @ r
-        p, rs = r + (rs_new / rs) * p, rs_new
-    return x
+    """Exactly ``maxiter`` CG iterations from ``x0`` (the shared reference, tol 0)."""
+    return reference_cg(a, b, 0.0, maxiter, x0)
 
 
 class Quadratic:

@@ -645,7 +645,7 @@ def test_singular_psd_in_rotated_basis_stops_like_unrotated():
 @pytest.mark.parametrize("shape", [(300, 40), (257, 1000), (20, 7)])
 def test_symmetric_product_and_gram_equal_plain_products(shape):
     """Kronecker factors built from the block upper triangle equal F F^T (float64)."""
-    from curvgraph.rules.conv import gram, symmetric_product
+    from curvgraph.rules.gram import gram, symmetric_product
 
     flat = randn(*shape, seed=11)
     torch.testing.assert_close(symmetric_product(flat), flat @ flat.T, rtol=1e-13, atol=1e-11)

@@ -23,15 +23,12 @@ from curvgraph.solvers import (
     kronecker_solve,
 )
 
+try:
+    from test_solvers import spd
+except ImportError:  # tests/ is a package
+    from tests.test_solvers import spd
+
 DTYPE = torch.float64
-
-
-def spd(n, eigenvalues=None, seed=0, cond=10.0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DTYPE))
-    if eigenvalues is None:
-        eigenvalues = torch.logspace(0, math.log10(cond), n, dtype=DTYPE)
-    return (q * torch.as_tensor(eigenvalues, dtype=DTYPE)) @ q.T
 
 
 def randn(*shape, seed=0):

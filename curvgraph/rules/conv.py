@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
+from curvgraph.rules.gram import gram
 from curvgraph.rules.registry import (
     Rule,
     Sample,
@@ -33,55 +34,7 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import CrossTerms, Residual
 
-__all__ = ["ConvRule", "gram", "patches", "resolve_padding", "symmetric_product"]
-
-#: entries of one chunk's ``[B, d, d]`` products in :func:`gram` (bounds its memory)
-_GRAM_CHUNK_ENTRIES = 2**22
-
-
-def gram(rows: Tensor) -> Tensor:
-    """``sum_b X_b X_b^T`` for ``X`` of shape ``[B, d, P]`` (a Kronecker factor).
-
-    ``einsum("bip,bjp->ij")`` contracts ``b`` and ``p`` together, for which torch copies
-    ``X`` into a ``[d, B P]`` layout once per operand. With many positions (``P >= 2 d``,
-    early convolution layers) per-``b`` products summed over ``b`` read ``X`` in place
-    (about 4x faster on a 3c3d-shaped network); otherwise one transposed copy and one
-    matrix product.
-    """
-    b, d, positions = rows.shape
-    if positions < 2 * d:
-        return symmetric_product(rows.transpose(0, 1).reshape(d, b * positions))
-    chunk = max(1, _GRAM_CHUNK_ENTRIES // (d * d))
-    total = None
-    for start in range(0, b, chunk):
-        part = rows[start : start + chunk]
-        products = torch.bmm(part, part.transpose(1, 2)).sum(0)
-        total = products if total is None else total + products
-    return total
-
-
-#: ``symmetric_product`` splits matrices with at least this many rows into block rows
-_SYMMETRIC_MIN_ROWS = 256
-
-
-def symmetric_product(flat: Tensor, blocks: int = 3) -> Tensor:
-    """``F F^T`` for ``F`` ``[d, m]``, computing only the block upper triangle.
-
-    Torch has no symmetric rank-k kernel; block row ``i`` times the columns ``j >= i``
-    saves ``(blocks - 1) / (2 blocks)`` of the work (a third for 3 blocks; about 30% less
-    time for the KFC input factors of a 3c3d-shaped network) and mirrors the rest.
-    """
-    d = flat.shape[0]
-    if d < _SYMMETRIC_MIN_ROWS:
-        return flat @ flat.T
-    out = flat.new_empty(d, d)
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    for start, stop in zip(edges[:-1], edges[1:]):
-        row = flat[start:stop] @ flat[start:].T
-        out[start:stop, start:] = row
-        out[stop:, start:stop] = row[:, stop - start :].T
-    return out
-
+__all__ = ["ConvRule", "patches", "resolve_padding"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {

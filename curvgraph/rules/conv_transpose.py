@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
-from curvgraph.rules.conv import _CONV, _ConvFamily, gram
+from curvgraph.rules.conv import _CONV, _ConvFamily
+from curvgraph.rules.gram import gram
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvgraph.rules.conv import symmetric_product
+from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
     Rule,
     Sample,

@@ -180,4 +180,6 @@ class StructuralRule(Rule):
             )
 
 
-register_rule("size", "dim", "numel", builtins.getattr, builtins.len)(StructuralRule())
+#: the one structural rule (also serves ops computed from sizes alone, see ``CurvGraph``)
+STRUCTURAL = StructuralRule()
+register_rule("size", "dim", "numel", builtins.getattr, builtins.len)(STRUCTURAL)

@@ -1,0 +1,60 @@
+"""Gram matrices for Kronecker factors: ``sum_b X_b X_b^T`` and ``F F^T`` without waste.
+
+Kronecker factors (``A = (1/M) sum x x^T``, ``G = sum s s^T``) dominate the cost of
+``kflr``/``kfac``; ``einsum`` would copy its operands into a transposed layout and compute
+both triangles of a symmetric result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["gram", "symmetric_product"]
+
+#: entries of one chunk's ``[B, d, d]`` products in :func:`gram` (bounds its memory)
+_GRAM_CHUNK_ENTRIES = 2**22
+
+
+def gram(rows: Tensor) -> Tensor:
+    """``sum_b X_b X_b^T`` for ``X`` of shape ``[B, d, P]`` (a Kronecker factor).
+
+    ``einsum("bip,bjp->ij")`` contracts ``b`` and ``p`` together, for which torch copies
+    ``X`` into a ``[d, B P]`` layout once per operand. With many positions (``P >= 2 d``,
+    early convolution layers) per-``b`` products summed over ``b`` read ``X`` in place
+    (about 4x faster on a 3c3d-shaped network); otherwise one transposed copy and one
+    matrix product.
+    """
+    b, d, positions = rows.shape
+    if positions < 2 * d:
+        return symmetric_product(rows.transpose(0, 1).reshape(d, b * positions))
+    chunk = max(1, _GRAM_CHUNK_ENTRIES // (d * d))
+    total = None
+    for start in range(0, b, chunk):
+        part = rows[start : start + chunk]
+        products = torch.bmm(part, part.transpose(1, 2)).sum(0)
+        total = products if total is None else total + products
+    return total
+
+
+#: ``symmetric_product`` splits matrices with at least this many rows into block rows
+_SYMMETRIC_MIN_ROWS = 256
+
+
+def symmetric_product(flat: Tensor, blocks: int = 3) -> Tensor:
+    """``F F^T`` for ``F`` ``[d, m]``, computing only the block upper triangle.
+
+    Torch has no symmetric rank-k kernel; block row ``i`` times the columns ``j >= i``
+    saves ``(blocks - 1) / (2 blocks)`` of the work (a third for 3 blocks; about 30% less
+    time for the KFC input factors of a 3c3d-shaped network) and mirrors the rest.
+    """
+    d = flat.shape[0]
+    if d < _SYMMETRIC_MIN_ROWS:
+        return flat @ flat.T
+    out = flat.new_empty(d, d)
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        row = flat[start:stop] @ flat[start:].T
+        out[start:stop, start:] = row
+        out[stop:, start:stop] = row[:, stop - start :].T
+    return out
