@@ -79,8 +79,21 @@ def exact_check(
 ) -> Dict[str, float]:
     """Relative errors ``|C v - J^T H J v| / |J^T H J v|`` of a few random GGN blocks.
 
-    Parameters that are exactly zero (zero-initialised heads) are given small random values
-    first, and a block whose reference product is zero raises: the check is never vacuous.
+    The check must not be vacuous, so the model is first put in a regime where the loss
+    Hessian is far from zero:
+
+    - parameters that are exactly zero (zero-initialised heads) get small random values;
+    - BatchNorm running statistics are calibrated on the check's input (one forward with
+      only the BatchNorm layers in training mode and ``momentum=None``, i.e. the plain
+      batch mean and unbiased variance): at initialisation the running statistics are
+      ``mean 0, var 1`` whatever the activations are, so deep networks (inception_v3,
+      resnet152) amplify them layer after layer and their logits differ by ``1e7``-``1e12``;
+      the softmax is then one-hot in float64, ``H = diag(p) - p p^T`` is exactly 0 and so is
+      every reference product. Calibrated, eval-mode BatchNorm is still the affine map
+      ``y = gamma (x - mu) / sqrt(var + eps) + beta`` with fixed ``mu, var``: the graph and
+      its rules are the same, only the constants are realistic (as in a trained network);
+    - a softmax still saturated (a sample's largest probability above ``1 - 1e-6``) and a
+      block whose reference product is zero raise instead of passing.
 
     Args:
         model: a float64 model in eval mode.
@@ -99,10 +112,14 @@ def exact_check(
             if not p.any():
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=dtype))
     x = torch.randn(2, 3, size, size, generator=generator, dtype=dtype)
+    _calibrate_batch_norm(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cg = curvgraph.trace(model, fallback=fallback)
     out = cg(x)
+    largest = F.softmax(out.detach(), dim=1).max(dim=1).values.max().item()
+    if largest > 1 - 1e-6:
+        raise RuntimeError(f"the softmax is saturated (probability {largest}): check vacuous")
     y = torch.randint(0, out.shape[1], (2,), generator=generator)
     loss = F.cross_entropy(out, y)
     curv = cg.curvature(loss, out, curvature="ggn", method="exact")
@@ -110,6 +127,7 @@ def exact_check(
     params = {n: p.detach() for n, p in model.named_parameters()}
     vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
     products = curv.matvec(vectors)
+    del cg, out, loss, curv  # the recorded forward is not needed by the reference
     errors = {}
     references = _ggn_vector_products(model, params, x, y, vectors)
     for name, expected in references.items():
@@ -120,12 +138,33 @@ def exact_check(
     return errors
 
 
+def _calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
+    """Running statistics of every BatchNorm layer := those of ``model(x)`` (stays eval)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: after one batch, that batch's statistics
+        norm.train()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+            norm.eval()
+
+
 def _ggn_vector_products(model, params, x, y, vectors) -> Dict[str, Tensor]:
     """``J_b^T H J_b v_b`` for each block ``b`` of ``vectors``, with torch.func only.
 
     MultiheadAttention's fused inference kernel and the flash attention kernel have no
     forward-mode derivative, so the reference runs the composite path and the math kernel
-    of scaled dot-product attention (the same function).
+    of scaled dot-product attention (the same function). Each block is linearised on its
+    own (one forward per block): a pullback w.r.t. all blocks would also return the
+    cotangents of the blocks not asked for, a model-size allocation on large heads.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -140,12 +179,18 @@ def _ggn_vector_products(model, params, x, y, vectors) -> Dict[str, Tensor]:
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
-    out, pullback = vjp(outputs, blocks)  # one linearisation for every block's J_b^T
     result = {}
     for name, v in vectors.items():
-        _, jv = jvp(lambda theta, name=name: outputs({name: theta}), (blocks[name],), (v,))
-        _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out.detach(),), (jv,))
-        result[name] = pullback(hjv)[0][name]
+
+        def block_outputs(theta, name=name):
+            return outputs({name: theta})
+
+        out, jv = jvp(block_outputs, (blocks[name],), (v,))
+        _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out,), (jv,))
+        del jv
+        _, pullback = vjp(block_outputs, blocks[name])
+        result[name] = pullback(hjv)[0]
+        del pullback
     return result
 
 
