@@ -6,8 +6,9 @@ For every model of ``torchvision.models.list_models(module=torchvision.models)``
 - **hand-written**: ``curvgraph.trace(model)`` succeeds, i.e. every op has a hand-written rule
   (otherwise the ops without one are listed);
 - **fallback**: ``curvgraph.trace(model, fallback=True)`` succeeds;
-- **exact**: GGN block products of ``method="exact"`` equal ``torch.func`` (float64, eval mode,
-  batch 2, the smallest of ``--sizes`` pixels the model accepts, cross-entropy): for a few
+- **exact**: GGN block products of ``method="exact"`` equal ``torch.func`` (float64, eval mode
+  with BatchNorm statistics calibrated on the input, see :func:`exact_check`; batch 2, the
+  smallest of ``--sizes`` pixels the model accepts, cross-entropy): for a few
   parameter blocks chosen at random with a fixed seed, ``J^T H J v`` with ``J`` the Jacobian
   of the outputs w.r.t. the block (``torch.func.jvp`` / ``vjp``) and ``H`` the loss Hessian
   w.r.t. the outputs (``jvp`` of ``grad``); passed if the largest relative error is below
@@ -18,7 +19,8 @@ Run ``python -m benchmarks.zoo`` (all models, smallest first; writes
 ``benchmarks/results/zoo.json`` and prints a Markdown table); ``--models resnet18,alexnet``
 for a subset, ``--no-exact`` for the tracing columns only, ``--reuse old.json`` to keep the
 exact checks of an earlier run for models whose tracing columns did not change (each row
-names the commit its exact check ran at).
+names the commit its exact check ran at). Each row records ``seconds`` and
+``peak_memory_gb`` (the process's peak so far: run one model per process to measure it).
 """
 
 from __future__ import annotations
@@ -262,7 +264,18 @@ def zoo_row(
     elif exact and row["fallback"]:
         row["exact_skipped"] = f"{row['params'] / 1e6:.0f}M parameters > --max-params"
     row["seconds"] = time.perf_counter() - start
+    row["peak_memory_gb"] = _peak_memory_gb()
     return row
+
+
+def _peak_memory_gb() -> Optional[float]:
+    """Peak resident memory of this process so far (all models it ran), ``None`` off Unix."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return round(kilobytes / (2**30 if sys.platform == "darwin" else 2**20), 2)
 
 
 def _mark(value: Optional[bool]) -> str:
