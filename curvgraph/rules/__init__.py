@@ -12,6 +12,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     conv,
     conv_transpose,
     dropout,
+    einsum,
     embedding,
     expand,
     joins,

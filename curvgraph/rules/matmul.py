@@ -44,7 +44,7 @@ __all__ = ["MatmulRule", "PermutationRule"]
 _OPERANDS = ("input", "other")
 
 alias(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
-alias(torch.transpose, "transpose", torch.swapdims, "swapdims")
+alias(torch.transpose, "transpose", torch.swapdims, "swapdims", torch.swapaxes, "swapaxes")
 alias(torch.permute, "permute")
 
 
