@@ -16,6 +16,12 @@ import torch.fx
 from torch import Tensor, nn
 
 from curvgraph.errors import CurvGraphError, UnsupportedOpError
+from curvgraph.propagation.derived import (
+    DerivedParameter,
+    derive,
+    parameter_only_nodes,
+    shared_parameter_problems,
+)
 from curvgraph.rules.fallback import FallbackRule, fallback_warning, rule_for_node
 from curvgraph.rules.registry import (
     Context,
@@ -90,6 +96,13 @@ class _Recorder(torch.fx.Interpreter):
         self.record = record
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.curv_graph.derived:  # a derived parameter: its value and dL/db
+            output = super().run_node(n)
+            self.record.outputs[n.name] = output
+            if output.requires_grad:
+                grads = self.record.grads
+                output.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach()))
+            return output
         info = self.curv_graph.infos.get(n)
         if info is None or not info.sources:
             return super().run_node(n)
@@ -136,14 +149,25 @@ class CurvGraph(nn.Module):
         self._parameter_names = {id(p): n for n, p in model.named_parameters()}
         self.fallback = fallback
         self.infos: Dict[torch.fx.Node, NodeInfo] = {}
+        parameter_only = parameter_only_nodes(self.graph_module, self._is_parameter)
+        self._derived_roots = {
+            n for n in parameter_only if any(user not in parameter_only for user in n.users)
+        }
         problems = []
         for node in self.graph_module.graph.nodes:
             if node.op in ("call_module", "call_function", "call_method"):
+                if node in parameter_only:  # differentiated with torch.func, needs no rule
+                    continue
                 info = self._analyse(node)
                 self.infos[node] = info
                 if info.problem:
                     problems.append((node.name, info.op, info.where, info.problem))
-        problems += self._parameter_only_nodes()
+        #: derived parameters (tensors computed from parameters alone) by node name
+        self.derived: Dict[str, DerivedParameter] = {
+            root.name: derive(self.graph_module, root, self._parameter_names, model)
+            for root in self._derived_roots
+        }
+        problems += shared_parameter_problems(self.infos.values(), self.derived)
         if problems and strict:
             raise UnsupportedOpError(type(model).__name__, problems)
         self.problems = problems
@@ -156,7 +180,9 @@ class CurvGraph(nn.Module):
             return NodeInfo(node, node_key(node, self.graph_module), STRUCTURAL)
         info = self._analyse_with(node, lookup_rule(node_key(node, self.graph_module)))
         if info.problem and self.fallback:  # no rule, or one that refuses this call
-            info = self._analyse_with(node, rule_for_node(node, self.graph_module))
+            info = self._analyse_with(
+                node, rule_for_node(node, self.graph_module, self._derived_roots)
+            )
         return info
 
     def _on_sizes_only(self, node: torch.fx.Node) -> bool:
@@ -195,7 +221,7 @@ class CurvGraph(nn.Module):
             info.problem = f"arguments do not match the rule {info.rule.name}: {error}"
             return info
         info.inplace = is_inplace(key, arguments)
-        info.activations = frozenset(_activation_arguments(arguments))
+        info.activations = frozenset(_activation_arguments(arguments, self._derived_roots))
         for name in info.rule.differentiable:
             value = arguments.get(name)
             items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
@@ -205,8 +231,13 @@ class CurvGraph(nn.Module):
                     info.sources[name if i is None else f"{name}.{i}"] = source
         return info
 
+    def _is_parameter(self, node: torch.fx.Node) -> bool:
+        return node.op == "get_attr" and self._source(node) is not None
+
     def _source(self, value: Any) -> Optional[Source]:
         if isinstance(value, torch.fx.Node):
+            if value in getattr(self, "_derived_roots", ()):  # like a parameter, pulled back
+                return Source(parameter=value.name)
             if value.op != "get_attr":
                 return Source(node=value)
             try:
@@ -216,34 +247,6 @@ class CurvGraph(nn.Module):
         if isinstance(value, Tensor) and id(value) in self._parameter_names:
             return Source(parameter=self._parameter_names[id(value)])
         return None
-
-    def _parameter_only_nodes(self) -> list:
-        """Nodes computed from parameters alone (``self.s.exp()``): not supported yet."""
-        from_inputs, from_parameters = set(), set()
-        for node in self.graph_module.graph.nodes:
-            if node.op == "placeholder":
-                from_inputs.add(node)
-            elif node.op == "get_attr":
-                from_parameters.add(node)
-            info = self.infos.get(node)
-            if info is None or info.problem:
-                continue
-            inputs = set(node.all_input_nodes)
-            if inputs & from_inputs:
-                from_inputs.add(node)
-            elif any(s.parameter for s in info.sources.values()) or inputs & from_parameters:
-                from_parameters.add(node)
-        return [
-            (
-                n.name,
-                self.infos[n].op,
-                self.infos[n].where,
-                "computes from parameters only (a parameter transform such as self.s.exp()): "
-                "not supported yet; put it in a leaf module with a rule (docs/custom_rules.md)",
-            )
-            for n in from_parameters
-            if n in self.infos and self.infos[n].sources and not self.infos[n].problem
-        ]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Any:
@@ -264,9 +267,17 @@ class CurvGraph(nn.Module):
         return self._record
 
     def parameters_with_blocks(self) -> Dict[str, Tensor]:
-        """Trainable parameters used by the graph, by name (those that get a block)."""
+        """Trainable parameters used by the graph, by name (those that get a block).
+
+        A derived tensor (:mod:`curvgraph.propagation.derived`) appears under its node's name
+        with its last recorded value; its block is pulled back to its parameters.
+        """
         names = {s.parameter for i in self.infos.values() for s in i.sources.values()}
-        return {n: p for n, p in self.model.named_parameters() if n in names and p.requires_grad}
+        result = {n: p for n, p in self.model.named_parameters() if n in names and p.requires_grad}
+        for name, derived in self.derived.items():  # blocks pulled back to their parameters
+            if name in names and any(p.requires_grad for p in derived.parameters.values()):
+                result[name] = self.record.outputs[name].detach()
+        return result
 
     def output_node(self) -> torch.fx.Node:
         """The node whose tensor the model returns (a single tensor output)."""
@@ -357,12 +368,19 @@ class CurvGraph(nn.Module):
         return "\n".join(lines)
 
 
-def _activation_arguments(arguments: Dict[str, Any]):
-    """Names (``"tensors.1"`` for list items) of arguments computed by other nodes."""
+def _activation_arguments(arguments: Dict[str, Any], derived_roots=frozenset()):
+    """Names (``"tensors.1"`` for list items) of arguments computed by other nodes.
+
+    Derived parameters (tensors computed from parameters alone) are no activations.
+    """
     for name, value in arguments.items():
         items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
         for i, item in items:
-            if isinstance(item, torch.fx.Node) and item.op not in ("get_attr",):
+            if (
+                isinstance(item, torch.fx.Node)
+                and item.op != "get_attr"
+                and item not in derived_roots
+            ):
                 yield name if i is None else f"{name}.{i}"
 
 

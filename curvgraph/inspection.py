@@ -29,7 +29,8 @@ from curvgraph.graph import CurvGraph, Record, _Recorder
 from curvgraph.propagation.hbp import dense_sizes
 from curvgraph.propagation.plan import plan
 from curvgraph.rules.fallback import FallbackRule
-from curvgraph.rules.registry import Rule
+from curvgraph.rules.registry import Rule, op_name
+from curvgraph.tracing import node_key, source_line
 
 __all__ = ["inspect", "inspect_graph", "InspectionReport", "NodeReport", "ParameterReport"]
 
@@ -41,6 +42,7 @@ KINDS = {
     "input": "tab:blue",
     "output": "tab:purple",
     "attribute": "tab:gray",
+    "derived": "tab:olive",  # computed from parameters alone: differentiated with torch.func
 }
 METHOD_NAMES = ("exact", "hbp", "kfra", "sqrt", "diag", "kflr", "kfac")
 
@@ -54,6 +56,7 @@ class ParameterReport:
     numel: int
     kronecker: Optional[Tuple[int, int]] = None  # (output features, input features)
     kronecker_factors: bool = False  # KFLR / KFAC give a Kronecker block
+    derived_from: Tuple[str, ...] = ()  # a tensor computed from these parameters alone
 
     @property
     def hbp_block(self) -> str:
@@ -121,9 +124,14 @@ class InspectionReport:
         lines += ["", "parameter blocks:"]
         for p in self.parameters.values():
             kfac = "Kronecker" if p.kronecker_factors else "low-rank"
+            through = (
+                f" (computed from {', '.join(p.derived_from)} alone: pulled back to them)"
+                if p.derived_from
+                else ""
+            )
             lines.append(
-                f"  {p.name} {_shape(p.shape)} ({p.numel} entries): HBP {p.hbp_block}, "
-                f"KFLR/KFAC {kfac}"
+                f"  {p.name} {_shape(p.shape)} ({p.numel} entries){through}: HBP "
+                f"{p.hbp_block}, KFLR/KFAC {kfac}"
             )
         if self.missing:
             lines += ["", f"{len(self.missing)} node(s) without a rule:"]
@@ -282,7 +290,9 @@ def inspect_graph(
             for slot, key in walk.active_slots(info).items():
                 if isinstance(key, str) and key not in parameters:
                     ctx = record.contexts[info.node.name]
-                    parameters[key] = _parameter_report(info.rule, ctx, slot, key, walk)
+                    parameters[key] = _parameter_report(
+                        info.rule, ctx, slot, key, walk, graph.derived
+                    )
                     by_name[info.node.name].parameters.append(key)
                 elif isinstance(key, str):
                     by_name[info.node.name].parameters.append(key)
@@ -307,6 +317,19 @@ def _node_report(graph, node, record, shapes, problems, fallback) -> NodeReport:
         return NodeReport(
             node.name, node.op, kind, output_shape=shapes.get(node.name), inputs=inputs
         )
+    if node not in graph.infos:  # computed from parameters alone (a derived parameter)
+        shape = shapes.get(node.name)
+        if shape is None and node.name in record.outputs:
+            shape = tuple(record.outputs[node.name].shape)
+        return NodeReport(
+            node.name,
+            op_name(node_key(node, graph.graph_module)),
+            "derived",
+            rule="torch.func (computed from parameters alone)",
+            where=source_line(node),
+            output_shape=shape,
+            inputs=inputs,
+        )
     info = graph.infos[node]
     ctx = record.contexts.get(node.name)
     if isinstance(info.rule, FallbackRule):
@@ -327,10 +350,12 @@ def _node_report(graph, node, record, shapes, problems, fallback) -> NodeReport:
     )
 
 
-def _parameter_report(rule: Rule, ctx, slot: str, name: str, walk) -> ParameterReport:
+def _parameter_report(rule: Rule, ctx, slot: str, name: str, walk, derived) -> ParameterReport:
     value = ctx.value(slot)
     report = ParameterReport(name, tuple(value.shape), value.numel())
-    if not walk.tied(name) and value.dim() >= 2:
+    if name in derived:  # factor methods pull back low-rank rows
+        report.derived_from = tuple(derived[name].parameters)
+    elif not walk.tied(name) and value.dim() >= 2:
         if rule.kron_input(ctx, slot) is not None:
             report.kronecker = (value.shape[0], value[0].numel())
         report.kronecker_factors = type(rule).kron_factors is not Rule.kron_factors

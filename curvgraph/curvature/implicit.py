@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvgraph.curvature.blocks import Block
 
-__all__ = ["ImplicitBlock", "ProductEngine"]
+__all__ = ["ImplicitBlock", "ProductEngine", "dense_from_products"]
 
 #: columns per engine call when a block is densified
 DENSE_CHUNK = 256
@@ -43,6 +43,14 @@ class ImplicitBlock(Block):
 
     def to_dense(self) -> Tensor:
         """``C`` from products with identity columns (``numel`` products, in chunks)."""
-        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
-        dense = torch.cat([self._matmat(chunk) for chunk in eye.split(DENSE_CHUNK)])
-        return (dense + dense.T) / 2
+        return dense_from_products(self)
+
+
+def dense_from_products(block: Block) -> Tensor:
+    """A block known through products as a dense symmetric matrix (identity columns).
+
+    ``block`` needs ``_matmat``, ``numel``, ``dtype`` and ``device``.
+    """
+    eye = torch.eye(block.numel, dtype=block.dtype, device=block.device)
+    dense = torch.cat([block._matmat(chunk) for chunk in eye.split(DENSE_CHUNK)])
+    return (dense + dense.T) / 2

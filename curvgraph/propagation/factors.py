@@ -26,6 +26,7 @@ from torch import Tensor
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses import LossModel
+from curvgraph.propagation.derived import pull_back_rows
 from curvgraph.propagation.plan import plan, validate_call
 from curvgraph.rules.registry import CHUNK_ELEMENTS
 
@@ -84,6 +85,10 @@ def factor_curvature(
                 cotangent = info.rule.vjp(ctx, factors, [slot])[slot]
                 adjoints[key] = cotangent if key not in adjoints else adjoints[key] + cotangent
                 continue
+            if key in graph.derived:  # rows, pulled back to the parameters below
+                per_sample = info.rule.vjp(ctx, factors, [slot])[slot]
+                rows[key] = per_sample.flatten(0, 1) + rows.get(key, 0)
+                continue
             if method in ("kflr", "kfac") and not walk.tied(key):
                 pair = info.rule.kron_factors(ctx, slot, factors)
                 if pair is not None:
@@ -98,8 +103,9 @@ def factor_curvature(
                 rows[key] = rows[key] + per_sample.flatten(0, 1)
             else:
                 rows[key] = per_sample.flatten(0, 1)
+    rows, parameters = pull_back_rows(graph, rows, walk.parameters)
     blocks = {}
-    for name, parameter in walk.parameters.items():
+    for name, parameter in parameters.items():
         if name in kronecker:
             first, second, roots = kronecker[name]
             blocks[name] = KroneckerBlock(first, second, parameter.shape, roots=roots)
@@ -109,7 +115,7 @@ def factor_curvature(
             blocks[name] = DiagonalBlock((rows[name] ** 2).sum(0), parameter.shape)
         elif name in rows:
             blocks[name] = LowRankBlock(rows[name], parameter.shape)
-    return BlockCurvature(blocks, walk.parameters, curvature="ggn", method=method)
+    return BlockCurvature(blocks, parameters, curvature="ggn", method=method)
 
 
 def _squared_cotangents(rule, ctx, slot: str, factors: Tensor) -> Tensor:

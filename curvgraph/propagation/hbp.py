@@ -32,6 +32,7 @@ from curvgraph.curvature import BlockCurvature, DenseBlock, KroneckerBlock
 from curvgraph.curvature.blocks import Block
 from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
+from curvgraph.propagation.derived import check_distributed, pull_back_blocks
 from curvgraph.propagation.plan import Plan, gradients, plan, validate_call
 from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import CHUNK_ELEMENTS, Context, Rule
@@ -159,6 +160,7 @@ def backward_hessian(
     """
     curvature = resolve_curvature(curvature, modify_2nd_order_terms)
     mode = CURVATURES[curvature]
+    check_distributed(graph, process_group)
     record = graph.record
     walk = plan(graph)
     output = record.contexts[walk.output.name].output
@@ -216,7 +218,8 @@ def backward_hessian(
                 shape = walk.parameters[key].shape
                 blocks[key] = DenseBlock(_symmetric(matrix), shape)
     ordered = {n: blocks[n] for n in walk.parameters if n in blocks}
-    return BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
+    result = BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
+    return pull_back_blocks(graph, result, mode, grads)
 
 
 def dense_sizes(walk: Plan, record: Record) -> Iterator[Tuple[NodeInfo, str, int]]:

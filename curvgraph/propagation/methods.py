@@ -9,6 +9,7 @@ from torch import Tensor
 from curvgraph.curvature import BlockCurvature, ImplicitBlock
 from curvgraph.distributed import BatchShard
 from curvgraph.losses import recognise
+from curvgraph.propagation.derived import check_distributed, pull_back_blocks
 from curvgraph.propagation.exact import ExactProducts
 from curvgraph.propagation.hbp import CURVATURES, backward_hessian, resolve_curvature
 from curvgraph.propagation.plan import gradients, plan
@@ -43,6 +44,7 @@ def compute_curvature(
         raise ValueError(f"method={method!r}; expected one of {sorted(METHODS)}")
     model = recognise(loss, outputs)
     process_group = options.pop("process_group", None)
+    check_distributed(graph, process_group)
     loss_reduction = options.pop("loss_reduction", "mean")
     shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
     shard.check_loss(model)
@@ -60,7 +62,8 @@ def compute_curvature(
         grads = gradients(graph, walk.order, loss) if mode is not None else {}
         engine = shard.products(ExactProducts(walk, graph.record, model, mode, grads))
         blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
-        return BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
+        result = BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
+        return pull_back_blocks(graph, result, mode, grads)
     from curvgraph.propagation.factors import factor_curvature
 
     _only_ggn(curvature, method)

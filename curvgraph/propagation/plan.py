@@ -85,9 +85,13 @@ def plan(graph: CurvGraph) -> Plan:
 
 
 def gradients(graph: CurvGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor]:
-    """``dL/dy`` at every node of ``order``: recorded by ``loss.backward()``, or from ``loss``."""
+    """``dL/dy`` at every node of ``order`` and every derived parameter.
+
+    Recorded by ``loss.backward()``, or computed from ``loss``.
+    """
     record = graph.record
-    missing = [i.node.name for i in order if i.node.name not in record.grads]
+    names = [i.node.name for i in order] + list(graph.derived)
+    missing = [name for name in names if name not in record.grads]
     if missing:
         if loss is None:
             raise CurvGraphError(

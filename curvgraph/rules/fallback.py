@@ -364,11 +364,14 @@ def _chunk(ctx: Context, primals: Tensors) -> int:
 # -- building fallback rules ----------------------------------------------------------------------
 
 
-def rule_for_node(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> FallbackRule:
+def rule_for_node(
+    node: torch.fx.Node, graph_module: torch.fx.GraphModule, parameter_nodes=frozenset()
+) -> FallbackRule:
     """The fallback rule of a ``call_function`` / ``call_method`` / ``call_module`` node.
 
-    Arguments computed by other nodes (not ``get_attr``) carry the batch axis; a leaf
-    module's parameters become differentiable arguments.
+    Arguments computed by other nodes (not ``get_attr``, not ``parameter_nodes``: tensors
+    computed from parameters alone) carry the batch axis; a leaf module's parameters become
+    differentiable arguments.
     """
     if node.op == "call_module":
         op = graph_module.get_submodule(node.target)
@@ -382,7 +385,11 @@ def rule_for_node(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> Fa
     for slot, value in rule.bind(node.args, node.kwargs).items():
         items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
         for i, item in items:
-            if isinstance(item, torch.fx.Node) and item.op != "get_attr":
+            if (
+                isinstance(item, torch.fx.Node)
+                and item.op != "get_attr"
+                and item not in parameter_nodes
+            ):
                 batched.add(slot if i is None else f"{slot}.{i}")
     rule.batched = frozenset(batched)
     return rule

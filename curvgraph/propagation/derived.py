@@ -1,0 +1,303 @@
+"""Parameters transformed before use: tensors ``b = g(theta)`` computed from parameters alone.
+
+A node whose inputs are parameters, buffers and constants only (no path from the model's
+inputs) computes a *derived parameter*: Swin's relative position bias
+``table[index].view(...).permute(...)``, Swin V2's bias from a small MLP on fixed
+coordinates, a weight-normalised weight ``g * v / v.norm()``, ``self.log_scale.exp()``.
+The nodes of ``g`` need no rules: ``g`` is cut out of the graph (:func:`extract`) and
+differentiated with ``torch.func``.
+
+Every method treats ``b`` as a parameter of the nodes that use it, so its block ``C_b``
+comes from the usual walk; the block of each parameter ``theta`` that ``g`` reads is pulled
+back through ``g``:
+
+    C_theta = J^T C_b J + mod(R_theta),    J = dg/dtheta,
+    R_theta = sum_k (dL/db_k) d2 g_k / dtheta2
+
+(the chain rule for the Hessian, ``mod`` the identity; for the PCH ``mod`` acts on the
+eigenvalues of ``R_theta``, the parameter's own residual group; dropped for the GGN and zero
+for a linear ``g`` such as indexing, views and permutations). Factor methods (``sqrt``,
+``diag``, ``kflr``, ``kfac``) pull back their rows ``u -> J^T u`` instead, which keeps
+``sqrt`` and ``diag`` exact; ``kflr``/``kfac`` give such parameters low-rank blocks.
+
+Only the diagonal blocks of the parameters are formed, so a parameter that reaches the model
+through several derived tensors, or through one and directly, is refused at trace time (its
+block would need the cross terms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, Optional
+
+import torch
+import torch.fx
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from curvgraph.curvature import BlockCurvature
+from curvgraph.curvature.blocks import Block
+from curvgraph.curvature.implicit import dense_from_products
+from curvgraph.errors import CurvatureSizeError, CurvGraphError
+from curvgraph.rules.residuals import modify_symmetric
+from curvgraph.tracing import source_line
+
+if TYPE_CHECKING:
+    from curvgraph.graph import CurvGraph
+
+__all__ = [
+    "DerivedParameter",
+    "PulledBackBlock",
+    "check_distributed",
+    "derive",
+    "extract",
+    "parameter_only_nodes",
+    "shared_parameter_problems",
+    "pull_back_blocks",
+    "pull_back_rows",
+]
+
+#: largest parameter whose PCH residual ``R_theta`` is formed densely (eigendecomposition)
+MAX_DENSE_RESIDUAL = 8192
+
+
+@dataclass
+class DerivedParameter:
+    """``b = g(theta_1, ..., theta_m)``: a tensor the model computes from parameters alone.
+
+    Attributes:
+        name: the node computing ``b`` (the name its block has inside the walk).
+        module: ``g`` as a ``GraphModule`` without inputs (shares the model's tensors).
+        parameters: model name -> parameter, for every parameter ``g`` reads.
+        local: model name -> the parameter's name inside ``module``.
+        where: the user's source line of the node.
+    """
+
+    name: str
+    module: torch.fx.GraphModule
+    parameters: Dict[str, Tensor]
+    local: Dict[str, str]
+    where: str
+
+    def function(self, parameter: str) -> Callable[[Tensor], Tensor]:
+        """``theta -> g(theta)`` with every other parameter fixed."""
+        local = self.local[parameter]
+        return lambda theta: functional_call(self.module, {local: theta}, ())
+
+    def jvp(self, parameter: str, columns: Tensor) -> Tensor:
+        """``J V``: columns ``[K, *theta]`` -> ``[K, *b]``."""
+        f, theta = self.function(parameter), self.parameters[parameter].detach()
+        return vmap(lambda t: jvp(f, (theta,), (t,))[1])(columns)
+
+    def vjp(self, parameter: str, cotangents: Tensor) -> Tensor:
+        """``J^T U``: rows ``[K, *b]`` -> ``[K, *theta]``."""
+        f, theta = self.function(parameter), self.parameters[parameter].detach()
+        _, pullback = vjp(f, theta)
+        return vmap(lambda c: pullback(c)[0])(cotangents)
+
+    def residual_products(self, parameter: str, gradient: Tensor, columns: Tensor) -> Tensor:
+        """``R_theta V`` with ``R_theta = sum_k gradient_k d2 g_k / dtheta2``."""
+        f, theta = self.function(parameter), self.parameters[parameter].detach()
+        weighted = grad(lambda th: (f(th) * gradient).sum())
+        return vmap(lambda t: jvp(weighted, (theta,), (t,))[1])(columns)
+
+
+def extract(graph_module: torch.fx.GraphModule, root: torch.fx.Node) -> torch.fx.GraphModule:
+    """The nodes ``root`` is computed from, as a ``GraphModule`` without inputs."""
+    ancestors, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    graph, copies = torch.fx.Graph(), {}
+    for node in graph_module.graph.nodes:  # topological order
+        if node in ancestors:
+            copies[node] = graph.node_copy(node, lambda n: copies[n])
+    graph.output(copies[root])
+    return torch.fx.GraphModule(graph_module, graph)
+
+
+def parameter_only_nodes(
+    graph_module: torch.fx.GraphModule, is_parameter: Callable[[torch.fx.Node], bool]
+) -> set:
+    """Call nodes computed from parameters (and buffers, constants) alone.
+
+    A node depends on parameters through a parameter attribute (``is_parameter``), a leaf
+    module that owns parameters, or another such node; on the inputs through a placeholder.
+    """
+    from_inputs, from_parameters = set(), set()
+    for node in graph_module.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "placeholder" or any(n in from_inputs for n in inputs):
+            from_inputs.add(node)
+        elif node.op == "get_attr":
+            if is_parameter(node):
+                from_parameters.add(node)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            owns = node.op == "call_module" and any(
+                True for _ in graph_module.get_submodule(node.target).parameters()
+            )
+            if owns or any(n in from_parameters for n in inputs):
+                from_parameters.add(node)
+    return {n for n in from_parameters if n.op != "get_attr"}
+
+
+def derive(
+    graph_module: torch.fx.GraphModule,
+    root: torch.fx.Node,
+    parameter_names: Dict[int, str],
+    model: torch.nn.Module,
+) -> DerivedParameter:
+    """The derived parameter computed by ``root`` (``parameter_names``: id -> model name)."""
+    module = extract(graph_module, root)
+    local = {parameter_names[id(p)]: name for name, p in module.named_parameters()}
+    parameters = {name: model.get_parameter(name) for name in local}
+    return DerivedParameter(root.name, module, parameters, local, source_line(root))
+
+
+def shared_parameter_problems(infos, derived: Dict[str, DerivedParameter]) -> list:
+    """``(node, op, where, reason)`` for parameters used through a derived tensor and elsewhere.
+
+    Such a parameter's block needs the cross terms between its uses: refused.
+    """
+    uses: Dict[str, set] = {}
+    for info in infos:
+        for source in info.sources.values():
+            if source.parameter and source.parameter not in derived:
+                uses.setdefault(source.parameter, set()).add(f"directly by {info.describe()}")
+    for name, value in derived.items():
+        for parameter in value.parameters:
+            uses.setdefault(parameter, set()).add(
+                f"through the parameter-only computation {name!r} at {value.where}"
+            )
+    return [
+        (
+            name,
+            "parameter-only computation",
+            value.where,
+            f"parameter {parameter!r} is used {' and '.join(sorted(uses[parameter]))}: its "
+            "block would need the cross terms between the uses, which are not supported; "
+            "compute every use from one parameter-only tensor",
+        )
+        for name, value in derived.items()
+        for parameter in value.parameters
+        if len(uses[parameter]) > 1
+    ]
+
+
+class PulledBackBlock(Block):
+    """``J^T C_b J + mod(R_theta)`` for a parameter ``theta`` used through ``b = g(theta)``.
+
+    Args:
+        inner: the block ``C_b`` of the derived tensor.
+        derived: the derived parameter ``b``.
+        parameter: the model name of ``theta``.
+        residual: ``V -> mod(R_theta) V`` or ``None`` (GGN).
+    """
+
+    def __init__(
+        self,
+        inner: Block,
+        derived: DerivedParameter,
+        parameter: str,
+        residual: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
+        value = derived.parameters[parameter]
+        super().__init__(value.shape)
+        self.inner, self.derived, self.parameter, self.residual = (
+            inner,
+            derived,
+            parameter,
+            residual,
+        )
+        self.dtype, self.device = value.dtype, value.device
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        vectors = columns.reshape(-1, *self.shape)
+        products = self.derived.vjp(
+            self.parameter, self.inner.matmat(self.derived.jvp(self.parameter, vectors))
+        )
+        if self.residual is not None:
+            products = products + self.residual(vectors)
+        return products.reshape(columns.shape)
+
+    def to_dense(self) -> Tensor:
+        """The dense block from products with identity columns."""
+        return dense_from_products(self)
+
+
+def _residual(derived, parameter: str, gradient: Tensor, mode: str):
+    """``V -> mod(R_theta) V`` (``mode``: ``"none"`` Hessian, ``"abs"``/``"clip"`` PCH)."""
+    if mode == "none":
+        return lambda vectors: derived.residual_products(parameter, gradient, vectors)
+    value = derived.parameters[parameter]
+    if value.numel() > MAX_DENSE_RESIDUAL:
+        raise CurvatureSizeError(
+            f"the PCH of parameter {parameter!r}, used through the parameter-only computation "
+            f"at {derived.where}, needs its {value.numel()} x {value.numel()} residual as a "
+            f"dense matrix (limit {MAX_DENSE_RESIDUAL}); use curvature='hessian' or 'ggn'"
+        )
+    eye = torch.eye(value.numel(), dtype=value.dtype, device=value.device)
+    matrix = derived.residual_products(parameter, gradient, eye.reshape(-1, *value.shape))
+    matrix = modify_symmetric((matrix.flatten(1) + matrix.flatten(1).T) / 2, mode)
+    return lambda vectors: (vectors.flatten(1) @ matrix).reshape(vectors.shape)
+
+
+def _raw_order(graph: CurvGraph, names) -> Dict[str, Tensor]:
+    """Parameters by model name, in the model's order, restricted to ``names``."""
+    return {n: p for n, p in graph.model.named_parameters() if n in names}
+
+
+def check_distributed(graph: CurvGraph, process_group) -> None:
+    """Refuse a batch split over ranks for graphs with derived parameters (not supported yet)."""
+    if graph.derived and process_group is not None:
+        raise CurvGraphError(
+            "process_group with parameters used through parameter-only computations "
+            f"(nodes {sorted(graph.derived)}) is not supported yet"
+        )
+
+
+def pull_back_blocks(
+    graph: CurvGraph, curvature: BlockCurvature, mode: Optional[str], grads: Dict[str, Tensor]
+) -> BlockCurvature:
+    """Replace the blocks of derived tensors by :class:`PulledBackBlock` s of their parameters.
+
+    Args:
+        graph: the traced model.
+        curvature: blocks from a walk (derived tensors under their node names).
+        mode: residual modification (``None``: GGN, no residual).
+        grads: ``dL/db`` by derived node name (Hessian and PCH).
+    """
+    derived_names = [n for n in curvature if n in graph.derived]
+    if not derived_names:
+        return curvature
+    blocks = {n: b for n, b in curvature.items() if n not in graph.derived}
+    for name in derived_names:
+        derived = graph.derived[name]
+        for parameter, value in derived.parameters.items():
+            if not value.requires_grad:
+                continue
+            residual = None if mode is None else _residual(derived, parameter, grads[name], mode)
+            blocks[parameter] = PulledBackBlock(curvature[name], derived, parameter, residual)
+    parameters = _raw_order(graph, blocks)
+    ordered = {n: blocks[n] for n in parameters}
+    return BlockCurvature(ordered, parameters, curvature.curvature, curvature.method)
+
+
+def pull_back_rows(graph: CurvGraph, rows: Dict[str, Tensor], parameters: Dict[str, Tensor]):
+    """Factor rows of derived tensors -> rows of their parameters (``u -> J^T u``).
+
+    Returns:
+        ``(rows, parameters)`` by model name, the parameters in the model's order.
+    """
+    rows = dict(rows)
+    names = [n for n in parameters if n not in graph.derived]
+    for name in [n for n in parameters if n in graph.derived]:
+        derived = graph.derived[name]
+        factor_rows = rows.pop(name, None)
+        for parameter, value in derived.parameters.items():
+            if value.requires_grad and factor_rows is not None:
+                rows[parameter] = derived.vjp(parameter, factor_rows)
+                names.append(parameter)
+    return rows, _raw_order(graph, names)
