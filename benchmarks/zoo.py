@@ -85,9 +85,9 @@ def exact_check(
     Hessian is far from zero:
 
     - parameters that are exactly zero (zero-initialised heads) get small random values;
-    - BatchNorm running statistics are calibrated on the check's input (one forward with
-      only the BatchNorm layers in training mode and ``momentum=None``, i.e. the plain
-      batch mean and unbiased variance): at initialisation the running statistics are
+    - BatchNorm running statistics are calibrated on the check's input (each layer's
+      statistics are those of its input, see :func:`_calibrate_batch_norm`): at
+      initialisation the running statistics are
       ``mean 0, var 1`` whatever the activations are, so deep networks (inception_v3,
       resnet152) amplify them layer after layer and their logits differ by ``1e7``-``1e12``;
       the softmax is then one-hot in float64, ``H = diag(p) - p p^T`` is exactly 0 and so is
@@ -141,22 +141,32 @@ def exact_check(
 
 
 def _calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
-    """Running statistics of every BatchNorm layer := those of ``model(x)`` (stays eval)."""
+    """Running statistics of every BatchNorm layer := those of its input in ``model(x)``.
+
+    One eval-mode forward in which each BatchNorm, just before it runs, sets ``running_mean``
+    and ``running_var`` to the mean and biased variance of its input over all axes but the
+    channels: every layer then sees the activations of the calibrated layers before it, and
+    ``model(x)`` in eval mode normalises every BatchNorm input exactly. (Running statistics
+    from a training-mode forward are not enough: with few values per channel, the unbiased
+    variance and channels of near-zero variance, amplified up to ``1/sqrt(eps)``, make the
+    eval-mode activations drift from the training-mode ones layer after layer;
+    efficientnet_v2_l's logits still saturated the softmax that way.)
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: after one batch, that batch's statistics
-        norm.train()
+    norms = [m for m in norms if m.track_running_stats]  # the others normalise by the batch
+
+    def set_statistics(norm: nn.Module, args) -> None:
+        dims = [d for d in range(args[0].dim()) if d != 1]  # all but the channel axis
+        norm.running_mean.copy_(args[0].mean(dims))
+        norm.running_var.copy_(args[0].var(dims, correction=0))
+
+    handles = [norm.register_forward_pre_hook(set_statistics) for norm in norms]
     try:
         with torch.no_grad():
             model(x)
     finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
-            norm.eval()
+        for handle in handles:
+            handle.remove()
 
 
 def _ggn_vector_products(model, params, x, y, vectors) -> Dict[str, Tensor]:
