@@ -33,6 +33,7 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.shape import STRUCTURAL, StructuralRule
 from curvgraph.tracing import node_key, source_line, symbolic_trace
+from curvgraph.tracing.tuples import split_tuple_outputs
 
 __all__ = ["CurvGraph", "NodeInfo", "Source", "trace"]
 
@@ -146,6 +147,11 @@ class CurvGraph(nn.Module):
         super().__init__()
         self.model = model
         self.graph_module = symbolic_trace(model)
+        if fallback:  # the fallback derives rules for tensors, not for tuples of them
+            split_tuple_outputs(
+                self.graph_module,
+                lambda n: lookup_rule(node_key(n, self.graph_module)) is not None,
+            )
         self._parameter_names = {id(p): n for n, p in model.named_parameters()}
         self.fallback = fallback
         self.infos: Dict[torch.fx.Node, NodeInfo] = {}

@@ -294,3 +294,38 @@ def test_integer_arguments_get_no_tangents():
     assert set(result) == {"arg0"}
     expected = torch.zeros(2, 3, 4, dtype=DTYPE).scatter(2, index.expand(2, 3, 1), cotangent)
     torch.testing.assert_close(result["arg0"], expected)
+
+
+class SeveralOutputs(nn.Module):
+    """Ops that return tuples (no rules): ``torch.var_mean`` and ``Tensor.max(dim)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).view(-1, 3, 2)
+        var, mean = torch.var_mean(h, dim=2)
+        top = h.max(dim=2)[0]
+        return self.head(var + mean * top)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_ops_with_several_outputs_get_one_fallback_rule_per_output(curvature):
+    torch.manual_seed(0)
+    model = SeveralOutputs().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cg = curvgraph.trace(model, fallback=True)
+    messages = [str(w.message) for w in caught if "autograd fallback" in str(w.message)]
+    assert len(messages) == 3  # var_mean's two outputs and max's first
+    assert any("torch.var_mean, which returns several tensors" in m for m in messages)
+    out = cg(x)
+    curv = cg.curvature(F.cross_entropy(out, y), out, curvature=curvature, method="exact")
+    blocks = hessian_blocks if curvature == "hessian" else ggn_blocks
+    for name, expected in blocks(model, x, y, F.cross_entropy).items():
+        torch.testing.assert_close(curv[name].to_dense(), expected, atol=1e-12, rtol=1e-10)
+    with pytest.raises(curvgraph.UnsupportedOpError, match="torch.var_mean"):
+        curvgraph.trace(model)  # without the fallback: as before

@@ -397,6 +397,14 @@ def rule_for_node(
 
 def fallback_warning(op: str, count: int) -> str:
     """The message warned once per op served by the fallback (``op`` from ``op_name``)."""
+    if op.endswith("]"):  # one output of an op with several (curvgraph.tracing.tuples)
+        return (
+            f"curvgraph: no rule for {op.rsplit('[', 1)[0]}, which returns several tensors: "
+            f"using the autograd fallback for its output {op.rsplit('[', 1)[1][:-1]} "
+            f"({count} node(s); the op runs once per output used). Rules have one output: "
+            "for a fast rule, compute each output with an op of its own (a leaf module with "
+            "a rule, docs/custom_rules.md)."
+        )
     key = repr(op[len("Tensor.") :]) if op.startswith("Tensor.") else op  # a method: its name
     return (
         f"curvgraph: no rule for {op} ({count} node(s)); using the autograd fallback "
