@@ -208,8 +208,15 @@ def test_cg_newton_trains_a_model_with_derived_parameters():
 def test_frozen_parameters_get_no_block():
     model, x, y, _ = _setup("bias-mlp")
     model.mlp[0].weight.requires_grad_(False)
-    curv = _blocks(model, x, y, "ggn", "exact")
+    curv = _blocks(model, x, y, "hessian", "exact")
     assert "mlp.0.weight" not in curv and "mlp.0.bias" in curv
+    model.mlp.requires_grad_(False)  # the whole bias frozen: a constant
+    curv = _blocks(model, x, y, "hessian", "exact")
+    assert sorted(curv) == ["fc.bias", "fc.weight"]
+    expected = ref.hessian_blocks(
+        model, x, y, F.cross_entropy, params=dict(model.fc.named_parameters(prefix="fc"))
+    )
+    torch.testing.assert_close(curv["fc.weight"].to_dense(), expected["fc.weight"])
 
 
 def test_a_parameter_used_directly_and_through_a_transform_is_refused():

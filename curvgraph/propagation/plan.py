@@ -90,7 +90,8 @@ def gradients(graph: CurvGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor
     Recorded by ``loss.backward()``, or computed from ``loss``.
     """
     record = graph.record
-    names = [i.node.name for i in order] + list(graph.derived)
+    names = [i.node.name for i in order]
+    names += [n for n in graph.derived if record.outputs[n].requires_grad]
     missing = [name for name in names if name not in record.grads]
     if missing:
         if loss is None:
