@@ -250,3 +250,45 @@ def test_inspect_reports_the_parameter_only_nodes():
     assert report.parameters["exp"].derived_from == ("log_scale",)
     assert "computed from log_scale alone" in str(report)
     assert report.methods["exact"].startswith("yes")
+
+
+def _hessian_vector_product(model, x, y, name, vector):
+    """``d2L/dtheta2 v`` with ``torch.func`` (forward over reverse)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_of(theta):
+        return F.cross_entropy(torch.func.functional_call(model, {**params, name: theta}, (x,)), y)
+
+    return torch.func.jvp(torch.func.grad(loss_of), (params[name],), (vector,))[1]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_small_torchvision_swin_has_exact_hessian_products(version):
+    """Swin's relative position bias (V1: a table indexed; V2: an MLP on fixed coordinates,
+    and a logit scale passed as an argument) through the real torchvision blocks."""
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    extra = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}
+    model = swin.SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[1, 2],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        num_classes=3,
+        **(extra if version == 2 else {}),
+    )
+    model = model.to(DTYPE).eval()
+    x, y = torch.randn(2, 3, 8, 8, dtype=DTYPE), torch.tensor([0, 2])
+    with pytest.warns(UserWarning, match="shifted_window_attention"):
+        cg = curvgraph.trace(model, fallback=True)  # the attention function has no rule
+    assert len(cg.derived) == 3  # one bias per attention block
+    out = cg(x)
+    curv = cg.curvature(F.cross_entropy(out, y), out, curvature="hessian", method="exact")
+    names = [n for n in curv if "relative_position" in n or "cpb_mlp" in n or "logit" in n]
+    assert len(names) == (3 if version == 1 else 12)
+    for name in names:
+        vector = torch.randn(curv[name].shape, dtype=DTYPE)
+        expected = _hessian_vector_product(model, x, y, name, vector)
+        assert expected.abs().max() > 1e-8, name
+        torch.testing.assert_close(curv[name].matvec(vector), expected, atol=1e-12, rtol=1e-9)
