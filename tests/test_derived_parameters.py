@@ -85,11 +85,26 @@ class WeightNorm(nn.Module):
         return F.linear(torch.tanh(x), weight)
 
 
+class ParameterSizes(nn.Module):
+    """A parameter's sizes (``w.shape[0]``, ``w.size(0)``) are constants, not derived tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.w = nn.Parameter(0.5 * torch.randn(3))
+
+    def forward(self, x):
+        h = self.fc(x).view(-1, 2, self.w.shape[0])
+        h = h * self.w.size(0) + h.sum(-1, keepdim=True) * self.w.exp()
+        return h.flatten(1)[:, :3]
+
+
 CASES = {
     "log-scale": (LogScale, (4,), ["log_scale", "fc.weight"]),
     "position-bias": (PositionBias, (3, 4), ["table", "qk.weight"]),
     "bias-mlp": (BiasMLP, (4,), ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight"]),
     "weight-norm": (WeightNorm, (4,), ["v", "g"]),
+    "parameter-sizes": (ParameterSizes, (4,), ["w", "fc.weight"]),
 }
 
 

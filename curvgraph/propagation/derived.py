@@ -125,12 +125,15 @@ def parameter_only_nodes(
 
     A node depends on parameters through a parameter attribute (``is_parameter``), a leaf
     module that owns parameters, or another such node; on the inputs through a placeholder.
+    A parameter's sizes (``w.shape[0]``, ``w.size(1)``) are constants, not derived tensors.
     """
-    from_inputs, from_parameters = set(), set()
+    from_inputs, from_parameters, sizes = set(), set(), set()
     for node in graph_module.graph.nodes:
         inputs = node.all_input_nodes
         if node.op == "placeholder" or any(n in from_inputs for n in inputs):
             from_inputs.add(node)
+        elif _reads_sizes(node, sizes):
+            sizes.add(node)
         elif node.op == "get_attr":
             if is_parameter(node):
                 from_parameters.add(node)
@@ -141,6 +144,20 @@ def parameter_only_nodes(
             if owns or any(n in from_parameters for n in inputs):
                 from_parameters.add(node)
     return {n for n in from_parameters if n.op != "get_attr"}
+
+
+_SIZE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device"})
+
+
+def _reads_sizes(node: torch.fx.Node, sizes: set) -> bool:
+    """``w.shape``, ``w.size(0)``, or arithmetic on such values only."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SIZE_ATTRIBUTES
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return True
+    inputs = node.all_input_nodes
+    return node.op == "call_function" and bool(inputs) and all(n in sizes for n in inputs)
 
 
 def derive(
