@@ -26,6 +26,7 @@ names the commit its exact check ran at). Each row records ``seconds`` and
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import subprocess
@@ -130,6 +131,7 @@ def exact_check(
     vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
     products = curv.matvec(vectors)
     del cg, out, loss, curv  # the recorded forward is not needed by the reference
+    gc.collect()  # (it may sit in reference cycles)
     errors = {}
     references = _ggn_vector_products(model, params, x, y, vectors)
     for name, expected in references.items():
@@ -262,6 +264,8 @@ def zoo_row(
             fallback["problems"]
         )
     if exact and row["fallback"] and row["params"] <= max_params:
+        del model  # the structure (a real model where "meta" fails, in reference cycles
+        gc.collect()  # after tracing): not a second copy in memory during the check
         try:
             model = build(name)
             row["input"] = input_size(model, sizes)

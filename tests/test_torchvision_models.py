@@ -1,6 +1,8 @@
 """torchvision classification models: traced, and exact GGN block products equal torch.func.
 
-Each check (``benchmarks.zoo.exact_check``): float64, eval mode, batch 2, cross-entropy, the
+Each check (``benchmarks.zoo.exact_check``): float64, eval mode with BatchNorm statistics
+calibrated on the input (random initialisation saturates the softmax of deep models, e.g.
+inception_v3, resnet152: the reference would be 0), batch 2, cross-entropy, the
 smallest of 64, 224, 299 pixels the model accepts; three parameter blocks chosen at random
 with a fixed seed; ``method="exact"`` products against ``J^T H J v`` from ``torch.func``
 (``jvp`` of the outputs w.r.t. the block, ``jvp`` of the loss gradient w.r.t. the outputs,
@@ -29,8 +31,18 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
 
 torchvision = pytest.importorskip("torchvision")
 
+import copy  # noqa: E402
+
+from torch import nn  # noqa: E402
+
 import curvgraph  # noqa: E402
-from benchmarks.zoo import build, exact_check, input_size, tolerance  # noqa: E402
+from benchmarks.zoo import (  # noqa: E402
+    _calibrate_batch_norm,
+    build,
+    exact_check,
+    input_size,
+    tolerance,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 SLOW = [
@@ -55,6 +67,31 @@ def _check(name: str, fallback: bool) -> None:
     errors = exact_check(model.double(), size, blocks=3, seed=0, fallback=fallback)
     assert len(errors) == 3
     assert max(errors.values()) < tolerance(model), errors
+
+
+def test_calibrated_batch_norm_in_eval_mode_equals_training_mode_normalisation():
+    """Oracle: eval mode after calibration normalises every layer by its input's batch
+    statistics, which is what training mode computes (no dropout in this model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)
+    ).double()
+    with torch.no_grad():
+        model[0].weight.mul_(30.0)  # far from the initial statistics (mean 0, var 1)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = copy.deepcopy(model).train()(x)
+    _calibrate_batch_norm(model.eval(), x)
+    assert not model[1].training and not model[4].training
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_saturated_softmax_is_refused_instead_of_a_vacuous_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)).double()
+    with torch.no_grad():
+        model[1].weight.mul_(1e4)  # logits ~1e3 apart: softmax one-hot in float64
+    with pytest.raises(RuntimeError, match="saturated"):
+        exact_check(model.eval(), 4, blocks=2)
 
 
 def _named_params(names):
