@@ -13,6 +13,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     conv_transpose,
     dropout,
     einsum,
+    elementwise_more,
     embedding,
     expand,
     joins,
@@ -22,7 +23,9 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     pooling,
     pooling_more,
     powers,
+    reductions_more,
     shape,
+    shape_more,
     softmax,
 )
 from curvgraph.rules.factories import (

@@ -1,0 +1,375 @@
+"""More linear shape ops: squeeze/unsqueeze/unflatten, flips, rolls, slices, repeats.
+
+Every op here is ``y_n = A x_n`` with ``A`` fixed (a permutation, selection, copy or sum of
+entries), so the rules are :class:`~curvgraph.rules.factories.LinearMapRule` (transpose by
+autograd) or per-sample reshapes (:class:`~curvgraph.rules.shape.ReshapeRule`); the residual
+is zero. Dimension 0 is the batch axis: an op that would act along it (``x.flip(0)``,
+``x.unsqueeze(0)``, ``x.roll(1)`` without ``dims``, ``x.squeeze()`` on a batch of one) is
+refused with :class:`~curvgraph.rules.registry.UnsupportedConfigurationError`. Negative
+dimensions are resolved against the recorded input's rank before that check.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.registry import (
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.shape import ReshapeRule
+
+__all__ = ["SqueezeRule", "UnsqueezeRule", "UnflattenRule", "FeatureDimsRule", "RepeatRule"]
+
+alias(torch.squeeze, "squeeze")
+alias(torch.unsqueeze, "unsqueeze")
+alias(torch.unflatten, "unflatten")
+alias(torch.flip, "flip")
+alias(torch.roll, "roll")
+alias(torch.narrow, "narrow")
+alias(torch.select, "select")
+alias(torch.index_select, "index_select")
+alias(torch.cumsum, "cumsum")
+alias(torch.tril, "tril")
+alias(torch.triu, "triu")
+alias(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
+alias(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
+alias(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
+
+
+def _dim_list(dim) -> tuple:
+    return tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
+
+
+def _refuse_batch_dims(name: str, dims, rank=None) -> None:
+    """Refuse integer ``dims`` that name dimension 0 (negative ones once ``rank`` is known)."""
+    for d in _dim_list(dims):
+        if isinstance(d, int) and (d == 0 or (rank is not None and d % rank == 0)):
+            raise UnsupportedConfigurationError(
+                f"{name} with dim={dims!r} acts on dimension 0, the batch axis, which must stay "
+                "the samples' axis: apply it to feature dimensions (1, 2, ...) only"
+            )
+
+
+# -- reshapes: squeeze, unsqueeze, unflatten ------------------------------------------------------
+
+
+def _squeeze(input, dim=None):
+    return input.squeeze() if dim is None else input.squeeze(dim)
+
+
+def _unsqueeze(input, dim):
+    return input.unsqueeze(dim)
+
+
+def _unflatten(input, dim, sizes):
+    return input.unflatten(dim, sizes)
+
+
+class SqueezeRule(ReshapeRule):
+    """``x.squeeze(dim)``: a per-sample reshape; ``x.squeeze()`` needs a batch of 2 or more."""
+
+    name = "squeeze"
+    signature = inspect.signature(_squeeze)
+    function = staticmethod(_squeeze)
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(3, 1, 4),), dict(dim=1)),
+            Sample((randn(2, 3, 1, 2, 1, seed=1), -1)),
+            Sample((randn(2, 1, 3, 1, seed=2),)),
+            Sample((randn(2, 1, 3, 1, seed=3), (1, 3))),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        _refuse_batch_dims(self.name, arguments.get("dim"))
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.dim is None and ctx.input.shape[0] == 1:
+            raise UnsupportedConfigurationError(
+                "x.squeeze() without dim on a batch of one sample removes the batch axis: "
+                "name the dimensions, x.squeeze(dim) with dim >= 1"
+            )
+        if ctx.dim is not None:
+            _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim())
+        super().validate(ctx)
+
+
+class UnsqueezeRule(ReshapeRule):
+    """``x.unsqueeze(dim)`` with ``dim >= 1`` once resolved: a per-sample reshape."""
+
+    name = "unsqueeze"
+    signature = inspect.signature(_unsqueeze)
+    function = staticmethod(_unsqueeze)
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(3, 4), 1)),
+            Sample((randn(2, 3, 2, seed=1), -1)),
+            Sample((randn(2, 3, 2, seed=2),), dict(dim=2)),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        _refuse_batch_dims(self.name, arguments["dim"])
+
+    def validate(self, ctx):  # noqa: D102
+        _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim() + 1)
+        super().validate(ctx)
+
+
+class UnflattenRule(ReshapeRule):
+    """``x.unflatten(dim, sizes)`` of a feature dimension: a per-sample reshape."""
+
+    name = "unflatten"
+    signature = inspect.signature(_unflatten)
+    function = staticmethod(_unflatten)
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(3, 6), 1, (2, 3))),
+            Sample((randn(2, 3, 8, seed=1), -1, (2, -1, 2))),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        _refuse_batch_dims(self.name, arguments["dim"])
+
+    def validate(self, ctx):  # noqa: D102
+        _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim())
+        super().validate(ctx)
+
+
+register_rule(torch.squeeze)(SqueezeRule())
+register_rule(torch.unsqueeze)(UnsqueezeRule())
+register_rule(torch.unflatten)(UnflattenRule())
+
+
+# -- linear maps along named feature dimensions ---------------------------------------------------
+
+
+class FeatureDimsRule(LinearMapRule):
+    """A linear op along the dimensions in argument ``dims_argument`` (never dimension 0).
+
+    Args:
+        name: op name.
+        function: the op, linear in ``input``.
+        samples: the calls to check.
+        dims_argument: the argument holding the dimension(s); ``None``: the op acts on its
+            trailing dimensions only and needs a rank of at least ``min_rank``.
+        min_rank: smallest input rank (batch axis included) the op leaves dimension 0 alone at.
+    """
+
+    def __init__(self, name, function, samples, dims_argument="dim", min_rank=2):
+        super().__init__(name, function, samples)
+        self.dims_argument, self.min_rank = dims_argument, min_rank
+
+    def check(self, arguments):  # noqa: D102
+        if self.dims_argument is None:
+            return
+        dims = arguments.get(self.dims_argument)
+        if dims is None:
+            raise UnsupportedConfigurationError(
+                f"{self.name} without {self.dims_argument} acts on the flattened tensor, batch "
+                f"axis included: give {self.dims_argument} (feature dimensions 1, 2, ...)"
+            )
+        _refuse_batch_dims(self.name, dims)
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        rank = ctx.input.dim()
+        if rank < self.min_rank:
+            raise UnsupportedConfigurationError(
+                f"{self.name} on a {rank}-d input acts on dimension 0, the batch axis: it needs "
+                f"at least {self.min_rank} dimensions (batch axis first)"
+            )
+        if self.dims_argument is not None:
+            _refuse_batch_dims(self.name, ctx.args[self.dims_argument], rank)
+        super().validate(ctx)
+
+
+def _flip(input, dims):
+    return torch.flip(input, dims)
+
+
+def _roll(input, shifts, dims=None):
+    return torch.roll(input, shifts, dims)
+
+
+def _narrow(input, dim, start, length):
+    return torch.narrow(input, dim, start, length)
+
+
+def _select(input, dim, index):
+    return torch.select(input, dim, index)
+
+
+def _index_select(input, dim, index):
+    return torch.index_select(input, dim, index)
+
+
+def _cumsum(input, dim, dtype=None):
+    return torch.cumsum(input, dim, dtype=dtype)
+
+
+def _tril(input, diagonal=0):
+    return torch.tril(input, diagonal)
+
+
+def _triu(input, diagonal=0):
+    return torch.triu(input, diagonal)
+
+
+def _pixel_shuffle(input, upscale_factor):
+    return F.pixel_shuffle(input, upscale_factor)
+
+
+def _pixel_unshuffle(input, downscale_factor):
+    return F.pixel_unshuffle(input, downscale_factor)
+
+
+def _interpolate(
+    input,
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+):
+    return F.interpolate(
+        input, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias
+    )
+
+
+_INDEX = torch.tensor([2, 0, 2, 1])
+
+
+def _rule(key, name, function, samples, **options):
+    register_rule(key)(FeatureDimsRule(name, function, lambda: samples, **options))
+
+
+_rule(
+    torch.flip,
+    "flip",
+    _flip,
+    [Sample((randn(3, 4), [1])), Sample((randn(2, 3, 4, seed=1), (-1, 1)))],
+    dims_argument="dims",
+)
+_rule(
+    torch.roll,
+    "roll",
+    _roll,
+    [Sample((randn(3, 4), 1, 1)), Sample((randn(2, 3, 4, seed=1), (2, -1), (1, -1)))],
+    dims_argument="dims",
+)
+_rule(
+    torch.narrow,
+    "narrow",
+    _narrow,
+    [Sample((randn(3, 5), 1, 1, 3)), Sample((randn(2, 3, 4, seed=1), -1, 0, 2))],
+)
+_rule(
+    torch.select,
+    "select",
+    _select,
+    [Sample((randn(3, 4), 1, 2)), Sample((randn(2, 3, 4, seed=1), -2, -1))],
+)
+_rule(
+    torch.index_select,
+    "index_select",
+    _index_select,
+    [Sample((randn(3, 4), 1, _INDEX)), Sample((randn(2, 3, 4, seed=1), -1, _INDEX[:3]))],
+)
+_rule(
+    torch.cumsum,
+    "cumsum",
+    _cumsum,
+    [Sample((randn(3, 4), 1)), Sample((randn(2, 3, 4, seed=1), -1), dict(dtype=torch.float64))],
+)
+for _key, _name, _function in ((torch.tril, "tril", _tril), (torch.triu, "triu", _triu)):
+    _rule(
+        _key,
+        _name,
+        _function,
+        [Sample((randn(2, 3, 4),)), Sample((randn(2, 2, 4, 4, seed=1), -1))],
+        dims_argument=None,
+        min_rank=3,
+    )
+_rule(
+    F.pixel_shuffle,
+    "pixel_shuffle",
+    _pixel_shuffle,
+    [Sample((randn(2, 4, 2, 3), 2)), Sample((randn(1, 2, 9, 1, 2, seed=1), 3))],
+    dims_argument=None,
+    min_rank=4,
+)
+_rule(
+    F.pixel_unshuffle,
+    "pixel_unshuffle",
+    _pixel_unshuffle,
+    [Sample((randn(2, 1, 4, 6), 2)), Sample((randn(1, 2, 2, 3, 3, seed=1), 3))],
+    dims_argument=None,
+    min_rank=4,
+)
+_rule(
+    F.interpolate,
+    "interpolate",
+    _interpolate,
+    [
+        Sample((randn(2, 3, 4),), dict(scale_factor=2)),
+        Sample((randn(2, 2, 3, 4, seed=1),), dict(size=(5, 3), mode="bilinear")),
+        Sample((randn(1, 2, 3, 4, seed=2),), dict(scale_factor=1.5, mode="bicubic")),
+        Sample((randn(2, 1, 2, 3, 2, seed=3), (3, 4, 3))),
+    ],
+    dims_argument=None,
+    min_rank=3,
+)
+
+
+# -- repeat ---------------------------------------------------------------------------------------
+
+
+def _repeat(input, *sizes):
+    return input.repeat(*sizes)
+
+
+class RepeatRule(LinearMapRule):
+    """``x.repeat(1, r1, ...)``: copies of the features; the batch axis is repeated once."""
+
+    @staticmethod
+    def _sizes(arguments) -> tuple:
+        sizes = arguments["sizes"]
+        return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+
+    def check(self, arguments):  # noqa: D102
+        sizes = self._sizes(arguments)
+        if sizes and isinstance(sizes[0], int) and sizes[0] != 1:
+            raise UnsupportedConfigurationError(
+                f"repeat{sizes!r} repeats dimension 0, the batch axis: its count must be 1"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        sizes = self._sizes(ctx.args)
+        if len(sizes) != ctx.input.dim():
+            raise UnsupportedConfigurationError(
+                f"repeat{sizes!r} of a {ctx.input.dim()}-d input adds leading dimensions, so "
+                "dimension 0 would no longer be the batch axis: give one count per dimension"
+            )
+        super().validate(ctx)
+
+
+register_rule("repeat")(
+    RepeatRule(
+        "repeat",
+        _repeat,
+        lambda: [Sample((randn(3, 2), 1, 3)), Sample((randn(2, 3, 2, seed=1), (1, 2, 1)))],
+    )
+)

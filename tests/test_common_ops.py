@@ -1,0 +1,243 @@
+"""Models built from the rules of ``shape_more``, ``elementwise_more`` and ``reductions_more``.
+
+For each model (float64): ``curvgraph.trace(model)(x)`` equals ``model(x)``; the Hessian blocks
+of ``method="exact"`` (batch 3) and ``method="hbp"`` (batch 1, where HBP is exact) equal
+``tests/reference.py``'s ``torch.func`` Hessian of the loss w.r.t. each parameter. Then the
+calls that would act on the batch axis are refused with a message naming the problem.
+``tests/test_rules.py`` checks each rule on its own against ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import hessian_blocks
+from torch import nn
+
+import curvgraph
+from curvgraph.errors import UnsupportedOpError
+
+DTYPE = torch.float64
+TOLERANCE = dict(atol=1e-10, rtol=1e-8)
+
+
+class ShapeOps(nn.Module):
+    """squeeze/unsqueeze/unflatten, flip, roll, narrow, select, index_select, repeat, tril."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 12)
+        self.head = nn.Linear(40, 3)
+        self.register_buffer("index", torch.tensor([2, 0, 1, 2]))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))  # [N, 12]
+        grid = h.unflatten(1, (3, 4))  # [N, 3, 4]
+        a = torch.flip(grid, (-1,)).unsqueeze(1).squeeze(1)
+        b = torch.roll(grid, shifts=(1, -1), dims=(1, 2)) * grid.narrow(-1, 1, 1)
+        c = grid.select(1, 0).unsqueeze(-1).squeeze(-1)  # [N, 4]
+        d = torch.index_select(grid, 1, self.index[:3]).tril(1)  # [N, 3, 4]
+        e = torch.cumsum(grid, dim=2).repeat(1, 1, 2)[..., 3:5]  # [N, 3, 2]
+        parts = [a.flatten(1), torch.sin(b).flatten(1), c, d.triu().flatten(1), e.flatten(1)]
+        return self.head(torch.cat(parts, dim=1)[:, :40])
+
+
+class Upsampling(nn.Module):
+    """Convolution maps upsampled (nearest, bilinear) and pixel-(un)shuffled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 2)
+        self.up = nn.Upsample(scale_factor=2)
+        self.shuffle = nn.PixelShuffle(2)
+        self.head = nn.Linear(4 * 4 * 4 + 4 * 3 * 3 + 16 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.conv(x))  # [N, 4, 2, 2]
+        parts = [
+            self.up(h),
+            F.interpolate(h, size=(3, 3), mode="bilinear", align_corners=False),
+            F.pixel_unshuffle(self.shuffle(h), 2).repeat(1, 4, 1, 1),
+        ]
+        return self.head(torch.cat([p.flatten(1) for p in parts], dim=1))
+
+
+class Elementwise(nn.Module):
+    """Trigonometric and special functions, clamps, maxima, lerp."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.sin(h) + h.cos() * torch.atan(h) + torch.erf(h).expm1()
+        h = torch.tan(0.3 * torch.tanh(self.b(h))) + torch.log1p(h.abs())
+        h = torch.maximum(h.clamp(-1.0, 1.0), torch.minimum(h, torch.clip(h, min=0.2)))
+        return self.head(h.clamp(max=2.0) * torch.lerp(h, torch.sin(h), 0.3))
+
+
+class Masks(nn.Module):
+    """Comparisons, ``where``, ``masked_fill`` (a causal mask), ``sign``, ``detach``, casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 9)
+        self.head = nn.Linear(9 + 9, 3)
+        self.register_buffer("causal", torch.ones(3, 3).tril())
+
+    def forward(self, x):
+        h = self.fc(x)
+        gated = torch.where(h > 0, h, 0.1 * h) * torch.sign(h) + h * h.detach()
+        scores = h.view(-1, 3, 3).masked_fill(self.causal == 0, -1e4)
+        attention = torch.softmax(scores, dim=-1)
+        mixed = torch.where((h < 0.5) & (h > -0.5), gated.double(), h.to(torch.float64))
+        return self.head(torch.cat([mixed.type_as(h), attention.flatten(1)], dim=1))
+
+
+class Reductions(nn.Module):
+    """logsumexp, var/std (both corrections), amax/amin, 2-norms and ``F.normalize``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 12)
+        self.head = nn.Linear(3 * 7 + 12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).view(-1, 3, 4)
+        parts = [
+            torch.logsumexp(h, dim=-1),
+            h.var(2),
+            torch.std(h, dim=(2,), correction=0),
+            h.amax(2) - torch.amin(h, dim=-1),
+            h.norm(dim=2),
+            torch.linalg.vector_norm(h, dim=-1),
+            h.std(2, unbiased=False) * h.var(-1, keepdim=True).squeeze(-1),
+        ]
+        unit = F.normalize(h, dim=-1).flatten(1)
+        return self.head(torch.cat(parts + [unit], dim=1))
+
+
+MODELS = {
+    "shape_ops": (ShapeOps, (4,)),
+    "upsampling": (Upsampling, (1, 3, 3)),
+    "elementwise": (Elementwise, (4,)),
+    "masks": (Masks, (4,)),
+    "reductions": (Reductions, (4,)),
+}
+
+
+def build(name, n, seed=0):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = make().to(DTYPE)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, *shape, generator=g, dtype=DTYPE)
+    y = torch.randint(3, (n,), generator=g)
+    return model, x, y
+
+
+def curvature_blocks(model, x, y, method):
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    curv = cg.curvature(F.cross_entropy(out, y), out, curvature="hessian", method=method)
+    return {name: block.to_dense() for name, block in curv.items()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_traced_forward_equals_model(name):
+    model, x, _ = build(name, n=4)
+    torch.testing.assert_close(curvgraph.trace(model)(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method, n", [("hbp", 1), ("exact", 3)], ids=["hbp-1", "exact-3"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hessian_blocks_equal_torch_func(name, method, n):
+    model, x, y = build(name, n=n)
+    actual = curvature_blocks(model, x, y, method)
+    expected = hessian_blocks(model, x, y, F.cross_entropy)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert expected[key].abs().max() > 0, key
+        torch.testing.assert_close(actual[key], expected[key], **TOLERANCE, msg=key)
+
+
+class _Apply(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fc, self.fn = nn.Linear(4, 6), fn
+
+    def forward(self, x):
+        return self.fn(torch.tanh(self.fc(x)))
+
+
+def _run(fn, n=2):
+    model = _Apply(fn).to(DTYPE)
+    x = torch.randn(n, 4, dtype=DTYPE)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    return cg.curvature(out.pow(2).sum(), out, method="exact")["fc.weight"]
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda h: h.unsqueeze(0), "dimension 0, the batch axis"),
+        (lambda h: h.flip(0), "dimension 0, the batch axis"),
+        (lambda h: torch.roll(h, 1), "without dims"),
+        (lambda h: h.cumsum(0), "dimension 0, the batch axis"),
+        (lambda h: h.repeat(2, 1), "repeats dimension 0"),
+        (lambda h: h.clamp(h.detach()), "tensor bounds"),
+        (lambda h: h.logsumexp(0), "reduces dimension 0"),
+        (lambda h: h.std(), "over all dimensions"),
+        (lambda h: h.norm(p=1, dim=1), "only the 2-norm"),
+        (lambda h: F.normalize(h, dim=0), "batch axis"),
+    ],
+    ids=[
+        "unsqueeze0",
+        "flip0",
+        "roll-no-dims",
+        "cumsum0",
+        "repeat-batch",
+        "clamp-tensor",
+        "logsumexp0",
+        "std-all",
+        "norm-p1",
+        "normalize0",
+    ],
+)
+def test_ops_on_the_batch_axis_are_refused_at_trace_time(fn, message):
+    with pytest.raises(UnsupportedOpError, match=message):
+        curvgraph.trace(_Apply(fn))
+
+
+@pytest.mark.parametrize(
+    "fn, n, message",
+    [
+        (lambda h: h.unsqueeze(-3), 2, "dimension 0, the batch axis"),
+        (lambda h: h.select(-2, 0).unsqueeze(1), 2, "dimension 0, the batch axis"),
+        (lambda h: h.unsqueeze(1).squeeze(), 1, "batch of one sample"),
+        (lambda h: torch.tril(h), 2, "needs at least 3 dimensions"),
+        (lambda h: h.repeat(1, 1, 1).flatten(1), 2, "adds leading dimensions"),
+        (lambda h: h.amax(-2).unsqueeze(1), 2, "reduces dimension 0"),
+    ],
+    ids=[
+        "unsqueeze-negative",
+        "select-negative",
+        "squeeze-batch-1",
+        "tril-2d",
+        "repeat-rank",
+        "amax-negative",
+    ],
+)
+def test_negative_dims_and_batch_of_one_are_refused_when_computing(fn, n, message):
+    with pytest.raises(ValueError, match=message):
+        _run(fn, n)
+
+
+def test_squeeze_without_dim_works_for_larger_batches():
+    block = _run(lambda h: h.unsqueeze(1).squeeze(), n=3)
+    assert torch.isfinite(block.to_dense()).all()
