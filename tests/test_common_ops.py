@@ -23,7 +23,7 @@ TOLERANCE = dict(atol=1e-10, rtol=1e-8)
 
 
 class ShapeOps(nn.Module):
-    """squeeze/unsqueeze/unflatten, flip, roll, narrow, select, index_select, repeat, tril."""
+    """squeeze/unsqueeze/unflatten, flip, roll, narrow, (index_)select, gather, repeat, tril."""
 
     def __init__(self):
         super().__init__()
@@ -39,7 +39,9 @@ class ShapeOps(nn.Module):
         c = grid.select(1, 0).unsqueeze(-1).squeeze(-1)  # [N, 4]
         d = torch.index_select(grid, 1, self.index[:3]).tril(1)  # [N, 3, 4]
         e = torch.cumsum(grid, dim=2).repeat(1, 1, 2)[..., 3:5]  # [N, 3, 2]
-        parts = [a.flatten(1), torch.sin(b).flatten(1), c, d.triu().flatten(1), e.flatten(1)]
+        f = torch.gather(grid, 2, grid.argmin(2, keepdim=True).flip(1))  # per-sample index
+        parts = [f.flatten(1), a.flatten(1), torch.sin(b).flatten(1), c, d.triu().flatten(1)]
+        parts.append(e.flatten(1))
         return self.head(torch.cat(parts, dim=1)[:, :40])
 
 
@@ -223,6 +225,7 @@ def test_ops_on_the_batch_axis_are_refused_at_trace_time(fn, message):
         (lambda h: torch.tril(h), 2, "needs at least 3 dimensions"),
         (lambda h: h.repeat(1, 1, 1).flatten(1), 2, "adds leading dimensions"),
         (lambda h: h.amax(-2).unsqueeze(1), 2, "reduces dimension 0"),
+        (lambda h: h.gather(1, torch.zeros(1, 2, dtype=torch.long)), 2, "one row per sample"),
     ],
     ids=[
         "unsqueeze-negative",
@@ -231,6 +234,7 @@ def test_ops_on_the_batch_axis_are_refused_at_trace_time(fn, message):
         "tril-2d",
         "repeat-rank",
         "amax-negative",
+        "gather-shared-index",
     ],
 )
 def test_negative_dims_and_batch_of_one_are_refused_when_computing(fn, n, message):

@@ -19,6 +19,7 @@ from torch import nn
 
 from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import (
+    Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
@@ -27,7 +28,14 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.shape import ReshapeRule
 
-__all__ = ["SqueezeRule", "UnsqueezeRule", "UnflattenRule", "FeatureDimsRule", "RepeatRule"]
+__all__ = [
+    "SqueezeRule",
+    "UnsqueezeRule",
+    "UnflattenRule",
+    "FeatureDimsRule",
+    "GatherRule",
+    "RepeatRule",
+]
 
 alias(torch.squeeze, "squeeze")
 alias(torch.unsqueeze, "unsqueeze")
@@ -43,6 +51,7 @@ alias(torch.triu, "triu")
 alias(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
 alias(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 alias(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
+alias(torch.gather, "gather")
 
 
 def _dim_list(dim) -> tuple:
@@ -373,3 +382,49 @@ register_rule("repeat")(
         lambda: [Sample((randn(3, 2), 1, 3)), Sample((randn(2, 3, 2, seed=1), (1, 2, 1)))],
     )
 )
+
+
+# -- gather along a feature dimension -------------------------------------------------------------
+
+
+def _gather(input, dim, index, *, sparse_grad=False):
+    return torch.gather(input, dim, index)
+
+
+class GatherRule(FeatureDimsRule):
+    """``y[n, ..., i, ...] = x[n, ..., index[n, ..., i, ...], ...]`` along ``dim >= 1``.
+
+    Linear in ``x`` for the recorded ``index``, which has one row per sample, so the Jacobian
+    differs between samples (no ``sample_independent`` shortcut; ``Jbar`` by averaging).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sample_independent = frozenset()
+
+    averaged_vjp = Rule.averaged_vjp
+
+    def apply(self, ctx, input):
+        """The recorded gather on ``K`` stacked batches ``[K * N, ...]`` (index repeated)."""
+        index = ctx.index
+        repeats = input.shape[0] // index.shape[0]
+        return torch.gather(input, ctx.dim, index.repeat(repeats, *([1] * (index.dim() - 1))))
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.index.shape[0] != ctx.input.shape[0]:
+            raise UnsupportedConfigurationError(
+                f"gather with an index of {ctx.index.shape[0]} rows from {ctx.input.shape[0]} "
+                "samples: the index needs one row per sample (dimension 0 is the batch axis)"
+            )
+        super().validate(ctx)
+
+
+def _gather_samples():
+    index = torch.tensor([[0, 2, 1], [3, 3, 0], [1, 0, 2]])
+    return [
+        Sample((randn(3, 4), 1, index)),
+        Sample((randn(3, 4, 2, seed=1), -2, index[:, :2, None].expand(3, 2, 2))),
+    ]
+
+
+register_rule(torch.gather)(GatherRule("gather", _gather, _gather_samples))
