@@ -23,6 +23,7 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from curvgraph.rules.arithmetic import _Binary
 from curvgraph.rules.factories import ElementwiseRule, LinearMapRule
@@ -85,6 +86,29 @@ _unary(
 )
 _unary("expm1", torch.exp, torch.exp)
 _unary("log1p", lambda x: 1 / (1 + x), lambda x: -1 / (1 + x) ** 2, domain=lambda t: t.abs() - 0.5)
+_unary("sinh", torch.cosh, torch.sinh)
+_unary("cosh", torch.sinh, torch.cosh)
+_unary(
+    "asinh", lambda x: (1 + x * x) ** -0.5, lambda x: -x * (1 + x * x) ** -1.5, extra=["arcsinh"]
+)
+_unary(
+    "erfc",
+    lambda x: -_TWO_OVER_SQRT_PI * torch.exp(-x * x),
+    lambda x: 2 * x * _TWO_OVER_SQRT_PI * torch.exp(-x * x),
+)
+_unary("exp2", lambda x: math.log(2) * torch.exp2(x), lambda x: math.log(2) ** 2 * torch.exp2(x))
+_unary(
+    "log2",
+    lambda x: 1 / (x * math.log(2)),
+    lambda x: -1 / (x * x * math.log(2)),
+    domain=lambda t: t.abs() + 0.5,
+)
+_unary(
+    "log10",
+    lambda x: 1 / (x * math.log(10)),
+    lambda x: -1 / (x * x * math.log(10)),
+    domain=lambda t: t.abs() + 0.5,
+)
 
 
 # -- clamp with number bounds ---------------------------------------------------------------------
@@ -131,6 +155,29 @@ class ClampRule(ElementwiseRule):
 
 alias(torch.clamp, torch.clip, *_keys("clamp", "clip"))
 register_rule(torch.clamp)(ClampRule("clamp", _clamp, _clamp_d1, _zeros))
+
+
+def _clamp_min(input, min):
+    return torch.clamp_min(input, min)
+
+
+def _clamp_max(input, max):
+    return torch.clamp_max(input, max)
+
+
+class _OneSidedClampRule(ClampRule):
+    def samples(self):  # noqa: D102
+        return [Sample((randn(3, 4) * 2, -0.5)), Sample((randn(2, 3, 2, 2, seed=1) * 2, 0.3))]
+
+
+register_rule(*_keys("clamp_min"))(
+    _OneSidedClampRule("clamp_min", _clamp_min, lambda input, min: _clamp_d1(input, min), _zeros)
+)
+register_rule(*_keys("clamp_max"))(
+    _OneSidedClampRule(
+        "clamp_max", _clamp_max, lambda input, max: _clamp_d1(input, max=max), _zeros
+    )
+)
 
 
 # -- selections given a mask ----------------------------------------------------------------------
@@ -350,6 +397,8 @@ register_rule(
     *_keys("logical_not", "logical_and", "logical_or", "logical_xor", "isnan", "isinf"),
     *_keys("isfinite", "sign", "floor", "ceil", "round", "trunc", "argmax", "argmin"),
     *_keys("zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "detach"),
+    *_keys("argsort"),
+    F.one_hot,
     "long",
     "int",
     "bool",

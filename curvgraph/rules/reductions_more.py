@@ -12,6 +12,8 @@ a weight ``w`` shaped like ``x``, and ``R t = g * H t`` per reduced group:
   ``H t = (t - mean_D t) / ((M - c) y) - w sum_D(w * t) / y``.
 - ``norm`` (2-norm): ``w = u = x / y``, ``H t = (t - u sum_D(u * t)) / y``.
 - ``amax``/``amin``: ``w = 1[x == y] / #ties`` (autograd splits ties evenly), ``H = 0``.
+- ``prod`` (one dimension, no zero entries): ``w = y / x``,
+  ``H t = w * (sum_D(t / x) - t / x)`` (``d2 y / dx_i dx_j = y / (x_i x_j)`` for ``i != j``).
 
 ``normalize(x) = x / r`` with ``r = ||x||`` along ``dim`` and ``u = x / r``:
 ``J t = (t - u <u, t>) / r`` and
@@ -48,6 +50,7 @@ alias(torch.std, "std")
 alias(torch.amax, "amax")
 alias(torch.amin, "amin")
 alias(torch.norm, "norm")
+alias(torch.prod, "prod")
 alias(F.normalize)
 
 
@@ -223,6 +226,26 @@ class _Extreme(FeatureReductionRule):
         return hits / hits.sum(self.dims(ctx), keepdim=True)
 
 
+class _Product(FeatureReductionRule):
+    def validate(self, ctx):  # noqa: D102
+        super().validate(ctx)
+        if (ctx.input == 0).any():
+            raise UnsupportedConfigurationError(
+                "prod over entries that are exactly zero: this rule divides by the entries"
+            )
+
+    def weight(self, ctx):
+        return self.kept(ctx, ctx.output, 0) / ctx.input
+
+    def curvature(self, ctx, t):
+        scaled = t / ctx.input
+        return self._weight(ctx) * (self.reduce(ctx, scaled, 1) - scaled)
+
+
+def _prod(input, dim, keepdim=False, *, dtype=None):
+    return torch.prod(input, dim, keepdim)
+
+
 def _logsumexp(input, dim, keepdim=False):
     return torch.logsumexp(input, dim, keepdim)
 
@@ -268,6 +291,17 @@ def _variance_samples():
     ]
 
 
+register_rule(torch.prod)(
+    _Product(
+        "prod",
+        _prod,
+        lambda: [
+            Sample((randn(3, 5), 1)),
+            Sample((randn(2, 3, 4, seed=1), -1), dict(keepdim=True)),
+            Sample((randn(2, 3, 4, seed=2), 1)),
+        ],
+    )
+)
 register_rule(torch.logsumexp)(_LogSumExp("logsumexp", _logsumexp, _samples))
 register_rule(torch.amax)(_Extreme("amax", _amax, _samples))
 register_rule(torch.amin)(_Extreme("amin", _amin, _samples))

@@ -23,6 +23,7 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
+    lookup_rule,
     randn,
     register_rule,
 )
@@ -52,6 +53,9 @@ alias(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
 alias(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 alias(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
 alias(torch.gather, "gather")
+alias(torch.movedim, "movedim", torch.moveaxis, "moveaxis")
+alias(torch.diagonal, "diagonal")
+alias(torch.clone, "clone")
 
 
 def _dim_list(dim) -> tuple:
@@ -158,6 +162,7 @@ class UnflattenRule(ReshapeRule):
 register_rule(torch.squeeze)(SqueezeRule())
 register_rule(torch.unsqueeze)(UnsqueezeRule())
 register_rule(torch.unflatten)(UnflattenRule())
+register_rule("view_as", "reshape_as")(lookup_rule("view"))  # shapes come from the record
 
 
 # -- linear maps along named feature dimensions ---------------------------------------------------
@@ -170,8 +175,9 @@ class FeatureDimsRule(LinearMapRule):
         name: op name.
         function: the op, linear in ``input``.
         samples: the calls to check.
-        dims_argument: the argument holding the dimension(s); ``None``: the op acts on its
-            trailing dimensions only and needs a rank of at least ``min_rank``.
+        dims_argument: the argument (or a tuple of arguments) holding the dimension(s);
+            ``None``: the op acts on its trailing dimensions only and needs a rank of at least
+            ``min_rank``.
         min_rank: smallest input rank (batch axis included) the op leaves dimension 0 alone at.
     """
 
@@ -180,15 +186,18 @@ class FeatureDimsRule(LinearMapRule):
         self.dims_argument, self.min_rank = dims_argument, min_rank
 
     def check(self, arguments):  # noqa: D102
-        if self.dims_argument is None:
-            return
-        dims = arguments.get(self.dims_argument)
-        if dims is None:
-            raise UnsupportedConfigurationError(
-                f"{self.name} without {self.dims_argument} acts on the flattened tensor, batch "
-                f"axis included: give {self.dims_argument} (feature dimensions 1, 2, ...)"
-            )
-        _refuse_batch_dims(self.name, dims)
+        for name in self._dims_arguments():
+            dims = arguments.get(name)
+            if dims is None:
+                raise UnsupportedConfigurationError(
+                    f"{self.name} without {name} acts on the flattened tensor, batch axis "
+                    f"included: give {name} (feature dimensions 1, 2, ...)"
+                )
+            _refuse_batch_dims(self.name, dims)
+
+    def _dims_arguments(self) -> tuple:
+        names = self.dims_argument
+        return () if names is None else (names,) if isinstance(names, str) else tuple(names)
 
     def validate(self, ctx):  # noqa: D102
         self.check(ctx.args)
@@ -198,9 +207,21 @@ class FeatureDimsRule(LinearMapRule):
                 f"{self.name} on a {rank}-d input acts on dimension 0, the batch axis: it needs "
                 f"at least {self.min_rank} dimensions (batch axis first)"
             )
-        if self.dims_argument is not None:
-            _refuse_batch_dims(self.name, ctx.args[self.dims_argument], rank)
+        for name in self._dims_arguments():
+            _refuse_batch_dims(self.name, ctx.args[name], rank)
         super().validate(ctx)
+
+
+def _movedim(input, source, destination):
+    return torch.movedim(input, source, destination)
+
+
+def _diagonal(input, offset=0, dim1=0, dim2=1):
+    return torch.diagonal(input, offset, dim1, dim2)
+
+
+def _clone(input, *, memory_format=torch.preserve_format):
+    return torch.clone(input, memory_format=memory_format)
 
 
 def _flip(input, dims):
@@ -277,6 +298,30 @@ _rule(
     _roll,
     [Sample((randn(3, 4), 1, 1)), Sample((randn(2, 3, 4, seed=1), (2, -1), (1, -1)))],
     dims_argument="dims",
+)
+_rule(
+    torch.movedim,
+    "movedim",
+    _movedim,
+    [Sample((randn(2, 3, 4), 1, 2)), Sample((randn(2, 3, 4, 5, seed=1), (1, -1), (-1, 2)))],
+    dims_argument=("source", "destination"),
+)
+_rule(
+    torch.diagonal,
+    "diagonal",
+    _diagonal,
+    [
+        Sample((randn(2, 3, 4),), dict(dim1=1, dim2=2)),
+        Sample((randn(2, 3, 4, 3, seed=1), 1, -1, 1)),
+    ],
+    dims_argument=("dim1", "dim2"),
+)
+_rule(
+    torch.clone,
+    "clone",
+    _clone,
+    [Sample((randn(2, 3),)), Sample((randn(2, 3, 4, seed=1),))],
+    dims_argument=None,
 )
 _rule(
     torch.narrow,
