@@ -67,12 +67,13 @@ class Upsampling(nn.Module):
 
 
 class Elementwise(nn.Module):
-    """Trigonometric and special functions, clamps, maxima, lerp."""
+    """Trigonometric and special functions, clamps, maxima, lerp, addcmul (with a parameter)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(4, 6)
         self.b = nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
@@ -80,6 +81,7 @@ class Elementwise(nn.Module):
         h = torch.sin(h) + h.cos() * torch.atan(h) + torch.erf(h).expm1()
         h = torch.tan(0.3 * torch.tanh(self.b(h))) + torch.log1p(h.abs())
         h = torch.maximum(h.clamp(-1.0, 1.0), torch.minimum(h, torch.clip(h, min=0.2)))
+        h = torch.addcmul(h, torch.cos(h), self.scale, value=0.5).addcmul(h, h)
         return self.head(h.clamp(max=2.0) * torch.lerp(h, torch.sin(h), 0.3))
 
 

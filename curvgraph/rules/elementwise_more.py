@@ -1,31 +1,23 @@
-"""More entrywise ops: trigonometric and special functions, clamps, masks, casts.
+"""More entrywise ops: trigonometric and special functions, clamps, casts.
 
 - ``y = phi(x)`` (:class:`~curvgraph.rules.factories.ElementwiseRule`): ``sin``, ``cos``,
-  ``tan``, ``atan``, ``erf``, ``expm1``, ``log1p`` with closed-form ``phi'``, ``phi''``;
-  ``clamp(x, min, max)`` with numbers: ``phi' = 1[min <= x <= max]`` (autograd's convention
-  at the bounds), ``phi'' = 0``.
-- Selections given a boolean mask ``m`` (constant w.r.t. the activations): ``where(m, a, b)``
-  has ``J_a = m``, ``J_b = 1 - m``; ``masked_fill(x, m, v)`` has ``J_x = 1 - m``;
-  ``maximum(a, b)`` has ``J_a = 1[a > b] + 1[a == b] / 2`` (autograd splits ties),
-  ``minimum`` likewise. All are linear given the mask: the residual is zero.
+  ``tan``, ``atan``, ``sinh``, ``cosh``, ``asinh``, ``erf``, ``erfc``, ``expm1``, ``exp2``,
+  ``log1p``, ``log2``, ``log10`` with closed-form ``phi'``, ``phi''``; ``clamp(x, min, max)``
+  (and ``clamp_min``, ``clamp_max``) with numbers: ``phi' = 1[min <= x <= max]`` (autograd's
+  convention at the bounds), ``phi'' = 0``.
+- Entrywise ops of several tensors (``where``, ``masked_fill``, ``maximum``, ``lerp``,
+  ``addcmul``): :mod:`.entrywise_multi`.
 - Casts between floating dtypes (``x.to(torch.float64)``, ``x.double()``, ``x.type_as(y)``)
   are the identity on values: linear maps.
-- Ops without a derivative (:class:`ConstantRule`): comparisons, ``sign``, rounding,
-  ``detach``, ``argmax``, integer casts, ``zeros_like``. Their outputs are constants for
-  every method (zero Jacobian, as autograd sees them); like sizes they carry no curvature,
-  and ops on such outputs alone are constants too.
+- Ops without a derivative (comparisons, ``sign``, ``detach``, ...): :mod:`.constants`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import operator
 
 import torch
-import torch.nn.functional as F
 
-from curvgraph.rules.arithmetic import _Binary
 from curvgraph.rules.factories import ElementwiseRule, LinearMapRule
 from curvgraph.rules.registry import (
     Sample,
@@ -34,9 +26,8 @@ from curvgraph.rules.registry import (
     randn,
     register_rule,
 )
-from curvgraph.rules.shape import StructuralRule
 
-__all__ = ["DomainElementwiseRule", "ClampRule", "WhereRule", "MaskedFillRule", "ConstantRule"]
+__all__ = ["DomainElementwiseRule", "ClampRule", "CastRule"]
 
 
 def _keys(*names: str) -> list:
@@ -180,138 +171,6 @@ register_rule(*_keys("clamp_max"))(
 )
 
 
-# -- selections given a mask ----------------------------------------------------------------------
-def _where(condition, input, other):
-    return torch.where(condition, input, other)
-
-
-def _masked_fill(input, mask, value):
-    return input.masked_fill(mask, value)
-
-
-def _maximum(input, other):
-    return torch.maximum(input, other)
-
-
-def _minimum(input, other):
-    return torch.minimum(input, other)
-
-
-def _masks():
-    return randn(3, 4, seed=5) > 0, randn(2, 3, 4, seed=6) > 0
-
-
-class WhereRule(_Binary):
-    """``y = where(m, a, b)``: ``J_a = m``, ``J_b = 1 - m`` entrywise; no residual."""
-
-    name = "where"
-    function = staticmethod(_where)
-    signature = inspect.signature(_where)
-
-    def samples(self):  # noqa: D102
-        m2, m3 = _masks()
-        both = ("input", "other")
-        return [
-            Sample((m2, randn(3, 4), randn(3, 4, seed=1)), batched=both),
-            Sample((m3, randn(2, 3, 4, seed=2), 0.5), batched=("input",)),
-            Sample((m3[0], randn(2, 3, 4, seed=3), randn(4, seed=4))),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        if arguments.get("input") is None or arguments.get("other") is None:
-            raise UnsupportedConfigurationError(
-                "torch.where(condition) (indices of the nonzero entries) has no derivative"
-            )
-
-    def jacobian(self, ctx, slot):  # noqa: D102
-        selected = ctx.condition if slot == "input" else ~ctx.condition
-        return selected.to(ctx.output.dtype)
-
-
-class MaskedFillRule(_Binary):
-    """``y = masked_fill(x, m, v)``: ``J_x = 1 - m`` entrywise (``v`` a constant); no residual."""
-
-    name = "masked_fill"
-    function = staticmethod(_masked_fill)
-    signature = inspect.signature(_masked_fill)
-    differentiable = ("input",)
-
-    def samples(self):  # noqa: D102
-        m2, m3 = _masks()
-        return [
-            Sample((randn(3, 4), m2, 0.0)),
-            Sample((randn(2, 3, 4, seed=1), m3[0], -1e4)),
-        ]
-
-    def jacobian(self, ctx, slot):  # noqa: D102
-        return (~ctx.mask).to(ctx.output.dtype)
-
-
-class _Extremum(_Binary):
-    """``maximum``/``minimum`` of two tensors: ``J_a = 1[a wins] + 1[a == b] / 2``."""
-
-    def __init__(self, name, function, wins):
-        self.name, self.function, self.wins = name, function, wins
-        self.signature = inspect.signature(function)
-
-    def samples(self):  # noqa: D102
-        both = ("input", "other")
-        return [
-            Sample((randn(3, 4), randn(3, 4, seed=1)), batched=both),
-            Sample((randn(2, 3, 4, seed=2), randn(2, 1, 4, seed=3)), batched=both),
-            Sample((randn(2, 3, 4, seed=4), randn(4, seed=5))),
-        ]
-
-    def jacobian(self, ctx, slot):  # noqa: D102
-        a, b = ctx.input, ctx.other
-        if slot == "other":
-            a, b = b, a
-        return self.wins(a, b).to(ctx.output.dtype) + (a == b).to(ctx.output.dtype) / 2
-
-
-def _lerp(input, other, weight):
-    return torch.lerp(input, other, weight)
-
-
-class LerpRule(_Binary):
-    """``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: ``J_a = 1 - w``, ``J_b = w``."""
-
-    name = "lerp"
-    function = staticmethod(_lerp)
-    signature = inspect.signature(_lerp)
-
-    def samples(self):  # noqa: D102
-        both = ("input", "other")
-        return [
-            Sample((randn(3, 4), randn(3, 4, seed=1), 0.3), batched=both),
-            Sample((randn(2, 3, 4, seed=2), randn(4, seed=3), -0.5)),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        if not isinstance(arguments.get("weight"), (int, float)):
-            raise UnsupportedConfigurationError(
-                "lerp with a tensor weight is bilinear; only a number weight has a rule (write "
-                "a + w * (b - a) for a tensor w)"
-            )
-
-    def validate(self, ctx):  # noqa: D102
-        self.check(ctx.args)
-        super().validate(ctx)
-
-    def jacobian(self, ctx, slot):  # noqa: D102
-        return 1 - ctx.weight if slot == "input" else ctx.weight
-
-
-alias(torch.lerp, "lerp")
-register_rule(torch.lerp)(LerpRule())
-alias(torch.where, "where")
-alias("masked_fill", torch.masked_fill, "masked_fill_")
-register_rule(torch.where)(WhereRule())
-register_rule("masked_fill")(MaskedFillRule())
-register_rule(torch.maximum, "maximum")(_Extremum("maximum", _maximum, torch.gt))
-register_rule(torch.minimum, "minimum")(_Extremum("minimum", _minimum, torch.lt))
-
-
 # -- casts between floating-point dtypes ----------------------------------------------------------
 def _to(input, *args, **kwargs):
     return input.to(*args, **kwargs)
@@ -365,45 +224,3 @@ register_rule("half")(
         _cast_samples,
     )
 )
-
-
-# -- ops without a derivative ---------------------------------------------------------------------
-class ConstantRule(StructuralRule):
-    """An op whose output has no derivative (comparisons, ``sign``, ``detach``, rounding).
-
-    Autograd gives these a zero (or no) Jacobian, so every method treats their outputs as
-    constants: no tangent or curvature flows through them.
-    """
-
-    name = "no derivative"
-
-    def check(self, arguments):  # noqa: D102
-        pass
-
-
-CONSTANT = ConstantRule()
-register_rule(
-    operator.gt,
-    operator.ge,
-    operator.lt,
-    operator.le,
-    operator.eq,
-    operator.ne,
-    operator.invert,
-    operator.and_,
-    operator.or_,
-    operator.xor,
-    *_keys("gt", "ge", "lt", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal"),
-    *_keys("logical_not", "logical_and", "logical_or", "logical_xor", "isnan", "isinf"),
-    *_keys("isfinite", "sign", "floor", "ceil", "round", "trunc", "argmax", "argmin"),
-    *_keys("zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "detach"),
-    *_keys("argsort"),
-    F.one_hot,
-    "long",
-    "int",
-    "bool",
-    "new_zeros",
-    "new_ones",
-    "new_full",
-    "new_tensor",
-)(CONSTANT)

@@ -1,17 +1,16 @@
-"""More linear shape ops: squeeze/unsqueeze/unflatten, flips, rolls, slices, repeats.
+"""More linear shape ops: flips, rolls, slices, gathers, repeats, tril, upsampling, clone.
 
-Every op here is ``y_n = A x_n`` with ``A`` fixed (a permutation, selection, copy or sum of
-entries), so the rules are :class:`~curvgraph.rules.factories.LinearMapRule` (transpose by
-autograd) or per-sample reshapes (:class:`~curvgraph.rules.shape.ReshapeRule`); the residual
-is zero. Dimension 0 is the batch axis: an op that would act along it (``x.flip(0)``,
-``x.unsqueeze(0)``, ``x.roll(1)`` without ``dims``, ``x.squeeze()`` on a batch of one) is
-refused with :class:`~curvgraph.rules.registry.UnsupportedConfigurationError`. Negative
-dimensions are resolved against the recorded input's rank before that check.
+Every op here is ``y_n = A_n x_n``, linear in ``x`` (a permutation, selection, copy or sum of
+entries), so the rules are :class:`~curvgraph.rules.factories.LinearMapRule` instances (transpose
+by autograd); the residual is zero. ``A_n`` is the same for every sample except for ``gather``
+(a per-sample index). Dimension 0 is the batch axis: an op that would act along it
+(``x.flip(0)``, ``x.roll(1)`` without ``dims``, ``x.repeat(2, 1)``) is refused with
+:class:`~curvgraph.rules.registry.UnsupportedConfigurationError`. Negative dimensions are
+resolved against the recorded input's rank before that check. Reshapes (``squeeze``,
+``unsqueeze``, ...) are in :mod:`curvgraph.rules.reshapes`.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +22,17 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
-    lookup_rule,
     randn,
     register_rule,
 )
-from curvgraph.rules.shape import ReshapeRule
+from curvgraph.rules.reshapes import refuse_batch_dims
 
 __all__ = [
-    "SqueezeRule",
-    "UnsqueezeRule",
-    "UnflattenRule",
     "FeatureDimsRule",
     "GatherRule",
     "RepeatRule",
 ]
 
-alias(torch.squeeze, "squeeze")
-alias(torch.unsqueeze, "unsqueeze")
-alias(torch.unflatten, "unflatten")
 alias(torch.flip, "flip")
 alias(torch.roll, "roll")
 alias(torch.narrow, "narrow")
@@ -56,114 +48,6 @@ alias(torch.gather, "gather")
 alias(torch.movedim, "movedim", torch.moveaxis, "moveaxis")
 alias(torch.diagonal, "diagonal")
 alias(torch.clone, "clone")
-
-
-def _dim_list(dim) -> tuple:
-    return tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
-
-
-def _refuse_batch_dims(name: str, dims, rank=None) -> None:
-    """Refuse integer ``dims`` that name dimension 0 (negative ones once ``rank`` is known)."""
-    for d in _dim_list(dims):
-        if isinstance(d, int) and (d == 0 or (rank is not None and d % rank == 0)):
-            raise UnsupportedConfigurationError(
-                f"{name} with dim={dims!r} acts on dimension 0, the batch axis, which must stay "
-                "the samples' axis: apply it to feature dimensions (1, 2, ...) only"
-            )
-
-
-# -- reshapes: squeeze, unsqueeze, unflatten ------------------------------------------------------
-
-
-def _squeeze(input, dim=None):
-    return input.squeeze() if dim is None else input.squeeze(dim)
-
-
-def _unsqueeze(input, dim):
-    return input.unsqueeze(dim)
-
-
-def _unflatten(input, dim, sizes):
-    return input.unflatten(dim, sizes)
-
-
-class SqueezeRule(ReshapeRule):
-    """``x.squeeze(dim)``: a per-sample reshape; ``x.squeeze()`` needs a batch of 2 or more."""
-
-    name = "squeeze"
-    signature = inspect.signature(_squeeze)
-    function = staticmethod(_squeeze)
-
-    def samples(self):  # noqa: D102
-        return [
-            Sample((randn(3, 1, 4),), dict(dim=1)),
-            Sample((randn(2, 3, 1, 2, 1, seed=1), -1)),
-            Sample((randn(2, 1, 3, 1, seed=2),)),
-            Sample((randn(2, 1, 3, 1, seed=3), (1, 3))),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        _refuse_batch_dims(self.name, arguments.get("dim"))
-
-    def validate(self, ctx):  # noqa: D102
-        if ctx.dim is None and ctx.input.shape[0] == 1:
-            raise UnsupportedConfigurationError(
-                "x.squeeze() without dim on a batch of one sample removes the batch axis: "
-                "name the dimensions, x.squeeze(dim) with dim >= 1"
-            )
-        if ctx.dim is not None:
-            _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim())
-        super().validate(ctx)
-
-
-class UnsqueezeRule(ReshapeRule):
-    """``x.unsqueeze(dim)`` with ``dim >= 1`` once resolved: a per-sample reshape."""
-
-    name = "unsqueeze"
-    signature = inspect.signature(_unsqueeze)
-    function = staticmethod(_unsqueeze)
-
-    def samples(self):  # noqa: D102
-        return [
-            Sample((randn(3, 4), 1)),
-            Sample((randn(2, 3, 2, seed=1), -1)),
-            Sample((randn(2, 3, 2, seed=2),), dict(dim=2)),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        _refuse_batch_dims(self.name, arguments["dim"])
-
-    def validate(self, ctx):  # noqa: D102
-        _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim() + 1)
-        super().validate(ctx)
-
-
-class UnflattenRule(ReshapeRule):
-    """``x.unflatten(dim, sizes)`` of a feature dimension: a per-sample reshape."""
-
-    name = "unflatten"
-    signature = inspect.signature(_unflatten)
-    function = staticmethod(_unflatten)
-
-    def samples(self):  # noqa: D102
-        return [
-            Sample((randn(3, 6), 1, (2, 3))),
-            Sample((randn(2, 3, 8, seed=1), -1, (2, -1, 2))),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        _refuse_batch_dims(self.name, arguments["dim"])
-
-    def validate(self, ctx):  # noqa: D102
-        _refuse_batch_dims(self.name, ctx.dim, ctx.input.dim())
-        super().validate(ctx)
-
-
-register_rule(torch.squeeze)(SqueezeRule())
-register_rule(torch.unsqueeze)(UnsqueezeRule())
-register_rule(torch.unflatten)(UnflattenRule())
-register_rule("view_as", "reshape_as")(lookup_rule("view"))  # shapes come from the record
-
 
 # -- linear maps along named feature dimensions ---------------------------------------------------
 
@@ -193,7 +77,7 @@ class FeatureDimsRule(LinearMapRule):
                     f"{self.name} without {name} acts on the flattened tensor, batch axis "
                     f"included: give {name} (feature dimensions 1, 2, ...)"
                 )
-            _refuse_batch_dims(self.name, dims)
+            refuse_batch_dims(self.name, dims)
 
     def _dims_arguments(self) -> tuple:
         names = self.dims_argument
@@ -208,7 +92,7 @@ class FeatureDimsRule(LinearMapRule):
                 f"at least {self.min_rank} dimensions (batch axis first)"
             )
         for name in self._dims_arguments():
-            _refuse_batch_dims(self.name, ctx.args[name], rank)
+            refuse_batch_dims(self.name, ctx.args[name], rank)
         super().validate(ctx)
 
 

@@ -1,0 +1,246 @@
+"""Entrywise ops of several tensors: selections by a mask, extrema, ``lerp``, ``addcmul``.
+
+Index convention and broadcasting as in :mod:`curvgraph.rules.arithmetic` (``K`` columns,
+``N`` samples; parameters and constants broadcast against ``[N, *out]``).
+
+- Selections given a boolean mask ``m`` (a constant, see :mod:`.constants`):
+  ``where(m, a, b)`` has ``J_a = m``, ``J_b = 1 - m``; ``masked_fill(x, m, v)`` has
+  ``J_x = 1 - m``. Linear given the mask: the residual is zero.
+- ``maximum(a, b)``: ``J_a = 1[a > b] + 1[a == b] / 2`` (autograd splits ties), ``minimum``
+  likewise; piecewise linear, zero residual.
+- ``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: linear.
+- ``addcmul(a, b, c, value=v) = a + v b c``: ``J_b = v c``, ``J_c = v b``, cross term
+  ``g d2 y / db dc = v g``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from curvgraph.rules.arithmetic import (
+    _Binary,
+    _check_operands,
+    _full,
+    _FullTangents,
+    _lift,
+    _reduce,
+)
+from curvgraph.rules.registry import (
+    Rule,
+    Sample,
+    UnsupportedConfigurationError,
+    alias,
+    randn,
+    register_rule,
+)
+from curvgraph.rules.residuals import CrossTerms
+
+__all__ = ["WhereRule", "MaskedFillRule", "LerpRule", "AddcmulRule"]
+
+
+# -- selections given a mask ----------------------------------------------------------------------
+def _where(condition, input, other):
+    return torch.where(condition, input, other)
+
+
+def _masked_fill(input, mask, value):
+    return input.masked_fill(mask, value)
+
+
+def _maximum(input, other):
+    return torch.maximum(input, other)
+
+
+def _minimum(input, other):
+    return torch.minimum(input, other)
+
+
+def _masks():
+    return randn(3, 4, seed=5) > 0, randn(2, 3, 4, seed=6) > 0
+
+
+class WhereRule(_Binary):
+    """``y = where(m, a, b)``: ``J_a = m``, ``J_b = 1 - m`` entrywise; no residual."""
+
+    name = "where"
+    function = staticmethod(_where)
+    signature = inspect.signature(_where)
+
+    def samples(self):  # noqa: D102
+        m2, m3 = _masks()
+        both = ("input", "other")
+        return [
+            Sample((m2, randn(3, 4), randn(3, 4, seed=1)), batched=both),
+            Sample((m3, randn(2, 3, 4, seed=2), 0.5), batched=("input",)),
+            Sample((m3[0], randn(2, 3, 4, seed=3), randn(4, seed=4))),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        if arguments.get("input") is None or arguments.get("other") is None:
+            raise UnsupportedConfigurationError(
+                "torch.where(condition) (indices of the nonzero entries) has no derivative"
+            )
+
+    def jacobian(self, ctx, slot):  # noqa: D102
+        selected = ctx.condition if slot == "input" else ~ctx.condition
+        return selected.to(ctx.output.dtype)
+
+
+class MaskedFillRule(_Binary):
+    """``y = masked_fill(x, m, v)``: ``J_x = 1 - m`` entrywise (``v`` a constant); no residual."""
+
+    name = "masked_fill"
+    function = staticmethod(_masked_fill)
+    signature = inspect.signature(_masked_fill)
+    differentiable = ("input",)
+
+    def samples(self):  # noqa: D102
+        m2, m3 = _masks()
+        return [
+            Sample((randn(3, 4), m2, 0.0)),
+            Sample((randn(2, 3, 4, seed=1), m3[0], -1e4)),
+        ]
+
+    def jacobian(self, ctx, slot):  # noqa: D102
+        return (~ctx.mask).to(ctx.output.dtype)
+
+
+class _Extremum(_Binary):
+    """``maximum``/``minimum`` of two tensors: ``J_a = 1[a wins] + 1[a == b] / 2``."""
+
+    def __init__(self, name, function, wins):
+        self.name, self.function, self.wins = name, function, wins
+        self.signature = inspect.signature(function)
+
+    def samples(self):  # noqa: D102
+        both = ("input", "other")
+        return [
+            Sample((randn(3, 4), randn(3, 4, seed=1)), batched=both),
+            Sample((randn(2, 3, 4, seed=2), randn(2, 1, 4, seed=3)), batched=both),
+            Sample((randn(2, 3, 4, seed=4), randn(4, seed=5))),
+        ]
+
+    def jacobian(self, ctx, slot):  # noqa: D102
+        a, b = ctx.input, ctx.other
+        if slot == "other":
+            a, b = b, a
+        return self.wins(a, b).to(ctx.output.dtype) + (a == b).to(ctx.output.dtype) / 2
+
+
+def _lerp(input, other, weight):
+    return torch.lerp(input, other, weight)
+
+
+class LerpRule(_Binary):
+    """``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: ``J_a = 1 - w``, ``J_b = w``."""
+
+    name = "lerp"
+    function = staticmethod(_lerp)
+    signature = inspect.signature(_lerp)
+
+    def samples(self):  # noqa: D102
+        both = ("input", "other")
+        return [
+            Sample((randn(3, 4), randn(3, 4, seed=1), 0.3), batched=both),
+            Sample((randn(2, 3, 4, seed=2), randn(4, seed=3), -0.5)),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        if not isinstance(arguments.get("weight"), (int, float)):
+            raise UnsupportedConfigurationError(
+                "lerp with a tensor weight is bilinear; only a number weight has a rule (write "
+                "a + w * (b - a) for a tensor w)"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        super().validate(ctx)
+
+    def jacobian(self, ctx, slot):  # noqa: D102
+        return 1 - ctx.weight if slot == "input" else ctx.weight
+
+
+alias(torch.lerp, "lerp")
+register_rule(torch.lerp)(LerpRule())
+alias(torch.where, "where")
+alias("masked_fill", torch.masked_fill, "masked_fill_")
+register_rule(torch.where)(WhereRule())
+register_rule("masked_fill")(MaskedFillRule())
+register_rule(torch.maximum, "maximum")(_Extremum("maximum", _maximum, torch.gt))
+register_rule(torch.minimum, "minimum")(_Extremum("minimum", _minimum, torch.lt))
+
+
+# -- addcmul ---------------------------------------------------------------------------------------
+def _addcmul(input, tensor1, tensor2, *, value=1):
+    return torch.addcmul(input, tensor1, tensor2, value=value)
+
+
+_ADDCMUL_SLOTS = ("input", "tensor1", "tensor2")
+
+
+class AddcmulRule(Rule):
+    """``y = a + v * b * c`` entrywise with broadcasting (``v`` a number).
+
+    ``J_a = 1``, ``J_b = v c``, ``J_c = v b``; the only second derivative is the cross term
+    ``g d2 y / db dc = v g`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
+    """
+
+    name = "addcmul"
+    function = staticmethod(_addcmul)
+    signature = inspect.signature(_addcmul)
+    differentiable = _ADDCMUL_SLOTS
+
+    def samples(self):  # noqa: D102
+        every = _ADDCMUL_SLOTS
+        return [
+            Sample((randn(3, 4), randn(3, 4, seed=1), randn(3, 4, seed=2)), batched=every),
+            Sample(
+                (randn(2, 3, 4, seed=3), randn(4, seed=4), randn(2, 3, 1, seed=5)),
+                dict(value=0.5),
+                batched=("input", "tensor2"),
+            ),
+        ]
+
+    def _slots(self, ctx):
+        return [s for s in _ADDCMUL_SLOTS if isinstance(ctx.args.get(s), torch.Tensor)]
+
+    def validate(self, ctx):  # noqa: D102
+        _check_operands(self.name, ctx, _ADDCMUL_SLOTS)
+
+    def _jacobian(self, ctx, slot):
+        if slot == "input":
+            return 1
+        return ctx.args["value"] * (ctx.tensor2 if slot == "tensor1" else ctx.tensor1)
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        terms = [
+            self._jacobian(ctx, s) * _lift(ctx, s, tangents[s])
+            for s in self._slots(ctx)
+            if s in tangents
+        ]
+        return _full(ctx, sum(terms))
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        return {
+            s: _reduce(ctx, s, self._jacobian(ctx, s) * cotangent, 2)
+            for s in self._slots(ctx)
+            if s in slots
+        }
+
+    def residual(self, ctx, grad_output):  # noqa: D102
+        h = ctx.args["value"] * grad_output
+
+        def product(tangents):
+            result = {}
+            for s, other in (("tensor1", "tensor2"), ("tensor2", "tensor1")):
+                if other in tangents:
+                    result[s] = _reduce(ctx, s, h * _lift(ctx, other, tangents[other]), 2)
+            return result
+
+        return _FullTangents.wrap(CrossTerms(product), ctx)
+
+
+alias(torch.addcmul, "addcmul", "addcmul_")
+register_rule(torch.addcmul)(AddcmulRule())
