@@ -20,7 +20,7 @@ Run ``python -m benchmarks.zoo`` (all models, smallest first; writes
 for a subset, ``--no-exact`` for the tracing columns only, ``--reuse old.json`` to keep the
 exact checks of an earlier run for models whose tracing columns did not change (each row
 names the commit its exact check ran at). Each row records ``seconds`` and
-``peak_memory_gb`` (the process's peak so far: run one model per process to measure it).
+``peak_memory_gb`` (GiB, the process's peak so far: run one model per process to measure it).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def zoo_row(
 
 
 def _peak_memory_gb() -> Optional[float]:
-    """Peak resident memory of this process so far (all models it ran), ``None`` off Unix."""
+    """Peak resident memory (GiB) of this process so far (all models it ran); ``None`` off Unix."""
     try:
         import resource
     except ImportError:
