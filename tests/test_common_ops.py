@@ -280,3 +280,21 @@ def test_negative_dims_and_batch_of_one_are_refused_when_computing(fn, n, messag
 def test_squeeze_without_dim_works_for_larger_batches():
     block = _run(lambda h: h.unsqueeze(1).squeeze(), n=3)
     assert torch.isfinite(block.to_dense()).all()
+
+
+@pytest.mark.parametrize("name", ["elementwise", "masks", "reductions", "more_ops"])
+@pytest.mark.parametrize("curvature", ["ggn", "pch-abs", "pch-clip"])
+def test_one_sample_hbp_equals_exact_for_every_curvature(name, curvature):
+    """Design 3.2: with N = 1, HBP blocks equal the exact ones (residual modification included)."""
+    model, x, y = build(name, n=1)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    blocks = {
+        method: cg.curvature(loss, out, curvature=curvature, method=method)
+        for method in ("hbp", "exact")
+    }
+    for key, block in blocks["exact"].items():
+        expected = block.to_dense()
+        assert expected.abs().max() > 0, key
+        torch.testing.assert_close(blocks["hbp"][key].to_dense(), expected, **TOLERANCE, msg=key)
