@@ -35,8 +35,8 @@ class ShapeOps(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.fc(x))  # [N, 12]
         grid = h.unflatten(1, (3, 4))  # [N, 3, 4]
-        a = torch.flip(grid, (-1,)).unsqueeze(1).squeeze(1)
-        b = torch.roll(grid, shifts=(1, -1), dims=(1, 2)) * grid.narrow(-1, 1, 1)
+        a = torch.flip(grid, (-1,)).flip(2, 1).unsqueeze(1).squeeze(1)
+        b = torch.roll(grid, shifts=(1, -1), dims=(1, 2)).roll(1, 2) * grid.narrow(-1, 1, 1)
         c = grid.select(1, 0).unsqueeze(-1).squeeze(-1)  # [N, 4]
         d = torch.index_select(grid, 1, self.index[:3]).tril(1)  # [N, 3, 4]
         e = torch.cumsum(grid, dim=2).repeat(1, 1, 2)[..., 3:5]  # [N, 3, 2]
@@ -104,12 +104,13 @@ class Masks(nn.Module):
 
 
 class Reductions(nn.Module):
-    """logsumexp, var/std (both corrections), amax/amin, 2-norms and ``F.normalize``."""
+    """logsumexp, var/std (both corrections), amax/amin, 2-norms, normalize, cosine similarity."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 12)
-        self.head = nn.Linear(3 * 7 + 12, 3)
+        self.cosine = nn.CosineSimilarity()
+        self.head = nn.Linear(3 * 9 + 12, 3)
 
     def forward(self, x):
         h = torch.tanh(self.fc(x)).view(-1, 3, 4)
@@ -121,6 +122,8 @@ class Reductions(nn.Module):
             h.norm(dim=2),
             torch.linalg.vector_norm(h, dim=-1),
             h.std(2, unbiased=False) * h.var(-1, keepdim=True).squeeze(-1),
+            F.cosine_similarity(h, torch.sin(h) + 0.5, dim=-1),
+            self.cosine(h.transpose(1, 2), h.flip(1).transpose(1, 2)),  # along dim 1
         ]
         unit = F.normalize(h, dim=-1).flatten(1)
         return self.head(torch.cat(parts + [unit], dim=1))
@@ -225,6 +228,7 @@ def _run(fn, n=2):
         (lambda h: F.normalize(h, dim=0), "batch axis"),
         (lambda h: torch.movedim(h, 1, 0), "dimension 0, the batch axis"),
         (lambda h: h.unsqueeze(1).diagonal(), "diagonal with dim=0"),
+        (lambda h: F.cosine_similarity(h, h, dim=0), "not 0, the batch axis"),
     ],
     ids=[
         "unsqueeze0",
@@ -239,6 +243,7 @@ def _run(fn, n=2):
         "normalize0",
         "movedim0",
         "diagonal-default",
+        "cosine0",
     ],
 )
 def test_ops_on_the_batch_axis_are_refused_at_trace_time(fn, message):
@@ -298,3 +303,70 @@ def test_one_sample_hbp_equals_exact_for_every_curvature(name, curvature):
         expected = block.to_dense()
         assert expected.abs().max() > 0, key
         torch.testing.assert_close(blocks["hbp"][key].to_dense(), expected, **TOLERANCE, msg=key)
+
+
+def _grid(h):
+    return h.view(-1, 2, 3)
+
+
+#: every new op in its Tensor-method (or nn/F) spelling, on ``h = tanh(fc(x))`` ``[N, 6]``
+SPELLINGS = {
+    "flip": lambda h: _grid(h).flip(1, 2),
+    "roll": lambda h: h.roll(1, 1),
+    "narrow": lambda h: h.narrow(1, 1, 4),
+    "select": lambda h: _grid(h).select(1, 1),
+    "index_select": lambda h: h.index_select(1, torch.tensor([5, 0, 2])),
+    "cumsum": lambda h: h.cumsum(1),
+    "tril": lambda h: _grid(h).tril(1),
+    "triu": lambda h: _grid(h).triu(),
+    "repeat": lambda h: h.repeat(1, 2),
+    "squeeze": lambda h: h.unsqueeze(1).squeeze(1),
+    "unflatten": lambda h: h.unflatten(1, (2, 3)),
+    "movedim": lambda h: _grid(h).movedim(1, 2),
+    "diagonal": lambda h: _grid(h).diagonal(0, 1, 2),
+    "clone": lambda h: h.clone(),
+    "gather": lambda h: h.gather(1, h.argsort(1)),
+    "view_as": lambda h: _grid(h).view_as(_grid(h)).reshape_as(h),
+    "sin": lambda h: h.sin() + h.cos() + h.tan() + h.atan() + h.erf() + h.erfc(),
+    "expm1": lambda h: h.expm1() + h.log1p() + h.sinh() + h.cosh() + h.asinh() + h.exp2(),
+    "log2": lambda h: (h + 2).log2() + (h + 2).log10(),
+    "clamp": lambda h: h.clamp(-0.5, 0.5) + h.clip(max=0.3) + h.clamp_min(0.1) + h.clamp_max(0.1),
+    "where": lambda h: h.where(h > 0, 0.5 * h) + torch.where(h < 0.2, h.sin(), h),
+    "masked_fill": lambda h: h.masked_fill(h < 0, 0.0),
+    "maximum": lambda h: h.maximum(h.sin()) + h.minimum(h.sin()),
+    "lerp": lambda h: h.lerp(h.sin(), 0.3),
+    "addcmul": lambda h: h.addcmul(h, h.sin(), value=0.5),
+    "casts": lambda h: h.double().to(torch.float64).type_as(h),
+    "logsumexp": lambda h: h.logsumexp(1, keepdim=True),
+    "var": lambda h: _grid(h).var(2) + _grid(h).std(2, unbiased=False),
+    "amax": lambda h: _grid(h).amax(2) + _grid(h).amin(-1),
+    "norm": lambda h: _grid(h).norm(dim=2),
+    "prod": lambda h: (_grid(h) + 2).prod(2),
+    "normalize": lambda h: F.normalize(_grid(h), dim=2),
+    "cosine": lambda h: F.cosine_similarity(_grid(h), _grid(h).sin() + 1, dim=2),
+    "upsample": lambda h: F.interpolate(_grid(h), scale_factor=2, mode="linear"),
+    "pixel_shuffle": lambda h: F.pixel_shuffle(h[:, :4].view(-1, 4, 1, 1), 2),
+}
+
+
+class _Spelled(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fc, self.fn = nn.Linear(4, 6), fn
+        features = fn(torch.randn(2, 6)).flatten(1).shape[1]
+        self.head = nn.Linear(features, 3)
+
+    def forward(self, x):
+        return self.head(self.fn(torch.tanh(self.fc(x))).flatten(1))
+
+
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_method_spellings_give_exact_hessian_blocks(name):
+    torch.manual_seed(0)
+    model = _Spelled(SPELLINGS[name]).to(DTYPE)
+    x = torch.randn(2, 4, dtype=DTYPE)
+    y = torch.tensor([0, 2])
+    actual = curvature_blocks(model, x, y, "exact")
+    expected = hessian_blocks(model, x, y, F.cross_entropy)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], **TOLERANCE, msg=key)

@@ -29,6 +29,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     reshapes,
     shape,
     shape_more,
+    similarity,
     softmax,
 )
 from curvgraph.rules.factories import (

@@ -164,9 +164,28 @@ class LerpRule(_Binary):
 
 alias(torch.lerp, "lerp")
 register_rule(torch.lerp)(LerpRule())
-alias(torch.where, "where")
+
+
+def _where_method(input, condition, other):
+    return torch.where(condition, input, other)
+
+
+class _WhereMethodRule(WhereRule):
+    """``x.where(condition, other)``, which is ``torch.where(condition, x, other)``."""
+
+    name = "where_method"
+    function = staticmethod(_where_method)
+    signature = inspect.signature(_where_method)
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((s.args[1], s.args[0], s.args[2]), batched=s.batched) for s in super().samples()
+        ]
+
+
 alias("masked_fill", torch.masked_fill, "masked_fill_")
 register_rule(torch.where)(WhereRule())
+register_rule("where")(_WhereMethodRule())
 register_rule("masked_fill")(MaskedFillRule())
 register_rule(torch.maximum, "maximum")(_Extremum("maximum", _maximum, torch.gt))
 register_rule(torch.minimum, "minimum")(_Extremum("minimum", _minimum, torch.lt))

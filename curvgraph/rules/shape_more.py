@@ -108,8 +108,8 @@ def _clone(input, *, memory_format=torch.preserve_format):
     return torch.clone(input, memory_format=memory_format)
 
 
-def _flip(input, dims):
-    return torch.flip(input, dims)
+def _flip(input, dims, *more):  # x.flip(1, 2) passes the dims one by one
+    return torch.flip(input, (dims, *more) if isinstance(dims, int) else dims)
 
 
 def _roll(input, shifts, dims=None):
@@ -173,8 +173,12 @@ _rule(
     torch.flip,
     "flip",
     _flip,
-    [Sample((randn(3, 4), [1])), Sample((randn(2, 3, 4, seed=1), (-1, 1)))],
-    dims_argument="dims",
+    [
+        Sample((randn(3, 4), [1])),
+        Sample((randn(2, 3, 4, seed=1), (-1, 1))),
+        Sample((randn(2, 3, 4, seed=2), -1, 1)),
+    ],
+    dims_argument=("dims", "more"),
 )
 _rule(
     torch.roll,
