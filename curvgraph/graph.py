@@ -182,7 +182,7 @@ class CurvGraph(nn.Module):
 
     # -- trace-time analysis ----------------------------------------------------------------
     def _analyse(self, node: torch.fx.Node) -> NodeInfo:
-        if self._on_sizes_only(node):  # x.shape[0] // 2, torch._assert(h == 224, ...)
+        if self._on_sizes_only(node):  # x.shape[0] // 2, (h > 0).float(), torch._assert(...)
             return NodeInfo(node, node_key(node, self.graph_module), STRUCTURAL)
         info = self._analyse_with(node, lookup_rule(node_key(node, self.graph_module)))
         if info.problem and self.fallback:  # no rule, or one that refuses this call
@@ -192,7 +192,12 @@ class CurvGraph(nn.Module):
         return info
 
     def _on_sizes_only(self, node: torch.fx.Node) -> bool:
-        """Whether every input of ``node`` is a size or number computed by a structural op."""
+        """Whether every input of ``node`` is computed by a structural op.
+
+        Structural ops have no derivative: sizes, comparisons, masks, integer casts
+        (:mod:`curvgraph.rules.constants`), so whatever is computed from them alone is a
+        constant for every method.
+        """
         inputs = node.all_input_nodes
         return bool(inputs) and all(
             n in self.infos
