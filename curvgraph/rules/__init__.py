@@ -27,6 +27,7 @@ from curvgraph.rules import (  # noqa: F401  (registration)
     powers,
     reductions_more,
     reshapes,
+    selection,
     shape,
     shape_more,
     similarity,

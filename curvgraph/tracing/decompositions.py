@@ -139,18 +139,31 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, module, fn: Callable) -
             graph.erase_node(new)
 
 
+#: named fields of the tuples ops return (``torch.return_types``: ``x.max(1).values``)
+FIELDS = {"values": 0, "indices": 1}
+
+
+def _position(user: torch.fx.Node):
+    """Which output ``user`` selects: ``out[i]`` or ``out.values``; ``None`` otherwise."""
+    if user.target is operator.getitem and isinstance(user.args[1], int):
+        return user.args[1]
+    if user.target is getattr and user.args[1] in FIELDS:
+        return FIELDS[user.args[1]]
+    return None
+
+
 def _rewire(node: torch.fx.Node, result) -> bool:
     """Point the node's users at ``result``; ``False`` if some use cannot be rewired."""
     if not isinstance(result, tuple):
         node.replace_all_uses_with(_node(result))
         return True
     users = list(node.users)
-    if any(u.target is not operator.getitem or not isinstance(u.args[1], int) for u in users):
+    if any(_position(u) is None for u in users):
         return False
-    if any(result[u.args[1]] is None and u.users for u in users):
+    if any(result[_position(u)] is None and u.users for u in users):
         return False
     for user in users:
-        value = result[user.args[1]]
+        value = result[_position(user)]
         if value is not None:
             user.replace_all_uses_with(_node(value))
         user.graph.erase_node(user)
