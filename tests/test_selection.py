@@ -61,3 +61,29 @@ def test_a_selection_along_the_batch_axis_is_left_to_the_rules():
 
     with pytest.raises(curvgraph.UnsupportedOpError, match="Tensor.max"):
         curvgraph.trace(AlongBatch())
+
+
+def test_indices_are_the_ops_own_with_ties():
+    """Ties (ReLU zeros): the rewritten graph returns exactly what the model returns."""
+
+    class Ties(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 12)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x)).view(-1, 3, 4)  # many equal zeros
+            top, where = h.topk(3, dim=2)
+            ordered, order = torch.sort(h, dim=1)
+            smallest, position = h.min(dim=2)
+            return torch.cat(
+                [top.flatten(1), where.flatten(1), ordered.flatten(1), order.flatten(1), position],
+                1,
+            ).double()
+
+    torch.manual_seed(0)
+    model = Ties().double()
+    x = torch.randn(6, 4, dtype=torch.float64) - 1.0
+    assert (torch.relu(model.fc(x)) == 0).sum() > 20
+    cg = curvgraph.trace(model)
+    assert torch.equal(cg(x), model(x))

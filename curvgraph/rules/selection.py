@@ -3,12 +3,13 @@
 Each returns ``(values, indices)``. The indices do not change under a small perturbation of
 ``x`` (ties aside), so they are constants, and the values are a gather of ``x`` at them:
 
-    indices = argmax(x, dim, keepdim=True)       (argmin; argsort; argsort[..., :k])
+    indices = argmax(x, dim, keepdim=True)       (argmin; sort's / topk's own indices)
     values  = gather(x, dim, indices)            (squeezed along dim unless keepdim)
 
 which is how autograd differentiates these ops too (the gradient goes to the selected
-entries). The decompositions rewrite the traced call into ops with rules (``argmax`` and
-``argsort`` have no derivative, ``gather`` is linear), so ``values`` is exact for every
+entries). The decompositions rewrite the traced call into ops with rules (``argmax``,
+:func:`sort_indices`, :func:`topk_indices` have no derivative, ``gather`` is linear; the
+indices are the op's own, ties included), so ``values`` is exact for every
 method and ``.values`` / ``.indices`` / ``[0]`` / ``[1]`` all work. Full reductions
 (``x.max()``), the elementwise ``torch.max(a, b)`` and selections along the batch axis are
 left alone (``torch.maximum`` has a rule; the others are refused by the graph).
@@ -18,10 +19,24 @@ from __future__ import annotations
 
 import torch
 
-from curvgraph.rules.registry import UnsupportedConfigurationError
+from curvgraph.rules.constants import CONSTANT
+from curvgraph.rules.registry import UnsupportedConfigurationError, register_rule
 from curvgraph.tracing.decompositions import register_decomposition
 
-__all__ = []
+__all__ = ["sort_indices", "topk_indices"]
+
+
+def sort_indices(input, dim=-1, descending=False, stable=False):
+    """The indices ``torch.sort`` returns (no derivative)."""
+    return torch.sort(input, dim=dim, descending=descending, stable=stable).indices
+
+
+def topk_indices(input, k, dim=-1, largest=True, sorted=True):
+    """The indices ``torch.topk`` returns (no derivative)."""
+    return torch.topk(input, k, dim=dim, largest=largest, sorted=sorted).indices
+
+
+register_rule(sort_indices, topk_indices)(CONSTANT)
 
 
 def _feature_dim(dim) -> int:
@@ -54,7 +69,7 @@ register_decomposition(torch.min, "min")(_extremum(torch.argmin))
 @register_decomposition(torch.sort, "sort")
 def _sort(call, input, dim=-1, descending=False, stable=False):
     dim = _feature_dim(dim)
-    indices = call.function(torch.argsort, input, dim=dim, descending=descending, stable=True)
+    indices = call.function(sort_indices, input, dim, descending, stable)
     return _gathered(call, input, dim, indices, keepdim=True)
 
 
@@ -63,6 +78,5 @@ def _topk(call, input, k, dim=-1, largest=True, sorted=True):
     dim = _feature_dim(dim)
     if not isinstance(k, int):
         raise UnsupportedConfigurationError(f"topk with k={k!r} computed at run time")
-    order = call.function(torch.argsort, input, dim=dim, descending=largest, stable=True)
-    indices = call.function(torch.narrow, order, dim, 0, k)
+    indices = call.function(topk_indices, input, k, dim, largest, sorted)
     return _gathered(call, input, dim, indices, keepdim=True)
