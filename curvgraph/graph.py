@@ -155,6 +155,7 @@ class CurvGraph(nn.Module):
         self._parameter_names = {id(p): n for n, p in model.named_parameters()}
         self.fallback = fallback
         self.infos: Dict[torch.fx.Node, NodeInfo] = {}
+        self._derived_roots: set = set()  # filled below; _source reads it
         parameter_only = parameter_only_nodes(self.graph_module, self._is_parameter)
         self._derived_roots = {
             n for n in parameter_only if any(user not in parameter_only for user in n.users)
@@ -247,7 +248,7 @@ class CurvGraph(nn.Module):
 
     def _source(self, value: Any) -> Optional[Source]:
         if isinstance(value, torch.fx.Node):
-            if value in getattr(self, "_derived_roots", ()):  # like a parameter, pulled back
+            if value in self._derived_roots:  # used like a parameter, pulled back later
                 return Source(parameter=value.name)
             if value.op != "get_attr":
                 return Source(node=value)
