@@ -356,9 +356,10 @@ def _parameter_report(rule: Rule, ctx, slot: str, name: str, walk, derived) -> P
     if name in derived:  # factor methods pull back low-rank rows
         report.derived_from = tuple(derived[name].parameters)
     elif not walk.tied(name) and value.dim() >= 2:
-        if rule.kron_input(ctx, slot) is not None:
+        kronecker_input = rule.capability("kronecker_input")
+        if kronecker_input is not None and kronecker_input(ctx, slot) is not None:
             report.kronecker = (value.shape[0], value[0].numel())
-        report.kronecker_factors = type(rule).kron_factors is not Rule.kron_factors
+        report.kronecker_factors = rule.capability("kronecker_factors") is not None
     return report
 
 

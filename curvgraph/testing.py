@@ -14,7 +14,7 @@ which also covers ops that mix samples (BatchNorm in training mode).
 - ``residual_block``: the batch-summed block of each argument (HBP), from ``torch.func.hessian``;
 - ``residual_modified``: the PCH modification per sample (``abs`` and ``clip`` on the
   eigenvalues of each group's block, activations jointly, parameters alone);
-- ``kron_input`` (if provided): ``J_n^T c == c a_n^T``.
+- ``kronecker_input`` (if the rule declares it): ``J_n^T c == c a_n^T``.
 """
 
 from __future__ import annotations
@@ -190,8 +190,9 @@ class _Check:
             )
             errors["residual_modified"] = self.modified_error(residual, grad_output, tangents)
 
-        for s in slots:
-            inputs = rule.kron_input(ctx, s)
+        kronecker_input = rule.capability("kronecker_input")
+        for s in slots if kronecker_input is not None else ():
+            inputs = kronecker_input(ctx, s)
             if inputs is not None:
                 kron = torch.einsum("kno,ni->knoi", cotangent, inputs)
                 errors["kron_input"] = max(

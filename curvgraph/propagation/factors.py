@@ -9,8 +9,8 @@ tensor feeds several arguments, its factors add. At a parameter, ``u_nk = J_n^T 
   with exact factors, on any DAG);
 - ``diag``: its diagonal ``sum_{n,k} u_nk^2`` (:class:`DiagonalBlock`);
 - ``kflr`` (exact factors) / ``kfac`` (Monte-Carlo factors): Kronecker blocks ``G (x) A`` for
-  linear and convolution weights (the rule's ``kron_factors``), exact low-rank blocks from
-  the same factors for every other parameter and for tied weights.
+  linear and convolution weights (the rule's ``kronecker_factors`` capability), exact
+  low-rank blocks from the same factors for every other parameter and for tied weights.
 
 Ops that mix samples (BatchNorm in training mode) have no per-sample factors: use
 ``method="exact"``.
@@ -90,9 +90,10 @@ def factor_curvature(
                 rows[key] = per_sample.flatten(0, 1) + rows.get(key, 0)
                 continue
             if method in ("kflr", "kfac") and not walk.tied(key):
-                pair = info.rule.kron_factors(ctx, slot, factors)
+                pair = _capability(info.rule, "kronecker_factors", ctx, slot, factors)
                 if pair is not None:
-                    kronecker[key] = (*pair, info.rule.kron_roots(ctx, slot, factors))
+                    roots = _capability(info.rule, "kronecker_roots", ctx, slot, factors)
+                    kronecker[key] = (*pair, roots)
                     continue
             if method == "diag" and not walk.tied(key):  # tied: square the summed rows
                 value = _squared_cotangents(info.rule, ctx, slot, factors)
@@ -120,7 +121,7 @@ def factor_curvature(
 
 def _squared_cotangents(rule, ctx, slot: str, factors: Tensor) -> Tensor:
     """``sum_{n,k} (J_n^T s_nk)^2`` without keeping all per-sample cotangents at once."""
-    inputs = rule.kron_input(ctx, slot)
+    inputs = _capability(rule, "kronecker_input", ctx, slot)
     if inputs is not None:  # u_nk = s_nk (x) x_n
         return torch.einsum("kno,ni->oi", factors**2, inputs**2)
     size = ctx.value(slot).numel() * ctx.batch_size
@@ -128,3 +129,9 @@ def _squared_cotangents(rule, ctx, slot: str, factors: Tensor) -> Tensor:
     for chunk in factors.split(max(1, CHUNK_ELEMENTS // size)):
         total = total + (rule.vjp(ctx, chunk, [slot])[slot] ** 2).sum((0, 1))
     return total
+
+
+def _capability(rule, name: str, *args):
+    """The rule's capability ``name`` applied to ``args``, or ``None`` if not declared."""
+    method = rule.capability(name)
+    return None if method is None else method(*args)

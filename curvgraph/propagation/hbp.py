@@ -34,7 +34,6 @@ from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
 from curvgraph.propagation.derived import check_distributed, pull_back_blocks
 from curvgraph.propagation.plan import Plan, gradients, plan, validate_call
-from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import CHUNK_ELEMENTS, Context, Rule
 from curvgraph.rules.residuals import modify_symmetric
 
@@ -296,9 +295,9 @@ def _propagate(info, ctx, entering, output_matrix, cross, frontier, averaged, sh
             frontier.add(entering[slot], other, contribution)
     # blocks between arguments: Jbar_s^T H_yy Jbar_s' or (1/N) sum_n J_sn^T H_yy J_s'n
     expected = [s for s in slots if not averaged[isinstance(entering[s], str)]]
-    if len(slots) == 1 and isinstance(rule, ElementwiseRule):
+    if len(slots) == 1 and rule.capability("diagonal_jacobian"):
         slot = slots[0]
-        d1 = rule.first_derivative(ctx).flatten(1)  # [N, F]
+        d1 = rule.diagonal_jacobian(ctx).flatten(1)  # [N, F]
         if expected:
             weights = shard.batch_mean(d1.T @ d1 / d1.shape[0])
         else:
@@ -396,7 +395,8 @@ def _parameter_block(
     rule = info.rule
     weight = ctx.value(slot)
     summed = None if residual is None else shard.loss_sum(residual.summed_joint(ctx, [slot]))
-    inputs = rule.kron_input(ctx, slot)
+    kronecker_input = rule.capability("kronecker_input")
+    inputs = kronecker_input(ctx, slot) if kronecker_input is not None else None
     if inputs is not None and summed is None:
         second = inputs.mean(0) if averaged else inputs.T @ inputs / inputs.shape[0]
         second = shard.batch_mean(second)

@@ -96,6 +96,7 @@ class _ConvFamily(Rule):
 
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
+    capabilities = frozenset({"kronecker_factors"})
 
     @staticmethod
     def _with_padding_mode(signature_of) -> inspect.Signature:
@@ -249,7 +250,7 @@ class ConvRule(_ConvFamily):
             result["bias"] = cotangent.sum(self._spatial())
         return result
 
-    def kron_factors(self, ctx, slot, factors):
+    def kronecker_factors(self, ctx, slot, factors):
         """KFC factors: ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
 
         (Grosse & Martens, 2016.) ``x`` are the unfolded input patches, ``P`` the output

@@ -167,7 +167,7 @@ class ConvTransposeRule(_ConvFamily):
             result["bias"] = cotangent.sum(self._spatial())
         return result
 
-    def kron_factors(self, ctx, slot, factors):
+    def kronecker_factors(self, ctx, slot, factors):
         """KFC factors with the roles of the sides swapped (the weight is ``[C_in, ...]``).
 
         ``A = (1/(N P)) sum_{n,p} x_p x_p^T`` over input channels (``P`` input positions)

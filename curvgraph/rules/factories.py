@@ -62,25 +62,27 @@ class ElementwiseRule(Rule):
         self.second = second
         self.options = list(options)
 
+    capabilities = frozenset({"diagonal_jacobian"})
+
     def samples(self):  # noqa: D102
         shapes = [(3, 4), (2, 3, 2, 2)]
         calls = [Sample((randn(*s, seed=i) * 2,)) for i, s in enumerate(shapes)]
         return calls + [Sample((randn(3, 5, seed=7) * 3,), dict(o)) for o in self.options]
 
-    def first_derivative(self, ctx: Context) -> Tensor:
+    def diagonal_jacobian(self, ctx: Context) -> Tensor:
         """``phi'(x)`` with the input's shape ``[N, *features]``."""
         return ctx.cached("d1", lambda: self.first(ctx.input, **_options(ctx)))
 
     def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
-        return self.first_derivative(ctx) * tangents["input"]
+        return self.diagonal_jacobian(ctx) * tangents["input"]
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
-        return {"input": self.first_derivative(ctx) * cotangent} if "input" in slots else {}
+        return {"input": self.diagonal_jacobian(ctx) * cotangent} if "input" in slots else {}
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         if "input" not in slots:
             return {}
-        return {"input": self.first_derivative(ctx).mean(0) * cotangent}
+        return {"input": self.diagonal_jacobian(ctx).mean(0) * cotangent}
 
     def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
         return Diagonal({"input": self.second(ctx.input, **_options(ctx)) * grad_output})

@@ -16,8 +16,8 @@ parameters, called with ``torch.func.functional_call``) differentiated by ``torc
   Hessian-vector product ``d/de grad <g, f(p + e t)>`` (``torch.func.jvp`` of
   ``torch.func.grad``), of the batch for activations and per (output) sample for
   parameters; batch-summed blocks for HBP come from identity tangents;
-- no ``kron_input`` / ``kron_factors``: ``kflr``/``kfac`` give such parameters exact
-  (``kflr``) or Monte-Carlo (``kfac``) low-rank blocks, ``hbp`` dense blocks.
+- no ``kronecker_input`` / ``kronecker_factors`` capability: ``kflr``/``kfac`` give such
+  parameters exact (``kflr``) or Monte-Carlo (``kfac``) low-rank blocks, ``hbp`` dense blocks.
 
 Whether the op mixes samples is *verified*, not assumed: on each recorded call the op is
 evaluated sample by sample (``f_n(x_n) = f(x_1..x_N)_n`` must hold) and a random

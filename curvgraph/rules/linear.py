@@ -46,6 +46,7 @@ class LinearRule(Rule):
     signature = inspect.signature(_linear)
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
+    capabilities = frozenset({"kronecker_input", "kronecker_factors", "kronecker_roots"})
 
     def samples(self):  # noqa: D102
         return [
@@ -119,17 +120,17 @@ class LinearRule(Rule):
 
         return CrossTerms(product)
 
-    def kron_input(self, ctx, slot):  # noqa: D102
+    def kronecker_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
 
-    def kron_factors(self, ctx, slot, factors):
+    def kronecker_factors(self, ctx, slot, factors):
         """``G = sum_{k,n} s_kn s_kn^T``, ``A = (1/N) sum_n x_n x_n^T`` (2-D inputs)."""
         if slot != "weight" or ctx.input.dim() != 2:
             return None
         x, s = ctx.input, factors.reshape(-1, factors.shape[-1])
         return symmetric_product(s.T), symmetric_product(x.T) / x.shape[0]
 
-    def kron_roots(self, ctx, slot, factors):
+    def kronecker_roots(self, ctx, slot, factors):
         """``R_G = [s_kn]`` (``K N`` rows), ``R_A = [x_n] / sqrt(N)`` (2-D inputs)."""
         if slot != "weight" or ctx.input.dim() != 2:
             return None

@@ -38,6 +38,7 @@ __all__ = [
     "canonical_key",
     "op_name",
     "UnsupportedConfigurationError",
+    "CAPABILITIES",
 ]
 
 OpKey = Union[type, Callable, str]
@@ -155,6 +156,8 @@ class Rule:
         mixes_samples: the output of one sample depends on other samples (BatchNorm in
             training mode); then ``vjp`` and the residual couple samples, and per-sample
             parameter cotangents are those of each *output* sample.
+        capabilities: names of the optional structure the rule provides, each a method of
+            the same name (:data:`CAPABILITIES` lists them and their signatures).
     """
 
     name: str = "op"
@@ -163,6 +166,7 @@ class Rule:
     sample_independent: frozenset = frozenset()
     function: Optional[Callable] = None
     mixes_samples: bool = False
+    capabilities: frozenset = frozenset()
 
     def samples(self) -> list:
         """Example calls (:class:`Sample`) that ``curvgraph.testing.check_rule`` checks.
@@ -251,26 +255,14 @@ class Rule:
         """Second-order term ``sum_k g_k d2y_k/dx dx'`` at ``g = grad_output`` ``[N, *out]``."""
         return Zero()
 
-    # -- HBP fast paths (optional) --------------------------------------------------------
-    def kron_input(self, ctx: Context, slot: str) -> Optional[Tensor]:
-        """Per-sample ``a_n`` with ``J_n^T H J_n = H (x) a_n a_n^T`` for a weight, if any."""
-        return None
+    # -- optional capabilities ------------------------------------------------------------
+    def capability(self, name: str) -> Optional[Callable]:
+        """The bound method of capability ``name`` if this rule declares it, else ``None``.
 
-    def kron_factors(self, ctx: Context, slot: str, factors: Tensor) -> Optional[tuple]:
-        """KFAC factors ``(G, A)`` of a weight from output factors ``[K, N, *out]``, if any.
-
-        ``G (x) A`` approximates ``sum_{n,k} (J_n^T s_nk)(J_n^T s_nk)^T`` (row-major
-        ``vec``), exactly for a linear layer with one sample.
+        Methods query capabilities by name (:data:`CAPABILITIES`) instead of testing the
+        rule's class: ``rule.capability("kronecker_input")``.
         """
-        return None
-
-    def kron_roots(self, ctx: Context, slot: str, factors: Tensor) -> Optional[tuple]:
-        """Optional roots ``(R_G, R_A)`` of the factors: ``G = R_G^T R_G``, ``A = R_A^T R_A``.
-
-        Blocks use a thin root (fewer rows than columns) for cheaper products; either root
-        may be ``None``.
-        """
-        return None
+        return getattr(self, name) if name in self.capabilities else None
 
     def __repr__(self) -> str:
         return f"<rule {self.name}{self.signature}>"
@@ -283,6 +275,32 @@ def _slot_size(ctx: Context, slots: Iterable[str]) -> int:
         if isinstance(value, Tensor):
             total += value[0].numel() if s in ctx.batched else value.numel()
     return total
+
+
+#: Optional capabilities of a rule: name (= method name) -> what the method returns.
+CAPABILITIES = {
+    "diagonal_jacobian": "diagonal_jacobian(ctx) -> phi'(x) [N, *features]: J_n = diag(phi'(x_n))",
+    "kronecker_input": (
+        "kronecker_input(ctx, slot) -> a [N, in] or None: J_n^T H J_n = H (x) a_n a_n^T"
+    ),
+    "kronecker_factors": (
+        "kronecker_factors(ctx, slot, factors) -> (G, A) or None: KFAC factors of a weight"
+    ),
+    "kronecker_roots": (
+        "kronecker_roots(ctx, slot, factors) -> (R_G, R_A) or None: G = R_G^T R_G, A = R_A^T R_A"
+    ),
+}
+
+
+def check_capabilities(rule: Rule) -> None:
+    """Raise ``TypeError`` if ``rule`` declares an unknown or unimplemented capability."""
+    for name in rule.capabilities:
+        if name not in CAPABILITIES:
+            raise TypeError(
+                f"rule {rule.name!r} declares capability {name!r}; known: {sorted(CAPABILITIES)}"
+            )
+        if not callable(getattr(rule, name, None)):
+            raise TypeError(f"rule {rule.name!r} declares {name!r} but has no method {name}()")
 
 
 #: Budget of tensor elements for intermediate per-sample column blocks.
@@ -361,6 +379,7 @@ def register_rule(*op_keys: OpKey, override: bool = False) -> Callable:
         rule = rule_or_class() if isinstance(rule_or_class, type) else rule_or_class
         if not isinstance(rule, Rule):
             raise TypeError(f"register_rule expects a Rule subclass or instance, got {rule!r}")
+        check_capabilities(rule)
         keys = set().union(*(_expand(k) for k in op_keys))
         taken = sorted(op_name(k) for k in keys if k in _RULES and _RULES[k] is not rule)
         if taken and not override:
