@@ -39,20 +39,49 @@ from curvgraph.rules.factories import (
     elementwise_rule,
     linear_rule,
 )
+from curvgraph.rules.fallback import FallbackRule, fallback_warning, rule_for_node, without_rules
 from curvgraph.rules.registry import (
+    CAPABILITIES,
+    CHUNK_ELEMENTS,
     Context,
     Rule,
+    Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical_key,
+    is_inplace,
     lookup_rule,
+    op_name,
     register_rule,
     registered_rules,
     unregister,
 )
-from curvgraph.rules.residuals import CrossTerms, Diagonal, General, Residual, Zero
+from curvgraph.rules.residuals import (
+    CrossTerms,
+    Diagonal,
+    General,
+    Residual,
+    Zero,
+    groups_of,
+    modify_symmetric,
+)
+from curvgraph.rules.shape import STRUCTURAL
 
 __all__ = [
+    "CAPABILITIES",
+    "CHUNK_ELEMENTS",
+    "STRUCTURAL",
     "Context",
+    "FallbackRule",
+    "Sample",
+    "canonical_key",
+    "fallback_warning",
+    "groups_of",
+    "is_inplace",
+    "modify_symmetric",
+    "op_name",
+    "rule_for_node",
+    "without_rules",
     "CrossTerms",
     "Diagonal",
     "ElementwiseRule",
