@@ -70,6 +70,8 @@ class FallbackRule(Rule):
         inplace: the op modifies its first argument (it is called on a copy).
     """
 
+    fallback = True
+
     def __init__(
         self,
         op: Any,

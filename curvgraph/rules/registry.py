@@ -158,6 +158,9 @@ class Rule:
             parameter cotangents are those of each *output* sample.
         capabilities: names of the optional structure the rule provides, each a method of
             the same name (:data:`CAPABILITIES` lists them and their signatures).
+        structural: the op has no derivative (sizes, comparisons, masks): what is computed
+            from structural outputs alone is a constant for every method.
+        fallback: the rule is derived with ``torch.func`` by the autograd fallback.
     """
 
     name: str = "op"
@@ -167,6 +170,8 @@ class Rule:
     function: Optional[Callable] = None
     mixes_samples: bool = False
     capabilities: frozenset = frozenset()
+    structural: bool = False
+    fallback: bool = False
 
     def samples(self) -> list:
         """Example calls (:class:`Sample`) that ``curvgraph.testing.check_rule`` checks.

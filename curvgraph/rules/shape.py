@@ -170,6 +170,7 @@ class StructuralRule(Rule):
     name = "structural"
     signature = inspect.signature(_structural)
     differentiable = ()
+    structural = True
 
     def check(self, arguments):  # noqa: D102
         args = arguments.get("args", ())
