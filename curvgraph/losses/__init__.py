@@ -1,0 +1,36 @@
+"""Loss Hessians w.r.t. the model output, summed over the batch (design 3.1).
+
+``loss_hessian(loss, outputs) = sum_n d2L / dz_n2`` (``C x C``) is the bpexts
+``batch_summed_hessian``. Cross-entropy (also spelled ``nll_loss(log_softmax(z))``), MSE,
+binary cross-entropy on logits (``binary_cross_entropy_with_logits(z, t)`` or
+``binary_cross_entropy(sigmoid(z), t)``) and ``nll_loss`` on log-probabilities are
+recognised from the autograd graph and use closed forms; any other loss (or an unusual
+configuration such as class weights) goes through autograd, assuming, as every curvature
+method here does, that the loss is a sum of per-sample terms.
+
+Modules: :mod:`~curvgraph.losses.autograd_nodes` (the only reader of autograd internals:
+what the graph says about the loss op), :mod:`~curvgraph.losses.models` (the
+:class:`LossModel` classes), :mod:`~curvgraph.losses.recognition` (:func:`recognise`,
+:func:`loss_hessian`).
+"""
+
+from curvgraph.losses.models import (
+    AutogradLoss,
+    BinaryCrossEntropyLoss,
+    CrossEntropyLoss,
+    LinearLoss,
+    LossModel,
+    MSELoss,
+)
+from curvgraph.losses.recognition import loss_hessian, recognise
+
+__all__ = [
+    "AutogradLoss",
+    "BinaryCrossEntropyLoss",
+    "CrossEntropyLoss",
+    "LinearLoss",
+    "LossModel",
+    "MSELoss",
+    "loss_hessian",
+    "recognise",
+]

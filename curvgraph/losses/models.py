@@ -1,0 +1,221 @@
+"""The per-sample loss Hessians ``d2L/dz_n2`` of the losses curvgraph knows, and of any other.
+
+A :class:`LossModel` gives them in three forms (the batch sum, products, square-root
+factors). The closed forms (cross-entropy, MSE, binary cross-entropy, a loss linear in the
+outputs) hold the outputs and a ``scale`` (``1/N`` or ``1/(N C)`` for a mean, ``1`` for a
+sum); :class:`AutogradLoss` differentiates any other loss twice with autograd.
+:func:`curvgraph.losses.recognise` picks the model of a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvgraph.losses.autograd_nodes import node_name
+
+__all__ = [
+    "AutogradLoss",
+    "BinaryCrossEntropyLoss",
+    "CrossEntropyLoss",
+    "LinearLoss",
+    "LossModel",
+    "MSELoss",
+]
+
+
+class LossModel:
+    """Per-sample loss Hessians ``d2L/dz_n2`` of a loss, in three forms.
+
+    Index convention: ``K`` columns, ``N`` samples, ``C`` output features per sample.
+    """
+
+    def summed_hessian(self) -> Tensor:
+        """``sum_n d2L/dz_n2`` (``C x C``)."""
+        raise NotImplementedError
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:
+        """``(d2L/dz_n2) t_n`` for tangents ``[K, N, *out]``, per sample."""
+        raise NotImplementedError
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:
+        """Factors ``S_n`` ``[K, N, *out]`` with ``sum_k s_nk s_nk^T = d2L/dz_n2``.
+
+        With ``mc_samples > 0``, ``K = mc_samples`` Monte-Carlo columns whose outer products
+        are unbiased for the Hessian (labels sampled from the model's predictive
+        distribution); else exact columns (``K = C``).
+        """
+        raise NotImplementedError
+
+
+class CrossEntropyLoss(LossModel):
+    """``l_n = -log softmax(z_n)_y``: ``d2 l_n/dz_n2 = diag p_n - p_n p_n^T``, times ``scale``."""
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.p = torch.softmax(outputs.detach(), dim=1)
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        p = self.p
+        return (torch.diag(p.sum(0)) - p.T @ p) * self.scale
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        p = self.p
+        return self.scale * (p * tangents - p * (p * tangents).sum(-1, keepdim=True))
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        p, root = self.p, self.p.sqrt()
+        if mc_samples:
+            labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+            onehot = torch.nn.functional.one_hot(labels.T, p.shape[1]).to(p)  # [M, N, C]
+            return (p - onehot) * (self.scale / mc_samples) ** 0.5
+        # columns k of S_n = diag(sqrt p) - p sqrt(p)^T
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        factors = eye[:, None, :] * root.T[:, :, None] - root.T[:, :, None] * p[None]
+        return factors * self.scale**0.5
+
+
+class MSELoss(LossModel):
+    """``l = ||z - y||^2`` per entry, times ``scale``: ``d2L/dz_n2 = 2 scale I``."""
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.outputs = outputs.detach()
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        n, c = self.outputs.shape[0], self.outputs[0].numel()
+        eye = torch.eye(c, dtype=self.outputs.dtype, device=self.outputs.device)
+        return 2 * self.scale * n * eye
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return 2 * self.scale * tangents
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        z = self.outputs
+        if mc_samples:
+            noise = _draw(torch.randn, mc_samples, z, generator)
+            return noise * (2 * self.scale / mc_samples) ** 0.5
+        return _unit_columns(z) * (2 * self.scale) ** 0.5
+
+
+class BinaryCrossEntropyLoss(LossModel):
+    """``l = -t log p - (1 - t) log(1 - p)`` per entry, ``p = sigmoid(z)``, times ``scale``.
+
+    ``d2 l / dz2 = p (1 - p)`` entry by entry (independent of ``t``), so the per-sample
+    Hessian is diagonal: ``d2L/dz_n2 = scale * diag(p_n (1 - p_n))``. Exact factor: the
+    columns ``sqrt(scale p (1 - p)) e_c``; Monte-Carlo: labels ``y ~ Bernoulli(p)`` give
+    ``s = sqrt(scale / M) (p - y)`` with ``E[s s^T] = diag(p (1 - p)) scale / M`` (entries
+    independent).
+    """
+
+    def __init__(self, outputs: Tensor, scale: float):
+        self.p = torch.sigmoid(outputs.detach())
+        self.curvature = self.p * (1 - self.p) * scale  # [N, *out]
+        self.scale = scale
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        return torch.diag(self.curvature.sum(0).flatten())
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return self.curvature * tangents
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        p = self.p
+        if mc_samples:
+            uniform = _draw(torch.rand, mc_samples, p, generator)
+            labels = (uniform < p).to(p.dtype)
+            return (p - labels) * (self.scale / mc_samples) ** 0.5
+        return _unit_columns(p) * self.curvature.sqrt()
+
+
+class LinearLoss(LossModel):
+    """A loss linear in the outputs (``nll_loss`` of log-probabilities): zero Hessian.
+
+    The Hessian of the model is then entirely in the residuals of the layers before (e.g.
+    the ``log_softmax`` that produced the outputs), and the GGN at this split is zero: end
+    the model with logits and use ``cross_entropy`` for the usual GGN of a classifier.
+    """
+
+    def __init__(self, outputs: Tensor):
+        self.outputs = outputs.detach()
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        c = self.outputs[0].numel()
+        return self.outputs.new_zeros(c, c)
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        return torch.zeros_like(tangents)
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        return self.outputs.new_zeros(max(mc_samples, 1), *self.outputs.shape)
+
+
+class AutogradLoss(LossModel):
+    """Any loss, by double backward (assumes a sum of per-sample terms)."""
+
+    def __init__(self, loss: Tensor, outputs: Tensor):
+        self.outputs = outputs
+        self.name = node_name(loss)
+        try:
+            (self.grad,) = torch.autograd.grad(loss, outputs, create_graph=True)
+        except RuntimeError as error:
+            raise self._freed(error) from error
+
+    def _freed(self, error: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"this loss ({self.name}) is differentiated twice with autograd, which needs its "
+            "graph: call loss_hessian (or cg.curvature) before loss.backward(), or call "
+            f"loss.backward(retain_graph=True) ({error})"
+        )
+
+    def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
+        if not self.grad.requires_grad:  # the loss is linear in the outputs
+            return torch.zeros_like(tangents)
+        rows = []
+        for t in tangents:
+            try:
+                (row,) = torch.autograd.grad(
+                    self.grad, self.outputs, grad_outputs=t, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError as error:
+                raise self._freed(error) from error
+            rows.append(torch.zeros_like(t) if row is None else row.detach())
+        return torch.stack(rows)
+
+    def per_sample_hessians(self) -> Tensor:
+        """``d2L/dz_n2`` for every sample, ``[N, C, C]``."""
+        n, c = self.outputs.shape[0], self.outputs[0].numel()
+        products = self.hessian_product(_unit_columns(self.outputs)).reshape(c, n, c)
+        hessians = products.permute(1, 2, 0)  # [N, C, C (column)]
+        return (hessians + hessians.transpose(1, 2)) / 2
+
+    def summed_hessian(self) -> Tensor:  # noqa: D102
+        return self.per_sample_hessians().sum(0)
+
+    def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
+        if mc_samples:
+            raise NotImplementedError(
+                "Monte-Carlo factors need a known likelihood (cross-entropy or MSE); use exact "
+                "factors (mc_samples=0) for this loss"
+            )
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.per_sample_hessians())
+        factors = eigenvectors * eigenvalues.clamp(min=0).sqrt().unsqueeze(-2)  # [N, C, C]
+        return factors.permute(2, 0, 1).reshape(-1, *self.outputs.shape)
+
+
+def _draw(sample, count: int, like: Tensor, generator) -> Tensor:
+    """``count`` random tensors shaped like ``like``, ``[count, *like.shape]``, by ``sample``.
+
+    ``sample`` is ``torch.randn`` or ``torch.rand``; dtype and device are ``like``'s.
+    """
+    return sample(count, *like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def _unit_columns(outputs: Tensor) -> Tensor:
+    """``C`` columns ``[C, N, *out]``: column ``c`` is the unit vector ``e_c`` in every sample.
+
+    An expanded view (no copy); ``C = outputs[0].numel()``.
+    """
+    c = outputs[0].numel()
+    eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
+    return eye.reshape(c, 1, *outputs.shape[1:]).expand(c, *outputs.shape)
