@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, KroneckerBlock
-from curvgraph.solvers import cg, diagonal_preconditioner, kronecker_preconditioner
-from curvgraph.solvers.kronecker import (
-    _solve,
-    eigen_matches,
-    has_negative_eigenvalues,
+from curvgraph.solvers import (
+    cg,
+    diagonal_preconditioner,
     kronecker_eigen,
+    kronecker_eigen_solve,
+    kronecker_preconditioner,
 )
+from curvgraph.solvers.kronecker import eigen_matches, has_negative_eigenvalues
 
 __all__ = ["GroupSolution", "solve_group", "BACKTRACKING_GROWTH"]
 
@@ -97,7 +98,7 @@ def solve_group(
     for name in eig_names:
         eigen = _cached_eigen(states[params[name]], curvature[name], group["update_every"])
         gradient = params[name].grad
-        solution.directions[name] = -_solve(eigen, gradient.unsqueeze(0), alpha)[0]
+        solution.directions[name] = -kronecker_eigen_solve(eigen, gradient.unsqueeze(0), alpha)[0]
         solution.iterations[name] = torch.zeros((), dtype=torch.long, device=zero.device)
         solution.residuals[name] = zero
         solution.nonpositive[name] = has_negative_eigenvalues(eigen)

@@ -1,7 +1,7 @@
 """Linear solvers on block curvature: lockstep (preconditioned) CG and Kronecker eig solves."""
 
 from curvgraph.solvers.cg import CGInfo, cg
-from curvgraph.solvers.kronecker import kronecker_eigen, kronecker_solve
+from curvgraph.solvers.kronecker import kronecker_eigen, kronecker_eigen_solve, kronecker_solve
 from curvgraph.solvers.preconditioners import (
     BlockPreconditioner,
     diagonal_preconditioner,
@@ -14,6 +14,7 @@ __all__ = [
     "cg",
     "diagonal_preconditioner",
     "kronecker_eigen",
+    "kronecker_eigen_solve",
     "kronecker_preconditioner",
     "kronecker_solve",
 ]

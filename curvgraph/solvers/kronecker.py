@@ -31,7 +31,14 @@ from torch import Tensor
 
 from curvgraph.curvature.blocks import KroneckerBlock
 
-__all__ = ["eigen_matches", "has_negative_eigenvalues", "kronecker_eigen", "kronecker_solve"]
+__all__ = [
+    "check_alpha",
+    "eigen_matches",
+    "has_negative_eigenvalues",
+    "kronecker_eigen",
+    "kronecker_eigen_solve",
+    "kronecker_solve",
+]
 
 #: eigenvalues of the damped matrix below ``_ROUNDING * eps * max`` count as zero
 _ROUNDING = 100.0
@@ -109,17 +116,22 @@ def kronecker_solve(block_or_eigen, rhs: Tensor, alpha: float, shape: torch.Size
         eigen = block_or_eigen
         if shape is None:
             raise ValueError("kronecker_solve needs the parameter's shape with an eigen dict")
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
+    check_alpha(alpha)
     shape = torch.Size(shape)
     if rhs.shape == shape:
-        return _solve(eigen, rhs.unsqueeze(0), alpha)[0]
+        return kronecker_eigen_solve(eigen, rhs.unsqueeze(0), alpha)[0]
     if rhs.shape[1:] == shape:
-        return _solve(eigen, rhs, alpha)
+        return kronecker_eigen_solve(eigen, rhs, alpha)
     raise ValueError(
         f"rhs must have shape {tuple(shape)} or [K, {', '.join(map(str, shape))}], got "
         f"{tuple(rhs.shape)}"
     )
+
+
+def check_alpha(alpha: float) -> None:
+    """Raise ``ValueError`` unless the damping ``alpha`` lies in ``[0, 1)``."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
 
 
 def _inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
@@ -132,16 +144,43 @@ def _inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
     return torch.where(usable, 1.0 / torch.where(usable, damped, torch.ones_like(damped)), 0.0)
 
 
-def _solve(eigen: KroneckerEigen, rhs: Tensor, alpha: float) -> Tensor:
+def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) -> Tensor:
+    """Solve ``[(1 - alpha) (G (x) A) + alpha I] d_k = r_k`` for columns, from the eigenpairs.
+
+    The batched core of :func:`kronecker_solve`, for callers that keep ``eigen`` (an
+    optimizer's cache, a preconditioner) and apply it to many right-hand sides. With
+    ``G = Q_G diag(l_G) Q_G^T`` and ``A = Q_A diag(l_A) Q_A^T`` (``rows x cols`` matrix view
+    ``R_k`` of each column, row-major ``vec``)::
+
+        D_k = Q_G [(Q_G^T R_k Q_A) / ((1 - alpha) |l_G l_A^T| + alpha)] Q_A^T
+              + (R_k - P_G R_k P_A) / alpha,
+
+    with ``P = Q Q^T``; the last term is present only for a rank-one factor (where it is the
+    complement of the factor's single eigenvector) and ``alpha > 0``. Damped eigenvalues at
+    rounding level are dropped (the minimum-norm solution). See the module for the
+    derivation.
+
+    Args:
+        eigen: :func:`kronecker_eigen` of the block.
+        columns: ``K`` right-hand sides ``[K, *shape]`` (or ``[K, rows * cols]``).
+        alpha: damping in ``[0, 1)``.
+
+    Returns:
+        The solutions ``d_k``, shaped like ``columns``.
+
+    Raises:
+        ValueError: ``alpha`` is outside ``[0, 1)``.
+    """
+    check_alpha(alpha)
     q_g, q_a = eigen["first_vectors"], eigen["second_vectors"]
     rows, cols = q_g.shape[0], q_a.shape[0]
-    r = rhs.reshape(rhs.shape[0], rows, cols)
+    r = columns.reshape(columns.shape[0], rows, cols)
     rotated = q_g.T @ r @ q_a  # [K, r_G, r_A]
     d = q_g @ (rotated * _inverse_eigenvalues(eigen, alpha)) @ q_a.T
     if q_g.shape[1] < rows or q_a.shape[1] < cols:  # a rank-one factor: its complement
         if alpha > 0:
             d = d + (r - q_g @ rotated @ q_a.T) / alpha
-    return d.reshape(rhs.shape)
+    return d.reshape(columns.shape)
 
 
 def has_negative_eigenvalues(eigen: KroneckerEigen) -> Tensor:

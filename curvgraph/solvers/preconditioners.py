@@ -12,8 +12,8 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
-from curvgraph.curvature import BlockCurvature, KroneckerBlock
-from curvgraph.solvers.kronecker import _solve, kronecker_eigen
+from curvgraph.curvature import Block, BlockCurvature, KroneckerBlock
+from curvgraph.solvers.kronecker import check_alpha, kronecker_eigen, kronecker_eigen_solve
 
 __all__ = ["BlockPreconditioner", "diagonal_preconditioner", "kronecker_preconditioner"]
 
@@ -64,17 +64,16 @@ def _names(curvature: BlockCurvature, names: Optional[Iterable[str]]):
     return names
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
+def _diagonal_inverse(block: Block, alpha: float) -> Callable[[Tensor], Tensor]:
+    """Columns ``[K, *shape]`` times ``1 / ((1 - alpha) |c_ii| + alpha)`` (Jacobi).
 
-
-def _inverse_diagonal(diagonal: Tensor, alpha: float) -> Tensor:
-    """``1 / ((1 - alpha) |c_ii| + alpha)``, the denominator floored at rounding level."""
-    damped = (1 - alpha) * diagonal.abs() + alpha
+    The denominator is floored at rounding level.
+    """
+    damped = (1 - alpha) * block.diag().reshape(-1).abs() + alpha
     floor = _ROUNDING * torch.finfo(damped.dtype).eps * damped.max()
     damped = torch.where(damped > floor, damped, torch.where(floor > 0, floor, 1.0))
-    return 1.0 / damped
+    inverse = 1.0 / damped
+    return lambda v: (v.reshape(v.shape[0], -1) * inverse).reshape(v.shape)
 
 
 def diagonal_preconditioner(
@@ -90,12 +89,9 @@ def diagonal_preconditioner(
         alpha: the damping of the system CG solves.
         names: blocks to cover (default all).
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     names = _names(curvature, names)
-    inverses = {}
-    for name in names:
-        inverse = _inverse_diagonal(curvature[name].diag().reshape(-1), alpha)
-        inverses[name] = lambda v, d=inverse: (v.reshape(v.shape[0], -1) * d).reshape(v.shape)
+    inverses = {name: _diagonal_inverse(curvature[name], alpha) for name in names}
     return BlockPreconditioner({n: curvature[n].shape for n in names}, inverses)
 
 
@@ -113,15 +109,14 @@ def kronecker_preconditioner(
         alpha: the damping of the system CG solves.
         names: blocks to cover (default all).
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     names = _names(curvature, names)
     inverses = {}
     for name in names:
         block = curvature[name]
         if isinstance(block, KroneckerBlock):
             eigen = kronecker_eigen(block)
-            inverses[name] = lambda v, e=eigen: _solve(e, v, alpha)
+            inverses[name] = lambda v, e=eigen: kronecker_eigen_solve(e, v, alpha)
         else:
-            inverse = _inverse_diagonal(block.diag().reshape(-1), alpha)
-            inverses[name] = lambda v, d=inverse: (v.reshape(v.shape[0], -1) * d).reshape(v.shape)
+            inverses[name] = _diagonal_inverse(block, alpha)
     return BlockPreconditioner({n: curvature[n].shape for n in names}, inverses)
