@@ -22,15 +22,20 @@ each step is **one** batched call over all blocks (one walk of the graph for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, ItemsView, Iterator, Optional, Protocol, Tuple, Union, ValuesView
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from curvgraph.curvature.block_curvature import BlockCurvature
+from curvgraph.curvature.blocks import Block
 
-__all__ = ["TraceEstimate", "as_linear_operator", "top_eigenvalues", "trace_estimate"]
+__all__ = [
+    "BlockOperator",
+    "TraceEstimate",
+    "as_linear_operator",
+    "top_eigenvalues",
+    "trace_estimate",
+]
 
 Columns = Dict[str, Tensor]  # name -> columns [K, numel]
 Seed = Union[torch.Generator, int, None]
@@ -38,6 +43,32 @@ Seed = Union[torch.Generator, int, None]
 _ALL = "<block diagonal>"
 #: ``beta_j <= _BREAKDOWN * eps * max(|alpha|, beta)`` marks an invariant Krylov subspace
 _BREAKDOWN = 100.0
+
+
+class BlockOperator(Protocol):
+    """What the analysis needs of a :class:`~curvgraph.curvature.BlockCurvature`.
+
+    A mapping ``name -> Block`` with batched products over the blocks and the parameters
+    (for the dtype and device). ``BlockCurvature`` calls the functions here with itself, so
+    this module does not import it.
+    """
+
+    parameters: Dict[str, Tensor]
+
+    def __getitem__(self, name: str) -> Block: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def items(self) -> ItemsView[str, Block]:
+        """``(name, block)`` pairs in order."""
+
+    def values(self) -> ValuesView[Block]:
+        """The blocks in order."""
+
+    def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """``C_b V_b`` for columns ``[K_b, *shape_b]`` of any subset of blocks."""
 
 
 @dataclass
@@ -58,7 +89,7 @@ class TraceEstimate:
 
 
 def top_eigenvalues(
-    curvature: BlockCurvature,
+    curvature: BlockOperator,
     k: int = 1,
     *,
     per_block: bool = True,
@@ -83,10 +114,9 @@ def top_eigenvalues(
         ``eigenvectors``: name -> ``(eigenvalues, vectors [k, *shape])``). Otherwise the
         eigenvalues ``[k]`` (with ``eigenvectors``: ``(eigenvalues, {name: [k, *shape]})``).
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    _check_positive_int("k", k)
+    if max_iter is not None:
+        _check_positive_int("max_iter", max_iter)
     _check_not_empty(curvature)
     generator = _generator(generator, curvature)
     sizes = {name: block.numel for name, block in curvature.items()}
@@ -126,7 +156,7 @@ def top_eigenvalues(
 
 
 def trace_estimate(
-    curvature: BlockCurvature,
+    curvature: BlockOperator,
     matvecs: int = 99,
     *,
     method: str = "hutch++",
@@ -155,8 +185,7 @@ def trace_estimate(
     minimum = 3 if method == "hutch++" else 1
     if not isinstance(matvecs, int) or matvecs < minimum:
         raise ValueError(f"{method} needs an integer matvecs >= {minimum}, got {matvecs!r}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    _check_positive_int("chunk", chunk)
     _check_not_empty(curvature)
     generator = _generator(generator, curvature)
     dims = {name: block.numel for name, block in curvature.items()}
@@ -168,7 +197,7 @@ def trace_estimate(
     return TraceEstimate(blocks, sum(blocks.values()), method, matvecs)
 
 
-def as_linear_operator(curvature: BlockCurvature, name: Optional[str] = None):
+def as_linear_operator(curvature: BlockOperator, name: Optional[str] = None):
     """One block (``name``) or the block diagonal as a ``scipy.sparse.linalg.LinearOperator``.
 
     The operator takes and returns float64 NumPy arrays; products run in the blocks' dtype
@@ -289,7 +318,7 @@ def _hutchpp(matmat, dims, count, like, generator) -> Dict[str, Tensor]:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _block_matmat(curvature: BlockCurvature) -> Callable[[Columns], Columns]:
+def _block_matmat(curvature: BlockOperator) -> Callable[[Columns], Columns]:
     """Flat columns per block -> ``C_b V_b``, all blocks in one ``matmat`` call."""
 
     def matmat(columns: Columns) -> Columns:
@@ -300,7 +329,7 @@ def _block_matmat(curvature: BlockCurvature) -> Callable[[Columns], Columns]:
     return matmat
 
 
-def _diagonal_matmat(curvature: BlockCurvature) -> Callable[[Columns], Columns]:
+def _diagonal_matmat(curvature: BlockOperator) -> Callable[[Columns], Columns]:
     """Columns over the concatenated parameters -> block-diagonal products."""
     names = list(curvature)
     sizes = [curvature[n].numel for n in names]
@@ -314,17 +343,22 @@ def _diagonal_matmat(curvature: BlockCurvature) -> Callable[[Columns], Columns]:
     return matmat
 
 
-def _like(curvature: BlockCurvature) -> Tensor:
+def _like(curvature: BlockOperator) -> Tensor:
     """A tensor with the blocks' dtype and device (that of the first parameter)."""
     return next(iter(curvature.parameters.values())).detach()
 
 
-def _check_not_empty(curvature: BlockCurvature) -> None:
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_not_empty(curvature: BlockOperator) -> None:
     if len(curvature) == 0:
         raise ValueError("the curvature has no blocks")
 
 
-def _generator(seed: Seed, curvature: BlockCurvature) -> Optional[torch.Generator]:
+def _generator(seed: Seed, curvature: BlockOperator) -> Optional[torch.Generator]:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     if isinstance(seed, int):

@@ -8,6 +8,7 @@ from typing import Dict, Iterator, Optional
 import torch
 from torch import Tensor
 
+from curvgraph.curvature import analysis
 from curvgraph.curvature.blocks import Block
 from curvgraph.curvature.implicit import ImplicitBlock
 
@@ -105,27 +106,21 @@ class BlockCurvature(Mapping):
         See :func:`curvgraph.curvature.analysis.top_eigenvalues` (``per_block=False``: of
         the block diagonal; ``eigenvectors=True``; ``max_iter``; ``generator``).
         """
-        from curvgraph.curvature.analysis import top_eigenvalues
-
-        return top_eigenvalues(self, k, **options)
+        return analysis.top_eigenvalues(self, k, **options)
 
     def trace_estimate(self, matvecs: int = 99, **options):
         """Hutchinson / Hutch++ trace estimate per block and in total.
 
         See :func:`curvgraph.curvature.analysis.trace_estimate`.
         """
-        from curvgraph.curvature.analysis import trace_estimate
-
-        return trace_estimate(self, matvecs, **options)
+        return analysis.trace_estimate(self, matvecs, **options)
 
     def as_linear_operator(self, name: Optional[str] = None):
         """Block ``name`` (default: the block diagonal) as a SciPy ``LinearOperator``.
 
         See :func:`curvgraph.curvature.analysis.as_linear_operator`.
         """
-        from curvgraph.curvature.analysis import as_linear_operator
-
-        return as_linear_operator(self, name)
+        return analysis.as_linear_operator(self, name)
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{n}: {b!r}" for n, b in self._blocks.items())
