@@ -33,9 +33,12 @@ import math
 from typing import Dict, Iterable, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.errors import CurvGraphError
+from curvgraph.losses import CrossEntropyLoss, MSELoss
 
 __all__ = ["BatchShard", "all_reduce_gradients"]
 
@@ -127,8 +130,6 @@ class BatchShard:
     # -- methods --------------------------------------------------------------------------
     def check_loss(self, loss_model) -> None:
         """Refuse a recognised loss whose reduction contradicts ``loss_reduction``."""
-        from curvgraph.losses import CrossEntropyLoss, MSELoss
-
         if not self.distributed:
             return
         if isinstance(loss_model, CrossEntropyLoss):
@@ -158,13 +159,6 @@ class BatchShard:
         Diagonal: loss sum. Low-rank: rows gathered (the block stays low-rank, ``K N``
         rows on every rank). Kronecker ``G (x) A``: ``G`` a loss sum, ``A`` a batch mean.
         """
-        from curvgraph.curvature import (
-            BlockCurvature,
-            DiagonalBlock,
-            KroneckerBlock,
-            LowRankBlock,
-        )
-
         if not self.distributed:
             return curvature
         blocks = {}
@@ -235,8 +229,6 @@ def _square(factor: Tensor) -> Tensor:
 
 
 def _initialized():
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         raise CurvGraphError(
             "a process_group was given but torch.distributed is not initialized: call "
