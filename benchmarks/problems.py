@@ -39,21 +39,18 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import DATA_ROOT, FASHION_MNIST_DIR
 from curvgraph.datasets import load_idx, load_mnist_subset
 
 __all__ = [
-    "DATA_ROOT",
-    "FASHION_MNIST_DIR",
     "PROBLEMS",
     "Problem",
     "ResidualBlock",
     "data_info",
     "get",
+    "idx_train_images",
 ]
 
-#: ``<workspace>/shared/data`` (the repository's sibling ``shared`` folder)
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
-FASHION_MNIST_DIR = DATA_ROOT / "fashion-mnist"
 SYNTHETIC_SEED = 1234  # generator seed of the synthetic CIFAR-10-shaped batch
 
 
@@ -92,6 +89,25 @@ def _cifar_root(data_dir: Optional[str]) -> Optional[Path]:
     return None
 
 
+def idx_train_images(directory: Path) -> Optional[Path]:
+    """The IDX file of the training images in ``directory``, if there is one (not read).
+
+    Looks for the names :func:`curvgraph.datasets.load_idx` reads:
+    ``train-images-idx3-ubyte`` or ``train-images.idx3-ubyte``, each optionally gzipped.
+
+    Args:
+        directory: The folder to look in.
+
+    Returns:
+        The path of the first of those files that exists, else None.
+    """
+    for name in ("train-images-idx3-ubyte", "train-images.idx3-ubyte"):
+        for candidate in (directory / name, directory / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def data_info(dataset: str, data_dir: Optional[str] = None) -> Dict[str, object]:
     """What ``dataset`` (``mnist`` | ``fashion-mnist`` | ``cifar10``) resolves to.
 
@@ -110,13 +126,7 @@ def data_info(dataset: str, data_dir: Optional[str] = None) -> Dict[str, object]
         }
     if dataset == "fashion-mnist":
         directory = _fashion_dir(data_dir)
-        try:
-            from curvgraph.datasets import _find_idx  # presence check without reading
-
-            found = _find_idx(directory, "train", "images") is not None
-        except ImportError:  # pragma: no cover - private helper renamed
-            found = directory.is_dir()
-        if found:
+        if idx_train_images(directory) is not None:
             return {
                 "dataset": "Fashion-MNIST (full, 60,000 training images)",
                 "loader": "fashion-mnist",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
+from benchmarks.common import FASHION_MNIST_DIR
 from benchmarks.problems import PROBLEMS
 from benchmarks.timing import environment, measure_interleaved, ratio
 from curvgraph.datasets import load_dataset, load_mnist_subset
@@ -44,7 +45,6 @@ from curvgraph.datasets import load_dataset, load_mnist_subset
 __all__ = ["CONFIGS", "SCHEMA_VERSION", "markdown", "plot", "run"]
 
 SCHEMA_VERSION = 1
-DEFAULT_FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def _step_table(cfg: Config, device: str) -> Dict[str, Any]:
 # -- training table -------------------------------------------------------------------------------
 def _data(cfg: Config, data_dir: Optional[str]):
     if cfg.dataset == "fashion-mnist":
-        directory = Path(data_dir).expanduser() if data_dir else DEFAULT_FASHION_MNIST
+        directory = Path(data_dir).expanduser() if data_dir else FASHION_MNIST_DIR
         if (directory / "fashion-mnist").is_dir():  # a folder holding fashion-mnist/
             directory = directory / "fashion-mnist"
         train = load_dataset("fashionmnist", "train", data_dir=directory)

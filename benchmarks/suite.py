@@ -19,8 +19,8 @@ Sections (``--sections``, default all):
   exact blocks, and its dependence on the batch size;
 - ``convergence`` (:mod:`benchmarks.convergence`): CG-Newton (GGN, PCH, Hessian) against SGD
   and Adam;
-- ``seed``: the seed tutorial (:mod:`curvgraph.examples.seed_tutorial`), its figure and its
-  final numbers;
+- ``seed`` (:mod:`benchmarks.seed`): the seed tutorial
+  (:mod:`curvgraph.examples.seed_tutorial`), its figure and its final numbers;
 - ``solvers`` (:mod:`benchmarks.solvers`): a CG-Newton step with exact Kronecker (eig)
   solves against CG, and LM against constant damping on Fashion-MNIST;
 - ``fallback`` (:mod:`benchmarks.fallback`): the autograd fallback's cost relative to the
@@ -34,9 +34,7 @@ problem at its own batch size, more repeats, and the full datasets where present
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import json
 import math
 import sys
@@ -49,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from benchmarks import cost
-from benchmarks.foundation import _share
+from benchmarks.common import others_share
 from benchmarks.problems import PROBLEMS
 from benchmarks.timing import contention, cpu_snapshot, environment, load_average
 
@@ -70,6 +68,38 @@ def _split(values: Optional[Sequence[str]]) -> Optional[List[str]]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line options of ``python -m benchmarks``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.sections = _split(args.sections) or list(SECTIONS)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    args.problems = _split(args.problems)
+    args.methods = _split(args.methods)
+    args.peers = _split(args.peers)
+    if args.peers == ["none"]:
+        args.peers = []
+    try:
+        args.cost_config = cost.config_for(
+            args.suite,
+            args.problems,
+            args.methods,
+            args.peers,
+            args.device,
+            args.repeats,
+            args.data_dir,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks`` (checked and completed by :func:`parse_args`)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="curvgraph's benchmark suite: cost, accuracy and convergence beside the "
@@ -133,33 +163,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="torch CPU threads (torch.set_num_threads; default: torch's default)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    args.sections = _split(args.sections) or list(SECTIONS)
-    unknown = [s for s in args.sections if s not in SECTIONS]
-    if unknown:
-        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
-    args.problems = _split(args.problems)
-    args.methods = _split(args.methods)
-    args.peers = _split(args.peers)
-    if args.peers == ["none"]:
-        args.peers = []
-    try:
-        args.cost_config = cost.config_for(
-            args.suite,
-            args.problems,
-            args.methods,
-            args.peers,
-            args.device,
-            args.repeats,
-            args.data_dir,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
-    return args
+    return parser
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -181,13 +185,8 @@ def _run_convergence(args, out: Path) -> Dict[str, Any]:
     return _module("convergence").run(args.suite, args.device, args.data_dir, not args.no_progress)
 
 
-def _last_epoch(history: Dict[str, List[float]], key: str) -> Optional[float]:
-    epochs = history.get("train_epoch", [])
-    if not epochs:
-        return None
-    last = math.ceil(epochs[-1] - 1e-9) - 1  # batches with train_epoch in (last, last + 1]
-    values = [v for e, v in zip(epochs, history[key]) if e > last + 1e-9]
-    return sum(values) / len(values) if values else None
+def _run_seed(args, out: Path) -> Dict[str, Any]:
+    return _module("seed").run(args.device, out)
 
 
 def _run_solvers(args, out: Path) -> Dict[str, Any]:
@@ -196,32 +195,6 @@ def _run_solvers(args, out: Path) -> Dict[str, Any]:
 
 def _run_fallback(args, out: Path) -> Dict[str, Any]:
     return _module("fallback").run(args.suite, args.device, not args.no_progress)
-
-
-def _run_seed(args, out: Path) -> Dict[str, Any]:
-    from curvgraph.examples import seed_tutorial
-
-    figure, data = out / "seed_tutorial.png", out / "seed_tutorial.json"
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):  # its progress lines would break the bars
-        history = seed_tutorial.main(
-            ["--out", str(figure), "--json", str(data), "--device", args.device]
-        )
-    return {
-        "figure": figure.name,
-        "json": data.name,
-        "iterations": len(history["batch_loss"]),
-        "epochs": history["train_epoch"][-1] if history["train_epoch"] else 0,
-        "final": {
-            "last_epoch_mean_batch_loss": _last_epoch(history, "batch_loss"),
-            "last_epoch_mean_batch_accuracy": _last_epoch(history, "batch_acc"),
-            "final_batch_loss": history["batch_loss"][-1],
-            "final_batch_accuracy": history["batch_acc"][-1],
-        },
-        "stdout": buffer.getvalue().splitlines(),
-        "history": history,
-        "data": "MNIST subset (bundled, real), 8,000 training digits, batches of 500",
-    }
 
 
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
@@ -237,44 +210,13 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
 def _markdown(name: str, result: Dict[str, Any]) -> str:
     if name == "cost":
         return cost.markdown(result)
-    if name == "seed":
-        return seed_markdown(result)
     return _module(name).markdown(result)
 
 
 def _plot(name: str, result: Dict[str, Any], out: Path) -> List[Path]:
     if name == "cost":
         return cost.plot(result, out)
-    if name == "seed":
-        return [out / result["figure"]] if (out / result["figure"]).is_file() else []
     return list(_module(name).plot(result, out))
-
-
-def seed_markdown(result: Dict[str, Any]) -> str:
-    """The seed section of the report: its figure and final numbers."""
-    final = result["final"]
-
-    def fmt(v):
-        return "–" if v is None else f"{v:.4f}"
-
-    return "\n".join(
-        [
-            "## The seed tutorial",
-            "",
-            "`python -m curvgraph.examples.seed_tutorial`: `nn.Linear(784, 10)` trained by "
-            "CG-Newton with GGN blocks (HBP) on the bundled MNIST subset (real data), 2 epochs "
-            f"of batches of 500 ({result['iterations']} iterations).",
-            "",
-            "| last-epoch mean batch loss | last-epoch mean batch accuracy | final batch loss | "
-            "final batch accuracy |",
-            "|---:|---:|---:|---:|",
-            f"| {fmt(final['last_epoch_mean_batch_loss'])} | "
-            f"{fmt(final['last_epoch_mean_batch_accuracy'])} | {fmt(final['final_batch_loss'])}"
-            f" | {fmt(final['final_batch_accuracy'])} |",
-            "",
-            f"![seed tutorial: batch loss and accuracy]({result['figure']})",
-        ]
-    )
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -396,7 +338,7 @@ def report(results: Dict[str, Any]) -> str:
         f"CPUs available; Python {env['python']}; {env['platform']}; curvgraph "
         f"{env['curvgraph']}, commit {commit}. Load average (1, 5, 15 min): "
         f"{env['load_average']} at the start, {env.get('load_average_end')} at the end; other "
-        f"processes used {_share(env.get('contention'))} of the CPUs during the run. Total "
+        f"processes used {others_share(env.get('contention'))} of the CPUs during the run. Total "
         f"wall time {results.get('wall_s', 0):.0f} s.",
         "",
         "| section | status | wall time [s] |",

@@ -43,7 +43,8 @@ from torch.func import functional_call, grad, jvp, vjp
 
 import curvgraph
 
-__all__ = ["build", "input_size", "exact_check", "tolerance", "zoo_row", "markdown", "main"]
+__all__ = ["build", "calibrate_batch_norm", "input_size", "exact_check", "tolerance"]
+__all__ += ["zoo_row", "markdown", "main"]
 
 EXACT_KEYS = ("input", "exact", "exact_errors", "exact_error", "exact_skipped", "exact_commit")
 SIZES = (64, 224, 299)  # input sizes tried, smallest first
@@ -87,7 +88,7 @@ def exact_check(
 
     - parameters that are exactly zero (zero-initialised heads) get small random values;
     - BatchNorm running statistics are calibrated on the check's input (each layer's
-      statistics are those of its input, see :func:`_calibrate_batch_norm`): at
+      statistics are those of its input, see :func:`calibrate_batch_norm`): at
       initialisation the running statistics are
       ``mean 0, var 1`` whatever the activations are, so deep networks (inception_v3,
       resnet152) amplify them layer after layer and their logits differ by ``1e7``-``1e12``;
@@ -115,7 +116,7 @@ def exact_check(
             if not p.any():
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=dtype))
     x = torch.randn(2, 3, size, size, generator=generator, dtype=dtype)
-    _calibrate_batch_norm(model, x)
+    calibrate_batch_norm(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cg = curvgraph.trace(model, fallback=fallback)
@@ -142,7 +143,7 @@ def exact_check(
     return errors
 
 
-def _calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
+def calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
     """Running statistics of every BatchNorm layer := those of its input in ``model(x)``.
 
     One eval-mode forward in which each BatchNorm, just before it runs, sets ``running_mean``
@@ -153,6 +154,10 @@ def _calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
     variance and channels of near-zero variance, amplified up to ``1/sqrt(eps)``, make the
     eval-mode activations drift from the training-mode ones layer after layer;
     efficientnet_v2_l's logits still saturated the softmax that way.)
+
+    Args:
+        model: The model, in eval mode; its BatchNorm buffers are overwritten.
+        x: The batch whose activations give the statistics.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     norms = [m for m in norms if m.track_running_stats]  # the others normalise by the batch

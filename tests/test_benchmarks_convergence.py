@@ -21,6 +21,10 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import convergence  # noqa: E402
+from benchmarks.convergence.data import load_data  # noqa: E402
+from benchmarks.convergence.report import fmt_target  # noqa: E402
+from benchmarks.convergence.runner import aggregate_runs, summary_stats, to_target  # noqa: E402
+from benchmarks.convergence.training import finite_or_none, train  # noqa: E402
 
 TOP_KEYS = {
     "schema_version",
@@ -171,36 +175,30 @@ def test_selection_rule(smoke):
 
 
 def test_aggregation_helpers():
-    assert convergence._to_target([2, None, 1]) == {
+    assert to_target([2, None, 1]) == {
         "median": 2,
         "per_seed": [2, None, 1],
         "reached": 2,
         "seeds": 3,
     }
-    assert convergence._to_target([1, None])["median"] is None  # inf median: not reached
-    assert convergence._fmt_target(convergence._to_target([None, None]), "epochs") == (
-        "n/a (not reached; 0/2 seeds)"
-    )
-    assert convergence._fmt_target(convergence._to_target([1.5, 2.5]), "seconds") == (
-        "2.00 s (2/2 seeds)"
-    )
-    assert convergence._stats([None, 1.0, 3.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0, "n": 2}
-    assert convergence._finite(float("nan")) is None and convergence._finite(2) == 2.0
+    assert to_target([1, None])["median"] is None  # inf median: not reached
+    assert fmt_target(to_target([None, None]), "epochs") == ("n/a (not reached; 0/2 seeds)")
+    assert fmt_target(to_target([1.5, 2.5]), "seconds") == ("2.00 s (2/2 seeds)")
+    assert summary_stats([None, 1.0, 3.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert finite_or_none(float("nan")) is None and finite_or_none(2) == 2.0
 
 
 def test_divergence_is_recorded_not_dropped():
     spec = convergence.SUITES["smoke"]
-    info, data = convergence._load_data(spec, None)
+    info, data = load_data(spec, None)
     problem = convergence.PROBLEMS["logreg"]
     config = {"family": "sgd", "hyperparameters": {"lr": float("inf")}, "id": "sgd lr=inf"}
-    run = convergence._train(
-        problem, config, 0, 3, 256, data, info, 0.88, torch.device("cpu"), None
-    )
+    run = train(problem, config, 0, 3, 256, data, info, 0.88, torch.device("cpu"), None)
     assert run["diverged"] and run["diverged_epoch"] == 1
     assert run["history"]["epoch"] == [0, 1]
     assert run["final_test_accuracy"] is None and run["final_train_loss"] is None
     json.dumps(run, allow_nan=False)
-    aggregate = convergence._aggregate([run], 3)
+    aggregate = aggregate_runs([run], 3)
     assert aggregate["diverged_runs"] == 1 and aggregate["diverged_epochs"] == [1]
     assert aggregate["per_epoch"]["test_accuracy"][3]["n"] == 0
 
@@ -208,10 +206,10 @@ def test_divergence_is_recorded_not_dropped():
 def test_full_suite_falls_back_to_bundled_data(monkeypatch, tmp_path):
     spec = replace(convergence.SUITES["full"], max_train=64, max_test=32)
     monkeypatch.setattr(convergence.data, "DEFAULT_FASHION_MNIST", tmp_path / "missing")
-    info, _ = convergence._load_data(spec, None)
+    info, _ = load_data(spec, None)
     assert info["key"] == "mnist-subset" and "not found" in info["note"]
     with pytest.raises(FileNotFoundError):  # an explicit directory must exist
-        convergence._load_data(spec, str(tmp_path / "missing"))
+        load_data(spec, str(tmp_path / "missing"))
 
 
 def test_unknown_suite():

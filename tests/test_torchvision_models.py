@@ -38,8 +38,8 @@ from torch import nn  # noqa: E402
 
 import curvgraph  # noqa: E402
 from benchmarks.zoo import (  # noqa: E402
-    _calibrate_batch_norm,
     build,
+    calibrate_batch_norm,
     exact_check,
     input_size,
     tolerance,
@@ -83,7 +83,7 @@ def test_calibrated_batch_norm_in_eval_mode_equals_training_mode_normalisation()
         model[0].weight.mul_(30.0)  # far from the initial statistics (mean 0, var 1)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     expected = copy.deepcopy(model).train()(x)
-    _calibrate_batch_norm(model.eval(), x)
+    calibrate_batch_norm(model.eval(), x)
     assert not model[1].training and not model[4].training
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 

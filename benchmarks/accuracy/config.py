@@ -167,11 +167,13 @@ def batch(problem: Problem, n: int, seed: int, device: str) -> Tuple[Tensor, Ten
     return x.to(device), y.to(device)
 
 
-def _loss_fn(problem: Problem) -> Callable[[Tensor, Tensor], Tensor]:
+def loss_function(problem: Problem) -> Callable[[Tensor, Tensor], Tensor]:
+    """The problem's loss as a function: ``F.cross_entropy`` or ``F.mse_loss`` (mean)."""
     return F.cross_entropy if problem.loss == "ce" else F.mse_loss
 
 
-def _loss_module(problem: Problem) -> nn.Module:
+def loss_module(problem: Problem) -> nn.Module:
+    """The problem's loss as a module (for BackPACK and curvlinops): a new instance."""
     return nn.CrossEntropyLoss() if problem.loss == "ce" else nn.MSELoss()
 
 

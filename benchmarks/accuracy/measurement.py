@@ -5,7 +5,7 @@ dense references (``torch.func`` Hessian and ``J^T H J``, curvgraph ``method="ex
 and the peers' blocks (BackPACK, curvlinops; :class:`NotApplicable` with the reason when
 a peer cannot run). :func:`_compute` maps a method key to its dense blocks,
 :func:`_errors` gives the relative errors ``||C_approx,b - C_exact,b||_F /
-||C_exact,b||_F`` and their aggregates, and :func:`_evaluate` does both for every method.
+||C_exact,b||_F`` and their aggregates, and :func:`evaluate` does both for every method.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from benchmarks.accuracy.config import (
     M_LARGE,
     METHODS,
     Problem,
-    _loss_fn,
-    _loss_module,
     batch,
+    loss_function,
+    loss_module,
 )
 
 
-def _peer_versions() -> Dict[str, Optional[str]]:
+def peer_versions() -> Dict[str, Optional[str]]:
+    """Installed versions of the peers: ``{"backpack": ..., "curvlinops": ...}``, None if absent."""
     versions = {}
     for key, dist in (
         ("backpack", "backpack-for-pytorch"),
@@ -79,7 +80,7 @@ class Instance:
         self.params = dict(self.model.named_parameters())
         self.cg = curvgraph.trace(self.model)
         self.out = self.cg(self.x)
-        self.loss = _loss_fn(problem)(self.out, self.y)
+        self.loss = loss_function(problem)(self.out, self.y)
         self.loss.backward()
         self.notes: Dict[str, str] = {}
 
@@ -110,7 +111,7 @@ class Instance:
     def func_hessian(self) -> Dict[str, Tensor]:
         """Exact Hessian blocks with ``torch.func.hessian``."""
         blocks = {}
-        loss_fn = _loss_fn(self.problem)
+        loss_fn = loss_function(self.problem)
         for name, p in self.params.items():
             forward = self._functional(name)
             h = torch.func.hessian(lambda q, f=forward: loss_fn(f(q), self.y))(p.detach())
@@ -119,7 +120,7 @@ class Instance:
 
     def func_ggn(self) -> Dict[str, Tensor]:
         """Exact GGN blocks ``J^T (d2L/dz2) J`` with ``torch.func`` (independent of curvgraph)."""
-        loss_fn = _loss_fn(self.problem)
+        loss_fn = loss_function(self.problem)
         out = self.out.detach()
         h_out = torch.func.hessian(lambda z: loss_fn(z.reshape(out.shape), self.y))(out.flatten())
         h_out = h_out.reshape(out.numel(), out.numel())
@@ -147,7 +148,7 @@ class Instance:
 
         def attempt(use_converter: bool) -> nn.Module:
             model = backpack.extend(copy.deepcopy(self.model), use_converter=use_converter)
-            lossfunc = backpack.extend(_loss_module(self.problem))
+            lossfunc = backpack.extend(loss_module(self.problem))
             model.zero_grad()
             with backpack.backpack(extension):
                 lossfunc(model(self.x), self.y).backward()
@@ -194,7 +195,7 @@ class Instance:
         try:
             op = curvlinops.KFACLinearOperator(
                 self.model,
-                _loss_module(self.problem),
+                loss_module(self.problem),
                 params,
                 [(self.x, self.y)],
                 check_deterministic=False,
@@ -294,7 +295,7 @@ def _mean_errors(draws: List[Dict[str, Any]]) -> Dict[str, Any]:
     return mean
 
 
-def _evaluate(inst: Instance, methods: Sequence[str], mc_repeats: int) -> Dict[str, Any]:
+def evaluate(inst: Instance, methods: Sequence[str], mc_repeats: int) -> Dict[str, Any]:
     """References, their cross-checks, and every method's errors for one instance."""
     exact = {
         "hessian": inst.func_hessian(),

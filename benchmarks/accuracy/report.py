@@ -39,12 +39,41 @@ def _rows(result: Dict[str, Any]) -> List[Tuple[str, str, str]]:
 def markdown(result: Dict[str, Any]) -> str:
     """The accuracy section of the report (``##`` heading, tables per problem)."""
     ns = [str(n) for n in result["config"]["batch_sizes"]]
+    lines = _introduction(result) + _checks_table(result) + _identity_table(result)
+    for problem, info in result["problems"].items():
+        lines += _problem_table(result, problem, info, ns)
+        lines += _per_block_table(result, problem, ns[-1])
+    lines += ["", _READING, ""]
+    return "\n".join(lines)
+
+
+#: how to read the tables (the closing paragraph of the section)
+_READING = (
+    "Reading the tables: at N = 1 every `hbp` row (all four curvatures) and the Kronecker "
+    "rows on linear layers equal the exact block to round-off; from N = 1 to N = 8 their "
+    "error jumps to its batch-averaging level, which need not keep growing with N (a "
+    "batch average converges to a population quantity, not to the exact batch block). "
+    "The exact-factor `sqrt` and the exact diagonals are consistency checks (round-off); "
+    "a diagonal's full-block error is the off-diagonal share of the block. Monte-Carlo "
+    "rows shrink with M and with N (more sampled labels). All libraries' Monte-Carlo rows "
+    "use the same seeds: where they sample labels the same way, their rows coincide "
+    "draw for draw (a paired comparison). Convolution weights: no Kronecker row is exact, "
+    "not even at N = 1 (KFC drops the correlations between output positions); curvgraph "
+    "`kflr`/`kfac` use KFC's scaling (input factor divided by N P, P = output positions) "
+    "like curvlinops, BackPACK's output factor is the GGN of the conv bias (positions "
+    "summed before the outer product), P times KFC's scale. Conv biases: curvgraph and "
+    "BackPACK give the exact block, curvlinops a KFC-style one."
+)
+
+
+def _introduction(result: Dict[str, Any]) -> List[str]:
+    """The heading, the run (suite, device, time, error definition, peers), data, references."""
     seeds = result["config"]["seeds"]
     peers = ", ".join(
         f"{k} {v}" if v else f"{k} not installed (its rows: n/a)"
         for k, v in result["peers"].items()
     )
-    lines = [
+    return [
         "## Accuracy of the approximations against the exact blocks",
         "",
         f"Suite `{result['suite']}`, device `{result['device']}`, float64, "
@@ -58,6 +87,12 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Data: {result['data']}.",
         "",
         "References: " + "; ".join(f"`{k}`: {v}" for k, v in result["references"].items()) + ".",
+    ]
+
+
+def _checks_table(result: Dict[str, Any]) -> List[str]:
+    """The references' cross-checks: the largest block error of each over N and seeds."""
+    lines = [
         "",
         "### Reference cross-checks (largest block error over N and seeds)",
         "",
@@ -68,8 +103,12 @@ def markdown(result: Dict[str, Any]) -> str:
         recs = [r for r in result["records"] if r["problem"] == problem]
         cells = [_fmt(max(r["checks"][c] for r in recs)) for c in recs[0]["checks"]]
         lines.append(f"| {problem} | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += [
+
+def _identity_table(result: Dict[str, Any]) -> List[str]:
+    """The N = 1 identities on the linear layers: the largest error per method and problem."""
+    lines = [
         "",
         "### Identity at N = 1 on linear layers (largest error over their weight and bias blocks)",
         "",
@@ -93,73 +132,59 @@ def markdown(result: Dict[str, Any]) -> str:
             else:
                 cells.append("n/a")
         lines.append(f"| {result['methods'][key]['label']} | " + " | ".join(cells) + " |")
+    return lines
 
-    for problem, info in result["problems"].items():
-        summary = result["summary"].get(problem, {})
-        reasons: Dict[str, str] = {}
-        lines += [
-            "",
-            f"### {problem}: {info['description']}",
-            "",
-            "Block-diagonal error, and median / max over the "
-            f"{len(info['parameters'])} blocks ({', '.join(info['parameters'])}).",
-            "",
-            "| method | reference | "
-            + " | ".join(f"N={n} block-diag" for n in ns)
-            + " | "
-            + " | ".join(f"N={n} median / max" for n in ns)
-            + " |",
-            "|---|---|" + "---:|" * (2 * len(ns)),
-        ]
-        for key, label, suffix in _rows(result):
-            entries = summary.get(key, {})
-            reference = result["methods"][key]["reference"]
-            bd, mm = [], []
-            for n in ns:
-                e = entries.get(n)
-                if e is None or e["status"] != "ok":
-                    if e is not None:
-                        reasons[key] = e["reason"]
-                    bd.append("n/a")
-                    mm.append("n/a")
-                elif suffix:
-                    bd.append(_fmt(e["blockdiag_diag"]))
-                    mm.append("-")
-                else:
-                    bd.append(_fmt(e["blockdiag"]))
-                    mm.append(f"{_fmt(e['median'])} / {_fmt(e['max'])}")
-            lines.append(f"| {label} | {reference} | " + " | ".join(bd + mm) + " |")
-        if reasons:
-            lines += ["", "n/a:"]
-            lines += [f"- {result['methods'][k]['label']}: `{r}`" for k, r in reasons.items()]
-        notes = {
-            k: v
-            for rec in result["records"]
-            if rec["problem"] == problem
-            for k, v in rec.get("notes", {}).items()
-        }
-        if notes:
-            lines += ["", "Notes:"] + [f"- {k}: `{v}`" for k, v in notes.items()]
-        lines += _per_block_table(result, problem, ns[-1])
-    lines += [
+
+def _problem_table(
+    result: Dict[str, Any], problem: str, info: Dict[str, Any], ns: List[str]
+) -> List[str]:
+    """One problem: block-diagonal, median and max errors per N, the n/a reasons, the notes."""
+    summary = result["summary"].get(problem, {})
+    reasons: Dict[str, str] = {}
+    lines = [
         "",
-        "Reading the tables: at N = 1 every `hbp` row (all four curvatures) and the Kronecker "
-        "rows on linear layers equal the exact block to round-off; from N = 1 to N = 8 their "
-        "error jumps to its batch-averaging level, which need not keep growing with N (a "
-        "batch average converges to a population quantity, not to the exact batch block). "
-        "The exact-factor `sqrt` and the exact diagonals are consistency checks (round-off); "
-        "a diagonal's full-block error is the off-diagonal share of the block. Monte-Carlo "
-        "rows shrink with M and with N (more sampled labels). All libraries' Monte-Carlo rows "
-        "use the same seeds: where they sample labels the same way, their rows coincide "
-        "draw for draw (a paired comparison). Convolution weights: no Kronecker row is exact, "
-        "not even at N = 1 (KFC drops the correlations between output positions); curvgraph "
-        "`kflr`/`kfac` use KFC's scaling (input factor divided by N P, P = output positions) "
-        "like curvlinops, BackPACK's output factor is the GGN of the conv bias (positions "
-        "summed before the outer product), P times KFC's scale. Conv biases: curvgraph and "
-        "BackPACK give the exact block, curvlinops a KFC-style one.",
+        f"### {problem}: {info['description']}",
         "",
+        "Block-diagonal error, and median / max over the "
+        f"{len(info['parameters'])} blocks ({', '.join(info['parameters'])}).",
+        "",
+        "| method | reference | "
+        + " | ".join(f"N={n} block-diag" for n in ns)
+        + " | "
+        + " | ".join(f"N={n} median / max" for n in ns)
+        + " |",
+        "|---|---|" + "---:|" * (2 * len(ns)),
     ]
-    return "\n".join(lines)
+    for key, label, suffix in _rows(result):
+        entries = summary.get(key, {})
+        reference = result["methods"][key]["reference"]
+        bd, mm = [], []
+        for n in ns:
+            e = entries.get(n)
+            if e is None or e["status"] != "ok":
+                if e is not None:
+                    reasons[key] = e["reason"]
+                bd.append("n/a")
+                mm.append("n/a")
+            elif suffix:
+                bd.append(_fmt(e["blockdiag_diag"]))
+                mm.append("-")
+            else:
+                bd.append(_fmt(e["blockdiag"]))
+                mm.append(f"{_fmt(e['median'])} / {_fmt(e['max'])}")
+        lines.append(f"| {label} | {reference} | " + " | ".join(bd + mm) + " |")
+    if reasons:
+        lines += ["", "n/a:"]
+        lines += [f"- {result['methods'][k]['label']}: `{r}`" for k, r in reasons.items()]
+    notes = {
+        k: v
+        for rec in result["records"]
+        if rec["problem"] == problem
+        for k, v in rec.get("notes", {}).items()
+    }
+    if notes:
+        lines += ["", "Notes:"] + [f"- {k}: `{v}`" for k, v in notes.items()]
+    return lines
 
 
 def _per_block_table(result: Dict[str, Any], problem: str, n: str) -> List[str]:

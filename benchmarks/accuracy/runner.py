@@ -26,7 +26,7 @@ from benchmarks.accuracy.config import (
     SCHEMA_VERSION,
     SUITES,
 )
-from benchmarks.accuracy.measurement import Instance, _evaluate, _peer_versions
+from benchmarks.accuracy.measurement import Instance, evaluate, peer_versions
 
 
 def _methods_for(with_peers: bool) -> List[str]:
@@ -47,7 +47,7 @@ def _run_tasks(
         warnings.filterwarnings("ignore", message=".*converter.*")
         for name, n, seed in tqdm(tasks, desc="accuracy", disable=not progress):
             inst = Instance(name, PROBLEMS[name], n, seed, device)
-            record = _evaluate(inst, methods, mc_repeats)
+            record = evaluate(inst, methods, mc_repeats)
             record.update(
                 problem=name,
                 batch_size=n,
@@ -78,7 +78,7 @@ def run(suite: str, device: str, progress: bool) -> Dict[str, Any]:
     if suite not in SUITES:
         raise ValueError(f"suite={suite!r}; expected one of {sorted(SUITES)}")
     config = SUITES[suite]
-    peers = _peer_versions()
+    peers = peer_versions()
     methods = _methods_for(config["peers"])
     tasks = [
         (name, n, seed)
@@ -96,16 +96,7 @@ def run(suite: str, device: str, progress: bool) -> Dict[str, Any]:
         torch.set_num_threads(threads)
     elapsed = time.perf_counter() - start
 
-    problems = {}
-    for name in config["problems"]:
-        torch.manual_seed(0)
-        model = PROBLEMS[name].build()
-        problems[name] = {
-            "description": PROBLEMS[name].description,
-            "loss": {"ce": "cross_entropy (mean)", "mse": "mse_loss (mean)"}[PROBLEMS[name].loss],
-            "model": str(model),
-            "parameters": {k: p.numel() for k, p in model.named_parameters()},
-        }
+    problems = _problems(config["problems"])
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "accuracy",
@@ -124,24 +115,44 @@ def run(suite: str, device: str, progress: bool) -> Dict[str, Any]:
         ),
         "peers": peers,
         "references": REFERENCES,
-        "methods": {
-            key: {
-                "label": m.label,
-                "library": m.library,
-                "reference": m.reference,
-                "kind": m.kind,
-                "mc_samples": m.mc_samples,
-                "note": m.note,
-                "family": FAMILY.get(key, key),
-            }
-            for key, m in METHODS.items()
-            if key in methods
-        },
+        "methods": _methods(methods),
         "problems": problems,
         "records": records,
         "summary": _summary(records),
         "identities": _identities(records),
         "elapsed_s": elapsed,
+    }
+
+
+def _problems(names: List[str]) -> Dict[str, Any]:
+    """Description, loss, model and parameter sizes of every problem of the suite."""
+    problems = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = PROBLEMS[name].build()
+        problems[name] = {
+            "description": PROBLEMS[name].description,
+            "loss": {"ce": "cross_entropy (mean)", "mse": "mse_loss (mean)"}[PROBLEMS[name].loss],
+            "model": str(model),
+            "parameters": {k: p.numel() for k, p in model.named_parameters()},
+        }
+    return problems
+
+
+def _methods(methods: List[str]) -> Dict[str, Any]:
+    """What every method of the run computes (label, library, reference, kind, family)."""
+    return {
+        key: {
+            "label": m.label,
+            "library": m.library,
+            "reference": m.reference,
+            "kind": m.kind,
+            "mc_samples": m.mc_samples,
+            "note": m.note,
+            "family": FAMILY.get(key, key),
+        }
+        for key, m in METHODS.items()
+        if key in methods
     }
 
 

@@ -74,20 +74,13 @@ thread that is not scheduled. Pick the threads (``torch.set_num_threads``) befor
 
 from __future__ import annotations
 
-# Re-exported: the interface (__all__) and, as ``name as name``, the constants and private
-# helpers that the tests reach through the package.
+# Re-exported: the interface (__all__) and, as ``name as name``, the constants the tests
+# reach through the package.
 from benchmarks.convergence.config import CURVATURES, FAMILIES, PROBLEMS, SUITES
 from benchmarks.convergence.config import SEED_CGNEWTON as SEED_CGNEWTON
 from benchmarks.convergence.config import TARGETS as TARGETS
-from benchmarks.convergence.data import _load_data as _load_data
-from benchmarks.convergence.report import _fmt_target as _fmt_target
 from benchmarks.convergence.report import markdown, plot
-from benchmarks.convergence.runner import _aggregate as _aggregate
-from benchmarks.convergence.runner import _stats as _stats
-from benchmarks.convergence.runner import _to_target as _to_target
 from benchmarks.convergence.runner import run
-from benchmarks.convergence.training import _finite as _finite
-from benchmarks.convergence.training import _train as _train
 
 __all__ = [
     "CURVATURES",

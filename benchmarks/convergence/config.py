@@ -29,7 +29,6 @@ CURVATURE_LABELS = {
 FAMILIES = {"sgd": "SGD", "adam": "Adam"}
 FAMILIES.update({f"cgnewton-{c}": f"CG-Newton ({CURVATURE_LABELS[c]})" for c in CURVATURES})
 EVAL_CHUNK = 2000  # test samples per evaluation forward pass
-BUSY = 0.1  # others' share of the CPUs above which the report warns that times are distorted
 
 
 # -- problems and suites ---------------------------------------------------------------------

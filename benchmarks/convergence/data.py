@@ -1,6 +1,6 @@
 """The datasets of the convergence benchmark: the bundled MNIST subset or Fashion-MNIST.
 
-:func:`_load_data` returns the train and test tensors (images flattened, on the CPU) of a
+:func:`load_data` returns the train and test tensors (images flattened, on the CPU) of a
 suite and a description of the dataset; the full suite falls back to the bundled subset,
 and says so, when Fashion-MNIST is not in :data:`DEFAULT_FASHION_MNIST`.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from benchmarks.common import FASHION_MNIST_DIR
 from benchmarks.convergence.config import Suite
 from curvgraph.datasets import load_dataset, load_mnist_subset
 
-DEFAULT_FASHION_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion-mnist"
+DEFAULT_FASHION_MNIST = FASHION_MNIST_DIR  # read at call time: tests point it elsewhere
 _BUNDLED_INFO = {
     "name": "MNIST subset (bundled)",
     "source": "curvgraph/data/mnist-10k.npz",
@@ -21,7 +22,7 @@ _BUNDLED_INFO = {
 }
 
 
-def _load_data(suite: Suite, data_dir: Optional[str]) -> Tuple[Dict[str, Any], Tuple]:
+def load_data(suite: Suite, data_dir: Optional[str]) -> Tuple[Dict[str, Any], Tuple]:
     """Train and test tensors (CPU, images flattened) and a description of the dataset."""
     note = None
     if suite.dataset == "fashion-mnist":

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from benchmarks.convergence.config import BUSY
-from benchmarks.convergence.runner import _stats
-from benchmarks.convergence.training import _hyper_text
+from benchmarks.common import BUSY
+from benchmarks.convergence.runner import summary_stats
+from benchmarks.convergence.training import hyper_text
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -30,7 +30,17 @@ def _fmt_stats(stats: Dict[str, Any], digits: int = 4) -> str:
     )
 
 
-def _fmt_target(stats: Dict[str, Any], unit: str) -> str:
+def fmt_target(stats: Dict[str, Any], unit: str) -> str:
+    """Epochs or seconds to target for a table cell, with how many seeds reached it.
+
+    Args:
+        stats: A result of :func:`benchmarks.convergence.runner.to_target`.
+        unit: ``"epochs"`` (whole numbers) or ``"seconds"``.
+
+    Returns:
+        E.g. ``"3 (2/3 seeds)"``, ``"1.25 s (3/3 seeds)"`` or
+        ``"n/a (not reached; 1/3 seeds)"`` when the median is infinite.
+    """
     reached = f"{stats['reached']}/{stats['seeds']} seeds"
     if stats["median"] is None:
         return f"n/a (not reached; {reached})"
@@ -40,6 +50,31 @@ def _fmt_target(stats: Dict[str, Any], unit: str) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     """The convergence section of the report: a ``##`` heading and tables per problem."""
+    lines = _introduction(result)
+    for name, prob in result["problems"].items():
+        lines += [
+            "",
+            f"### {name}: {prob['title']}",
+            "",
+            f"{prob['num_parameters']:,} parameters, batch {prob['batch_size']}, "
+            f"{prob['steps_per_epoch']} steps per epoch, {prob['epochs']} "
+            f"epoch{'s' if prob['epochs'] != 1 else ''}.",
+        ]
+        lines += _summary_table(prob, result["target_accuracy"])
+        lines += _configs_table(name, prob)
+        lines += _per_epoch_tables(name, prob)
+    lines += [
+        "",
+        "The Hessian blocks are indefinite for nonlinear models: CG stops a block at the first "
+        "non-positive curvature direction (column 'non-positive curvature': share of block "
+        "solves that did), which is why the paper uses the GGN or the PCH. For logistic "
+        "regression all four curvatures coincide (no second-order residual).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _introduction(result: Dict[str, Any]) -> List[str]:
+    """The heading, the run (suite, device, time, dataset, load) and the protocol."""
     dataset = result["dataset"]
     target = result["target_accuracy"]
     grids = result["grids"]
@@ -84,90 +119,92 @@ def markdown(result: Dict[str, Any]) -> str:
         "smallest or largest of its grid (the optimum may lie outside). 's/epoch / SGD's': "
         "mean training time per epoch relative to the selected SGD configuration, same run.",
     ]
-    for name, prob in result["problems"].items():
-        lines += [
-            "",
-            f"### {name}: {prob['title']}",
-            "",
-            f"{prob['num_parameters']:,} parameters, batch {prob['batch_size']}, "
-            f"{prob['steps_per_epoch']} steps per epoch, {prob['epochs']} "
-            f"epoch{'s' if prob['epochs'] != 1 else ''}.",
-            "",
-            f"| optimizer | selected hyperparameters | final test accuracy | final test loss "
-            f"| final training loss | epochs to {target} | seconds to {target} "
-            "| training s/epoch | s/epoch / SGD's | diverged runs |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in prob["summary"]:
-            lines.append(
-                f"| {row['label']} | {_hyper_text(row['hyperparameters'], short=True)} "
-                f"(of {row['grid_size']}{', grid edge' if row['grid_edge'] else ''}) "
-                f"| {_fmt_stats(row['final_test_accuracy'])} "
-                f"| {_fmt_stats(row['final_test_loss'])} "
-                f"| {_fmt_stats(row['final_train_loss'])} "
-                f"| {_fmt_target(row['epochs_to_target'], 'epochs')} "
-                f"| {_fmt_target(row['seconds_to_target'], 'seconds')} "
-                f"| {_fmt_stats(row['train_time_per_epoch_s'], 3)} "
-                f"| {_fmt(row['time_per_epoch_vs_sgd'], 1)} "
-                f"| {row['diverged_runs']}/{row['runs']} |"
-            )
-        lines += [
-            "",
-            f"All configurations ({name}); * = selected, (seed) = the seed tutorial's settings:",
-            "",
-            "| optimizer | lr | alpha | final test accuracy | final training loss "
-            "| epochs to target | diverged runs (epochs) | CG iterations per block | "
-            "non-positive curvature |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for entry in prob["configs"]:
-            agg = entry["aggregate"]
-            hyper = entry["hyperparameters"]
-            mark = (" *" if entry.get("selected") else "") + (
-                " (seed)" if entry["seed_settings"] else ""
-            )
-            cg_runs = [r["cg"] for r in entry["runs"] if r["cg"] is not None]
-            if cg_runs:
-                iterations = _fmt_stats(
-                    _stats([c["iterations_per_block_solve"] for c in cg_runs]), 1
-                )
-                nonpositive = _fmt_stats(
-                    _stats([c["nonpositive_curvature_fraction"] for c in cg_runs]), 2
-                )
-            else:
-                iterations = nonpositive = "-"
-            diverged = f"{agg['diverged_runs']}/{agg['runs']}"
-            if agg["diverged_runs"]:
-                epochs = [str(e) for e in agg["diverged_epochs"] if e is not None]
-                diverged += f" ({', '.join(epochs)})"
-            lines.append(
-                f"| {entry['label']}{mark} | {hyper['lr']:g} | {hyper.get('alpha', '-')} "
-                f"| {_fmt_stats(agg['final_test_accuracy'])} "
-                f"| {_fmt_stats(agg['final_train_loss'])} "
-                f"| {_fmt_target(agg['epochs_to_target'], 'epochs')} | {diverged} "
-                f"| {iterations} | {nonpositive} |"
-            )
-        selected = [e for e in prob["configs"] if e.get("selected")]
-        header = " | ".join(e["label"] for e in selected)
-        for key, title in (("test_accuracy", "test accuracy"), ("train_loss", "training loss")):
-            lines += [
-                "",
-                f"Per epoch, selected configurations ({name}), mean {title} over seeds:",
-                "",
-                f"| epoch | {header} |",
-                "|---:|" + "---:|" * len(selected),
-            ]
-            for e in range(prob["epochs"] + 1):
-                cells = [_fmt(s["aggregate"]["per_epoch"][key][e]["mean"]) for s in selected]
-                lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _summary_table(prob: Dict[str, Any], target: float) -> List[str]:
+    """The selected configuration of every optimizer family on one problem."""
+    lines = [
         "",
-        "The Hessian blocks are indefinite for nonlinear models: CG stops a block at the first "
-        "non-positive curvature direction (column 'non-positive curvature': share of block "
-        "solves that did), which is why the paper uses the GGN or the PCH. For logistic "
-        "regression all four curvatures coincide (no second-order residual).",
+        f"| optimizer | selected hyperparameters | final test accuracy | final test loss "
+        f"| final training loss | epochs to {target} | seconds to {target} "
+        "| training s/epoch | s/epoch / SGD's | diverged runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    return "\n".join(lines) + "\n"
+    for row in prob["summary"]:
+        lines.append(
+            f"| {row['label']} | {hyper_text(row['hyperparameters'], short=True)} "
+            f"(of {row['grid_size']}{', grid edge' if row['grid_edge'] else ''}) "
+            f"| {_fmt_stats(row['final_test_accuracy'])} "
+            f"| {_fmt_stats(row['final_test_loss'])} "
+            f"| {_fmt_stats(row['final_train_loss'])} "
+            f"| {fmt_target(row['epochs_to_target'], 'epochs')} "
+            f"| {fmt_target(row['seconds_to_target'], 'seconds')} "
+            f"| {_fmt_stats(row['train_time_per_epoch_s'], 3)} "
+            f"| {_fmt(row['time_per_epoch_vs_sgd'], 1)} "
+            f"| {row['diverged_runs']}/{row['runs']} |"
+        )
+    return lines
+
+
+def _configs_table(name: str, prob: Dict[str, Any]) -> List[str]:
+    """Every configuration of one problem: results, divergence, CG statistics."""
+    lines = [
+        "",
+        f"All configurations ({name}); * = selected, (seed) = the seed tutorial's settings:",
+        "",
+        "| optimizer | lr | alpha | final test accuracy | final training loss "
+        "| epochs to target | diverged runs (epochs) | CG iterations per block | "
+        "non-positive curvature |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in prob["configs"]:
+        agg = entry["aggregate"]
+        hyper = entry["hyperparameters"]
+        mark = (" *" if entry.get("selected") else "") + (
+            " (seed)" if entry["seed_settings"] else ""
+        )
+        cg_runs = [r["cg"] for r in entry["runs"] if r["cg"] is not None]
+        if cg_runs:
+            iterations = _fmt_stats(
+                summary_stats([c["iterations_per_block_solve"] for c in cg_runs]), 1
+            )
+            nonpositive = _fmt_stats(
+                summary_stats([c["nonpositive_curvature_fraction"] for c in cg_runs]), 2
+            )
+        else:
+            iterations = nonpositive = "-"
+        diverged = f"{agg['diverged_runs']}/{agg['runs']}"
+        if agg["diverged_runs"]:
+            epochs = [str(e) for e in agg["diverged_epochs"] if e is not None]
+            diverged += f" ({', '.join(epochs)})"
+        lines.append(
+            f"| {entry['label']}{mark} | {hyper['lr']:g} | {hyper.get('alpha', '-')} "
+            f"| {_fmt_stats(agg['final_test_accuracy'])} "
+            f"| {_fmt_stats(agg['final_train_loss'])} "
+            f"| {fmt_target(agg['epochs_to_target'], 'epochs')} | {diverged} "
+            f"| {iterations} | {nonpositive} |"
+        )
+    return lines
+
+
+def _per_epoch_tables(name: str, prob: Dict[str, Any]) -> List[str]:
+    """Test accuracy and training loss per epoch of the selected configurations."""
+    lines: List[str] = []
+    selected = [e for e in prob["configs"] if e.get("selected")]
+    header = " | ".join(e["label"] for e in selected)
+    for key, title in (("test_accuracy", "test accuracy"), ("train_loss", "training loss")):
+        lines += [
+            "",
+            f"Per epoch, selected configurations ({name}), mean {title} over seeds:",
+            "",
+            f"| epoch | {header} |",
+            "|---:|" + "---:|" * len(selected),
+        ]
+        for e in range(prob["epochs"] + 1):
+            cells = [_fmt(s["aggregate"]["per_epoch"][key][e]["mean"]) for s in selected]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
 
 
 _COLORS = {
@@ -206,7 +243,7 @@ def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
         for entry in (e for e in prob["configs"] if e.get("selected")):
             curves = entry["aggregate"]["per_epoch"]
             color = _COLORS.get(entry["family"])
-            label = f"{entry['label']} ({_hyper_text(entry['hyperparameters'], short=True)})"
+            label = f"{entry['label']} ({hyper_text(entry['hyperparameters'], short=True)})"
             for ax, key, against_time, _ in panels:
                 points = [
                     (e, t["mean"], s)

@@ -1,9 +1,9 @@
 """One training run: the configurations of the grids, one optimizer from one seed.
 
-:func:`_configs` lists every (family, hyperparameters) of a suite; :func:`_train` trains one
-of them from one seed and records the per-epoch history (training loss, test loss and
-accuracy, training time), divergence and the CG statistics; :func:`_warm_up` takes the
-one-time costs out of the timed runs.
+:func:`grid_configs` lists every (family, hyperparameters) of a suite; :func:`train`
+trains one of them from one seed and records the per-epoch history (training loss, test
+loss and accuracy, training time), divergence and the CG statistics; :func:`warm_up` takes
+the one-time costs out of the timed runs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -29,7 +30,7 @@ from benchmarks.convergence.config import (
 from benchmarks.timing import contention, cpu_snapshot, synchronize
 
 
-def _configs(suite: Suite) -> List[Dict[str, Any]]:
+def grid_configs(suite: Suite) -> List[Dict[str, Any]]:
     """Every (family, hyperparameters) of the suite's grids, in report order."""
     configs = [{"family": "sgd", "hyperparameters": {"lr": lr}} for lr in suite.sgd_lrs]
     configs += [{"family": "adam", "hyperparameters": {"lr": lr}} for lr in suite.adam_lrs]
@@ -39,19 +40,28 @@ def _configs(suite: Suite) -> List[Dict[str, Any]]:
             configs.append({"family": f"cgnewton-{c}", "hyperparameters": hyper, "curvature": c})
     for config in configs:
         config["label"] = FAMILIES[config["family"]]
-        config["id"] = f"{config['family']} {_hyper_text(config['hyperparameters'], short=True)}"
+        config["id"] = f"{config['family']} {hyper_text(config['hyperparameters'], short=True)}"
         config["seed_settings"] = config["family"].startswith("cgnewton") and (
             config["hyperparameters"] == SEED_CGNEWTON
         )
     return configs
 
 
-def _hyper_text(hyper: Dict[str, Any], short: bool = False) -> str:
+def hyper_text(hyper: Dict[str, Any], short: bool = False) -> str:
+    """Hyperparameters as text, e.g. ``"lr=0.1, alpha=0.02"``.
+
+    Args:
+        hyper: Name -> value.
+        short: Only ``lr`` and ``alpha`` (those that tell the configurations apart).
+
+    Returns:
+        ``name=value`` pairs joined by commas, values with ``:g``.
+    """
     keys = ("lr", "alpha") if short else tuple(hyper)
     return ", ".join(f"{k}={hyper[k]:g}" for k in keys if k in hyper)
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
+def finite_or_none(value: Optional[float]) -> Optional[float]:
     """A float for JSON: ``None`` for NaN/inf (and for None)."""
     if value is None:
         return None
@@ -102,7 +112,7 @@ def _step(model, traced, optimizer, config, x, y) -> torch.Tensor:
     return loss
 
 
-def _warm_up(problem, configs, batch_size, data, info, device) -> None:
+def warm_up(problem, configs, batch_size, data, info, device) -> None:
     """Two untimed steps of every optimizer family, so one-time costs hit no timed run."""
     x, y = data[0][:batch_size], data[1][:batch_size]
     done = set()
@@ -123,7 +133,17 @@ def _warm_up(problem, configs, batch_size, data, info, device) -> None:
     synchronize(device)
 
 
-def _train(
+@dataclass
+class _Counts:
+    """Steps taken by one run and its CG statistics, summed over the steps."""
+
+    steps: int = 0
+    cg_iterations: int = 0
+    cg_solves: int = 0
+    nonpositive: int = 0
+
+
+def train(
     problem: Problem,
     config: Dict[str, Any],
     seed: int,
@@ -142,7 +162,6 @@ def _train(
         model = problem.build(info["in_features"], info["classes"])
     model = model.to(device)
     optimizer, traced = _optimizer(model, config)
-    params = list(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(y_train) // batch_size
     if steps_per_epoch < 1:
@@ -152,42 +171,26 @@ def _train(
     history = {
         "epoch": [0],
         "train_loss": [None],
-        "test_loss": [_finite(test_loss)],
-        "test_accuracy": [_finite(test_acc)],
+        "test_loss": [finite_or_none(test_loss)],
+        "test_accuracy": [finite_or_none(test_acc)],
         "time_s": [0.0],
     }
-    elapsed, diverged_epoch, steps = 0.0, None, 0
+    counts = _Counts()
     snapshot = cpu_snapshot()
-    cg_iterations, cg_solves, nonpositive = 0, 0, 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        elapsed, diverged_epoch = 0.0, None
         for epoch in range(1, epochs + 1):
             synchronize(device)
             start = time.perf_counter()
-            order = torch.randperm(len(y_train), generator=generator).to(device)
-            loss_sum = torch.zeros((), device=device)
-            for step in range(steps_per_epoch):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                x, y = x_train[index], y_train[index]
-                loss = _step(model, traced, optimizer, config, x, y)
-                if traced is not None:
-                    for p in params:
-                        state = optimizer.state.get(p)
-                        if state and "cg_iterations" in state:
-                            cg_iterations += state["cg_iterations"]
-                            nonpositive += bool(state["nonpositive_curvature"])
-                            cg_solves += 1
-                loss_sum += loss.detach()
-                steps += 1
+            loss_sum = _train_epoch(
+                model, traced, optimizer, config, data, batch_size, generator, device, counts
+            )
             synchronize(device)
             elapsed += time.perf_counter() - start
             train_loss = loss_sum.item() / steps_per_epoch
             test_loss, test_acc = _evaluate(model, x_test, y_test)
-            history["epoch"].append(epoch)
-            history["train_loss"].append(_finite(train_loss))
-            history["test_loss"].append(_finite(test_loss))
-            history["test_accuracy"].append(_finite(test_acc))
-            history["time_s"].append(elapsed)
+            _record(history, epoch, train_loss, test_loss, test_acc, elapsed)
             if bar is not None:
                 bar.update(1)
             finite = math.isfinite(train_loss) and math.isfinite(test_loss)
@@ -196,19 +199,70 @@ def _train(
                 if bar is not None:
                     bar.update(epochs - epoch)
                 break
-
     others = contention(snapshot, cpu_snapshot())
+    result = _run_result(seed, history, counts, elapsed, diverged_epoch, target)
+    result["cg"] = None if traced is None else _cg_summary(counts)
+    messages = sorted({str(w.message) for w in caught})
+    result["warnings"] = {"count": len(caught), "messages": messages[:5]}
+    result["others_cpu_fraction"] = None if others is None else others["others_fraction"]
+    return result
+
+
+def _train_epoch(
+    model, traced, optimizer, config, data, batch_size, generator, device, counts: _Counts
+) -> torch.Tensor:
+    """One epoch of steps on a new permutation of the training split; the sum of its losses.
+
+    Counts the steps (and, for CG-Newton, the CG iterations and solves) in ``counts``.
+    """
+    x_train, y_train = data[0], data[1]
+    params = list(model.parameters())
+    order = torch.randperm(len(y_train), generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    for step in range(len(y_train) // batch_size):
+        index = order[step * batch_size : (step + 1) * batch_size]
+        x, y = x_train[index], y_train[index]
+        loss = _step(model, traced, optimizer, config, x, y)
+        if traced is not None:
+            for p in params:
+                state = optimizer.state.get(p)
+                if state and "cg_iterations" in state:
+                    counts.cg_iterations += state["cg_iterations"]
+                    counts.nonpositive += bool(state["nonpositive_curvature"])
+                    counts.cg_solves += 1
+        loss_sum += loss.detach()
+        counts.steps += 1
+    return loss_sum
+
+
+def _record(history, epoch, train_loss, test_loss, test_acc, elapsed) -> None:
+    """Append one epoch's numbers to ``history`` (non-finite ones as None)."""
+    history["epoch"].append(epoch)
+    history["train_loss"].append(finite_or_none(train_loss))
+    history["test_loss"].append(finite_or_none(test_loss))
+    history["test_accuracy"].append(finite_or_none(test_acc))
+    history["time_s"].append(elapsed)
+
+
+def _run_result(
+    seed: int,
+    history: Dict[str, List],
+    counts: _Counts,
+    elapsed: float,
+    diverged_epoch: Optional[int],
+    target: float,
+) -> Dict[str, Any]:
+    """A run's record: divergence, final numbers (None if diverged), time to target."""
     reached = [
         (e, t)
         for e, a, t in zip(history["epoch"], history["test_accuracy"], history["time_s"])
         if a is not None and a >= target
     ]
     diverged = diverged_epoch is not None
-    messages = sorted({str(w.message) for w in caught})
     return {
         "seed": seed,
         "history": history,
-        "steps": steps,
+        "steps": counts.steps,
         "diverged": diverged,
         "diverged_epoch": diverged_epoch,
         "final_train_loss": None if diverged else history["train_loss"][-1],
@@ -217,13 +271,14 @@ def _train(
         "train_time_s": elapsed,
         "epochs_to_target": reached[0][0] if reached else None,
         "seconds_to_target": reached[0][1] if reached else None,
-        "cg": None
-        if traced is None
-        else {
-            "iterations_per_block_solve": cg_iterations / cg_solves if cg_solves else None,
-            "nonpositive_curvature_fraction": nonpositive / cg_solves if cg_solves else None,
-            "block_solves": cg_solves,
-        },
-        "warnings": {"count": len(caught), "messages": messages[:5]},
-        "others_cpu_fraction": None if others is None else others["others_fraction"],
+    }
+
+
+def _cg_summary(counts: _Counts) -> Dict[str, Any]:
+    """CG iterations per block solve and the share of solves that met non-positive curvature."""
+    solves = counts.cg_solves
+    return {
+        "iterations_per_block_solve": counts.cg_iterations / solves if solves else None,
+        "nonpositive_curvature_fraction": counts.nonpositive / solves if solves else None,
+        "block_solves": solves,
     }

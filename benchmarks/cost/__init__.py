@@ -32,7 +32,8 @@ every exception. Goals of issue 4 are evaluated on ``mnist_mlp`` and ``cifar10_3
 Modules: :mod:`~benchmarks.cost.config` (presets), :mod:`~benchmarks.cost.cells` (what one
 row computes), :mod:`~benchmarks.cost.peers` (BackPACK, curvlinops and ``torch.func`` rows),
 :mod:`~benchmarks.cost.probe` (one call under a time limit),
-:mod:`~benchmarks.cost.measure` (budgets, interleaved timed rounds), :mod:`~benchmarks.cost.goals`
+:mod:`~benchmarks.cost.budgets` (presets, memory and time budgets, the probe calls),
+:mod:`~benchmarks.cost.measure` (interleaved timed rounds, rows), :mod:`~benchmarks.cost.goals`
 (issue 4's goals and their operation-count floors), :mod:`~benchmarks.cost.report` (Markdown
 and plot).
 """

@@ -119,72 +119,86 @@ def evaluate_goals(problems: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows = problems[name]["rows"]
         floors = problems[name].get("floors") or {}
         grad = problems[name].get("baseline", {}).get("grad", {}).get("median_s")
-        kfac, kflr = _find(rows, "curvgraph", "kfac"), _find(rows, "curvgraph", "kflr")
-        backpack_kfac = _median(_find(rows, "backpack", "kfac"), "total")
+        backpack_goals = _backpack_goals(name, rows, floors, grad)
+        for entry in backpack_goals:
+            row = _find(rows, "curvgraph", entry["group"] or "")
+            if row and row.get("batch_size") not in (None, problems[name].get("batch_size")):
+                entry["measured_as"] += f", at N = {row['batch_size']}"
+        goals += backpack_goals
+        goals += _product_goals(name, rows, floors)
+    return goals
 
-        pass_floor = floors.get("kfac_pass")
-        entry = _goal(name, "kfac pass <= 2x gradient", "kfac pass / gradient", kfac, "pass", 2.0)
-        goals.append(_with_floor(entry, pass_floor, "Kronecker factors as rank-k updates"))
+
+def _backpack_goals(
+    name: str, rows: List[Dict[str, Any]], floors: Dict[str, Any], grad: Optional[float]
+) -> List[Dict[str, Any]]:
+    """The ``kfac`` pass against the gradient, and ``kfac``, ``kflr``, ``sqrt`` against BackPACK."""
+    goals = []
+    kfac = _find(rows, "curvgraph", "kfac")
+    backpack_kfac = _median(_find(rows, "backpack", "kfac"), "total")
+    pass_floor = floors.get("kfac_pass")
+    entry = _goal(name, "kfac pass <= 2x gradient", "kfac pass / gradient", kfac, "pass", 2.0)
+    goals.append(_with_floor(entry, pass_floor, "Kronecker factors as rank-k updates"))
+    entry = _goal(
+        name,
+        "kfac preparation <= 0.5x BackPACK KFAC",
+        "curvgraph kfac pass / BackPACK (fwd+bwd with KFAC)",
+        kfac,
+        "pass",
+        0.5,
+        _find(rows, "backpack", "kfac"),
+        "total",
+    )
+    floor = _in_peer_time(pass_floor, grad, backpack_kfac)
+    goals.append(_with_floor(entry, floor, "factor arithmetic"))
+    for group, peer in (("kfac", "KFAC"), ("kflr", "KFLR"), ("sqrt", "SqrtGGNExact")):
+        at_most = 0.5 if group == "kfac" else 1.0
+        text = f"{group} <= {'0.5x ' if group == 'kfac' else ''}BackPACK {peer}"
+        if group == "kfac":
+            text += " (stricter: with the forward and backward)"
         entry = _goal(
             name,
-            "kfac preparation <= 0.5x BackPACK KFAC",
-            "curvgraph kfac pass / BackPACK (fwd+bwd with KFAC)",
-            kfac,
-            "pass",
-            0.5,
-            _find(rows, "backpack", "kfac"),
+            text,
+            f"curvgraph (fwd+bwd+{group}) / BackPACK (fwd+bwd with {peer})",
+            _find(rows, "curvgraph", group),
+            "total",
+            at_most,
+            _find(rows, "backpack", group),
             "total",
         )
-        floor = _in_peer_time(pass_floor, grad, backpack_kfac)
-        goals.append(_with_floor(entry, floor, "factor arithmetic"))
-        for group, peer in (("kfac", "KFAC"), ("kflr", "KFLR"), ("sqrt", "SqrtGGNExact")):
-            at_most = 0.5 if group == "kfac" else 1.0
-            text = f"{group} <= {'0.5x ' if group == 'kfac' else ''}BackPACK {peer}"
-            if group == "kfac":
-                text += " (stricter: with the forward and backward)"
-            entry = _goal(
+        if group == "kfac":
+            total_floor = None if pass_floor is None else 1 + pass_floor
+            floor = _in_peer_time(total_floor, grad, backpack_kfac)
+            entry = _with_floor(entry, floor, "a gradient plus the factor arithmetic")
+        goals.append(entry)
+    return goals
+
+
+def _product_goals(
+    name: str, rows: List[Dict[str, Any]], floors: Dict[str, Any]
+) -> List[Dict[str, Any]]:
+    """All-block products: ``exact`` (GGN, Hessian) and from prepared Kronecker blocks."""
+    goals = []
+    for c in ("ggn", "hessian"):
+        goals.append(
+            _goal(
                 name,
-                text,
-                f"curvgraph (fwd+bwd+{group}) / BackPACK (fwd+bwd with {peer})",
-                _find(rows, "curvgraph", group),
-                "total",
-                at_most,
-                _find(rows, "backpack", group),
-                "total",
-            )
-            if group == "kfac":
-                total_floor = None if pass_floor is None else 1 + pass_floor
-                floor = _in_peer_time(total_floor, grad, backpack_kfac)
-                entry = _with_floor(entry, floor, "a gradient plus the factor arithmetic")
-            goals.append(entry)
-        for entry in goals:
-            row = _find(rows, "curvgraph", entry["group"] or "")
-            if (
-                entry["problem"] == name
-                and row
-                and row.get("batch_size") not in (None, problems[name].get("batch_size"))
-            ):
-                entry["measured_as"] += f", at N = {row['batch_size']}"
-        for c in ("ggn", "hessian"):
-            goals.append(
-                _goal(
-                    name,
-                    f"exact all-block product ({c}) <= 2x gradient",
-                    "product / gradient",
-                    _find(rows, "curvgraph", f"exact/{c}"),
-                    "product",
-                    2.0,
-                )
-            )
-        for group, row in (("kfac", kfac), ("kflr", kflr)):
-            entry = _goal(
-                name,
-                f"{group} all-block product from prepared Kronecker blocks <= 0.1x gradient",
+                f"exact all-block product ({c}) <= 2x gradient",
                 "product / gradient",
-                row,
+                _find(rows, "curvgraph", f"exact/{c}"),
                 "product",
-                0.1,
+                2.0,
             )
-            floor = floors.get(f"{group}_product")
-            goals.append(_with_floor(entry, floor, "G V A with dense or low-rank factors"))
+        )
+    for group in ("kfac", "kflr"):
+        entry = _goal(
+            name,
+            f"{group} all-block product from prepared Kronecker blocks <= 0.1x gradient",
+            "product / gradient",
+            _find(rows, "curvgraph", group),
+            "product",
+            0.1,
+        )
+        floor = floors.get(f"{group}_product")
+        goals.append(_with_floor(entry, floor, "G V A with dense or low-rank factors"))
     return goals

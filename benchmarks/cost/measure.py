@@ -1,9 +1,8 @@
-"""Running the cost section: probes, time and memory budgets, interleaved timed rounds."""
+"""Running the cost section: each problem's cells, budgeted, timed in interleaved rounds."""
 
 from __future__ import annotations
 
 import gc
-import math
 import time
 import traceback
 import warnings
@@ -12,11 +11,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.cost.budgets import fit_time_budget, probe_cell, reduced_sqrt_batch
 from benchmarks.cost.cells import (
-    INFO_PREFIXES,
     Bench,
     Cell,
-    CellTimeout,
     curvgraph_cell,
     installed,
     version_of,
@@ -74,34 +72,6 @@ def _cells(bench: Bench, config: CostConfig, groups: List[str]) -> List[Cell]:
     return cells
 
 
-def _reasons_before_running(
-    bench: Bench, cell: Cell, config: CostConfig, name: str, hbp_problem: Optional[str]
-) -> Optional[str]:
-    """Why ``cell`` is not run at all (preset, memory or size prediction), or None."""
-    skip = config.skip.get((name, cell.group)) or config.skip.get((name, cell.group.split("/")[0]))
-    if skip:
-        return skip
-    budget = config.memory_budget_gib * 2**30
-    if cell.group == "sqrt" and cell.library in ("curvgraph", "backpack"):
-        need = bench.sqrt_factor_bytes()
-        if need > budget:
-            return (
-                f"the exact square-root factors hold C x N x P = {bench.num_classes} x "
-                f"{bench.n} x {bench.num_parameters:,} values ({need / 2**30:.1f} GiB), above "
-                f"the suite's memory budget of {config.memory_budget_gib:g} GiB"
-            )
-    if cell.group.split("/")[0] in ("hbp", "kfra") and config.predict_hbp_size and hbp_problem:
-        if cell.library == "curvgraph":
-            return hbp_problem
-        if cell.library == "backpack" and not cell.label.startswith("HBP (CHEN"):
-            return (
-                f"not run: BackPACK's {cell.label.split(' ')[0]} propagates dense matrices "
-                "over the activations too (above HBP's size limit here, see curvgraph's "
-                "row), which takes minutes per call"
-            )
-    return None
-
-
 def _measure(
     bench: Bench,
     cells: List[Cell],
@@ -112,7 +82,6 @@ def _measure(
 ) -> Dict[str, Any]:
     """Probe, budget and time ``cells`` beside the gradient of ``bench``; rows and baselines."""
     device = bench.device
-    calls = 1 + config.warmup + config.repeats  # probe + warm-up + timed
 
     def advance(label: str) -> None:
         if progress is not None:
@@ -126,83 +95,23 @@ def _measure(
     for key, (fn, setup) in baseline.items():
         memory[key], probe_s[key] = probe_call(fn, setup, device, config.cell_budget_s)
         advance(key)
-    plan: Dict[str, Tuple[Callable, Optional[Callable]]] = dict(baseline)
     for cell in cells:
-        if cell.reason is None:
-            cell.reason = _reasons_before_running(bench, cell, config, name, hbp_problem)
-        if cell.reason is not None:
-            cell.measurements.clear()
-            advance(cell.key)
-            continue
-        for m in MEASUREMENTS:
-            if m not in cell.measurements:
-                continue
-            fn, setup = cell.measurements[m]
-            key = f"{cell.key}:{m}"
-            try:
-                memory[key], probe_s[key] = probe_call(fn, setup, device, config.cell_budget_s)
-            except CellTimeout as err:
-                cell.missing[m] = f"would exceed the time budget: {err}"
-                cell.measurements.pop(m)
-            except Exception as err:  # noqa: BLE001 - any failure is a result
-                cell.missing[m] = describe_error(err)
-                cell.measurements.pop(m)
-            advance(key)
-        if not cell.measurements:  # every measurement failed: the cell's reason is theirs
-            failures = [r for r in cell.missing.values() if not r.startswith(INFO_PREFIXES)]
-            cell.reason = "; ".join(dict.fromkeys(failures or cell.missing.values()))
+        probe_cell(bench, cell, config, name, hbp_problem, memory, probe_s, advance)
     # 2. time budget: drop the most expensive measurements until the estimate fits
-    est = {key: probe_s[key] * (config.warmup + config.repeats) for key in probe_s}
-    kept = [(cell, m) for cell in cells for m in cell.measurements]
-    total_est = sum(est[k] for k in baseline) + sum(est[f"{c.key}:{m}"] for c, m in kept)
-    budget = config.problem_budgets.get(name, config.problem_budget_s)
-    for cell, m in sorted(kept, key=lambda cm: -est[f"{cm[0].key}:{cm[1]}"]):
-        if total_est <= budget:
-            break
-        key = f"{cell.key}:{m}"
-        cell.measurements.pop(m)
-        cell.missing[m] = (
-            f"would exceed the time budget of the {config.suite} suite: one call took "
-            f"{probe_s[key]:.1f} s, {config.warmup + config.repeats} more calls ≈ "
-            f"{est[key]:.0f} s (all calls of the problem ≈ {total_est:.0f} s > its budget "
-            f"{budget:.0f} s)"
-        )
-        total_est -= est[key]
-        if not cell.measurements:
-            cell.reason = cell.missing[m]
+    fit_time_budget(cells, config, name, probe_s, list(baseline))
+    plan: Dict[str, Tuple[Callable, Optional[Callable]]] = dict(baseline)
     for cell in cells:
         for m, (fn, setup) in cell.measurements.items():
             plan[f"{cell.key}:{m}"] = (fn, setup)
     if progress is not None:
+        calls = 1 + config.warmup + config.repeats  # probe + warm-up + timed
         skipped = sum(calls - 1 for c in cells for m in MEASUREMENTS if m not in c.measurements)
         progress.total = max(progress.total - skipped, progress.n)
         progress.refresh()
 
     # 3. the timed rounds, interleaved; a failure in a later call marks the measurement
     errors: Dict[str, str] = {}
-
-    def guarded(key: str, fn: Callable, setup: Optional[Callable]):
-        def run_setup():
-            if key in errors:
-                return None
-            try:
-                return setup()
-            except Exception as err:  # noqa: BLE001
-                errors[key] = describe_error(err)
-                return None
-
-        def run(*args):
-            if key in errors:
-                return None
-            try:
-                return fn(*args)
-            except Exception as err:  # noqa: BLE001
-                errors[key] = describe_error(err)
-                return None
-
-        return run, (run_setup if setup is not None else None)
-
-    guarded_plan = {key: guarded(key, fn, setup) for key, (fn, setup) in plan.items()}
+    guarded_plan = {key: _guarded(key, fn, setup, errors) for key, (fn, setup) in plan.items()}
     before = cpu_snapshot()
     timings = measure_interleaved(
         guarded_plan, config.repeats, config.warmup, device, callback=advance
@@ -212,54 +121,78 @@ def _measure(
         raise RuntimeError(f"{name}: the gradient itself fails: {errors['grad']}")
 
     grad = timings["grad"]["median_s"]
-    rows = []
-    for cell in cells:
-        row: Dict[str, Any] = {
-            "group": cell.group,
-            "library": cell.library,
-            "method": cell.label,
-            "curvature": cell.curvature,
-            "status": "ok",
-            "reason": None,
-            "note": cell.note,
-            "ratios": {},
-            "timings": {},
-            "memory": {},
-            "not_measured": {},
-            "probe_s": {
-                m: probe_s[f"{cell.key}:{m}"] for m in MEASUREMENTS if f"{cell.key}:{m}" in probe_s
-            },
-        }
-        for m in MEASUREMENTS:
-            key = f"{cell.key}:{m}"
-            if key in errors:
-                cell.missing[m] = errors[key]
-            if m in cell.measurements and key not in errors:
-                row["timings"][m] = timings[key]
-                row["memory"][m] = memory[key]
-                row["ratios"][m] = ratio_of(timings[key]["median_s"], grad)
-            elif m in cell.missing:
-                row["not_measured"][m] = cell.missing[m]
-        if not row["ratios"]:
-            row["status"] = "n/a"
-            row["reason"] = cell.reason or "; ".join(dict.fromkeys(cell.missing.values()))
-        rows.append(row)
     return {
         "baseline": {k: timings[k] for k in baseline},
         "baseline_memory": {k: memory[k] for k in baseline},
         "ratios": {"grad_traced/grad": ratio_of(timings["grad_traced"]["median_s"], grad)},
-        "rows": rows,
+        "rows": [_row(cell, timings, memory, probe_s, errors, grad) for cell in cells],
         "contention": busy,
     }
 
 
-def _reduced_sqrt_batch(bench: Bench, config: CostConfig) -> Optional[int]:
-    """The largest power of two N' >= 8 whose sqrt factors fit the memory budget, if < N."""
-    per_sample = bench.sqrt_factor_bytes() / bench.n
-    fits = int(config.memory_budget_gib * 2**30 // per_sample)
-    if fits >= bench.n or fits < 8:
-        return None
-    return 2 ** int(math.log2(fits))
+def _guarded(key: str, fn: Callable, setup: Optional[Callable], errors: Dict[str, str]):
+    """``fn`` and ``setup`` that record their first failure in ``errors[key]``, then do nothing."""
+
+    def run_setup():
+        if key in errors:
+            return None
+        try:
+            return setup()
+        except Exception as err:  # noqa: BLE001
+            errors[key] = describe_error(err)
+            return None
+
+    def run(*args):
+        if key in errors:
+            return None
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            errors[key] = describe_error(err)
+            return None
+
+    return run, (run_setup if setup is not None else None)
+
+
+def _row(
+    cell: Cell,
+    timings: Dict[str, Dict[str, Any]],
+    memory: Dict[str, Dict[str, Any]],
+    probe_s: Dict[str, float],
+    errors: Dict[str, str],
+    grad: float,
+) -> Dict[str, Any]:
+    """The table row of ``cell``: its ratios to the gradient ``grad``, or why it has none."""
+    row: Dict[str, Any] = {
+        "group": cell.group,
+        "library": cell.library,
+        "method": cell.label,
+        "curvature": cell.curvature,
+        "status": "ok",
+        "reason": None,
+        "note": cell.note,
+        "ratios": {},
+        "timings": {},
+        "memory": {},
+        "not_measured": {},
+        "probe_s": {
+            m: probe_s[f"{cell.key}:{m}"] for m in MEASUREMENTS if f"{cell.key}:{m}" in probe_s
+        },
+    }
+    for m in MEASUREMENTS:
+        key = f"{cell.key}:{m}"
+        if key in errors:
+            cell.missing[m] = errors[key]
+        if m in cell.measurements and key not in errors:
+            row["timings"][m] = timings[key]
+            row["memory"][m] = memory[key]
+            row["ratios"][m] = ratio_of(timings[key]["median_s"], grad)
+        elif m in cell.missing:
+            row["not_measured"][m] = cell.missing[m]
+    if not row["ratios"]:
+        row["status"] = "n/a"
+        row["reason"] = cell.reason or "; ".join(dict.fromkeys(cell.missing.values()))
+    return row
 
 
 def run_problem(
@@ -283,7 +216,7 @@ def run_problem(
         row["batch_size"] = n
     reduced = None
     if "sqrt" in groups and (name, "sqrt") not in config.skip:
-        small = _reduced_sqrt_batch(bench, config)
+        small = reduced_sqrt_batch(bench, config)
         if small is not None:
             del bench, cells
             gc.collect()

@@ -38,10 +38,25 @@ class _BackpackRunner:
 def backpack_cells(bench: Bench, groups: List[str]) -> List[Cell]:
     """BackPACK's rows for the curvgraph groups in ``groups``."""
     wanted = set(groups)
-    specs: List[Tuple[str, str, str, Callable[[], Any], str]] = []  # group, label, curv, ext
     if not installed("backpack"):
         reason = "not installed (pip install backpack-for-pytorch)"
         return [Cell(g, "backpack", "BackPACK", "-", reason=reason) for g in groups]
+    cells = []
+    runner: Dict[str, _BackpackRunner] = {}
+
+    def get_runner() -> _BackpackRunner:
+        if "pass" not in runner:
+            runner["pass"] = _BackpackRunner(bench)
+        return runner["pass"]
+
+    for group, label, curvature, make, extra in _backpack_specs():
+        if group in wanted:
+            cells.append(_backpack_cell(bench, group, label, curvature, make, extra, get_runner))
+    return cells
+
+
+def _backpack_specs() -> List[Tuple[str, str, str, Callable[[], Any], str]]:
+    """BackPACK's computations: (group, label, curvature, extension factory, extra)."""
     from backpack import extensions as E
     from backpack.extensions.secondorder.hbp import (
         BackpropStrategy,
@@ -52,6 +67,7 @@ def backpack_cells(bench: Bench, groups: List[str]) -> List[Cell]:
     def hbp(curvature: str, ea: str):
         return lambda: E.HBP(curvature, LossHessianStrategy.SUM, BackpropStrategy.BATCH_AVERAGE, ea)
 
+    specs: List[Tuple[str, str, str, Callable[[], Any], str]] = []
     chen, botev = ExpectationApproximation.CHEN, ExpectationApproximation.BOTEV_MARTENS
     for c in CURVATURES:
         specs.append(
@@ -85,46 +101,46 @@ def backpack_cells(bench: Bench, groups: List[str]) -> List[Cell]:
             "pchmp",
         ),
     ]
-    cells = []
-    runner: Dict[str, _BackpackRunner] = {}
+    return specs
 
-    def get_runner() -> _BackpackRunner:
-        if "pass" not in runner:
-            runner["pass"] = _BackpackRunner(bench)
-        return runner["pass"]
 
-    for group, label, curvature, make, extra in specs:
-        if group not in wanted:
-            continue
-        cell = Cell(group, "backpack", label, curvature)
-        cell.measurements["total"] = (lambda make=make: get_runner()(make()), None)
-        cell.missing["pass"] = "BackPACK computes it during the backward pass (see total)"
-        if extra in ("ggnmp", "hmp", "pchmp"):
-            field_name = extra
-            prepared: Dict[str, Any] = {}
+def _backpack_cell(
+    bench: Bench,
+    group: str,
+    label: str,
+    curvature: str,
+    make: Callable[[], Any],
+    extra: str,
+    get_runner: Callable[[], _BackpackRunner],
+) -> Cell:
+    """One BackPACK row: forward + backward with the extension, and the stored products."""
+    cell = Cell(group, "backpack", label, curvature)
+    cell.measurements["total"] = (lambda: get_runner()(make()), None)
+    cell.missing["pass"] = "BackPACK computes it during the backward pass (see total)"
+    if extra in ("ggnmp", "hmp", "pchmp"):
+        prepared: Dict[str, Any] = {}
 
-            def prepare(make=make, prepared=prepared):
-                if "runner" not in prepared:  # own copy: its stored functions stay valid
-                    prepared["runner"] = _BackpackRunner(bench)
-                    prepared["runner"](make(), keep=True)
-                return prepared["runner"]
+        def prepare():
+            if "runner" not in prepared:  # own copy: its stored functions stay valid
+                prepared["runner"] = _BackpackRunner(bench)
+                prepared["runner"](make(), keep=True)
+            return prepared["runner"]
 
-            def product(r, field_name=field_name):
-                return [
-                    getattr(p, field_name)(bench.vectors[name].unsqueeze(0))
-                    for name, p in r.model.named_parameters()
-                ]
+        def product(r):
+            return [
+                getattr(p, extra)(bench.vectors[name].unsqueeze(0))
+                for name, p in r.model.named_parameters()
+            ]
 
-            cell.measurements["product"] = (product, prepare)
-            cell.note = f"products with the functions stored in param.{field_name}"
-        else:
-            cell.missing["product"] = "BackPACK stores the curvature; it offers no product"
-        if label.startswith("SqrtGGNExact"):
-            cell.note = "stores C x N x (parameter) factors"
-        elif extra:
-            cell.note = cell.note or extra
-        cells.append(cell)
-    return cells
+        cell.measurements["product"] = (product, prepare)
+        cell.note = f"products with the functions stored in param.{extra}"
+    else:
+        cell.missing["product"] = "BackPACK stores the curvature; it offers no product"
+    if label.startswith("SqrtGGNExact"):
+        cell.note = "stores C x N x (parameter) factors"
+    elif extra:
+        cell.note = cell.note or extra
+    return cell
 
 
 # curvlinops ----------------------------------------------------------------------------------

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchmarks.common import (
+    BUSY,
+    MIN_CONTENTION_WALL_S,
+    fmt_mib,
+    fmt_number,
+    is_busy,
+    others_share,
+)
 from benchmarks.cost.cells import INFO_PREFIXES
 from benchmarks.cost.config import MEASUREMENTS
-from benchmarks.foundation import BUSY, MIN_CONTENTION_WALL_S, _busy, _fmt, _mib, _share
 
 # -- report ------------------------------------------------------------------------------------
 
@@ -21,7 +28,7 @@ def _note(notes: List[str], text: str) -> int:
 
 def _cell(row: Dict[str, Any], m: str, notes: List[str]) -> str:
     if m in row["ratios"]:
-        return _fmt(row["ratios"][m])
+        return fmt_number(row["ratios"][m])
     reason = row["not_measured"].get(m)
     if reason is None:
         return "—"
@@ -35,7 +42,7 @@ def _cell(row: Dict[str, Any], m: str, notes: List[str]) -> str:
 def _memory(row: Dict[str, Any]) -> str:
     for m in MEASUREMENTS:
         if m in row["memory"]:
-            return _mib(row["memory"][m]["delta_bytes"])
+            return fmt_mib(row["memory"][m]["delta_bytes"])
     return ""
 
 
@@ -66,8 +73,8 @@ def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, An
         f"N = {result['batch_size']}{n_note}, {result['num_parameters']:,} parameters; data: "
         f"{dataset}. Gradient: median {grad['median_s'] * 1e3:.3g} ms "
         f"(q25–q75 {grad['q25_s'] * 1e3:.3g}–{grad['q75_s'] * 1e3:.3g} ms); traced gradient "
-        f"/ gradient = {_fmt(result['ratios']['grad_traced/grad'])}. Other processes used "
-        f"{_share(result['contention'])} of the CPUs during the timed rounds.",
+        f"/ gradient = {fmt_number(result['ratios']['grad_traced/grad'])}. Other processes used "
+        f"{others_share(result['contention'])} of the CPUs during the timed rounds.",
         "",
         "| quantity | library | computation | total / grad | pass / grad | product / grad | "
         "peak Δ mem [MiB] | others' CPU | goal |",
@@ -78,7 +85,7 @@ def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, An
     for g in goals:
         if g["problem"] == name and g["group"]:
             mark = {"met": "met", "not met": "**not met**"}.get(g["status"], "not measured")
-            value = _fmt(g["value"]) if g["value"] is not None else "–"
+            value = fmt_number(g["value"]) if g["value"] is not None else "–"
             by_group.setdefault(g["group"], []).append(f"{g['goal']}: {value} {mark}")
     shown_goal = set()
     for row in result["rows"]:
@@ -96,7 +103,7 @@ def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, An
             method += f" [{_note(notes, row['note'])}]"
         lines.append(
             f"| {quantity} | {_library(row['library'])} | {method} | {' | '.join(cells)} | "
-            f"{_memory(row)} | {_share(_contention(row))} | {goal} |"
+            f"{_memory(row)} | {others_share(_contention(row))} | {goal} |"
         )
     if notes:
         lines += ["", "Notes and reasons for n/a:", ""]
@@ -138,8 +145,8 @@ def markdown(result: Dict[str, Any]) -> str:
             "|---|---|---|---:|---:|---|",
         ]
         for g in goals:
-            value = _fmt(g["value"]) if g["value"] is not None else "–"
-            floor = _fmt(g["floor"]) if g.get("floor") is not None else "–"
+            value = fmt_number(g["value"]) if g["value"] is not None else "–"
+            floor = fmt_number(g["floor"]) if g.get("floor") is not None else "–"
             status = g["status"] + (f" ({g['reason']})" if g["reason"] else "")
             if g.get("floor_note"):
                 status += f"; {g['floor_note']}"
@@ -149,8 +156,8 @@ def markdown(result: Dict[str, Any]) -> str:
             )
     busy = []
     for name, problem in result["problems"].items():
-        if "rows" in problem and _busy(problem["contention"], 0.0):
-            busy.append(f"{name} ({_share(problem['contention'])})")
+        if "rows" in problem and is_busy(problem["contention"], 0.0):
+            busy.append(f"{name} ({others_share(problem['contention'])})")
     if busy:
         lines += [
             "",
@@ -199,7 +206,7 @@ def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
             f"{name} (N = {problem['batch_size']}): (fwd + bwd + curvature) / gradient", fontsize=8
         )
         for i, v in enumerate(values):
-            ax.text(v, i, f" {_fmt(v)}", va="center", fontsize=6)
+            ax.text(v, i, f" {fmt_number(v)}", va="center", fontsize=6)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cost.png"
