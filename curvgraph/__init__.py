@@ -12,6 +12,7 @@ torch.Size([12, 12])
 """
 
 from curvgraph import optim, rules, solvers
+from curvgraph.api import CurvGraph, trace
 from curvgraph.curvature import (
     Block,
     BlockCurvature,
@@ -22,7 +23,6 @@ from curvgraph.curvature import (
     LowRankBlock,
 )
 from curvgraph.errors import CurvatureSizeError, CurvGraphError, TraceError, UnsupportedOpError
-from curvgraph.graph import CurvGraph, trace
 from curvgraph.inspection import inspect
 from curvgraph.losses import loss_hessian
 from curvgraph.rules import Rule, register_rule

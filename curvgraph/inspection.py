@@ -3,15 +3,11 @@
 One forward pass with an example input records the shapes; nothing else is computed. The
 report lists, per node, the op, the rule that serves it (hand-written, the autograd
 fallback, or missing), its parameter blocks, its output shape and the dense matrices HBP
-would build for its arguments (``D x D``, the sizes :func:`curvgraph.propagation.hbp.
+would build for its arguments (``D x D``, the sizes :func:`curvgraph.methods.frontier.
 dense_sizes` checks against ``max_features``), and, for the model, which methods can run:
-
-- ``exact``: always, once every op has a rule (per-sample products, no dense matrices);
-- ``hbp`` / ``kfra``: every dense argument and parameter matrix within ``max_features``, and
-  no op that mixes samples (BatchNorm in training mode);
-- ``sqrt`` / ``diag`` / ``kflr`` / ``kfac``: no op that mixes samples; ``kflr``/``kfac`` give
-  Kronecker blocks where a rule has Kronecker structure (linear and convolution weights) and
-  exact / Monte-Carlo low-rank blocks elsewhere.
+each registered method's own :meth:`~curvgraph.methods.Method.check` (for the built-ins:
+``exact`` always, once every op has a rule; ``hbp`` / ``kfra`` every dense matrix within
+``max_features`` and no op that mixes samples; the factor methods no op that mixes samples).
 """
 
 from __future__ import annotations
@@ -22,14 +18,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
-from torch import Tensor, nn
+from torch import nn
 
 from curvgraph.errors import CurvGraphError
-from curvgraph.graph import CurvGraph, Record, _Recorder
-from curvgraph.propagation.hbp import dense_sizes
-from curvgraph.propagation.plan import plan
-from curvgraph.rules.fallback import FallbackRule
-from curvgraph.rules.registry import Rule, op_name
+from curvgraph.graph import TracedGraph, plan, record_forward
+from curvgraph.methods import registered_methods
+from curvgraph.methods.frontier import dense_sizes
+from curvgraph.rules import Rule, op_name
 from curvgraph.tracing import node_key, source_line
 
 __all__ = ["inspect", "inspect_graph", "InspectionReport", "NodeReport", "ParameterReport"]
@@ -44,7 +39,6 @@ KINDS = {
     "attribute": "tab:gray",
     "derived": "tab:olive",  # computed from parameters alone: differentiated with torch.func
 }
-METHOD_NAMES = ("exact", "hbp", "kfra", "sqrt", "diag", "kflr", "kfac")
 
 
 @dataclass
@@ -225,34 +219,20 @@ def inspect(
         *example_args: an example input (a batch), run once through the traced graph.
         fallback: whether ops without a rule would use the autograd fallback (they are
             reported as ``fallback`` instead of ``missing``).
-        max_features: the HBP size limit (see :func:`curvgraph.propagation.hbp.
-            backward_hessian`).
+        max_features: the HBP size limit (see :func:`curvgraph.methods.hbp.
+            hbp_blocks`).
 
     Returns:
         An :class:`InspectionReport`; ``print(report)`` shows the table.
     """
     with warnings.catch_warnings():  # the report lists the fallback ops itself
         warnings.simplefilter("ignore")
-        graph = CurvGraph(model, fallback=True, strict=False)
+        graph = TracedGraph(model, fallback=True, strict=False)
     return inspect_graph(graph, example_args, {}, fallback, max_features)
 
 
-class _ShapeRecorder(_Recorder):
-    """The graph's recorder, also keeping the shape of every tensor."""
-
-    def __init__(self, graph: CurvGraph, record: Record):
-        super().__init__(graph, record)
-        self.shapes: Dict[str, Tuple[int, ...]] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
-        if isinstance(result, Tensor):
-            self.shapes[n.name] = tuple(result.shape)
-        return result
-
-
 def inspect_graph(
-    graph: CurvGraph,
+    graph: TracedGraph,
     example_args: tuple = (),
     example_kwargs: Optional[dict] = None,
     fallback: Optional[bool] = None,
@@ -262,14 +242,11 @@ def inspect_graph(
     fallback = graph.fallback if fallback is None else fallback
     if not example_args and not example_kwargs and graph._record is None:
         raise CurvGraphError("pass an example input, or call the graph on a batch first")
-    shapes: Dict[str, Tuple[int, ...]] = {}
     if example_args or example_kwargs:
-        record = Record()
-        recorder = _ShapeRecorder(graph, record)
         with torch.no_grad():
-            record.result = recorder.run(*example_args, **(example_kwargs or {}))
-        graph._record, shapes = record, recorder.shapes
+            graph._record = record_forward(graph, example_args, example_kwargs or {}, shapes=True)
     record = graph.record
+    shapes = record.shapes
     problems = {name: reason for name, _, _, reason in graph.problems}
     nodes = [_node_report(graph, n, record, shapes, problems, fallback) for n in _nodes(graph)]
     by_name = {n.name: n for n in nodes}
@@ -279,7 +256,7 @@ def inspect_graph(
     try:
         walk = plan(graph) if not graph.problems else None
     except CurvGraphError as error:
-        walk, methods = None, {m: f"no: {error}" for m in METHOD_NAMES}
+        walk, methods = None, {m: f"no: {error}" for m in registered_methods()}
     if walk is not None:
         for info, slot, size in dense_sizes(walk, record):
             by_name[info.node.name].hbp_sizes[slot] = size
@@ -300,13 +277,16 @@ def inspect_graph(
         reason = f"no: {len(blocked)} node(s) without a usable rule"
         if any(n.kind == "missing" for n in blocked):
             reason += " (register rules, or trace with fallback=True)"
-        methods = {m: reason for m in METHOD_NAMES}
+        methods = {m: reason for m in registered_methods()}
     elif walk is not None:
-        methods = _methods(nodes, parameters, max_features)
+        methods = {
+            name: str(method.check(graph, walk, max_features=max_features))
+            for name, method in registered_methods().items()
+        }
     return InspectionReport(type(graph.model).__name__, nodes, parameters, methods, max_features)
 
 
-def _nodes(graph: CurvGraph) -> List[torch.fx.Node]:
+def _nodes(graph: TracedGraph) -> List[torch.fx.Node]:
     return list(graph.graph_module.graph.nodes)
 
 
@@ -332,7 +312,7 @@ def _node_report(graph, node, record, shapes, problems, fallback) -> NodeReport:
         )
     info = graph.infos[node]
     ctx = record.contexts.get(node.name)
-    if isinstance(info.rule, FallbackRule):
+    if info.rule is not None and info.rule.fallback:
         kind = "fallback" if fallback else "missing"
     else:
         kind = "missing" if info.rule is None else "hand-written"
@@ -361,37 +341,3 @@ def _parameter_report(rule: Rule, ctx, slot: str, name: str, walk, derived) -> P
             report.kronecker = (value.shape[0], value[0].numel())
         report.kronecker_factors = rule.capability("kronecker_factors") is not None
     return report
-
-
-def _methods(nodes, parameters, max_features) -> Dict[str, str]:
-    mixing = [n.name for n in nodes if n.mixes_samples]
-    too_large = [
-        (n.name, s, d) for n in nodes for s, d in n.hbp_sizes.items() if d > max_features
-    ] + [
-        (p.name, "block", p.numel)
-        for p in parameters.values()
-        if not p.kronecker and p.numel > max_features
-    ]
-    no_mixing = f"no: node(s) {', '.join(mixing)} mix samples; use exact" if mixing else ""
-    kron = sum(1 for p in parameters.values() if p.kronecker_factors)
-    largest = max([d for n in nodes for d in n.hbp_sizes.values()], default=0)
-    if too_large:
-        name, slot, size = max(too_large, key=lambda t: t[2])
-        hbp = (
-            f"no: {len(too_large)} dense matrices above max_features, the largest "
-            f"{size}x{size} ({name} {slot}); use exact or kfac, or raise max_features"
-        )
-    else:
-        hbp = no_mixing or f"yes (largest dense argument matrix {largest}x{largest})"
-    factor = no_mixing or "yes"
-    return {
-        "exact": "yes (per-sample products, no dense matrices)",
-        "hbp": hbp,
-        "kfra": hbp,
-        "sqrt": factor,
-        "diag": factor,
-        "kflr": no_mixing
-        or f"yes ({kron} Kronecker block(s), {len(parameters) - kron} exact low-rank)",
-        "kfac": no_mixing
-        or f"yes ({kron} Kronecker block(s), {len(parameters) - kron} Monte-Carlo low-rank)",
-    }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
-from curvgraph.propagation.derived import check_distributed
+from curvgraph.methods.pullback import check_distributed
 
 try:
     import reference as ref

@@ -1,4 +1,4 @@
-"""Loss Hessians w.r.t. the model output, summed over the batch (design 3.1).
+"""Loss Hessians w.r.t. the model output, summed over the batch (docs/architecture.md, Mathematics).
 
 ``loss_hessian(loss, outputs) = sum_n d2L / dz_n2`` (``C x C``) is the bpexts
 ``batch_summed_hessian``. Cross-entropy (also spelled ``nll_loss(log_softmax(z))``), MSE,

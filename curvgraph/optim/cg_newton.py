@@ -1,4 +1,4 @@
-"""CG-Newton on block curvature (design 3.6; the bpexts ``CGNewton`` parametrization)."""
+"""CG-Newton on block curvature (the bpexts ``CGNewton`` parametrization)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact block curvature-matrix products (``method="exact"``, design 3.3).
+"""Exact block curvature-matrix products (``method="exact"``).
 
 For parameter blocks ``theta_b`` and vectors ``v_b``, each product ``C_bb v_b`` is computed
 with the rules alone, in two walks over the graph:
@@ -18,20 +18,20 @@ on DAGs, with weight tying and with ops that mix samples.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
+from curvgraph.curvature import BlockCurvature, ImplicitBlock
 from curvgraph.errors import CurvGraphError
+from curvgraph.graph import Plan, Record, gradients, plan, validate_call
 from curvgraph.losses import LossModel
-from curvgraph.propagation.plan import Plan, validate_call
-from curvgraph.rules.residuals import groups_of
+from curvgraph.methods.base import CURVATURES, Method, Verdict, register_method
+from curvgraph.methods.pullback import pull_back_blocks
+from curvgraph.rules import groups_of
 
-if TYPE_CHECKING:
-    from curvgraph.graph import Record
-
-__all__ = ["ExactProducts"]
+__all__ = ["Exact", "ExactProducts"]
 
 Names = Tuple[str, ...]
 
@@ -212,3 +212,26 @@ def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -
             start, offset = target.offset(n), source.offset(n)
             output[start : start + widths[n]] += part[offset : offset + widths[n]]
     return output
+
+
+@register_method
+class Exact(Method):
+    """Exact per-sample block products: implicit blocks (``matvec``, ``to_dense``)."""
+
+    name = "exact"
+    description = "exact per-sample block products (implicit blocks)"
+    per_sample = False  # exact with ops that mix samples (BatchNorm in training mode)
+
+    def run(self, graph, loss_model, curvature, shard, loss=None, **options):  # noqa: D102
+        if options:
+            raise TypeError(f"method={self.name!r} takes no options, got {sorted(options)}")
+        mode = CURVATURES[curvature]
+        walk = plan(graph)
+        grads = gradients(graph, walk.order, loss) if mode is not None else {}
+        engine = shard.products(ExactProducts(walk, graph.record, loss_model, mode, grads))
+        blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
+        result = BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
+        return pull_back_blocks(graph, result, mode, grads)
+
+    def verdict(self, graph, walk, **options):  # noqa: D102
+        return Verdict(True, "per-sample products, no dense matrices")

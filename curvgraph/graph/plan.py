@@ -9,7 +9,7 @@ show up as keys with more than one use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -18,7 +18,10 @@ from torch import Tensor
 from curvgraph.errors import CurvGraphError
 
 if TYPE_CHECKING:
-    from curvgraph.graph import CurvGraph, NodeInfo
+    from curvgraph.graph.analysis import NodeInfo
+    from curvgraph.graph.record import Record
+    from curvgraph.graph.traced import TracedGraph
+    from curvgraph.rules import Context
 
 __all__ = ["Plan", "plan", "gradients"]
 
@@ -58,8 +61,39 @@ class Plan:
         keys = {slot: self.key(source) for slot, source in info.sources.items()}
         return {slot: key for slot, key in keys.items() if key is not None}
 
+    def first_uses(self) -> Dict[str, Tuple[NodeInfo, str]]:
+        """Parameter (or derived tensor) name -> ``(node info, slot)`` of its first use."""
+        uses: Dict[str, Tuple[NodeInfo, str]] = {}
+        for info in self.order:
+            for slot, key in self.active_slots(info).items():
+                if isinstance(key, str) and key not in uses:
+                    uses[key] = (info, slot)
+        return uses
 
-def plan(graph: CurvGraph) -> Plan:
+    def reverse(
+        self,
+        record: Record,
+        pending: Callable[[torch.fx.Node], bool],
+        mixing: Optional[str] = None,
+    ) -> Iterator[Tuple[NodeInfo, Context]]:
+        """The needed nodes from the output back, with their recorded calls, validated.
+
+        The preamble every reverse walk shares: nodes for which ``pending(node)`` is false
+        (nothing flowed back to them) are skipped, each call is checked by its rule
+        (:func:`validate_call`), and a call that mixes samples is refused with ``mixing``
+        (formatted with ``node=`` the node's description) if given.
+        """
+        for info in reversed(self.order):
+            if not pending(info.node):
+                continue
+            ctx = record.contexts[info.node.name]
+            validate_call(info, ctx)
+            if mixing is not None and ctx.mixes_samples:
+                raise CurvGraphError(mixing.format(node=info.describe()))
+            yield info, ctx
+
+
+def plan(graph: TracedGraph) -> Plan:
     """Analyse the traced graph for the current ``requires_grad`` flags."""
     parameters = graph.parameters_with_blocks()
     output = graph.output_node()
@@ -84,7 +118,7 @@ def plan(graph: CurvGraph) -> Plan:
     return result
 
 
-def gradients(graph: CurvGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor]:
+def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor]:
     """``dL/dy`` at every node of ``order`` and every derived parameter.
 
     Recorded by ``loss.backward()``, or computed from ``loss``.

@@ -1,4 +1,4 @@
-"""Parameters transformed before use: tensors ``b = g(theta)`` computed from parameters alone.
+"""Trace-time analysis of derived parameters: tensors ``b = g(theta)`` from parameters alone.
 
 A node whose inputs are parameters, buffers and constants only (no path from the model's
 inputs) computes a *derived parameter*: Swin's relative position bias
@@ -20,6 +20,9 @@ for a linear ``g`` such as indexing, views and permutations). Factor methods (``
 ``diag``, ``kflr``, ``kfac``) pull back their rows ``u -> J^T u`` instead, which keeps
 ``sqrt`` and ``diag`` exact; ``kflr``/``kfac`` give such parameters low-rank blocks.
 
+The pull-back of blocks and rows lives with the methods (:mod:`curvgraph.methods.pullback`);
+this module finds the derived tensors and cuts ``g`` out of the graph.
+
 Only the diagonal blocks of the parameters are formed, so a parameter that reaches the model
 through several derived tensors, or through one and directly, is refused at trace time (its
 block would need the cross terms).
@@ -28,37 +31,23 @@ block would need the cross terms).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.fx
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from curvgraph.curvature import BlockCurvature
-from curvgraph.curvature.blocks import Block
-from curvgraph.curvature.implicit import dense_from_products
-from curvgraph.errors import CurvatureSizeError, CurvGraphError
-from curvgraph.rules.residuals import modify_symmetric
 from curvgraph.tracing import source_line
-
-if TYPE_CHECKING:
-    from curvgraph.graph import CurvGraph
 
 __all__ = [
     "DerivedParameter",
-    "PulledBackBlock",
-    "check_distributed",
     "derive",
+    "derived_roots",
     "extract",
     "parameter_only_nodes",
     "shared_parameter_problems",
-    "pull_back_blocks",
-    "pull_back_rows",
 ]
-
-#: largest parameter whose PCH residual ``R_theta`` is formed densely (eigendecomposition)
-MAX_DENSE_RESIDUAL = 8192
 
 
 @dataclass
@@ -160,6 +149,19 @@ def _reads_sizes(node: torch.fx.Node, sizes: set) -> bool:
     return node.op == "call_function" and bool(inputs) and all(n in sizes for n in inputs)
 
 
+def derived_roots(
+    graph_module: torch.fx.GraphModule, is_parameter: Callable[[torch.fx.Node], bool]
+) -> tuple:
+    """``(parameter_only, roots)``: nodes computed from parameters alone, and their roots.
+
+    A root is a parameter-only node used by a node that is not: a derived tensor that the
+    rest of the graph consumes.
+    """
+    parameter_only = parameter_only_nodes(graph_module, is_parameter)
+    roots = {n for n in parameter_only if any(user not in parameter_only for user in n.users)}
+    return parameter_only, roots
+
+
 def derive(
     graph_module: torch.fx.GraphModule,
     root: torch.fx.Node,
@@ -201,120 +203,3 @@ def shared_parameter_problems(infos, derived: Dict[str, DerivedParameter]) -> li
         for parameter in value.parameters
         if len(uses[parameter]) > 1
     ]
-
-
-class PulledBackBlock(Block):
-    """``J^T C_b J + mod(R_theta)`` for a parameter ``theta`` used through ``b = g(theta)``.
-
-    Args:
-        inner: the block ``C_b`` of the derived tensor.
-        derived: the derived parameter ``b``.
-        parameter: the model name of ``theta``.
-        residual: ``V -> mod(R_theta) V`` or ``None`` (GGN).
-    """
-
-    def __init__(
-        self,
-        inner: Block,
-        derived: DerivedParameter,
-        parameter: str,
-        residual: Optional[Callable[[Tensor], Tensor]] = None,
-    ):
-        value = derived.parameters[parameter]
-        super().__init__(value.shape)
-        self.inner, self.derived, self.parameter, self.residual = (
-            inner,
-            derived,
-            parameter,
-            residual,
-        )
-        self.dtype, self.device = value.dtype, value.device
-
-    def _matmat(self, columns: Tensor) -> Tensor:
-        vectors = columns.reshape(-1, *self.shape)
-        products = self.derived.vjp(
-            self.parameter, self.inner.matmat(self.derived.jvp(self.parameter, vectors))
-        )
-        if self.residual is not None:
-            products = products + self.residual(vectors)
-        return products.reshape(columns.shape)
-
-    def to_dense(self) -> Tensor:
-        """The dense block from products with identity columns."""
-        return dense_from_products(self)
-
-
-def _residual(derived, parameter: str, gradient: Tensor, mode: str):
-    """``V -> mod(R_theta) V`` (``mode``: ``"none"`` Hessian, ``"abs"``/``"clip"`` PCH)."""
-    if mode == "none":
-        return lambda vectors: derived.residual_products(parameter, gradient, vectors)
-    value = derived.parameters[parameter]
-    if value.numel() > MAX_DENSE_RESIDUAL:
-        raise CurvatureSizeError(
-            f"the PCH of parameter {parameter!r}, used through the parameter-only computation "
-            f"at {derived.where}, needs its {value.numel()} x {value.numel()} residual as a "
-            f"dense matrix (limit {MAX_DENSE_RESIDUAL}); use curvature='hessian' or 'ggn'"
-        )
-    eye = torch.eye(value.numel(), dtype=value.dtype, device=value.device)
-    matrix = derived.residual_products(parameter, gradient, eye.reshape(-1, *value.shape))
-    matrix = modify_symmetric((matrix.flatten(1) + matrix.flatten(1).T) / 2, mode)
-    return lambda vectors: (vectors.flatten(1) @ matrix).reshape(vectors.shape)
-
-
-def _raw_order(graph: CurvGraph, names) -> Dict[str, Tensor]:
-    """Parameters by model name, in the model's order, restricted to ``names``."""
-    return {n: p for n, p in graph.model.named_parameters() if n in names}
-
-
-def check_distributed(graph: CurvGraph, process_group) -> None:
-    """Refuse a batch split over ranks for graphs with derived parameters (not supported yet)."""
-    if graph.derived and process_group is not None:
-        raise CurvGraphError(
-            "process_group with parameters used through parameter-only computations "
-            f"(nodes {sorted(graph.derived)}) is not supported yet"
-        )
-
-
-def pull_back_blocks(
-    graph: CurvGraph, curvature: BlockCurvature, mode: Optional[str], grads: Dict[str, Tensor]
-) -> BlockCurvature:
-    """Replace the blocks of derived tensors by :class:`PulledBackBlock` s of their parameters.
-
-    Args:
-        graph: the traced model.
-        curvature: blocks from a walk (derived tensors under their node names).
-        mode: residual modification (``None``: GGN, no residual).
-        grads: ``dL/db`` by derived node name (Hessian and PCH).
-    """
-    derived_names = [n for n in curvature if n in graph.derived]
-    if not derived_names:
-        return curvature
-    blocks = {n: b for n, b in curvature.items() if n not in graph.derived}
-    for name in derived_names:
-        derived = graph.derived[name]
-        for parameter, value in derived.parameters.items():
-            if not value.requires_grad:
-                continue
-            residual = None if mode is None else _residual(derived, parameter, grads[name], mode)
-            blocks[parameter] = PulledBackBlock(curvature[name], derived, parameter, residual)
-    parameters = _raw_order(graph, blocks)
-    ordered = {n: blocks[n] for n in parameters}
-    return BlockCurvature(ordered, parameters, curvature.curvature, curvature.method)
-
-
-def pull_back_rows(graph: CurvGraph, rows: Dict[str, Tensor], parameters: Dict[str, Tensor]):
-    """Factor rows of derived tensors -> rows of their parameters (``u -> J^T u``).
-
-    Returns:
-        ``(rows, parameters)`` by model name, the parameters in the model's order.
-    """
-    rows = dict(rows)
-    names = [n for n in parameters if n not in graph.derived]
-    for name in [n for n in parameters if n in graph.derived]:
-        derived = graph.derived[name]
-        factor_rows = rows.pop(name, None)
-        for parameter, value in derived.parameters.items():
-            if value.requires_grad and factor_rows is not None:
-                rows[parameter] = derived.vjp(parameter, factor_rows)
-                names.append(parameter)
-    return rows, _raw_order(graph, names)

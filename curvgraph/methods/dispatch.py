@@ -1,0 +1,41 @@
+"""``cg.curvature(loss, outputs, curvature, method)``: one entry point, through the registry."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from curvgraph.curvature import BlockCurvature
+from curvgraph.distributed import BatchShard
+from curvgraph.graph import TracedGraph
+from curvgraph.losses import recognise
+from curvgraph.methods.base import lookup_method
+from curvgraph.methods.pullback import check_distributed
+
+__all__ = ["compute_curvature"]
+
+
+def compute_curvature(
+    graph: TracedGraph,
+    loss: Tensor,
+    outputs: Tensor,
+    curvature: Optional[str] = "ggn",
+    method: str = "hbp",
+    *,
+    process_group=None,
+    loss_reduction: str = "mean",
+    **options,
+) -> BlockCurvature:
+    """Block curvature of ``loss`` by the registered method ``method``.
+
+    The loss is recognised and the batch (with its split over the ranks of
+    ``process_group``) is described once, here; the method gets both.
+    """
+    chosen = lookup_method(method)
+    curvature = chosen.resolve(curvature)
+    loss_model = recognise(loss, outputs)
+    check_distributed(graph, process_group)
+    shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
+    shard.check_loss(loss_model)
+    return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)

@@ -1,0 +1,113 @@
+"""The HBP frontier: one symmetric matrix over the tensors a reverse walk has reached.
+
+Fan-out and weight tying are handled exactly with a *frontier*: one joint matrix over the
+tensors whose consumers are all processed and whose producer is not, cross terms included.
+A node's output leaves the frontier and its arguments enter it (contributions to an entry
+already there add). See ``docs/architecture.md``, Mathematics.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+from torch import Tensor
+
+from curvgraph.errors import CurvatureSizeError
+from curvgraph.graph import NodeInfo, Plan, Record
+from curvgraph.rules import Context
+
+__all__ = ["Frontier", "check_size", "dense_sizes", "frontier_size", "slot_size", "symmetric"]
+
+
+class Frontier:
+    """A symmetric matrix over named entries, stored as blocks ``(a, b)``."""
+
+    def __init__(self):
+        self.sizes: Dict = {}
+        self.blocks: Dict[Tuple, Tensor] = {}
+
+    def get(self, a, b) -> Optional[Tensor]:
+        """Block ``(a, b)`` (``None`` if zero)."""
+        if (a, b) in self.blocks:
+            return self.blocks[(a, b)]
+        if (b, a) in self.blocks:
+            return self.blocks[(b, a)].T
+        return None
+
+    def add(self, a, b, block: Tensor) -> None:
+        """Add ``block`` to ``(a, b)`` (and its transpose to ``(b, a)``)."""
+        if (b, a) in self.blocks and (a, b) not in self.blocks:
+            a, b, block = b, a, block.T
+        current = self.blocks.get((a, b))
+        self.blocks[(a, b)] = block if current is None else current + block
+
+    def add_pairs(self, contributions) -> None:
+        """Add blocks given for *ordered* pairs ``((a, b), block)`` of a symmetric matrix.
+
+        Both orientations of a pair describe the same stored block, so for ``a != b`` only
+        the first orientation met is added (the other is its transpose).
+        """
+        seen = set()
+        for (a, b), block in contributions:
+            if a != b and (b, a) in seen:
+                continue
+            seen.add((a, b))
+            self.add(a, b, block)
+
+    def add_slot_pairs(self, entering: Dict[str, object], pairs) -> None:
+        """Sum blocks of ordered argument pairs ``((a, b), block)`` into the frontier.
+
+        The slots ``a``, ``b`` of the node map to frontier entries through ``entering``.
+        """
+        summed: Dict[Tuple, Tensor] = {}
+        for (a, b), block in pairs:
+            key = (entering[a], entering[b])
+            summed[key] = block if key not in summed else summed[key] + block
+        self.add_pairs(summed.items())
+
+    def pop(self, key) -> Tuple[Tensor, Dict]:
+        """Remove an entry; return its diagonal block and its blocks with the others."""
+        self.sizes.pop(key)
+        diagonal = self.get(key, key)
+        others = {o: self.get(key, o) for o in self.sizes}
+        self.blocks = {k: v for k, v in self.blocks.items() if key not in k}
+        return diagonal, {o: b for o, b in others.items() if b is not None}
+
+
+def dense_sizes(walk: Plan, record: Record) -> Iterator[Tuple[NodeInfo, str, int]]:
+    """``(node, argument, D)`` for every dense ``D x D`` argument matrix HBP builds.
+
+    Activations and tied parameters; an untied parameter's block is sized where it is built
+    (Kronecker blocks need none). Also used by :func:`curvgraph.inspect`.
+    """
+    for info in walk.order:
+        ctx = record.contexts[info.node.name]
+        for slot, key in walk.active_slots(info).items():
+            if not isinstance(key, str) or walk.tied(key):
+                yield info, slot, slot_size(ctx, slot)
+
+
+def frontier_size(ctx: Context) -> int:
+    """Features per sample of a node's output."""
+    return ctx.output[0].numel()
+
+
+def slot_size(ctx: Context, slot: str) -> int:
+    """Features per sample of an activation argument, entries of a parameter argument."""
+    value = ctx.value(slot)
+    return (value.shape[1:] if slot in ctx.batched else value.shape).numel()
+
+
+def check_size(info: NodeInfo, slot: str, size: int, max_features: int) -> None:
+    """Refuse a dense ``size x size`` matrix above ``max_features``."""
+    if size > max_features:
+        raise CurvatureSizeError(
+            f"HBP needs a dense {size} x {size} matrix for argument {slot!r} of "
+            f"{info.describe()}, above max_features={max_features}. Use method='exact' or "
+            "'kfac' (block products without dense matrices) or raise max_features."
+        )
+
+
+def symmetric(matrix: Tensor) -> Tensor:
+    """``(M + M^T) / 2``."""
+    return (matrix + matrix.T) / 2
