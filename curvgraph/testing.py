@@ -1,4 +1,6 @@
-"""``check_rule``: compare a rule with ``torch.func`` in float64 (design 4.4).
+"""``check_rule``: compare a rule with ``torch.func`` in float64.
+
+See docs/architecture.md, "Rules: core and capabilities".
 
 For each sample call of an op, every piece of the rule is compared with automatic
 differentiation of the op itself. "Per sample" means per *output* sample ``n``: a parameter's
@@ -14,11 +16,14 @@ which also covers ops that mix samples (BatchNorm in training mode).
 - ``residual_block``: the batch-summed block of each argument (HBP), from ``torch.func.hessian``;
 - ``residual_modified``: the PCH modification per sample (``abs`` and ``clip`` on the
   eigenvalues of each group's block, activations jointly, parameters alone);
-- ``kronecker_input`` (if the rule declares it): ``J_n^T c == c a_n^T``.
+- ``kronecker_input`` (if the rule declares it): ``J_n^T c == c a_n^T``;
+- the other declared capabilities (:meth:`_Check.capability_errors`): ``diagonal_jacobian``,
+  ``kronecker_factors`` (exact on one sample), ``kronecker_roots``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -66,6 +71,14 @@ def check_rule(
         for piece, error in _Check(rule, sample, dtype, device).run().items():
             errors[piece] = max(errors.get(piece, 0.0), error)
     return errors
+
+
+def _not_psd(factor: Tensor) -> float:
+    """Relative asymmetry plus negative eigenvalue mass of a Kronecker factor (0 if PSD)."""
+    scale = factor.abs().max().clamp(min=1e-30)
+    asymmetry = (factor - factor.T).abs().max() / scale
+    negative = (-torch.linalg.eigvalsh((factor + factor.T) / 2).min()).clamp(min=0) / scale
+    return float(asymmetry + negative)
 
 
 def _error(actual: Tensor, expected: Tensor) -> float:
@@ -198,7 +211,56 @@ class _Check:
                 errors["kron_input"] = max(
                     errors.get("kron_input", 0.0), _error(kron, per_sample[s])
                 )
+        errors.update(self.capability_errors(tangents, cotangent, per_sample))
         return errors
+
+    def capability_errors(self, tangents, cotangent, per_sample) -> Dict[str, float]:
+        """Errors of the declared capabilities other than ``kronecker_input``.
+
+        - ``diagonal_jacobian``: ``phi'(x) * t`` against ``J t`` (so ``J_n = diag(phi'(x_n))``);
+        - ``kronecker_factors`` on the first sample alone: ``G (x) A`` against the exact block
+          ``sum_k vec(J^T s_k) vec(J^T s_k)^T`` (row-major ``vec``) where the rule's
+          Kronecker structure is exact per sample (it declares ``kronecker_input`` for the
+          argument); otherwise (KFC over positions) the shapes and that ``G``, ``A`` are
+          symmetric positive semi-definite;
+        - ``kronecker_roots``: ``G = R_G^T R_G`` and ``A = R_A^T R_A``.
+        """
+        rule, ctx, errors = self.rule, self.ctx, {}
+        diagonal = rule.capability("diagonal_jacobian")
+        if diagonal is not None:
+            t = {"input": tangents["input"]}
+            errors["diagonal_jacobian"] = _error(diagonal(ctx) * t["input"], self.jvp_of(t))
+        factors_of = rule.capability("kronecker_factors")
+        roots_of = rule.capability("kronecker_roots")
+        if self.mixes or (factors_of is None and roots_of is None):
+            return errors
+        first, factors = ctx.narrow(0, 1), cotangent[:, :1]
+        for s in self.slots:
+            if s in self.batched:
+                continue
+            pair = factors_of(first, s, factors) if factors_of is not None else None
+            if pair is not None:
+                u = per_sample[s][:, 0].reshape(cotangent.shape[0], -1)  # J_0^T s_k, [K, P]
+                exact, kron = u.T @ u, torch.kron(*pair)
+                if kron.shape != exact.shape:
+                    error = math.inf
+                elif self.kronecker_exact(first, s):
+                    error = _error(kron, exact)
+                else:  # an approximation (KFC over positions): symmetric PSD factors
+                    error = max(_not_psd(f) for f in pair)
+                errors["kronecker_factors"] = max(errors.get("kronecker_factors", 0.0), error)
+            roots = roots_of(first, s, factors) if roots_of is not None else None
+            if roots is not None and pair is not None:
+                for root, factor in zip(roots, pair):
+                    if root is not None:
+                        error = _error(root.T @ root, factor)
+                        errors["kronecker_roots"] = max(errors.get("kronecker_roots", 0.0), error)
+        return errors
+
+    def kronecker_exact(self, ctx, slot: str) -> bool:
+        """Whether the block of ``slot`` is exactly Kronecker per sample (``kronecker_input``)."""
+        kronecker_input = self.rule.capability("kronecker_input")
+        return kronecker_input is not None and kronecker_input(ctx, slot) is not None
 
     def jvp_of(self, tangents: Dict[str, Tensor]) -> Tensor:
         """``torch.func.jvp`` column by column (arguments missing from ``tangents`` fixed)."""

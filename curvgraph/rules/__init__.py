@@ -1,4 +1,6 @@
-"""Per-op Hessian-backpropagation rules and their registry (design section 3.5).
+"""Per-op curvature rules and their registry.
+
+See docs/architecture.md, "Rules: core and capabilities".
 
 Importing this package registers the built-in rules.
 """
@@ -36,8 +38,10 @@ from curvgraph.rules import (  # noqa: F401  (registration)
 from curvgraph.rules.factories import (
     ElementwiseRule,
     LinearMapRule,
+    OutputsRule,
     elementwise_rule,
     linear_rule,
+    outputs_rule,
 )
 from curvgraph.rules.fallback import FallbackRule, fallback_warning, rule_for_node, without_rules
 from curvgraph.rules.registry import (
@@ -68,6 +72,8 @@ from curvgraph.rules.residuals import (
 from curvgraph.rules.shape import STRUCTURAL
 
 __all__ = [
+    "OutputsRule",
+    "outputs_rule",
     "CAPABILITIES",
     "CHUNK_ELEMENTS",
     "STRUCTURAL",

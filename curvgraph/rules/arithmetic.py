@@ -33,6 +33,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from curvgraph.ops import tensor_method_keys
 from curvgraph.rules.factories import linear_rule
 from curvgraph.rules.registry import (
     Context,
@@ -56,17 +57,24 @@ __all__ = ["AddRule", "SubRule", "MulRule", "DivRule"]
 _OPERANDS = ("input", "other")
 
 
-def _keys(*names: str) -> list:
-    """``torch.<name>`` (where it exists) and the Tensor method spelling of each name."""
-    return [k for n in names for k in (getattr(torch, n, None), n) if k is not None]
-
-
-alias(operator.add, operator.iadd, *_keys("add", "add_"))
-alias(operator.sub, operator.isub, *_keys("sub", "sub_", "subtract", "subtract_"))
-alias(operator.mul, operator.imul, *_keys("mul", "mul_", "multiply", "multiply_"))
-alias(operator.truediv, operator.itruediv, *_keys("div", "div_", "divide", "divide_"))
-alias(operator.truediv, *_keys("true_divide", "true_divide_"))
-alias(operator.neg, *_keys("neg", "neg_", "negative", "negative_"))
+alias(operator.add, operator.iadd, *tensor_method_keys("add", "add_", inplace=False))
+alias(
+    operator.sub,
+    operator.isub,
+    *tensor_method_keys("sub", "sub_", "subtract", "subtract_", inplace=False),
+)
+alias(
+    operator.mul,
+    operator.imul,
+    *tensor_method_keys("mul", "mul_", "multiply", "multiply_", inplace=False),
+)
+alias(
+    operator.truediv,
+    operator.itruediv,
+    *tensor_method_keys("div", "div_", "divide", "divide_", inplace=False),
+)
+alias(operator.truediv, *tensor_method_keys("true_divide", "true_divide_", inplace=False))
+alias(operator.neg, *tensor_method_keys("neg", "neg_", "negative", "negative_", inplace=False))
 
 
 # -- broadcasting helpers --------------------------------------------------------------------
@@ -74,7 +82,7 @@ def _slots(ctx: Context) -> list:
     return [s for s in _OPERANDS if isinstance(ctx.args.get(s), Tensor)]
 
 
-def _lift(ctx: Context, slot: str, tangent: Tensor) -> Tensor:
+def lift_operand(ctx: Context, slot: str, tangent: Tensor) -> Tensor:
     """A tangent of ``slot`` shaped to broadcast against ``[K, N, *out]``."""
     if slot in ctx.batched:
         return tangent.expand(tangent.shape[0], *ctx.args[slot].shape)
@@ -83,7 +91,7 @@ def _lift(ctx: Context, slot: str, tangent: Tensor) -> Tensor:
     return tangent.reshape(tangent.shape[0], *pad, *param.shape)
 
 
-def _reduce(ctx: Context, slot: str, c: Tensor, lead: int) -> Tensor:
+def reduce_operand(ctx: Context, slot: str, c: Tensor, lead: int) -> Tensor:
     """Sum ``c`` (``lead`` leading axes, then ``out``) over the broadcast dims of ``slot``."""
     value = ctx.args[slot]
     if slot in ctx.batched:
@@ -98,13 +106,13 @@ def _reduce(ctx: Context, slot: str, c: Tensor, lead: int) -> Tensor:
     return c.reshape(*c.shape[:lead], *shape)
 
 
-def _full(ctx: Context, t: Tensor) -> Tensor:
+def full_output(ctx: Context, t: Tensor) -> Tensor:
     """``t`` broadcast to ``[K, N, *out]`` (a tangent that did not touch every entry)."""
     shape = (t.shape[0], *ctx.output.shape)
     return t if t.shape == shape else t.expand(shape).contiguous()
 
 
-def _check_operands(name: str, ctx: Context, slots=_OPERANDS) -> None:
+def check_operands(name: str, ctx: Context, slots=_OPERANDS) -> None:
     """Refuse operands that break the batch convention (see the module docstring)."""
     n, rank = ctx.batch_size, ctx.output.dim()
     tensors = {s: ctx.args[s] for s in slots if isinstance(ctx.args.get(s), Tensor)}
@@ -158,14 +166,14 @@ class _Entrywise(Residual):
             for s2, t in tangents.items():
                 h = self.second.get(tuple(sorted((s, s2))))
                 if h is not None:
-                    acc = acc + h * _lift(ctx, s2, t)
+                    acc = acc + h * lift_operand(ctx, s2, t)
             if isinstance(acc, Tensor):
-                result[s] = _reduce(ctx, s, acc, 2)
+                result[s] = reduce_operand(ctx, s, acc, 2)
         return result
 
     def _diagonal(self, slot: str) -> Optional[Tensor]:
         h = self.second.get((slot, slot))
-        return None if h is None else _reduce(self.ctx, slot, h.unsqueeze(0), 2)[0]
+        return None if h is None else reduce_operand(self.ctx, slot, h.unsqueeze(0), 2)[0]
 
     def summed_block(self, slot):  # noqa: D102
         d = self._diagonal(slot)
@@ -190,11 +198,11 @@ class _Entrywise(Residual):
                 p, cross, r = _modify_2x2(*[zero if v is None else v for v in h], mode)
                 diagonal.update(input=p, other=r)
             else:  # broadcast activations: dense per-sample blocks
-                return _FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
+                return FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
         return _Blocks(ctx, diagonal, cross) if diagonal else Zero()
 
 
-class _FullTangents(Residual):
+class FullTangents(Residual):
     """A residual fed activation tangents expanded to ``[K, N, *features]``.
 
     Tangents may arrive broadcast-shaped (a bias-only column ``[K, 1, ..., F]``); the
@@ -212,7 +220,7 @@ class _FullTangents(Residual):
     def apply(self, tangents, wanted=None):  # noqa: D102
         batched = self.ctx.batched
         return self.inner.apply(
-            {s: _lift(self.ctx, s, t) if s in batched else t for s, t in tangents.items()},
+            {s: lift_operand(self.ctx, s, t) if s in batched else t for s, t in tangents.items()},
             wanted,
         )
 
@@ -270,13 +278,13 @@ def _div(input, other, *, rounding_mode=None):
     return torch.div(input, other, rounding_mode=rounding_mode)
 
 
-def _away_from_zero(t: Tensor) -> Tensor:
+def away_from_zero(t: Tensor) -> Tensor:
     return t.sign() * (t.abs() + 0.5)
 
 
 def _binary_samples(denominator: bool = False, **options) -> list:
     """Activation/parameter/number combinations with broadcasting (float64)."""
-    b = _away_from_zero if denominator else (lambda t: t)
+    b = away_from_zero if denominator else (lambda t: t)
     both, other = ("input", "other"), ("other",)
     calls = [
         Sample((randn(3, 4), b(randn(3, 4, seed=1))), batched=both),
@@ -295,7 +303,7 @@ def _binary_samples(denominator: bool = False, **options) -> list:
     return calls + [Sample(c.args, dict(options), c.batched) for c in calls[:2] + calls[-2:]]
 
 
-class _Binary(Rule):
+class BinaryRule(Rule):
     """``y = f(a, b)`` entry by entry: first order from the entrywise ``dy/ds``.
 
     ``jvp = sum_s J_s * lift(t_s)``, ``vjp_s = reduce_s(J_s * c)``; the averaged Jacobian is
@@ -309,17 +317,19 @@ class _Binary(Rule):
         raise NotImplementedError
 
     def validate(self, ctx):  # noqa: D102
-        _check_operands(self.name, ctx)
+        check_operands(self.name, ctx)
 
     def jvp(self, ctx, tangents):  # noqa: D102
         terms = [
-            self.jacobian(ctx, s) * _lift(ctx, s, tangents[s]) for s in _slots(ctx) if s in tangents
+            self.jacobian(ctx, s) * lift_operand(ctx, s, tangents[s])
+            for s in _slots(ctx)
+            if s in tangents
         ]
-        return _full(ctx, sum(terms))
+        return full_output(ctx, sum(terms))
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         return {
-            s: _reduce(ctx, s, self.jacobian(ctx, s) * cotangent, 2)
+            s: reduce_operand(ctx, s, self.jacobian(ctx, s) * cotangent, 2)
             for s in _slots(ctx)
             if s in slots
         }
@@ -331,12 +341,12 @@ class _Binary(Rule):
                 j = self.jacobian(ctx, s)
                 if isinstance(j, Tensor) and j.dim() == ctx.output.dim():
                     j = j.mean(0)  # per-sample Jacobians (or a size-1 axis aligned with N)
-                result[s] = _reduce(ctx, s, j * cotangent, 1)
+                result[s] = reduce_operand(ctx, s, j * cotangent, 1)
         return result
 
 
 @register_rule(operator.add)
-class AddRule(_Binary):
+class AddRule(BinaryRule):
     """``y = a + alpha b``: ``J_a = 1``, ``J_b = alpha`` (entrywise, broadcast); no residual."""
 
     name, sign = "add", 1
@@ -361,7 +371,7 @@ class SubRule(AddRule):
 
 
 @register_rule(operator.mul)
-class MulRule(_Binary):
+class MulRule(BinaryRule):
     """``y = a * b``: ``J_a = b``, ``J_b = a``; residual ``R[a, b] = g`` (entrywise).
 
     For two activations of the output's shape, the per-entry block ``[[0, g], [g, 0]]`` has
@@ -385,7 +395,7 @@ class MulRule(_Binary):
 
 
 @register_rule(operator.truediv)
-class DivRule(_Binary):
+class DivRule(BinaryRule):
     """``y = a / b`` (true division): ``J_a = 1/b``, ``J_b = -a/b^2 = -y/b``.
 
     Second derivatives (times ``g``, entrywise): ``d2y/da2 = 0``, ``d2y/da db = -1/b^2``,

@@ -30,6 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.ops import register_decomposition
 from curvgraph.rules.dropout import apply_dropout_mask, dropout_mask
 from curvgraph.rules.factories import linear_rule
 from curvgraph.rules.registry import (
@@ -40,7 +41,6 @@ from curvgraph.rules.registry import (
     register_rule,
 )
 from curvgraph.rules.residuals import Zero
-from curvgraph.tracing.decompositions import register_decomposition
 
 __all__ = ["attention_scale", "attention_mask", "AttentionMaskRule"]
 

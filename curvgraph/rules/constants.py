@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.nn.functional as F
 
+from curvgraph.ops import tensor_method_keys
 from curvgraph.rules.registry import register_rule
 from curvgraph.rules.shape import StructuralRule
 
 __all__ = ["ConstantRule", "CONSTANT"]
-
-
-def _keys(*names: str) -> list:
-    """``torch.<name>`` (where it exists), the Tensor method and its in-place spelling."""
-    keys = []
-    for n in names:
-        keys += [k for k in (getattr(torch, n, None), n, n + "_") if k is not None]
-    return keys
 
 
 class ConstantRule(StructuralRule):
@@ -54,11 +46,17 @@ register_rule(
     operator.and_,
     operator.or_,
     operator.xor,
-    *_keys("gt", "ge", "lt", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal"),
-    *_keys("logical_not", "logical_and", "logical_or", "logical_xor", "isnan", "isinf"),
-    *_keys("isfinite", "sign", "floor", "ceil", "round", "trunc", "argmax", "argmin"),
-    *_keys("zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "detach"),
-    *_keys("argsort"),
+    *tensor_method_keys(
+        "gt", "ge", "lt", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal"
+    ),
+    *tensor_method_keys(
+        "logical_not", "logical_and", "logical_or", "logical_xor", "isnan", "isinf"
+    ),
+    *tensor_method_keys("isfinite", "sign", "floor", "ceil", "round", "trunc", "argmax", "argmin"),
+    *tensor_method_keys(
+        "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "detach"
+    ),
+    *tensor_method_keys("argsort"),
     F.one_hot,
     "long",
     "int",

@@ -36,7 +36,7 @@ from curvgraph.rules.residuals import CrossTerms, Residual
 
 __all__ = ["ConvRule", "patches", "resolve_padding"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {
     1: torch.nn.grad.conv1d_input,
     2: torch.nn.grad.conv2d_input,
@@ -91,7 +91,7 @@ def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, g
     raise NotImplementedError  # the signature only; see ConvRule.function
 
 
-class _ConvFamily(Rule):
+class ConvFamilyRule(Rule):
     """Shared geometry of (transposed) convolutions with ``dims`` spatial axes."""
 
     differentiable = ("input", "weight", "bias")
@@ -152,13 +152,13 @@ class _ConvFamily(Rule):
             )
 
 
-class ConvRule(_ConvFamily):
+class ConvRule(ConvFamilyRule):
     """``y_n = W * x_n + b`` in ``dims`` spatial dimensions (see the module docstring)."""
 
     def __init__(self, dims: int):
         super().__init__(dims)
         self.name = f"conv{dims}d"
-        conv = _CONV[dims]
+        conv = CONV_FUNCTIONS[dims]
 
         def function(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             return conv(input, weight, bias, stride, padding, dilation, groups)
@@ -201,7 +201,7 @@ class ConvRule(_ConvFamily):
         out = 0
         if "input" in tangents:
             t = tangents["input"]
-            y = _CONV[self.dims](
+            y = CONV_FUNCTIONS[self.dims](
                 t.flatten(0, 1), ctx.weight, None, groups=ctx.groups, **self._geometry(ctx)
             )
             out = out + y.unflatten(0, t.shape[:2])
@@ -283,4 +283,4 @@ class ConvRule(_ConvFamily):
 
 
 for _dims in (1, 2, 3):
-    register_rule(_CONV[_dims])(ConvRule(_dims))
+    register_rule(CONV_FUNCTIONS[_dims])(ConvRule(_dims))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
-from curvgraph.rules.conv import _CONV, _ConvFamily
+from curvgraph.rules.conv import CONV_FUNCTIONS, ConvFamilyRule
 from curvgraph.rules.gram import gram
 from curvgraph.rules.registry import (
     Sample,
@@ -44,7 +44,7 @@ def _conv_transpose_signature(
     raise NotImplementedError  # the signature only; see ConvTransposeRule.function
 
 
-class ConvTransposeRule(_ConvFamily):
+class ConvTransposeRule(ConvFamilyRule):
     """``y = T(x; W) + b``, the adjoint of a convolution (see the module docstring).
 
     The weight is ``[C_in, C_out/g, *kernel]``.
@@ -93,7 +93,7 @@ class ConvTransposeRule(_ConvFamily):
 
     def _adjoint(self, c: Tensor, weight: Tensor, ctx) -> Tensor:
         """``A(c; W)``: the convolution whose adjoint this op is (``[B, C_out, *O]`` in)."""
-        return _CONV[self.dims](c, weight, None, groups=ctx.groups, **self._geometry(ctx))
+        return CONV_FUNCTIONS[self.dims](c, weight, None, groups=ctx.groups, **self._geometry(ctx))
 
     def _apply(self, x: Tensor, weight: Tensor, ctx) -> Tensor:
         """``T(x; W)`` without bias, for ``x`` ``[B, C_in, *S]``."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.ops import register_decomposition
 from curvgraph.rules.registry import (
     Rule,
     Sample,
@@ -41,7 +42,6 @@ from curvgraph.rules.registry import (
     register_rule,
 )
 from curvgraph.rules.residuals import Zero
-from curvgraph.tracing.decompositions import register_decomposition
 
 __all__ = ["dropout_mask", "apply_dropout_mask", "ApplyDropoutMaskRule"]
 

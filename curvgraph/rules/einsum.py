@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from curvgraph.rules.arithmetic import _FullTangents
+from curvgraph.rules.arithmetic import FullTangents
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -341,8 +341,8 @@ class _Cross(CrossTerms):
         return inner if isinstance(inner, Zero) else _FullOperandTangents(inner, ctx)
 
 
-class _FullOperandTangents(_FullTangents):
-    """``_FullTangents`` for the list slots ``operands.i``."""
+class _FullOperandTangents(FullTangents):
+    """``FullTangents`` for the list slots ``operands.i``."""
 
     def apply(self, tangents, wanted=None):  # noqa: D102
         full = {

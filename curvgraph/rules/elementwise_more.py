@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from curvgraph.ops import tensor_method_keys
 from curvgraph.rules.factories import ElementwiseRule, LinearMapRule
 from curvgraph.rules.registry import (
     Sample,
@@ -28,14 +29,6 @@ from curvgraph.rules.registry import (
 )
 
 __all__ = ["DomainElementwiseRule", "ClampRule", "CastRule"]
-
-
-def _keys(*names: str) -> list:
-    """``torch.<name>`` (where it exists), and the Tensor method and in-place spellings."""
-    keys = []
-    for n in names:
-        keys += [k for k in (getattr(torch, n, None), n, n + "_") if k is not None]
-    return keys
 
 
 # -- smooth elementwise functions -----------------------------------------------------------------
@@ -55,7 +48,7 @@ class DomainElementwiseRule(ElementwiseRule):
 def _unary(name, first, second, domain=lambda t: 2 * t, extra=()):
     op = getattr(torch, name)
     rule = DomainElementwiseRule(name, lambda input: op(input), first, second, domain)
-    register_rule(*_keys(name), *extra)(rule)
+    register_rule(*tensor_method_keys(name), *extra)(rule)
 
 
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
@@ -144,7 +137,7 @@ class ClampRule(ElementwiseRule):
         self.check(ctx.args)
 
 
-alias(torch.clamp, torch.clip, *_keys("clamp", "clip"))
+alias(torch.clamp, torch.clip, *tensor_method_keys("clamp", "clip"))
 register_rule(torch.clamp)(ClampRule("clamp", _clamp, _clamp_d1, _zeros))
 
 
@@ -161,10 +154,10 @@ class _OneSidedClampRule(ClampRule):
         return [Sample((randn(3, 4) * 2, -0.5)), Sample((randn(2, 3, 2, 2, seed=1) * 2, 0.3))]
 
 
-register_rule(*_keys("clamp_min"))(
+register_rule(*tensor_method_keys("clamp_min"))(
     _OneSidedClampRule("clamp_min", _clamp_min, lambda input, min: _clamp_d1(input, min), _zeros)
 )
-register_rule(*_keys("clamp_max"))(
+register_rule(*tensor_method_keys("clamp_max"))(
     _OneSidedClampRule(
         "clamp_max", _clamp_max, lambda input, max: _clamp_d1(input, max=max), _zeros
     )

@@ -20,12 +20,12 @@ import inspect
 import torch
 
 from curvgraph.rules.arithmetic import (
-    _Binary,
-    _check_operands,
-    _full,
-    _FullTangents,
-    _lift,
-    _reduce,
+    BinaryRule,
+    FullTangents,
+    check_operands,
+    full_output,
+    lift_operand,
+    reduce_operand,
 )
 from curvgraph.rules.registry import (
     Rule,
@@ -61,7 +61,7 @@ def _masks():
     return randn(3, 4, seed=5) > 0, randn(2, 3, 4, seed=6) > 0
 
 
-class WhereRule(_Binary):
+class WhereRule(BinaryRule):
     """``y = where(m, a, b)``: ``J_a = m``, ``J_b = 1 - m`` entrywise; no residual."""
 
     name = "where"
@@ -88,7 +88,7 @@ class WhereRule(_Binary):
         return selected.to(ctx.output.dtype)
 
 
-class MaskedFillRule(_Binary):
+class MaskedFillRule(BinaryRule):
     """``y = masked_fill(x, m, v)``: ``J_x = 1 - m`` entrywise (``v`` a constant); no residual."""
 
     name = "masked_fill"
@@ -107,7 +107,7 @@ class MaskedFillRule(_Binary):
         return (~ctx.mask).to(ctx.output.dtype)
 
 
-class _Extremum(_Binary):
+class _Extremum(BinaryRule):
     """``maximum``/``minimum`` of two tensors: ``J_a = 1[a wins] + 1[a == b] / 2``."""
 
     def __init__(self, name, function, wins):
@@ -133,7 +133,7 @@ def _lerp(input, other, weight):
     return torch.lerp(input, other, weight)
 
 
-class LerpRule(_Binary):
+class LerpRule(BinaryRule):
     """``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: ``J_a = 1 - w``, ``J_b = w``."""
 
     name = "lerp"
@@ -226,7 +226,7 @@ class AddcmulRule(Rule):
         return [s for s in _ADDCMUL_SLOTS if isinstance(ctx.args.get(s), torch.Tensor)]
 
     def validate(self, ctx):  # noqa: D102
-        _check_operands(self.name, ctx, _ADDCMUL_SLOTS)
+        check_operands(self.name, ctx, _ADDCMUL_SLOTS)
 
     def _jacobian(self, ctx, slot):
         if slot == "input":
@@ -235,15 +235,15 @@ class AddcmulRule(Rule):
 
     def jvp(self, ctx, tangents):  # noqa: D102
         terms = [
-            self._jacobian(ctx, s) * _lift(ctx, s, tangents[s])
+            self._jacobian(ctx, s) * lift_operand(ctx, s, tangents[s])
             for s in self._slots(ctx)
             if s in tangents
         ]
-        return _full(ctx, sum(terms))
+        return full_output(ctx, sum(terms))
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         return {
-            s: _reduce(ctx, s, self._jacobian(ctx, s) * cotangent, 2)
+            s: reduce_operand(ctx, s, self._jacobian(ctx, s) * cotangent, 2)
             for s in self._slots(ctx)
             if s in slots
         }
@@ -255,10 +255,12 @@ class AddcmulRule(Rule):
             result = {}
             for s, other in (("tensor1", "tensor2"), ("tensor2", "tensor1")):
                 if other in tangents:
-                    result[s] = _reduce(ctx, s, h * _lift(ctx, other, tangents[other]), 2)
+                    result[s] = reduce_operand(
+                        ctx, s, h * lift_operand(ctx, other, tangents[other]), 2
+                    )
             return result
 
-        return _FullTangents.wrap(CrossTerms(product), ctx)
+        return FullTangents.wrap(CrossTerms(product), ctx)
 
 
 alias(torch.addcmul, "addcmul", "addcmul_")

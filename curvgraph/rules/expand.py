@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from curvgraph.ops import register_decomposition
 from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import (
     Sample,
@@ -18,7 +19,6 @@ from curvgraph.rules.registry import (
     randn,
     register_rule,
 )
-from curvgraph.tracing.decompositions import register_decomposition
 
 __all__ = ["ExpandRule"]
 

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from curvgraph.ops import OutputOf, op_name
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -24,7 +25,15 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import Diagonal, Residual
 
-__all__ = ["ElementwiseRule", "LinearMapRule", "elementwise_rule", "linear_rule"]
+__all__ = [
+    "ElementwiseRule",
+    "LinearMapRule",
+    "OutputsRule",
+    "elementwise_rule",
+    "linear_rule",
+    "output_of",
+    "outputs_rule",
+]
 
 
 def _options(ctx: Context) -> Dict:
@@ -158,6 +167,46 @@ class LinearMapRule(Rule):
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         result = self.vjp(ctx, cotangent.unsqueeze(1), slots)
         return {s: v.squeeze(1) for s, v in result.items()}
+
+
+def output_of(input, op, index: int, *args, **kwargs):
+    """``op(input, *args, **kwargs)[index]``, ``op`` a function or a Tensor method's name."""
+    return OutputOf(op, "call_method" if isinstance(op, str) else "call_function", index)(
+        input, *args, **kwargs
+    )
+
+
+def _input_and_options(input, *args, **kwargs):
+    """Canonical signature of one output of an op with several outputs."""
+
+
+class OutputsRule(LinearMapRule):
+    """Every output of an op with several outputs, each linear in the input (``chunk``).
+
+    Registered for :meth:`OutputOf.every(op) <curvgraph.ops.OutputOf.every>`: its canonical
+    function is :func:`output_of` (the op and the output's index are arguments, which is
+    what ``check_rule`` checks); :meth:`output` gives the rule of one output node
+    ``OutputOf(op, kind, i)(input, *args, **kwargs)``.
+    """
+
+    def __init__(self, name: str, samples: Callable[[], list] = list):
+        super().__init__(name, output_of, samples)
+        self._outputs: Dict[OutputOf, LinearMapRule] = {}
+
+    def output(self, target: OutputOf) -> LinearMapRule:
+        """The rule of the output node with target ``target`` (made once per target)."""
+        if target not in self._outputs:
+            rule = LinearMapRule(op_name(target), target)
+            rule.signature = inspect.signature(_input_and_options)
+            self._outputs[target] = rule
+        return self._outputs[target]
+
+
+def outputs_rule(*ops, name: str, samples: Callable[[], list] = list) -> OutputsRule:
+    """Create and register an :class:`OutputsRule` for the outputs of ``ops``."""
+    rule = OutputsRule(name, samples)
+    register_rule(*(OutputOf.every(op) for op in ops))(rule)
+    return rule
 
 
 def linear_rule(

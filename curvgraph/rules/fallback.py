@@ -1,4 +1,6 @@
-"""Rules derived with ``torch.func`` for ops that have none (design 4.3).
+"""Rules derived with ``torch.func`` for ops that have none.
+
+See docs/architecture.md, "Rules: core and capabilities".
 
 ``curvgraph.trace(model, fallback=True)`` gives every node without a usable rule a
 :class:`FallbackRule`: the op's forward ``y = f(a_0, a_1, ..., theta)`` (its positional

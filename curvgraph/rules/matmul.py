@@ -26,7 +26,7 @@ import operator
 import torch
 from torch import Tensor
 
-from curvgraph.rules.arithmetic import _FullTangents
+from curvgraph.rules.arithmetic import FullTangents
 from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import (
     Context,
@@ -201,7 +201,7 @@ class _Cross(CrossTerms):
     """Cross terms whose generic PCH (per-sample eigen-solve) accepts broadcast tangents."""
 
     def modified(self, ctx, mode, groups):  # noqa: D102
-        return _FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
+        return FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
 
 
 # -- axis permutations ------------------------------------------------------------------------

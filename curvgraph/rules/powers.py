@@ -13,7 +13,8 @@ import operator
 import torch
 from torch import Tensor
 
-from curvgraph.rules.arithmetic import _away_from_zero, _keys
+from curvgraph.ops import tensor_method_keys
+from curvgraph.rules.arithmetic import away_from_zero
 from curvgraph.rules.factories import ElementwiseRule
 from curvgraph.rules.registry import (
     Sample,
@@ -25,7 +26,7 @@ from curvgraph.rules.registry import (
 
 __all__ = ["PowRule"]
 
-alias(operator.pow, operator.ipow, *_keys("pow", "pow_"))
+alias(operator.pow, operator.ipow, *tensor_method_keys("pow", "pow_", inplace=False))
 
 
 def _pow(input, exponent):
@@ -81,7 +82,7 @@ class _Unary(ElementwiseRule):
 
 def _unary(name: str, function, first, second, domain=lambda t: 2 * t, extra=()):
     rule = _Unary(name, function, first, second, domain=domain)
-    register_rule(*_keys(name, name + "_"), *extra)(rule)
+    register_rule(*tensor_method_keys(name, name + "_", inplace=False), *extra)(rule)
 
 
 def _positive(t):
@@ -109,7 +110,7 @@ _unary(
     lambda input: torch.reciprocal(input),
     lambda x: -(x**-2),
     lambda x: 2 * x**-3,
-    _away_from_zero,
+    away_from_zero,
 )
 _unary(
     "square", lambda input: torch.square(input), lambda x: 2 * x, lambda x: torch.full_like(x, 2.0)

@@ -4,7 +4,8 @@ An *op key* is how a traced node names its operation: an ``nn.Module`` subclass 
 modules (``call_module``), a Python callable (``call_function``: ``torch.relu``,
 ``F.relu``, ``operator.add``) or a Tensor method name (``call_method``: ``"relu"``).
 Spellings of the same op (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``"relu"``, ``"relu_"``,
-...) form one alias group and share one rule.
+...) form one alias group and share one rule; keys, alias groups and the rule table live
+in :mod:`curvgraph.ops` (docs/architecture.md, "Op registry and capture").
 
 A rule describes the op through its *canonical signature* (a Python function whose
 parameter names are the op's arguments, e.g. ``linear(input, weight, bias=None)``).
@@ -19,11 +20,22 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from curvgraph.ops import (
+    RULES,
+    OpKey,
+    OutputOf,
+    alias,
+    alias_tensor_methods,
+    canonical_key,
+    is_inplace,
+    op_name,
+    tensor_method_keys,
+)
 from curvgraph.rules.residuals import Residual, Zero
 
 __all__ = [
@@ -39,9 +51,12 @@ __all__ = [
     "op_name",
     "UnsupportedConfigurationError",
     "CAPABILITIES",
+    "alias_tensor_methods",
+    "tensor_method_keys",
+    "is_inplace",
+    "unregister",
 ]
 
-OpKey = Union[type, Callable, str]
 Tensors = Dict[str, Tensor]
 
 
@@ -134,9 +149,9 @@ def randn(*shape: int, seed: int = 0) -> Tensor:
 
 
 class Rule:
-    """Hessian-backpropagation rule of one op (design section 3.5).
+    """The rule of one op (docs/architecture.md, "Rules: core and capabilities").
 
-    Subclasses set :attr:`signature` (through :meth:`from_function` or a class attribute)
+    Subclasses set :attr:`signature` (a class attribute, or the factories' constructors)
     and implement :meth:`jvp`, :meth:`vjp` and, for non-linear ops, :meth:`residual`.
     Shapes (index convention of :mod:`curvgraph.rules.residuals`): activation tangents and
     cotangents ``[K, N, *features]``; parameter tangents ``[K, *param.shape]``, per-sample
@@ -317,50 +332,7 @@ def _column_chunk(elements_per_column: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# registry
-
-
-_ALIAS_GROUPS: Dict[Any, frozenset] = {}
-_RULES: Dict[Any, Rule] = {}
-
-
-def canonical_key(key: OpKey) -> Any:
-    """Normalize a spelling: Tensor methods (``torch.Tensor.relu``) become their name."""
-    if isinstance(key, str) or isinstance(key, type):
-        return key
-    name = getattr(key, "__name__", None)
-    if name is not None and getattr(torch.Tensor, name, None) is key:
-        return name
-    return key
-
-
-def op_name(key: OpKey) -> str:
-    """Readable name of an op key (``torch.nn.Linear``, ``torch.relu``, ``Tensor.view``)."""
-    if isinstance(key, str):
-        return f"Tensor.{key}"
-    module = getattr(key, "__module__", None) or ""
-    name = getattr(key, "__qualname__", None) or getattr(key, "__name__", repr(key))
-    if name.startswith("_VariableFunctionsClass."):  # torch.cumprod and friends
-        name, module = name.split(".", 1)[1], "torch"
-    if module.startswith("torch.nn.modules"):
-        module = "torch.nn"
-    elif module in ("torch._C._nn", "torch._C._VariableFunctions", "torch._VariableFunctions"):
-        module = "torch"
-    return f"{module}.{name}" if module else name
-
-
-def alias(*keys: OpKey) -> None:
-    """Declare spellings of the same op, so that they share one rule."""
-    group = frozenset(canonical_key(k) for k in keys)
-    for k in list(group):
-        group = group | _ALIAS_GROUPS.get(k, frozenset())
-    for k in group:
-        _ALIAS_GROUPS[k] = group
-
-
-def _expand(key: OpKey) -> frozenset:
-    key = canonical_key(key)
-    return _ALIAS_GROUPS.get(key, frozenset([key]))
+# registry (the table lives in :mod:`curvgraph.ops`)
 
 
 def register_rule(*op_keys: OpKey, override: bool = False) -> Callable:
@@ -385,39 +357,32 @@ def register_rule(*op_keys: OpKey, override: bool = False) -> Callable:
         if not isinstance(rule, Rule):
             raise TypeError(f"register_rule expects a Rule subclass or instance, got {rule!r}")
         check_capabilities(rule)
-        keys = set().union(*(_expand(k) for k in op_keys))
-        taken = sorted(op_name(k) for k in keys if k in _RULES and _RULES[k] is not rule)
-        if taken and not override:
-            raise ValueError(
-                f"ops already have a rule: {', '.join(taken)}; pass override=True to replace"
-            )
-        for k in keys:
-            _RULES[k] = rule
+        RULES.register(op_keys, rule, override=override)
         return rule_or_class
 
     return decorator
 
 
 def lookup_rule(key: OpKey) -> Optional[Rule]:
-    """The rule registered for an op key, or ``None``."""
-    return _RULES.get(canonical_key(key))
+    """The rule registered for an op key, or ``None``.
+
+    An output of an op with several outputs (:class:`~curvgraph.ops.OutputOf`) is served by
+    the rule registered for ``OutputOf.every(op)`` (``chunk``, ``split``, ``unbind``),
+    specialized to that output with :meth:`OutputsRule.output`.
+    """
+    rule = RULES.lookup(key)
+    if rule is None and isinstance(key, OutputOf) and key.index is not None:
+        every = RULES.lookup(key.family())
+        if every is not None:
+            rule = every.output(key)
+    return rule
 
 
 def registered_rules() -> Dict[Rule, Set[Any]]:
     """Every registered rule with the set of keys it serves."""
-    result: Dict[Rule, Set[Any]] = {}
-    for key, rule in _RULES.items():
-        result.setdefault(rule, set()).add(key)
-    return result
+    return RULES.by_entry()
 
 
 def unregister(*op_keys: OpKey) -> None:
     """Remove the rules of ``op_keys`` and their aliases (used by tests and notebooks)."""
-    for key in set().union(*(_expand(k) for k in op_keys)):
-        _RULES.pop(key, None)
-
-
-def is_inplace(key: Any, arguments: Dict[str, Any]) -> bool:
-    """Whether a call modifies its first argument in place (``relu_``, ``inplace=True``)."""
-    name = key if isinstance(key, str) else getattr(key, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or arguments.get("inplace") is True
+    RULES.remove(op_keys)

@@ -1,4 +1,4 @@
-"""Structured second-order terms of an op (the "residual" of design section 3.5).
+"""Structured second-order terms of an op (docs/architecture.md, "Rules: core and capabilities").
 
 For a node ``y = f(x_1, ..., x_m)`` and the loss gradient ``g = dL/dy`` at its output, the
 residual of sample ``n`` is the symmetric bilinear form

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from curvgraph.ops import register_decomposition
 from curvgraph.rules.constants import CONSTANT
 from curvgraph.rules.registry import UnsupportedConfigurationError, register_rule
-from curvgraph.tracing.decompositions import register_decomposition
 
 __all__ = ["sort_indices", "topk_indices"]
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvgraph.rules.factories import LinearMapRule, linear_rule
+from curvgraph.rules.factories import LinearMapRule, linear_rule, outputs_rule
 from curvgraph.rules.registry import (
     Rule,
     Sample,
@@ -24,7 +24,6 @@ from curvgraph.rules.registry import (
     randn,
     register_rule,
 )
-from curvgraph.tracing.tracer import take
 
 alias(nn.Flatten, torch.flatten, "flatten", "view", "reshape", torch.reshape)
 alias(nn.Identity, "contiguous")
@@ -88,7 +87,7 @@ linear_rule(
 )
 
 
-def _take_samples():
+def _outputs_samples():
     return [
         Sample((randn(2, 6, 3), "chunk", 1, 3), dict(dim=1)),
         Sample((randn(2, 4, 3), "split", 0, [1, 2]), dict(dim=-1)),
@@ -96,7 +95,16 @@ def _take_samples():
     ]
 
 
-linear_rule(take, function=take, name="take", samples=_take_samples)
+outputs_rule(
+    torch.chunk,
+    "chunk",
+    torch.split,
+    "split",
+    torch.unbind,
+    "unbind",
+    name="output of chunk/split/unbind",
+    samples=_outputs_samples,
+)
 
 
 def _getitem(input, index):

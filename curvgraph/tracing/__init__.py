@@ -1,6 +1,21 @@
-"""Capture of a model as a ``torch.fx`` graph, op keys and source locations."""
+"""Capture of a model as a ``torch.fx`` graph with canonical op keys.
 
+Tracing (:func:`symbolic_trace`), then the capture passes: one node per output of ops with
+several outputs (:mod:`curvgraph.tracing.outputs`) and decompositions
+(:mod:`curvgraph.tracing.decompositions`). Reads the tables of :mod:`curvgraph.ops` (filled
+by :mod:`curvgraph.rules`); docs/architecture.md, "Op registry and capture".
+"""
+
+from curvgraph.tracing.decompositions import decompose, is_decomposable
+from curvgraph.tracing.outputs import split_outputs, split_tuple_outputs
 from curvgraph.tracing.tracer import node_key, source_line, symbolic_trace
-from curvgraph.tracing.tuples import split_tuple_outputs
 
-__all__ = ["node_key", "source_line", "split_tuple_outputs", "symbolic_trace"]
+__all__ = [
+    "decompose",
+    "is_decomposable",
+    "node_key",
+    "source_line",
+    "split_outputs",
+    "split_tuple_outputs",
+    "symbolic_trace",
+]

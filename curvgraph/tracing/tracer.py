@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import os
 import re
 from typing import Any
@@ -12,8 +11,10 @@ import torch.fx
 from torch import nn
 
 from curvgraph.errors import TraceError
-from curvgraph.rules.registry import lookup_rule
+from curvgraph.ops import OutputOf, lookup_decomposition
+from curvgraph.rules import lookup_rule
 from curvgraph.tracing.decompositions import decompose
+from curvgraph.tracing.outputs import split_outputs
 
 __all__ = ["symbolic_trace", "node_key", "source_line"]
 
@@ -48,39 +49,15 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
             "trace, or rewrite it without data-dependent branches."
         ) from error
-    decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout -> primitive ops
-    _split_multi_output(graph)
+    split_outputs(graph, _served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
+    decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-#: ops that return a tuple of tensors, each used through ``operator.getitem``
-MULTI_OUTPUT = {torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind", "unflatten"}
-
-
-def take(input, op: str, index: int, *args, **kwargs):
-    """``input.op(*args, **kwargs)[index]``: one output of a multi-output op as a node."""
-    return getattr(input, op)(*args, **kwargs)[index]
-
-
-def _split_multi_output(graph: torch.fx.Graph) -> None:
-    """Replace ``getitem(chunk(x), i)`` by ``take(x, chunk, i)``: single-output nodes."""
-    for node in list(graph.nodes):
-        if node.op not in ("call_function", "call_method") or node.target not in MULTI_OUTPUT:
-            continue
-        users = list(node.users)
-        if not users or any(u.target is not operator.getitem for u in users):
-            continue
-        name = node.target if isinstance(node.target, str) else node.target.__name__
-        for user in users:
-            with graph.inserting_after(user):
-                replacement = graph.call_function(
-                    take, (node.args[0], name, user.args[1], *node.args[1:]), node.kwargs
-                )
-            replacement.meta = dict(user.meta)
-            replacement.stack_trace = node.stack_trace
-            user.replace_all_uses_with(replacement)
-            graph.erase_node(user)
-        graph.erase_node(node)
+def _served_per_output(node: torch.fx.Node) -> bool:
+    """Whether a rule or a decomposition serves the outputs of ``node``'s op one by one."""
+    every = lookup_rule(OutputOf.every(node.target))
+    return every is not None or lookup_decomposition(node.target) is not None
 
 
 def node_key(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> Any:
