@@ -5,5 +5,6 @@
   (:mod:`benchmarks.accuracy`), convergence of CG-Newton against SGD and Adam
   (:mod:`benchmarks.convergence`) and the seed tutorial's figure.
 - ``python -m benchmarks.foundation``: HBP pass / gradient and CG-Newton step / SGD step.
-- :mod:`benchmarks.timing`: medians after warm-up, interleaving, contention, peak memory.
+- :mod:`benchmarks.timing`: medians after warm-up, interleaving; with peak memory
+  (:mod:`benchmarks.memory`) and the environment and contention (:mod:`benchmarks.machine`).
 """

@@ -14,7 +14,7 @@ load other processes put on the machine the same way:
 - :func:`is_busy`: whether that share is large enough (above :data:`BUSY`, over at least
   :data:`MIN_CONTENTION_WALL_S` of timed calls) to distort the timings.
 
-The contention dictionaries are those of :func:`benchmarks.timing.contention`.
+The contention dictionaries are those of :func:`benchmarks.machine.contention`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def others_share(contention: Optional[Dict[str, float]]) -> str:
     """Other processes' share of the CPUs (``others_fraction`` + ``steal_fraction``).
 
     Args:
-        contention: A result of :func:`benchmarks.timing.contention`, or None.
+        contention: A result of :func:`benchmarks.machine.contention`, or None.
 
     Returns:
         E.g. ``"12%"``; ``"n/a"`` without a measurement, ``"–"`` when the span was shorter
@@ -84,7 +84,7 @@ def is_busy(contention: Optional[Dict[str, float]], spare: float = 0.0) -> bool:
     """Others took more than ``spare + BUSY`` of the CPUs, over a span long enough to tell.
 
     Args:
-        contention: A result of :func:`benchmarks.timing.contention`, or None (not busy).
+        contention: A result of :func:`benchmarks.machine.contention`, or None (not busy).
         spare: The share of the CPUs the benchmark's threads leave to others (0.5 for one
             thread on two cores).
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
-from benchmarks.timing import environment, measure_interleaved, ratio
+from benchmarks.machine import environment
+from benchmarks.timing import measure_interleaved, ratio
 from curvgraph.datasets import load_mnist_subset
 from curvgraph.rules.fallback import without_rules
 

@@ -27,20 +27,31 @@ Fashion-MNIST from IDX files (:func:`curvgraph.datasets.load_idx`) in ``data_dir
 ``<workspace>/shared/data/fashion-mnist``), falling back to the MNIST subset when absent
 (``dataset`` says which was used); CIFAR-10 from a torchvision root holding
 ``cifar-10-batches-py`` when one is found, synthetic otherwise.
+
+The builders of the models are in :mod:`benchmarks.problem_models`, the data loading in
+:mod:`benchmarks.problem_data`; :class:`ResidualBlock`, :func:`data_info` and
+:func:`idx_train_images` are importable from here as well.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import DATA_ROOT, FASHION_MNIST_DIR
-from curvgraph.datasets import load_idx, load_mnist_subset
+from benchmarks.problem_data import data_info, idx_train_images, training_images
+from benchmarks.problem_models import (
+    ResidualBlock,
+    conv_2c2d,
+    conv_3c3d,
+    logreg,
+    mlp,
+    sigmoid_cnn,
+    small_resnet,
+)
 
 __all__ = [
     "PROBLEMS",
@@ -50,232 +61,6 @@ __all__ = [
     "get",
     "idx_train_images",
 ]
-
-SYNTHETIC_SEED = 1234  # generator seed of the synthetic CIFAR-10-shaped batch
-
-
-# -- data ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _mnist() -> Tuple[Tensor, Tensor]:
-    return load_mnist_subset("train").tensors
-
-
-@functools.cache
-def _fashion_mnist(directory: str) -> Tuple[Tensor, Tensor]:
-    return load_idx(directory, "train").tensors
-
-
-@functools.cache
-def _cifar10(root: str) -> Tuple[Tensor, Tensor]:
-    from curvgraph.datasets import load_torchvision
-
-    return load_torchvision("CIFAR10", root, "train").tensors
-
-
-def _fashion_dir(data_dir: Optional[str]) -> Path:
-    if data_dir is None:
-        return FASHION_MNIST_DIR
-    directory = Path(data_dir).expanduser()
-    return directory / "fashion-mnist" if (directory / "fashion-mnist").is_dir() else directory
-
-
-def _cifar_root(data_dir: Optional[str]) -> Optional[Path]:
-    """A torchvision root holding ``cifar-10-batches-py`` (``data_dir`` or the shared data)."""
-    for root in ([Path(data_dir).expanduser()] if data_dir else []) + [DATA_ROOT]:
-        if (root / "cifar-10-batches-py").is_dir():
-            return root
-    return None
-
-
-def idx_train_images(directory: Path) -> Optional[Path]:
-    """The IDX file of the training images in ``directory``, if there is one (not read).
-
-    Looks for the names :func:`curvgraph.datasets.load_idx` reads:
-    ``train-images-idx3-ubyte`` or ``train-images.idx3-ubyte``, each optionally gzipped.
-
-    Args:
-        directory: The folder to look in.
-
-    Returns:
-        The path of the first of those files that exists, else None.
-    """
-    for name in ("train-images-idx3-ubyte", "train-images.idx3-ubyte"):
-        for candidate in (directory / name, directory / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def data_info(dataset: str, data_dir: Optional[str] = None) -> Dict[str, object]:
-    """What ``dataset`` (``mnist`` | ``fashion-mnist`` | ``cifar10``) resolves to.
-
-    Returns ``{"dataset", "loader", "synthetic", "source", "note"}``: the dataset actually
-    used (the MNIST subset stands in for a missing Fashion-MNIST), which loader reads it
-    (``mnist | fashion-mnist | cifar10 | synthetic``), whether the data is synthetic, and
-    where it comes from.
-    """
-    if dataset == "mnist":
-        return {
-            "dataset": "MNIST subset (bundled, 8,000 training digits)",
-            "loader": "mnist",
-            "synthetic": False,
-            "source": "curvgraph/data/mnist-10k.npz",
-            "note": "",
-        }
-    if dataset == "fashion-mnist":
-        directory = _fashion_dir(data_dir)
-        if idx_train_images(directory) is not None:
-            return {
-                "dataset": "Fashion-MNIST (full, 60,000 training images)",
-                "loader": "fashion-mnist",
-                "synthetic": False,
-                "source": str(directory),
-                "note": "",
-            }
-        return {
-            "dataset": "MNIST subset (bundled) in place of Fashion-MNIST",
-            "loader": "mnist",
-            "synthetic": False,
-            "source": "curvgraph/data/mnist-10k.npz",
-            "note": f"Fashion-MNIST IDX files not found in {directory}; the bundled MNIST "
-            "subset (same shape) is used instead",
-        }
-    if dataset == "cifar10":
-        root = _cifar_root(data_dir)
-        if root is not None:
-            return {
-                "dataset": "CIFAR-10 (torchvision files)",
-                "loader": "cifar10",
-                "synthetic": False,
-                "source": str(root),
-                "note": "",
-            }
-        return {
-            "dataset": "synthetic CIFAR-10-shaped data",
-            "loader": "synthetic",
-            "synthetic": True,
-            "source": f"torch.Generator().manual_seed({SYNTHETIC_SEED}): pixels uniform in "
-            "[0, 1], labels uniform in 0..9",
-            "note": "CIFAR-10 is not available offline: timings are valid (same shapes), the "
-            "data is not real",
-        }
-    raise ValueError(f"unknown dataset {dataset!r}")
-
-
-def _images(dataset: str, data_dir: Optional[str], n: int) -> Tuple[Tensor, Tensor]:
-    """The first ``n`` training images ``[n, c, h, w]`` (float32 in [0, 1]) and labels."""
-    info = data_info(dataset, data_dir)
-    if info["loader"] == "synthetic":
-        g = torch.Generator().manual_seed(SYNTHETIC_SEED)
-        return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    if info["loader"] == "cifar10":
-        images, labels = _cifar10(str(info["source"]))
-    elif info["loader"] == "fashion-mnist":
-        images, labels = _fashion_mnist(str(info["source"]))
-    else:
-        images, labels = _mnist()
-    if n > len(labels):
-        raise ValueError(f"batch size {n} exceeds the {len(labels)} training examples")
-    return images[:n], labels[:n]
-
-
-# -- models ----------------------------------------------------------------------------------
-
-
-class ResidualBlock(nn.Module):
-    """``x + conv2(relu(conv1(x)))`` with 3x3 convolutions, padding 1 (shape preserving)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The block's output, shaped like ``x``."""
-        return x + self.conv2(torch.relu(self.conv1(x)))
-
-
-def _logreg() -> nn.Module:
-    return nn.Linear(784, 10)
-
-
-def _mlp(activation: Callable[[], nn.Module]) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, 1000),
-        activation(),
-        nn.Linear(1000, 500),
-        activation(),
-        nn.Linear(500, 100),
-        activation(),
-        nn.Linear(100, 10),
-    )
-
-
-def _2c2d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2),  # "same": padding=2 for 5x5, stride 1 (BackPACK
-        # 1.7.1 does not accept the string)
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 10),
-    )
-
-
-def _3c3d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Conv2d(64, 96, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Conv2d(96, 128, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Flatten(),
-        nn.Linear(128 * 3 * 3, 512),
-        nn.ReLU(),
-        nn.Linear(512, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
-def _sigmoid_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 5),
-        nn.Sigmoid(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 5),
-        nn.Sigmoid(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 10),
-    )
-
-
-def _small_resnet() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1),
-        nn.ReLU(),
-        ResidualBlock(4),
-        nn.MaxPool2d(2),
-        ResidualBlock(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 7 * 7, 10),
-    )
-
-
-# -- problems --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -331,7 +116,7 @@ class Problem:
         ``device``; ``y`` holds int64 labels.
         """
         n = self.batch_size if n is None else n
-        images, labels = _images(self.dataset, data_dir, n)
+        images, labels = training_images(self.dataset, data_dir, n)
         x = images.reshape(n, *self.input_shape)
         return x.to(device=device, dtype=dtype), labels.to(device)
 
@@ -346,7 +131,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "seed_logreg",
             "logistic regression nn.Linear(784, 10) (the seed model), MNIST",
-            _logreg,
+            logreg,
             "mnist",
             (784,),
             500,
@@ -355,7 +140,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "mnist_mlp",
             "MLP 784-1000-500-100-10, ReLU, MNIST",
-            functools.partial(_mlp, nn.ReLU),
+            functools.partial(mlp, nn.ReLU),
             "mnist",
             (784,),
             128,
@@ -364,7 +149,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "mnist_mlp_sigmoid",
             "MLP 784-1000-500-100-10, sigmoid, MNIST",
-            functools.partial(_mlp, nn.Sigmoid),
+            functools.partial(mlp, nn.Sigmoid),
             "mnist",
             (784,),
             128,
@@ -372,7 +157,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "fmnist_2c2d",
             "2c2d: conv32-conv64-fc1024-fc10, ReLU, Fashion-MNIST",
-            _2c2d,
+            conv_2c2d,
             "fashion-mnist",
             (1, 28, 28),
             128,
@@ -381,7 +166,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "cifar10_3c3d",
             "3c3d: conv64-conv96-conv128-fc512-fc256-fc10, ReLU, CIFAR-10 shape",
-            _3c3d,
+            conv_3c3d,
             "cifar10",
             (3, 32, 32),
             128,
@@ -390,7 +175,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "sigmoid_cnn",
             "CNN conv4-conv8-fc10, sigmoid, MNIST (the paper's CNN, scaled down)",
-            _sigmoid_cnn,
+            sigmoid_cnn,
             "mnist",
             (1, 28, 28),
             128,
@@ -398,7 +183,7 @@ PROBLEMS: Dict[str, Problem] = {
         Problem(
             "small_resnet",
             "ResNet: conv4/2 + 2 residual blocks x + conv(relu(conv(x))) + fc10, MNIST",
-            _small_resnet,
+            small_resnet,
             "mnist",
             (1, 28, 28),
             128,

@@ -38,8 +38,9 @@ from torch import nn
 
 import curvgraph
 from benchmarks.common import FASHION_MNIST_DIR
+from benchmarks.machine import environment
 from benchmarks.problems import PROBLEMS
-from benchmarks.timing import environment, measure_interleaved, ratio
+from benchmarks.timing import measure_interleaved, ratio
 from curvgraph.datasets import load_dataset, load_mnist_subset
 
 __all__ = ["CONFIGS", "SCHEMA_VERSION", "markdown", "plot", "run"]

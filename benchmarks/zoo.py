@@ -21,6 +21,12 @@ for a subset, ``--no-exact`` for the tracing columns only, ``--reuse old.json`` 
 exact checks of an earlier run for models whose tracing columns did not change (each row
 names the commit its exact check ran at). Each row records ``seconds`` and
 ``peak_memory_gb`` (GiB, the process's peak so far: run one model per process to measure it).
+
+The models are built, sized and calibrated in :mod:`benchmarks.zoo_models`, the exact check is
+:mod:`benchmarks.zoo_check`; this module makes the rows and the table (:func:`zoo_row`,
+:func:`markdown`) and holds the command line (:func:`main`). :func:`build`,
+:func:`calibrate_batch_norm`, :func:`input_size`, :func:`exact_check` and :func:`tolerance`
+are importable from here as well.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import subprocess
 import sys
 import time
@@ -37,186 +42,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch import nn
 
 import curvgraph
+from benchmarks.zoo_check import TOLERANCE, exact_check, tolerance
+from benchmarks.zoo_check import TOLERANCE_HARDSIGMOID as TOLERANCE_HARDSIGMOID
+from benchmarks.zoo_models import SIZES, build, calibrate_batch_norm, input_size, models_by_size
 
 __all__ = ["build", "calibrate_batch_norm", "input_size", "exact_check", "tolerance"]
 __all__ += ["zoo_row", "markdown", "main"]
 
 EXACT_KEYS = ("input", "exact", "exact_errors", "exact_error", "exact_skipped", "exact_commit")
-SIZES = (64, 224, 299)  # input sizes tried, smallest first
-TOLERANCE = 1e-8
-#: torch's forward-mode derivative of hardsigmoid (also inside hardswish) rounds 1/6 to
-#: float32, an error of 5e-9 in float64 (``torch.func.jvp(F.hardsigmoid, ...)``), and the
-#: reference's ``J v`` needs forward mode (hardsigmoid has no double backward): models with
-#: these activations are compared at this tolerance (observed: 6e-8 on MobileNetV3).
-TOLERANCE_HARDSIGMOID = 1e-6
-
-
-def build(name: str, device: str = "cpu") -> nn.Module:
-    """The torchvision model ``name`` (random weights, eval mode) on ``device``."""
-    import torchvision
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = torchvision.models.get_model(name, weights=None)
-    return model.eval()
-
-
-def input_size(model: nn.Module, sizes: Sequence[int] = SIZES) -> Optional[int]:
-    """The smallest of ``sizes`` that the model accepts (``None`` if none)."""
-    for size in sizes:
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, size, size))
-            return size
-        except Exception:  # noqa: BLE001 - too small for this architecture
-            continue
-    return None
-
-
-def exact_check(
-    model: nn.Module, size: int, blocks: int = 3, seed: int = 0, fallback: bool = False
-) -> Dict[str, float]:
-    """Relative errors ``|C v - J^T H J v| / |J^T H J v|`` of a few random GGN blocks.
-
-    The check must not be vacuous, so the model is first put in a regime where the loss
-    Hessian is far from zero:
-
-    - parameters that are exactly zero (zero-initialised heads) get small random values;
-    - BatchNorm running statistics are calibrated on the check's input (each layer's
-      statistics are those of its input, see :func:`calibrate_batch_norm`): at
-      initialisation the running statistics are
-      ``mean 0, var 1`` whatever the activations are, so deep networks (inception_v3,
-      resnet152) amplify them layer after layer and their logits differ by ``1e7``-``1e12``;
-      the softmax is then one-hot in float64, ``H = diag(p) - p p^T`` is exactly 0 and so is
-      every reference product. Calibrated, eval-mode BatchNorm is still the affine map
-      ``y = gamma (x - mu) / sqrt(var + eps) + beta`` with fixed ``mu, var``: the graph and
-      its rules are the same, only the constants are realistic (as in a trained network);
-    - a softmax still saturated (a sample's largest probability above ``1 - 1e-6``) and a
-      block whose reference product is zero raise instead of passing.
-
-    Args:
-        model: a float64 model in eval mode.
-        size: input height and width.
-        blocks: number of parameter blocks (chosen with ``random.Random(seed)``).
-        seed: seed of the block choice, the input, the labels and the vectors.
-        fallback: trace with the autograd fallback.
-
-    Returns:
-        block name -> relative error (max-norm).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():  # zero-initialised layers (ViT's head) would make every product 0
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=dtype))
-    x = torch.randn(2, 3, size, size, generator=generator, dtype=dtype)
-    calibrate_batch_norm(model, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cg = curvgraph.trace(model, fallback=fallback)
-    out = cg(x)
-    largest = F.softmax(out.detach(), dim=1).max(dim=1).values.max().item()
-    if largest > 1 - 1e-6:
-        raise RuntimeError(f"the softmax is saturated (probability {largest}): check vacuous")
-    y = torch.randint(0, out.shape[1], (2,), generator=generator)
-    loss = F.cross_entropy(out, y)
-    curv = cg.curvature(loss, out, curvature="ggn", method="exact")
-    names = sorted(random.Random(seed).sample(sorted(curv), min(blocks, len(curv))))
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    vectors = {n: torch.randn(params[n].shape, generator=generator, dtype=dtype) for n in names}
-    products = curv.matvec(vectors)
-    del cg, out, loss, curv  # the recorded forward is not needed by the reference
-    gc.collect()  # (it may sit in reference cycles)
-    errors = {}
-    references = _ggn_vector_products(model, params, x, y, vectors)
-    for name, expected in references.items():
-        scale = expected.abs().max()
-        if scale == 0:  # a vacuous comparison is no check
-            raise RuntimeError(f"the reference product of {name!r} is zero: nothing checked")
-        errors[name] = ((products[name] - expected).abs().max() / scale).item()
-    return errors
-
-
-def calibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
-    """Running statistics of every BatchNorm layer := those of its input in ``model(x)``.
-
-    One eval-mode forward in which each BatchNorm, just before it runs, sets ``running_mean``
-    and ``running_var`` to the mean and biased variance of its input over all axes but the
-    channels: every layer then sees the activations of the calibrated layers before it, and
-    ``model(x)`` in eval mode normalises every BatchNorm input exactly. (Running statistics
-    from a training-mode forward are not enough: with few values per channel, the unbiased
-    variance and channels of near-zero variance, amplified up to ``1/sqrt(eps)``, make the
-    eval-mode activations drift from the training-mode ones layer after layer;
-    efficientnet_v2_l's logits still saturated the softmax that way.)
-
-    Args:
-        model: The model, in eval mode; its BatchNorm buffers are overwritten.
-        x: The batch whose activations give the statistics.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norms = [m for m in norms if m.track_running_stats]  # the others normalise by the batch
-
-    def set_statistics(norm: nn.Module, args) -> None:
-        dims = [d for d in range(args[0].dim()) if d != 1]  # all but the channel axis
-        norm.running_mean.copy_(args[0].mean(dims))
-        norm.running_var.copy_(args[0].var(dims, correction=0))
-
-    handles = [norm.register_forward_pre_hook(set_statistics) for norm in norms]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _ggn_vector_products(model, params, x, y, vectors) -> Dict[str, Tensor]:
-    """``J_b^T H J_b v_b`` for each block ``b`` of ``vectors``, with torch.func only.
-
-    MultiheadAttention's fused inference kernel and the flash attention kernel have no
-    forward-mode derivative, so the reference runs the composite path and the math kernel
-    of scaled dot-product attention (the same function). Each block is linearised on its
-    own (one forward per block): a pullback w.r.t. all blocks would also return the
-    cotangents of the blocks not asked for, a model-size allocation on large heads.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    blocks = {name: params[name] for name in vectors}
-
-    def outputs(values):
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                return functional_call(model, {**params, **values}, (x,))
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-
-    result = {}
-    for name, v in vectors.items():
-
-        def block_outputs(theta, name=name):
-            return outputs({name: theta})
-
-        out, jv = jvp(block_outputs, (blocks[name],), (v,))
-        _, hjv = jvp(grad(lambda o: F.cross_entropy(o, y)), (out,), (jv,))
-        del jv
-        _, pullback = vjp(block_outputs, blocks[name])
-        result[name] = pullback(hjv)[0]
-        del pullback
-    return result
-
-
-def tolerance(model: nn.Module) -> float:
-    """Largest relative error accepted for ``model`` (see :data:`TOLERANCE_HARDSIGMOID`)."""
-    hard = any(isinstance(m, (nn.Hardsigmoid, nn.Hardswish)) for m in model.modules())
-    return TOLERANCE_HARDSIGMOID if hard else TOLERANCE
 
 
 def _trace_status(model: nn.Module, fallback: bool) -> Dict:
@@ -362,8 +198,6 @@ def _commit() -> str:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     """Command line: see the module docstring."""
-    import torchvision
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated names (default: all)")
     parser.add_argument("--no-exact", action="store_true", help="tracing columns only")
@@ -377,14 +211,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo.json"))
     args = parser.parse_args(argv)
     names = args.models.split(",") if args.models else None
-    names = names or torchvision.models.list_models(module=torchvision.models)
     commit = args.commit or _commit()
     previous = {}
     if args.reuse:
         previous = {r["model"]: r for r in json.loads(args.reuse.read_text())["rows"]}
     rows = []
     sizes = [int(s) for s in args.sizes.split(",")]
-    for name in sorted(names, key=_size):
+    for name in models_by_size(names):
         row = zoo_row(name, exact=False)
         old = previous.get(name, {})
         same = all(old.get(k) == row[k] for k in ("fx", "hand_written", "fallback", "missing"))
@@ -409,14 +242,6 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args.out.write_text(json.dumps({"commit": commit, "rows": rows}, indent=1))
     print(markdown(rows, commit))
     return rows
-
-
-def _size(name: str) -> int:
-    """Parameter count (meta device: no memory), to run the small models first."""
-    try:
-        return sum(p.numel() for p in build(name, "meta").parameters())
-    except Exception:  # noqa: BLE001 - builders that compute on tensors: last
-        return 10**12
 
 
 if __name__ == "__main__":

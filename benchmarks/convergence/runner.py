@@ -28,7 +28,7 @@ from benchmarks.convergence.config import (
 )
 from benchmarks.convergence.data import load_data
 from benchmarks.convergence.training import finite_or_none, grid_configs, train, warm_up
-from benchmarks.timing import contention, cpu_snapshot, load_average
+from benchmarks.machine import contention, cpu_snapshot, load_average
 
 # -- aggregation -----------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from benchmarks.convergence.config import (
     Problem,
     Suite,
 )
-from benchmarks.timing import contention, cpu_snapshot, synchronize
+from benchmarks.machine import contention, cpu_snapshot, synchronize
 
 
 def grid_configs(suite: Suite) -> List[Dict[str, Any]]:

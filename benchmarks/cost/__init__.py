@@ -26,7 +26,7 @@ A cell that cannot run says ``n/a`` and why: the library is not installed, it ra
 message is recorded, e.g. an unsupported layer or ``CurvatureSizeError``), a dense matrix or a
 factor would exceed the memory budget, or a call would exceed the time budget of the suite.
 The first call of every measurement is a probe (and counts as a warm-up): it measures peak
-memory (:func:`benchmarks.timing.peak_memory`) and time, runs under a time limit, and catches
+memory (:func:`benchmarks.memory.peak_memory`) and time, runs under a time limit, and catches
 every exception. Goals of issue 4 are evaluated on ``mnist_mlp`` and ``cifar10_3c3d``.
 
 Modules: :mod:`~benchmarks.cost.config` (presets), :mod:`~benchmarks.cost.cells` (what one

@@ -32,14 +32,10 @@ from benchmarks.cost.floors import operation_floors
 from benchmarks.cost.goals import evaluate_goals
 from benchmarks.cost.peers import backpack_cells, curvlinops_cells, torch_func_cells
 from benchmarks.cost.probe import describe_error, probe_call
+from benchmarks.machine import contention, cpu_snapshot
+from benchmarks.memory import MEMORY_KINDS, memory_method
 from benchmarks.problems import PROBLEMS
-from benchmarks.timing import (
-    MEMORY_KINDS,
-    contention,
-    cpu_snapshot,
-    measure_interleaved,
-    memory_method,
-)
+from benchmarks.timing import measure_interleaved
 from benchmarks.timing import ratio as ratio_of
 
 

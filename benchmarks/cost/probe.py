@@ -14,9 +14,7 @@ from typing import Callable, Optional
 from benchmarks.cost.cells import (
     CellTimeout,
 )
-from benchmarks.timing import (
-    peak_memory,
-)
+from benchmarks.memory import peak_memory
 
 # -- running -------------------------------------------------------------------------------------
 

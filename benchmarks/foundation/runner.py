@@ -32,16 +32,9 @@ from benchmarks.foundation.config import (
     STEP_CURVATURE,
     Problem,
 )
-from benchmarks.timing import (
-    MEMORY_KINDS,
-    contention,
-    cpu_snapshot,
-    environment,
-    load_average,
-    measure_interleaved,
-    memory_method,
-    peak_memory,
-)
+from benchmarks.machine import contention, cpu_snapshot, environment, load_average
+from benchmarks.memory import MEMORY_KINDS, memory_method, peak_memory
+from benchmarks.timing import measure_interleaved
 from benchmarks.timing import ratio as ratio_of
 from curvgraph.datasets import load_mnist_subset
 

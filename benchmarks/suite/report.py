@@ -1,0 +1,84 @@
+"""The suite's Markdown report (:mod:`benchmarks.suite`): environment, data, every section."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from benchmarks.common import others_share
+from benchmarks.suite.sections import section_markdown
+
+__all__ = ["report"]
+
+
+def report(results: Dict[str, Any]) -> str:
+    """The Markdown report: environment, data, section statuses, every section's tables."""
+    env = results["environment"]
+    commit = (env.get("git_commit") or "unknown")[:12] + (
+        " (with local changes)" if env.get("git_dirty") else ""
+    )
+    lines = [
+        f"# curvgraph benchmark suite ({results['suite']})",
+        "",
+        f"{results['created']}. Device: **{env['device']}** ({env['device_name']}); torch "
+        f"{env['torch']}; {env['torch_num_threads']} torch threads, {env['cpus_available']} "
+        f"CPUs available; Python {env['python']}; {env['platform']}; curvgraph "
+        f"{env['curvgraph']}, commit {commit}. Load average (1, 5, 15 min): "
+        f"{env['load_average']} at the start, {env.get('load_average_end')} at the end; other "
+        f"processes used {others_share(env.get('contention'))} of the CPUs during the run. Total "
+        f"wall time {results.get('wall_s', 0):.0f} s.",
+        "",
+        "| section | status | wall time [s] |",
+        "|---|---|---:|",
+    ]
+    for name, section in results["sections"].items():
+        status = section["status"]
+        if status == "failed":
+            status = f"**failed**: {section['error']}"
+        elif status == "skipped":
+            status = f"skipped ({section.get('reason', '')})"
+        wall = f"{section['wall_s']:.0f}" if "wall_s" in section else ""
+        lines.append(f"| {name} | {status} | {wall} |")
+    if results.get("datasets"):
+        lines += [
+            "",
+            "## Data",
+            "",
+            "| problem | data | real or synthetic | note |",
+            "|---|---|---|---|",
+        ]
+        for name, info in results["datasets"].items():
+            kind = "**synthetic**" if info["synthetic"] else "real"
+            lines.append(f"| {name} | {info['dataset']} | {kind} | {info['note']} |")
+        lines += [
+            "",
+            "The accuracy and convergence sections state their own data below; the seed "
+            "tutorial uses the bundled MNIST subset (real).",
+        ]
+    for name, section in results["sections"].items():
+        if section["status"] == "skipped":
+            continue
+        lines.append("")
+        if "result" not in section:
+            lines += [
+                f"## {name}: failed",
+                "",
+                f"`{section['error']}`",
+                "",
+                "<details><summary>traceback</summary>",
+                "",
+                "```",
+                section.get("traceback", "").rstrip(),
+                "```",
+                "",
+                "</details>",
+            ]
+            continue
+        try:
+            lines.append(section_markdown(name, section["result"]).rstrip())
+        except Exception as err:  # noqa: BLE001
+            lines.append(f"## {name}\n\n(report failed: {type(err).__name__}: {err})")
+        plots = [p for p in section.get("plots", []) if p not in "".join(lines)]
+        lines += [""] + [f"![{name}: {p}]({p})" for p in plots]
+        if "plot_error" in section:
+            lines += ["", f"(plot failed: {section['plot_error']})"]
+    return "\n".join(lines).rstrip() + "\n"

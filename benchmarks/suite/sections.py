@@ -1,0 +1,73 @@
+"""The sections of the suite (:mod:`benchmarks.suite`): what runs each, its tables, its plots.
+
+:data:`RUNNERS` maps every name of :data:`SECTIONS` to a function ``(args, out) -> result``
+(``args`` from :func:`benchmarks.suite.parse_args`, ``out`` the output folder);
+:func:`section_markdown` and :func:`section_plots` turn a section's result into its Markdown
+and its PNG plots. The section modules other than :mod:`benchmarks.cost` are imported when
+first used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from benchmarks import cost
+
+__all__ = ["RUNNERS", "SECTIONS", "section_markdown", "section_plots"]
+
+SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers", "fallback")
+
+
+def _module(name: str):
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _run_cost(args, out: Path) -> Dict[str, Any]:
+    return cost.run(args.cost_config, progress=not args.no_progress)
+
+
+def _run_accuracy(args, out: Path) -> Dict[str, Any]:
+    return _module("accuracy").run(args.suite, args.device, not args.no_progress)
+
+
+def _run_convergence(args, out: Path) -> Dict[str, Any]:
+    return _module("convergence").run(args.suite, args.device, args.data_dir, not args.no_progress)
+
+
+def _run_seed(args, out: Path) -> Dict[str, Any]:
+    return _module("seed").run(args.device, out)
+
+
+def _run_solvers(args, out: Path) -> Dict[str, Any]:
+    return _module("solvers").run(args.suite, args.device, args.data_dir, not args.no_progress)
+
+
+def _run_fallback(args, out: Path) -> Dict[str, Any]:
+    return _module("fallback").run(args.suite, args.device, not args.no_progress)
+
+
+RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
+    "cost": _run_cost,
+    "accuracy": _run_accuracy,
+    "convergence": _run_convergence,
+    "seed": _run_seed,
+    "solvers": _run_solvers,
+    "fallback": _run_fallback,
+}
+
+
+def section_markdown(name: str, result: Dict[str, Any]) -> str:
+    """The Markdown of section ``name``'s ``result`` (its tables)."""
+    if name == "cost":
+        return cost.markdown(result)
+    return _module(name).markdown(result)
+
+
+def section_plots(name: str, result: Dict[str, Any], out: Path) -> List[Path]:
+    """Draw section ``name``'s plots of ``result`` into ``out``; their paths."""
+    if name == "cost":
+        return cost.plot(result, out)
+    return list(_module(name).plot(result, out))
