@@ -2,43 +2,31 @@
 
 See docs/architecture.md, "Rules: core and capabilities".
 
-Importing this package registers the built-in rules.
+Importing this package registers the built-in rules and decompositions: the modules below,
+grouped by mathematical kind (a sub-package imports each of its modules). A new op goes into
+the module of its kind (docs/architecture.md, "Where new things go").
 """
 
-from curvgraph.rules import (  # noqa: F401  (registration)
-    activations,
-    activations_extra,
-    activations_more,
-    arithmetic,
-    attention,
-    constants,
-    conv,
-    conv_transpose,
-    dropout,
-    einsum,
-    elementwise_more,
-    embedding,
-    entrywise_multi,
-    expand,
-    joins,
-    linear,
-    matmul,
-    normalization,
-    pooling,
-    pooling_more,
-    powers,
-    reductions_more,
-    reshapes,
-    selection,
-    shape,
-    shape_more,
-    similarity,
-    softmax,
+from curvgraph.rules import (  # noqa: F401  (importing a module registers its rules)
+    attention,  # attention_scale, attention_mask
+    bilinear,  # matmul, einsum
+    constants,  # sizes; ops without a derivative
+    decompositions,  # attention, dropout, max/min/sort/topk, addmm: rewritten at capture
+    dropout,  # the recorded dropout mask; nn.Dropout
+    elementwise,  # activations, piecewise-linear, unary math, arithmetic, selections
+    layers,  # linear, conv, conv_transpose, embedding
+    linear_maps,  # layout, indexing, copies, joins, pooling
+    normalization,  # batch_norm, layer_norm, group_norm
+    reductions,  # mean, sum, logsumexp, var, std, norm, amax, amin, prod
+    softmax,  # softmax, log_softmax, softmin, Softmax2d
+    unit_vectors,  # normalize, cosine_similarity
 )
+from curvgraph.rules.constants import STRUCTURAL
 from curvgraph.rules.factories import (
     ElementwiseRule,
     LinearMapRule,
     OutputsRule,
+    PlaceholderRule,
     elementwise_rule,
     linear_rule,
     outputs_rule,
@@ -52,10 +40,12 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     canonical_key,
     is_inplace,
     lookup_rule,
     op_name,
+    randn,
     register_rule,
     registered_rules,
     unregister,
@@ -69,7 +59,6 @@ from curvgraph.rules.residuals import (
     groups_of,
     modify_symmetric,
 )
-from curvgraph.rules.shape import STRUCTURAL
 
 __all__ = [
     "OutputsRule",
@@ -98,6 +87,9 @@ __all__ = [
     "UnsupportedConfigurationError",
     "Zero",
     "alias",
+    "canonical",
+    "PlaceholderRule",
+    "randn",
     "elementwise_rule",
     "linear_rule",
     "lookup_rule",

@@ -1,7 +1,8 @@
-"""Dropout variants and stochastic depth, in evaluation and in training mode.
+"""Dropout variants and stochastic depth: the recorded mask and its rules.
 
-In training mode these ops multiply by a random mask drawn in the forward pass. The
-decompositions here rewrite each call into two nodes, so that the mask is *recorded*:
+In training mode these ops multiply by a random mask drawn in the forward pass. Their
+decompositions (:mod:`curvgraph.rules.decompositions.dropout`) rewrite each call into two
+nodes, so that the mask is *recorded*:
 
     mask = dropout_mask(x, kind, p, training, owner)    # no derivatives; ones in eval mode
     y = apply_dropout_mask(x, mask, kind, p, training, owner)   # J = diag(mask)
@@ -23,6 +24,10 @@ Masks (``b ~ Bernoulli(1 - p)``, shapes broadcast against ``x`` ``[N, C, *S]``):
   (PyTorch's formula), affine in ``x`` with ``J = diag(s)``;
 - ``"row"`` / ``"batch"`` (``torchvision.ops.StochasticDepth``): ``b / (1 - p)`` per sample
   (``row``) or one draw for the batch (``batch``).
+
+``nn.Dropout`` / ``F.dropout`` also have a rule of their own, :class:`DropoutRule`, which
+keeps the module a leaf of the trace and serves a call the decomposition refused (``p`` or
+``training`` computed in the graph): the identity in evaluation mode.
 """
 
 from __future__ import annotations
@@ -33,17 +38,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvgraph.ops import register_decomposition
+from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import (
     Rule,
     Sample,
     UnsupportedConfigurationError,
+    alias,
+    canonical,
     randn,
     register_rule,
 )
 from curvgraph.rules.residuals import Zero
 
-__all__ = ["dropout_mask", "apply_dropout_mask", "ApplyDropoutMaskRule"]
+__all__ = ["dropout_mask", "apply_dropout_mask", "ApplyDropoutMaskRule", "DropoutRule"]
+
+alias(nn.Dropout, F.dropout)
 
 _ALPHA = 1.7580993408473766  # SELU's alpha * scale, as in PyTorch's alpha_dropout
 _KINDS = (
@@ -140,8 +149,7 @@ class ApplyDropoutMaskRule(Rule):
     """``y = s * x (+ c)`` with the recorded multiplier ``s``: ``J_n = diag(s_n)``, ``R = 0``."""
 
     name = "apply_dropout_mask"
-    function = staticmethod(apply_dropout_mask)
-    signature = inspect.signature(apply_dropout_mask)
+    function, signature = canonical(apply_dropout_mask)
 
     def samples(self):  # noqa: D102
         x = randn(3, 4, 2)
@@ -177,82 +185,36 @@ class ApplyDropoutMaskRule(Rule):
         return Zero()
 
 
-# -- decompositions -------------------------------------------------------------------------------
-def _decomposition(kind: str):
-    def module_call(call, input, *args, **kwargs):
-        owner = call.owner()
-        mask = call.function(dropout_mask, input, kind, owner=owner)
-        return call.function(apply_dropout_mask, input, mask, kind, owner=owner)
-
-    return module_call
+# -- nn.Dropout / F.dropout not decomposed --------------------------------------------------------
+def _dropout(input, p=0.5, training=True, inplace=False):
+    return F.dropout(input, p, training)
 
 
-for _module, _kind in [
-    (nn.Dropout, "element"),
-    (nn.Dropout1d, "feature1d"),
-    (nn.Dropout2d, "feature2d"),
-    (nn.Dropout3d, "feature3d"),
-    (nn.AlphaDropout, "alpha"),
-    (nn.FeatureAlphaDropout, "feature_alpha"),
-]:
-    register_decomposition(_module)(_decomposition(_kind))
+class DropoutRule(LinearMapRule):
+    """``nn.Dropout`` / ``F.dropout`` left in the graph: the identity in evaluation mode.
+
+    Capture decomposes every call whose ``p`` and ``training`` are known (its mask is then
+    recorded); this rule keeps the module a leaf of the trace and serves the calls left,
+    where no mask can be recorded.
+    """
+
+    def validate(self, ctx):  # noqa: D102
+        super().validate(ctx)
+        if ctx.training and ctx.p > 0:
+            raise UnsupportedConfigurationError(
+                "dropout in training mode whose p or training is computed in the graph: its "
+                "random mask cannot be recorded; pass p and training as constants (or call "
+                "model.eval() before computing curvature)"
+            )
 
 
-def _functional(kind: str):
-    def function_call(call, input, p=0.5, training=True, inplace=False):
-        if isinstance(p, torch.fx.Proxy) or isinstance(training, torch.fx.Proxy):
-            raise UnsupportedConfigurationError("dropout with p or training computed in the graph")
-        mask = call.function(dropout_mask, input, kind, p, training)
-        return call.function(apply_dropout_mask, input, mask, kind, p, training)
-
-    return function_call
-
-
-for _function, _kind in [
-    (F.dropout, "element"),
-    (F.dropout1d, "feature1d"),
-    (F.dropout2d, "feature2d"),
-    (F.dropout3d, "feature3d"),
-    (F.alpha_dropout, "alpha"),
-    (F.feature_alpha_dropout, "feature_alpha"),
-]:
-    register_decomposition(_function)(_functional(_kind))
-
-
-def _placeholder(name: str):
-    """A rule that keeps a decomposed module a leaf; it is never called on data."""
-
-    def signature(*args, **kwargs):
-        raise NotImplementedError
-
-    rule = Rule()
-    rule.name, rule.signature, rule.differentiable = name, inspect.signature(signature), ()
-    return rule
-
-
-for _module in (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
-    register_rule(_module)(_placeholder(_module.__name__))
-
-try:  # torchvision is optional
-    import torchvision.ops as _ops
-except ImportError:  # pragma: no cover
-    _ops = None
-
-if _ops is not None:
-
-    @register_decomposition(_ops.StochasticDepth)
-    def _stochastic_depth_module(call, input):
-        if call.module.mode not in ("row", "batch"):
-            raise UnsupportedConfigurationError(f"stochastic depth mode {call.module.mode!r}")
-        owner, mode = call.owner(), call.module.mode
-        mask = call.function(dropout_mask, input, mode, owner=owner)
-        return call.function(apply_dropout_mask, input, mask, mode, owner=owner)
-
-    @register_decomposition(_ops.stochastic_depth)
-    def _stochastic_depth(call, input, p, mode, training=True):
-        if mode not in ("row", "batch") or isinstance(training, torch.fx.Proxy):
-            raise UnsupportedConfigurationError(f"stochastic_depth with mode={mode!r}")
-        mask = call.function(dropout_mask, input, mode, p, training)
-        return call.function(apply_dropout_mask, input, mask, mode, p, training)
-
-    register_rule(_ops.StochasticDepth)(_placeholder("StochasticDepth"))
+register_rule(F.dropout)(
+    DropoutRule(
+        "dropout",
+        _dropout,
+        lambda: [
+            Sample((randn(2, 3, 4),), dict(training=False)),
+            Sample((randn(3, 5, seed=1),), dict(p=0.2, training=False)),
+        ],
+    )
+)

@@ -4,6 +4,11 @@
   ``phi''``.
 - :func:`linear_rule`: ``y = A x`` with ``A`` fixed (pooling, reshapes, identity); the
   transpose comes from autograd on the op itself.
+- :func:`feature_dims_rule`: a linear map along named feature dimensions (``flip``,
+  ``narrow``, ``cumsum``), refusing dimension 0, the batch axis.
+- :func:`outputs_rule`: every output of an op with several outputs (``chunk``).
+- :class:`PlaceholderRule`: the rule of an op that capture decomposes (no derivatives).
+- :class:`PullbackRule`: ``vjp`` and ``batch_vjp`` from one pullback (layers with weights).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.ops import OutputOf, op_name
+from curvgraph.rules.axes import refuse_batch_dims
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -27,9 +33,13 @@ from curvgraph.rules.residuals import Diagonal, Residual
 
 __all__ = [
     "ElementwiseRule",
+    "FeatureDimsRule",
     "LinearMapRule",
     "OutputsRule",
+    "PlaceholderRule",
+    "PullbackRule",
     "elementwise_rule",
+    "feature_dims_rule",
     "linear_rule",
     "output_of",
     "outputs_rule",
@@ -169,6 +179,50 @@ class LinearMapRule(Rule):
         return {s: v.squeeze(1) for s, v in result.items()}
 
 
+class FeatureDimsRule(LinearMapRule):
+    """A linear op along the dimensions in argument ``dims_argument`` (never dimension 0).
+
+    Args:
+        name: op name.
+        function: the op, linear in ``input``.
+        samples: returns the calls to check.
+        dims_argument: the argument (or a tuple of arguments) holding the dimension(s);
+            ``None``: the op acts on its trailing dimensions only and needs a rank of at least
+            ``min_rank``.
+        min_rank: smallest input rank (batch axis included) the op leaves dimension 0 alone at.
+    """
+
+    def __init__(self, name, function, samples, dims_argument="dim", min_rank=2):
+        super().__init__(name, function, samples)
+        self.dims_argument, self.min_rank = dims_argument, min_rank
+
+    def check(self, arguments):  # noqa: D102
+        for name in self._dims_arguments():
+            dims = arguments.get(name)
+            if dims is None:
+                raise UnsupportedConfigurationError(
+                    f"{self.name} without {name} acts on the flattened tensor, batch axis "
+                    f"included: give {name} (feature dimensions 1, 2, ...)"
+                )
+            refuse_batch_dims(self.name, dims)
+
+    def _dims_arguments(self) -> tuple:
+        names = self.dims_argument
+        return () if names is None else (names,) if isinstance(names, str) else tuple(names)
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        rank = ctx.input.dim()
+        if rank < self.min_rank:
+            raise UnsupportedConfigurationError(
+                f"{self.name} on a {rank}-d input acts on dimension 0, the batch axis: it needs "
+                f"at least {self.min_rank} dimensions (batch axis first)"
+            )
+        for name in self._dims_arguments():
+            refuse_batch_dims(self.name, ctx.args[name], rank)
+        super().validate(ctx)
+
+
 def output_of(input, op, index: int, *args, **kwargs):
     """``op(input, *args, **kwargs)[index]``, ``op`` a function or a Tensor method's name."""
     return OutputOf(op, "call_method" if isinstance(op, str) else "call_function", index)(
@@ -223,3 +277,56 @@ def linear_rule(
     rule = LinearMapRule(name or function.__name__, function, samples)
     register_rule(*keys)(rule)
     return rule
+
+
+def feature_dims_rule(
+    *keys,
+    function: Callable,
+    name: str,
+    samples: Callable[[], list],
+    dims_argument="dim",
+    min_rank: int = 2,
+) -> FeatureDimsRule:
+    """Create and register a :class:`FeatureDimsRule` for ``keys`` (and their aliases)."""
+    rule = FeatureDimsRule(name, function, samples, dims_argument, min_rank)
+    register_rule(*keys)(rule)
+    return rule
+
+
+def _any_call(*args, **kwargs):
+    raise NotImplementedError  # a signature only: a placeholder is never called on data
+
+
+class PlaceholderRule(Rule):
+    """The rule of an op that capture decomposes (docs/decompositions.md): no derivatives.
+
+    It keeps a module a leaf of the trace, so that its decomposition sees the call. A node
+    still in the graph after capture is one its decomposition refused; subclasses say why in
+    :meth:`check`.
+    """
+
+    differentiable = ()
+    signature = inspect.signature(_any_call)
+
+    def __init__(self, name: str = ""):
+        self.name = name or self.name
+
+
+class PullbackRule(Rule):
+    """A rule whose ``vjp`` and ``batch_vjp`` are one computation, :meth:`pullback`.
+
+    Where summing parameter cotangents over samples inside the product is cheaper than
+    summing the per-sample ones (a weight's ``[K, N, out, in]``).
+    """
+
+    def pullback(
+        self, ctx: Context, cotangent: Tensor, slots: Iterable[str], summed: bool
+    ) -> Dict[str, Tensor]:
+        """``J^T c``; parameter cotangents per sample, or summed over samples (``summed``)."""
+        raise NotImplementedError
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
+        return self.pullback(ctx, cotangent, slots, summed=False)
+
+    def batch_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
+        return self.pullback(ctx, cotangent, slots, summed=True)

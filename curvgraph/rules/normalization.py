@@ -28,7 +28,6 @@ BatchNorm in evaluation mode uses the running statistics: ``xhat`` is affine in 
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Iterable, Tuple
 
 import torch
@@ -41,6 +40,7 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
@@ -181,7 +181,7 @@ class _AffineNorm(Rule):
         if weight is None and not normalizes:
             return Zero()
 
-        def product(tangents: Tensors) -> Tensors:
+        def product(tangents: Tensors, wanted) -> Tensors:
             result = {}
             if "input" in tangents and normalizes:
                 xhat, inv_std = self._stats(ctx)
@@ -240,8 +240,7 @@ class BatchNormRule(_AffineNorm):
     """
 
     name = "batch_norm"
-    function = staticmethod(_batch_norm)
-    signature = inspect.signature(_batch_norm)
+    function, signature = canonical(_batch_norm)
     mixes_samples = True
 
     def samples(self):  # noqa: D102
@@ -313,8 +312,7 @@ class LayerNormRule(_AffineNorm):
     """``y = w * xhat + b`` over the trailing ``normalized_shape`` dimensions of each sample."""
 
     name = "layer_norm"
-    function = staticmethod(_layer_norm)
-    signature = inspect.signature(_layer_norm)
+    function, signature = canonical(_layer_norm)
 
     def samples(self):  # noqa: D102
         return [
@@ -349,8 +347,7 @@ class GroupNormRule(_AffineNorm):
     """``y = w * xhat + b`` per channel, ``xhat`` over ``C / G`` channels and all positions."""
 
     name = "group_norm"
-    function = staticmethod(_group_norm)
-    signature = inspect.signature(_group_norm)
+    function, signature = canonical(_group_norm)
 
     def samples(self):  # noqa: D102
         return [

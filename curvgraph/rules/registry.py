@@ -42,6 +42,8 @@ __all__ = [
     "Context",
     "Sample",
     "Rule",
+    "canonical",
+    "randn",
     "OpKey",
     "register_rule",
     "alias",
@@ -146,6 +148,15 @@ class Sample:
 def randn(*shape: int, seed: int = 0) -> Tensor:
     """A reproducible float64 tensor for rule samples."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def canonical(function: Callable) -> Tuple[Any, inspect.Signature]:
+    """The canonical function and signature of a class rule, from the function ``f``.
+
+    In a class body: ``function, signature = canonical(f)``. The function is wrapped in
+    ``staticmethod`` so that it stays unbound on the rule.
+    """
+    return staticmethod(function), inspect.signature(function)
 
 
 class Rule:

@@ -18,6 +18,10 @@ Representations:
   the diagonal blocks ``s == s'`` vanish.
 - :class:`General`: a product function (and optionally the batch-summed blocks).
 
+Product functions (:class:`CrossTerms`, :class:`General`) have one calling convention,
+``product(tangents, wanted)``: argument name -> tangent, and the arguments whose products
+are needed (``None``: all); they return argument name -> per-sample product.
+
 Positive-curvature modification (PCH) acts on *groups* of arguments: the activations of a
 node form one group (their joint residual is modified, cross terms included), each
 parameter forms a group of its own, and terms between groups are dropped. On a chain this
@@ -43,7 +47,10 @@ __all__ = [
     "CrossTerms",
     "General",
     "PerSample",
+    "Product",
     "modify_symmetric",
+    "modify_eigenvalues",
+    "restricted",
     "groups_of",
 ]
 
@@ -174,18 +181,28 @@ class Diagonal(Residual):
         return Diagonal({s: transform(v) for s, v in self.values.items()})
 
 
+#: A residual's product ``product(tangents, wanted) -> products`` (see :meth:`Residual.apply`).
+Product = Callable[[Tensors, Optional[Sequence[str]]], Tensors]
+
+
+def restricted(products: Tensors, wanted: Optional[Sequence[str]]) -> Tensors:
+    """``products`` restricted to the arguments in ``wanted`` (all of them if ``None``)."""
+    return products if wanted is None else {s: v for s, v in products.items() if s in wanted}
+
+
 class CrossTerms(Residual):
     """Residual of an op that is linear in each argument separately.
 
-    ``R`` has zero diagonal blocks; ``product(tangents)`` returns the per-sample products
-    ``sum_{s' != s} R[s, s'] t_{s'}`` for every argument ``s``.
+    ``R`` has zero diagonal blocks; ``product(tangents, wanted)`` returns the per-sample
+    products ``sum_{s' != s} R[s, s'] t_{s'}`` for the arguments ``s`` in ``wanted`` (every
+    argument if ``wanted`` is ``None``; products of other arguments are dropped).
     """
 
-    def __init__(self, product: Callable[..., Tensors]):
+    def __init__(self, product: Product):
         self.product = product
 
     def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
-        return _call_product(self.product, tangents, wanted)
+        return restricted(self.product(tangents, wanted), wanted)
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return None
@@ -199,17 +216,19 @@ class General(Residual):
     """Residual given by a product function and, optionally, batch-summed blocks.
 
     Args:
-        product: per-sample ``R t`` as in :meth:`Residual.apply`.
+        product: ``product(tangents, wanted)``, the per-sample ``R t`` as in
+            :meth:`Residual.apply` (``wanted`` may be ``None``: every argument; products of
+            arguments not wanted may be computed anyway, they are dropped).
         summed_blocks: argument name -> dense ``(F, F)`` ``sum_n R_n`` on that argument
             (built from ``product`` when missing).
     """
 
-    def __init__(self, product: Callable[[Tensors], Tensors], summed_blocks: Tensors = None):
+    def __init__(self, product: Product, summed_blocks: Tensors = None):
         self.product = product
         self.summed_blocks = summed_blocks or {}
 
     def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
-        return _call_product(self.product, tangents, wanted)
+        return restricted(self.product(tangents, wanted), wanted)
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return self.summed_blocks.get(slot, NotImplemented)
@@ -246,21 +265,6 @@ class PerSample(Residual):
             if list(group) == list(slots):
                 return matrices.sum(0)
         return per_sample_matrices(self, ctx, slots).sum(0)
-
-
-def _call_product(product: Callable, tangents: Tensors, wanted) -> Tensors:
-    """Call ``product(tangents, wanted)`` if it takes ``wanted``, else filter its result."""
-    takes_wanted = _takes_wanted.get(product.__code__)
-    if takes_wanted is None:
-        takes_wanted = product.__code__.co_argcount >= 2
-        _takes_wanted[product.__code__] = takes_wanted
-    if takes_wanted:
-        return product(tangents, wanted)
-    result = product(tangents)
-    return result if wanted is None else {s: v for s, v in result.items() if s in wanted}
-
-
-_takes_wanted: Dict = {}
 
 
 def _per_sample_flat(tangent, slot, residual, k, n, like) -> Tensor:

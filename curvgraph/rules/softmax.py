@@ -1,4 +1,4 @@
-"""``softmax`` and ``log_softmax`` along a feature dimension.
+"""``softmax``, ``log_softmax``, ``softmin`` and ``Softmax2d`` along a feature dimension.
 
 Index convention: ``K`` columns, ``N`` samples, then the features; ``i, j`` run along the
 softmax dimension ``d``, ``<a, b> = sum_i a_i b_i`` along ``d`` only (kept as a size-1
@@ -14,32 +14,38 @@ axis), so every formula below holds independently at each other feature position
 
 Both residuals are dense along ``d`` (:class:`~curvgraph.rules.residuals.General`); their
 batch sums are block diagonal over the other feature positions and built directly.
+
+``softmin(x) = softmax(-x)``: the softmax rule with the sign of every Jacobian flipped; the
+second derivative is the softmax's (two sign flips). ``nn.Softmax2d`` is the softmax along
+the channels (dimension ``-3``).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.rules.axes import inner
 from curvgraph.rules.registry import (
     Context,
     Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
 from curvgraph.rules.residuals import General, Residual
 
-__all__ = ["SoftmaxRule", "LogSoftmaxRule"]
+__all__ = ["SoftmaxRule", "LogSoftmaxRule", "SoftminRule", "Softmax2dRule"]
 
 alias(nn.Softmax, F.softmax, torch.softmax, "softmax")
 alias(nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax")
+alias(nn.Softmin, F.softmin)
 
 Tensors = Dict[str, Tensor]
 
@@ -50,11 +56,6 @@ def _softmax(input, dim=None, dtype=None, _stacklevel=3):
 
 def _log_softmax(input, dim=None, dtype=None, _stacklevel=3):
     return F.log_softmax(input, dim)
-
-
-def _inner(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    """``<a, b>`` along ``dim`` (kept)."""
-    return (a * b).sum(dim, keepdim=True)
 
 
 class _SoftmaxFamily(Rule):
@@ -133,8 +134,7 @@ class SoftmaxRule(_SoftmaxFamily):
     """``y = softmax(x)`` along ``d``: ``J t = s * (t - <s, t>)``, ``R t`` as in the module."""
 
     name = "softmax"
-    function = staticmethod(_softmax)
-    signature = inspect.signature(_softmax)
+    function, signature = canonical(_softmax)
 
     def _probabilities(self, ctx):
         return ctx.output
@@ -142,13 +142,13 @@ class SoftmaxRule(_SoftmaxFamily):
     def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:  # noqa: D102
         s, d = ctx.output, self._dim(ctx) + 1
         t = tangents["input"]
-        return s * (t - _inner(s, t, d))
+        return s * (t - inner(s, t, d))
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
         if "input" not in slots:
             return {}
         s, d = ctx.output, self._dim(ctx) + 1
-        return {"input": s * (cotangent - _inner(s, cotangent, d))}
+        return {"input": s * (cotangent - inner(s, cotangent, d))}
 
     def averaged_vjp(self, ctx, cotangent, slots):
         """``(1/N) sum_n (diag(s_n) - s_n s_n^T) c`` without expanding ``c`` over the batch."""
@@ -157,17 +157,17 @@ class SoftmaxRule(_SoftmaxFamily):
         s = ctx.output
         d = self._dim(ctx)
         c = cotangent.unsqueeze(1)  # [K, 1, *features]
-        return {"input": (s * c).mean(1) - (s * _inner(s, c, d + 1)).mean(1)}
+        return {"input": (s * c).mean(1) - (s * inner(s, c, d + 1)).mean(1)}
 
     def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
         s, d = ctx.output, self._dim(ctx)
-        u = s * (grad_output - _inner(grad_output, s, d))  # [N, *features]
+        u = s * (grad_output - inner(grad_output, s, d))  # [N, *features]
 
-        def product(tangents):
+        def product(tangents, wanted):
             if "input" not in tangents:
                 return {}
             t = tangents["input"]
-            r = u * t - u * _inner(s, t, d + 1) - s * _inner(u, t, d + 1)
+            r = u * t - u * inner(s, t, d + 1) - s * inner(u, t, d + 1)
             return {"input": r}
 
         su = self._moved(s, ctx, 0)
@@ -188,8 +188,7 @@ class LogSoftmaxRule(_SoftmaxFamily):
     """
 
     name = "log_softmax"
-    function = staticmethod(_log_softmax)
-    signature = inspect.signature(_log_softmax)
+    function, signature = canonical(_log_softmax)
 
     def _probabilities(self, ctx):
         return ctx.cached("probabilities", lambda: ctx.output.exp())
@@ -197,7 +196,7 @@ class LogSoftmaxRule(_SoftmaxFamily):
     def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:  # noqa: D102
         s, d = self._probabilities(ctx), self._dim(ctx) + 1
         t = tangents["input"]
-        return t - _inner(s, t, d)
+        return t - inner(s, t, d)
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
         if "input" not in slots:
@@ -216,13 +215,63 @@ class LogSoftmaxRule(_SoftmaxFamily):
         s, d = self._probabilities(ctx), self._dim(ctx)
         total = grad_output.sum(d, keepdim=True)  # <1, g>, [N, *features with d of size 1]
 
-        def product(tangents):
+        def product(tangents, wanted):
             if "input" not in tangents:
                 return {}
             t = tangents["input"]
-            return {"input": -total * s * (t - _inner(s, t, d + 1))}
+            return {"input": -total * s * (t - inner(s, t, d + 1))}
 
         ss = self._moved(s, ctx, 0)
         weight = self._moved(total, ctx, 0).unsqueeze(-1)  # [N, *other, 1, 1]
         blocks = -(weight * (torch.diag_embed(ss) - ss.unsqueeze(-1) * ss.unsqueeze(-2))).sum(0)
         return General(product, {"input": self.summed_block(ctx, blocks)})
+
+
+# -- softmin and Softmax2d ------------------------------------------------------------------------
+def _softmin(input, dim=None, _stacklevel=3, dtype=None):
+    return F.softmin(input, dim)
+
+
+@register_rule(F.softmin)
+class SoftminRule(SoftmaxRule):
+    """``y = softmax(-x)``: the softmax's first derivatives negated, its residual unchanged."""
+
+    name = "softmin"
+    function, signature = canonical(_softmin)
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        return -super().jvp(ctx, tangents)
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        return {s: -v for s, v in super().vjp(ctx, cotangent, slots).items()}
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        return {s: -v for s, v in super().averaged_vjp(ctx, cotangent, slots).items()}
+
+
+def _softmax2d(input):
+    return F.softmax(input, -3)
+
+
+@register_rule(nn.Softmax2d)
+class Softmax2dRule(SoftmaxRule):
+    """``nn.Softmax2d``: softmax along the channels, dimension ``-3`` of ``[N, C, H, W]``."""
+
+    name = "softmax2d"
+    function, signature = canonical(_softmax2d)
+
+    def samples(self):  # noqa: D102
+        return [Sample((randn(2, 3, 2, 2) * 2,)), Sample((randn(1, 4, 3, 1, seed=1) * 2,))]
+
+    def check(self, arguments):  # noqa: D102
+        pass
+
+    def validate(self, ctx):  # noqa: D102
+        if ctx.input.dim() != 4:
+            raise UnsupportedConfigurationError(
+                f"Softmax2d of a {ctx.input.dim()}-d input: it needs [N, C, H, W] (a 3-d input "
+                "has no batch axis)"
+            )
+
+    def _dim(self, ctx):
+        return ctx.input.dim() - 3

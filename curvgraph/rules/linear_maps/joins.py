@@ -18,7 +18,6 @@ divided by ``N`` in every row.
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Iterable, List
 
 import torch
@@ -30,6 +29,7 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
@@ -155,8 +155,7 @@ class CatRule(_JoinRule):
     """``y = cat(x_0, x_1, ...)`` along a feature axis ``d``: ``J_i^T c = c[..., slice_i]``."""
 
     name = "cat"
-    function = staticmethod(_cat)
-    signature = inspect.signature(_cat)
+    function, signature = canonical(_cat)
 
     def samples(self):  # noqa: D102
         return [
@@ -187,8 +186,7 @@ class StackRule(_JoinRule):
     """``y = stack(x_0, x_1, ...)`` along a new feature axis ``d``: ``J_i^T c = c[..., i]``."""
 
     name = "stack"
-    function = staticmethod(_stack)
-    signature = inspect.signature(_stack)
+    function, signature = canonical(_stack)
 
     def samples(self):  # noqa: D102
         return [

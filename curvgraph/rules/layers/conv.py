@@ -1,4 +1,4 @@
-"""Convolutions (1d/2d/3d) through unfolded patches (transposed ones: :mod:`.conv_transpose`).
+"""Convolutions (1d/2d/3d) through unfolded patches (transposed: :mod:`.conv_transpose`).
 
 Index convention (einsum letters): ``k`` column, ``n`` sample, ``g`` group, ``o`` output
 channel within a group, ``i`` unfolded patch entry (``C/g * prod(kernel)``), ``p`` output
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
+from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import gram
 from curvgraph.rules.registry import (
-    Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
@@ -91,8 +91,11 @@ def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, g
     raise NotImplementedError  # the signature only; see ConvRule.function
 
 
-class ConvFamilyRule(Rule):
-    """Shared geometry of (transposed) convolutions with ``dims`` spatial axes."""
+class ConvFamilyRule(PullbackRule):
+    """Shared geometry and pullbacks of (transposed) convolutions with ``dims`` spatial axes.
+
+    Subclasses give the transpose of the map on the input and the weight's cotangents.
+    """
 
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
@@ -151,6 +154,41 @@ class ConvFamilyRule(Rule):
                 f"axis, [N, C, {', '.join('S' * self.dims)}]"
             )
 
+    def _input_transpose(self, ctx, cotangent: Tensor, weight: Tensor) -> Tensor:
+        """``J_x^T c`` for ``c`` of shape ``[B, C_out, *O]`` (with ``weight`` for ``W``)."""
+        raise NotImplementedError
+
+    def _weight_pullback(self, ctx, cotangent: Tensor, summed: bool) -> Tensor:
+        """``J_W^T c`` for ``c`` ``[K, N, *out]``, per sample or summed over samples."""
+        raise NotImplementedError
+
+    def _weight_averaged(self, ctx, cotangent: Tensor) -> Tensor:
+        """``Jbar_W^T c`` for ``c`` ``[K, *out]`` (the Jacobian at the mean input)."""
+        raise NotImplementedError
+
+    def pullback(self, ctx, cotangent, slots, summed):  # noqa: D102
+        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        result = {}
+        if "input" in slots:
+            c = cotangent.flatten(0, 1)
+            per_column = self._input_transpose(ctx, c, ctx.weight)
+            result["input"] = per_column.unflatten(0, cotangent.shape[:2])
+        if "weight" in slots:
+            result["weight"] = self._weight_pullback(ctx, cotangent, summed)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(((1,) if summed else ()) + self._spatial())
+        return result
+
+    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
+        result = {}
+        if "input" in slots:
+            result["input"] = self._input_transpose(ctx, cotangent, ctx.weight)
+        if "weight" in slots:
+            result["weight"] = self._weight_averaged(ctx, cotangent)
+        if "bias" in slots:
+            result["bias"] = cotangent.sum(self._spatial())
+        return result
+
 
 class ConvRule(ConvFamilyRule):
     """``y_n = W * x_n + b`` in ``dims`` spatial dimensions (see the module docstring)."""
@@ -182,8 +220,7 @@ class ConvRule(ConvFamilyRule):
             ),
         ]
 
-    def _input_vjp(self, ctx, cotangent: Tensor, weight: Tensor) -> Tensor:
-        """``J_x^T c`` for ``c`` of shape ``[B, C_out, *O]``."""
+    def _input_transpose(self, ctx, cotangent, weight):
         size = (cotangent.shape[0],) + tuple(ctx.input.shape[1:])
         return _CONV_INPUT[self.dims](
             size, weight, cotangent, groups=ctx.groups, **self._geometry(ctx)
@@ -213,42 +250,16 @@ class ConvRule(ConvFamilyRule):
             out = out + self._bias(tangents["bias"])
         return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
 
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            c = cotangent.flatten(0, 1)
-            result["input"] = self._input_vjp(ctx, c, ctx.weight).unflatten(0, cotangent.shape[:2])
-        if "weight" in slots:
-            c = self._positions(cotangent, ctx)
-            w = torch.einsum("kngop,ngip->kngoi", c, self._unfolded(ctx))
-            result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
+    def _weight_pullback(self, ctx, cotangent, summed):
+        c = self._positions(cotangent, ctx)
+        weight = "kngop,ngip->kgoi" if summed else "kngop,ngip->kngoi"
+        w = torch.einsum(weight, c, self._unfolded(ctx))
+        return w.reshape(w.shape[: 1 if summed else 2] + ctx.weight.shape)
 
-    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
-        if "weight" in slots:
-            c = self._positions(cotangent, ctx)
-            w = torch.einsum("kngop,ngip->kgoi", c, self._unfolded(ctx))
-            result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
-        if "bias" in slots:
-            result["bias"] = cotangent.sum((1,) + self._spatial())
-        return result
-
-    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            result["input"] = self._input_vjp(ctx, cotangent, ctx.weight)
-        if "weight" in slots:
-            c = self._positions(cotangent, ctx)
-            w = torch.einsum("kgop,gip->kgoi", c, self._unfolded(ctx).mean(0))
-            result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
+    def _weight_averaged(self, ctx, cotangent):
+        c = self._positions(cotangent, ctx)
+        w = torch.einsum("kgop,gip->kgoi", c, self._unfolded(ctx).mean(0))
+        return w.reshape(w.shape[:1] + ctx.weight.shape)
 
     def kronecker_factors(self, ctx, slot, factors):
         """KFC factors: ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
@@ -267,10 +278,10 @@ class ConvRule(ConvFamilyRule):
         return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        def product(t, wanted=None):
+        def product(t, wanted):
             result = {}
             if "weight" in t and (wanted is None or "input" in wanted):
-                per_column = [self._input_vjp(ctx, grad_output, w) for w in t["weight"]]
+                per_column = [self._input_transpose(ctx, grad_output, w) for w in t["weight"]]
                 result["input"] = torch.stack(per_column)
             if "input" in t and (wanted is None or "weight" in wanted):
                 unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]

@@ -19,7 +19,6 @@ gradients by batch frequencies (not a derivative): both are refused.
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Iterable
 
 import torch
@@ -32,6 +31,7 @@ from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
@@ -83,8 +83,7 @@ class EmbeddingRule(Rule):
     """``y_n = W[i_n]``: gather for ``jvp``, scatter-add for ``vjp``, zero residual."""
 
     name = "embedding"
-    function = staticmethod(_embedding)
-    signature = inspect.signature(_embedding)
+    function, signature = canonical(_embedding)
     differentiable = ("weight",)
     sample_independent = frozenset()
 

@@ -7,7 +7,7 @@ channel within a group, ``j`` patch entry of the output side (``C_out/g * prod(k
 A transposed convolution ``y = T(x; W) + b`` is the adjoint of the convolution ``A(c; W)``
 with the same ``stride, padding, dilation, groups``: ``<c, T(x; W)> = <A(c; W), x>``. So
 ``J_x^T c = A(c; W)`` and ``J_W^T c = sum_p x_p C_p^T`` with ``C`` the patches of ``c``
-(:func:`curvgraph.rules.conv.patches`); the weight is ``[C_in, C_out/g, *kernel]``. The op
+(:func:`curvgraph.rules.layers.conv.patches`); the weight is ``[C_in, C_out/g, *kernel]``. The op
 is linear in the input and the weight separately: its residual only has cross terms.
 """
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
-from curvgraph.rules.conv import CONV_FUNCTIONS, ConvFamilyRule
 from curvgraph.rules.gram import gram
+from curvgraph.rules.layers.conv import CONV_FUNCTIONS, ConvFamilyRule
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
@@ -91,7 +91,7 @@ class ConvTransposeRule(ConvFamilyRule):
             )
         super().check(arguments)
 
-    def _adjoint(self, c: Tensor, weight: Tensor, ctx) -> Tensor:
+    def _input_transpose(self, ctx, c: Tensor, weight: Tensor) -> Tensor:
         """``A(c; W)``: the convolution whose adjoint this op is (``[B, C_out, *O]`` in)."""
         return CONV_FUNCTIONS[self.dims](c, weight, None, groups=ctx.groups, **self._geometry(ctx))
 
@@ -132,40 +132,12 @@ class ConvTransposeRule(ConvFamilyRule):
         w = torch.einsum(f"kngjp,{x_letters}->{out}", cols, x)
         return w.reshape(w.shape[: 2 - len(summed)] + ctx.weight.shape)
 
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        result = {}
-        if "input" in slots:
-            c = cotangent.flatten(0, 1)
-            result["input"] = self._adjoint(c, ctx.weight, ctx).unflatten(0, cotangent.shape[:2])
-        if "weight" in slots:
-            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "")
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
+    def _weight_pullback(self, ctx, cotangent, summed):
+        return self._weight_products(ctx, cotangent, ctx.input, "n" if summed else "")
 
-    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        result = {}
-        if "input" in slots:
-            result["input"] = self.vjp(ctx, cotangent, ["input"])["input"]
-        if "weight" in slots:
-            result["weight"] = self._weight_products(ctx, cotangent, ctx.input, "n")
-        if "bias" in slots:
-            result["bias"] = cotangent.sum((1,) + self._spatial())
-        return result
-
-    def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            result["input"] = self._adjoint(cotangent, ctx.weight, ctx)
-        if "weight" in slots:
-            mean_input = ctx.input.mean(0, keepdim=True)
-            w = self._weight_products(ctx, cotangent.unsqueeze(1), mean_input, "")
-            result["weight"] = w.squeeze(1)
-        if "bias" in slots:
-            result["bias"] = cotangent.sum(self._spatial())
-        return result
+    def _weight_averaged(self, ctx, cotangent):
+        mean_input = ctx.input.mean(0, keepdim=True)
+        return self._weight_products(ctx, cotangent.unsqueeze(1), mean_input, "").squeeze(1)
 
     def kronecker_factors(self, ctx, slot, factors):
         """KFC factors with the roles of the sides swapped (the weight is ``[C_in, ...]``).
@@ -182,10 +154,10 @@ class ConvTransposeRule(ConvFamilyRule):
         return input_factor, gram(cols.flatten(0, 1))
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        def product(t, wanted=None):
+        def product(t, wanted):
             result = {}
             if "weight" in t and (wanted is None or "input" in wanted):
-                result["input"] = torch.vmap(lambda w: self._adjoint(grad_output, w, ctx))(
+                result["input"] = torch.vmap(lambda w: self._input_transpose(ctx, grad_output, w))(
                     t["weight"]
                 )
             if "input" in t and (wanted is None or "weight" in wanted):

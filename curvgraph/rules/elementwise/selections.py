@@ -1,16 +1,16 @@
-"""Entrywise ops of several tensors: selections by a mask, extrema, ``lerp``, ``addcmul``.
+"""Entrywise selections and blends of two tensors: by a mask, extrema, ``lerp``.
 
-Index convention and broadcasting as in :mod:`curvgraph.rules.arithmetic` (``K`` columns,
-``N`` samples; parameters and constants broadcast against ``[N, *out]``).
+Index convention and broadcasting as in :mod:`curvgraph.rules.broadcasting` (``K``
+columns, ``N`` samples; parameters and constants broadcast against ``[N, *out]``).
 
-- Selections given a boolean mask ``m`` (a constant, see :mod:`.constants`):
+- Selections given a boolean mask ``m`` (a constant, see :mod:`curvgraph.rules.constants`):
   ``where(m, a, b)`` has ``J_a = m``, ``J_b = 1 - m``; ``masked_fill(x, m, v)`` has
   ``J_x = 1 - m``. Linear given the mask: the residual is zero.
 - ``maximum(a, b)``: ``J_a = 1[a > b] + 1[a == b] / 2`` (autograd splits ties), ``minimum``
   likewise; piecewise linear, zero residual.
 - ``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: linear.
-- ``addcmul(a, b, c, value=v) = a + v b c``: ``J_b = v c``, ``J_c = v b``, cross term
-  ``g d2 y / db dc = v g``.
+
+``addcmul`` is in :mod:`.arithmetic`.
 """
 
 from __future__ import annotations
@@ -19,25 +19,21 @@ import inspect
 
 import torch
 
-from curvgraph.rules.arithmetic import (
-    BinaryRule,
-    FullTangents,
-    check_operands,
-    full_output,
-    lift_operand,
-    reduce_operand,
-)
+from curvgraph.rules.broadcasting import OPERANDS, BinaryRule
 from curvgraph.rules.registry import (
-    Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
+    alias_tensor_methods,
+    canonical,
     randn,
     register_rule,
 )
-from curvgraph.rules.residuals import CrossTerms
 
-__all__ = ["WhereRule", "MaskedFillRule", "LerpRule", "AddcmulRule"]
+__all__ = ["WhereRule", "MaskedFillRule", "LerpRule"]
+
+alias_tensor_methods("lerp", inplace=False)
+alias("masked_fill", torch.masked_fill, "masked_fill_")
 
 
 # -- selections given a mask ----------------------------------------------------------------------
@@ -65,12 +61,11 @@ class WhereRule(BinaryRule):
     """``y = where(m, a, b)``: ``J_a = m``, ``J_b = 1 - m`` entrywise; no residual."""
 
     name = "where"
-    function = staticmethod(_where)
-    signature = inspect.signature(_where)
+    function, signature = canonical(_where)
 
     def samples(self):  # noqa: D102
         m2, m3 = _masks()
-        both = ("input", "other")
+        both = OPERANDS
         return [
             Sample((m2, randn(3, 4), randn(3, 4, seed=1)), batched=both),
             Sample((m3, randn(2, 3, 4, seed=2), 0.5), batched=("input",)),
@@ -92,8 +87,7 @@ class MaskedFillRule(BinaryRule):
     """``y = masked_fill(x, m, v)``: ``J_x = 1 - m`` entrywise (``v`` a constant); no residual."""
 
     name = "masked_fill"
-    function = staticmethod(_masked_fill)
-    signature = inspect.signature(_masked_fill)
+    function, signature = canonical(_masked_fill)
     differentiable = ("input",)
 
     def samples(self):  # noqa: D102
@@ -111,11 +105,11 @@ class _Extremum(BinaryRule):
     """``maximum``/``minimum`` of two tensors: ``J_a = 1[a wins] + 1[a == b] / 2``."""
 
     def __init__(self, name, function, wins):
-        self.name, self.function, self.wins = name, function, wins
-        self.signature = inspect.signature(function)
+        self.name, self.wins = name, wins
+        self.function, self.signature = function, inspect.signature(function)
 
     def samples(self):  # noqa: D102
-        both = ("input", "other")
+        both = OPERANDS
         return [
             Sample((randn(3, 4), randn(3, 4, seed=1)), batched=both),
             Sample((randn(2, 3, 4, seed=2), randn(2, 1, 4, seed=3)), batched=both),
@@ -137,11 +131,10 @@ class LerpRule(BinaryRule):
     """``lerp(a, b, w) = a + w (b - a)`` with a number ``w``: ``J_a = 1 - w``, ``J_b = w``."""
 
     name = "lerp"
-    function = staticmethod(_lerp)
-    signature = inspect.signature(_lerp)
+    function, signature = canonical(_lerp)
 
     def samples(self):  # noqa: D102
-        both = ("input", "other")
+        both = OPERANDS
         return [
             Sample((randn(3, 4), randn(3, 4, seed=1), 0.3), batched=both),
             Sample((randn(2, 3, 4, seed=2), randn(4, seed=3), -0.5)),
@@ -162,7 +155,6 @@ class LerpRule(BinaryRule):
         return 1 - ctx.weight if slot == "input" else ctx.weight
 
 
-alias(torch.lerp, "lerp")
 register_rule(torch.lerp)(LerpRule())
 
 
@@ -174,8 +166,7 @@ class _WhereMethodRule(WhereRule):
     """``x.where(condition, other)``, which is ``torch.where(condition, x, other)``."""
 
     name = "where_method"
-    function = staticmethod(_where_method)
-    signature = inspect.signature(_where_method)
+    function, signature = canonical(_where_method)
 
     def samples(self):  # noqa: D102
         return [
@@ -183,85 +174,8 @@ class _WhereMethodRule(WhereRule):
         ]
 
 
-alias("masked_fill", torch.masked_fill, "masked_fill_")
 register_rule(torch.where)(WhereRule())
 register_rule("where")(_WhereMethodRule())
 register_rule("masked_fill")(MaskedFillRule())
 register_rule(torch.maximum, "maximum")(_Extremum("maximum", _maximum, torch.gt))
 register_rule(torch.minimum, "minimum")(_Extremum("minimum", _minimum, torch.lt))
-
-
-# -- addcmul ---------------------------------------------------------------------------------------
-def _addcmul(input, tensor1, tensor2, *, value=1):
-    return torch.addcmul(input, tensor1, tensor2, value=value)
-
-
-_ADDCMUL_SLOTS = ("input", "tensor1", "tensor2")
-
-
-class AddcmulRule(Rule):
-    """``y = a + v * b * c`` entrywise with broadcasting (``v`` a number).
-
-    ``J_a = 1``, ``J_b = v c``, ``J_c = v b``; the only second derivative is the cross term
-    ``g d2 y / db dc = v g`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
-    """
-
-    name = "addcmul"
-    function = staticmethod(_addcmul)
-    signature = inspect.signature(_addcmul)
-    differentiable = _ADDCMUL_SLOTS
-
-    def samples(self):  # noqa: D102
-        every = _ADDCMUL_SLOTS
-        return [
-            Sample((randn(3, 4), randn(3, 4, seed=1), randn(3, 4, seed=2)), batched=every),
-            Sample(
-                (randn(2, 3, 4, seed=3), randn(4, seed=4), randn(2, 3, 1, seed=5)),
-                dict(value=0.5),
-                batched=("input", "tensor2"),
-            ),
-        ]
-
-    def _slots(self, ctx):
-        return [s for s in _ADDCMUL_SLOTS if isinstance(ctx.args.get(s), torch.Tensor)]
-
-    def validate(self, ctx):  # noqa: D102
-        check_operands(self.name, ctx, _ADDCMUL_SLOTS)
-
-    def _jacobian(self, ctx, slot):
-        if slot == "input":
-            return 1
-        return ctx.args["value"] * (ctx.tensor2 if slot == "tensor1" else ctx.tensor1)
-
-    def jvp(self, ctx, tangents):  # noqa: D102
-        terms = [
-            self._jacobian(ctx, s) * lift_operand(ctx, s, tangents[s])
-            for s in self._slots(ctx)
-            if s in tangents
-        ]
-        return full_output(ctx, sum(terms))
-
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        return {
-            s: reduce_operand(ctx, s, self._jacobian(ctx, s) * cotangent, 2)
-            for s in self._slots(ctx)
-            if s in slots
-        }
-
-    def residual(self, ctx, grad_output):  # noqa: D102
-        h = ctx.args["value"] * grad_output
-
-        def product(tangents):
-            result = {}
-            for s, other in (("tensor1", "tensor2"), ("tensor2", "tensor1")):
-                if other in tangents:
-                    result[s] = reduce_operand(
-                        ctx, s, h * lift_operand(ctx, other, tangents[other]), 2
-                    )
-            return result
-
-        return FullTangents.wrap(CrossTerms(product), ctx)
-
-
-alias(torch.addcmul, "addcmul", "addcmul_")
-register_rule(torch.addcmul)(AddcmulRule())

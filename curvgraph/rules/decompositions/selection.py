@@ -8,7 +8,8 @@ Each returns ``(values, indices)``. The indices do not change under a small pert
 
 which is how autograd differentiates these ops too (the gradient goes to the selected
 entries). The decompositions rewrite the traced call into ops with rules (``argmax``,
-:func:`sort_indices`, :func:`topk_indices` have no derivative, ``gather`` is linear; the
+``sort_indices``, ``topk_indices`` have no derivative (:mod:`curvgraph.rules.constants`),
+``gather`` is linear; the
 indices are the op's own, ties included), so ``values`` is exact for every
 method and ``.values`` / ``.indices`` / ``[0]`` / ``[1]`` all work. Full reductions
 (``x.max()``), the elementwise ``torch.max(a, b)`` and selections along the batch axis are
@@ -20,23 +21,8 @@ from __future__ import annotations
 import torch
 
 from curvgraph.ops import register_decomposition
-from curvgraph.rules.constants import CONSTANT
-from curvgraph.rules.registry import UnsupportedConfigurationError, register_rule
-
-__all__ = ["sort_indices", "topk_indices"]
-
-
-def sort_indices(input, dim=-1, descending=False, stable=False):
-    """The indices ``torch.sort`` returns (no derivative)."""
-    return torch.sort(input, dim=dim, descending=descending, stable=stable).indices
-
-
-def topk_indices(input, k, dim=-1, largest=True, sorted=True):
-    """The indices ``torch.topk`` returns (no derivative)."""
-    return torch.topk(input, k, dim=dim, largest=largest, sorted=sorted).indices
-
-
-register_rule(sort_indices, topk_indices)(CONSTANT)
+from curvgraph.rules.constants import sort_indices, topk_indices
+from curvgraph.rules.registry import UnsupportedConfigurationError
 
 
 def _feature_dim(dim) -> int:

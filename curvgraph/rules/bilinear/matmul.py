@@ -1,4 +1,4 @@
-"""Matrix products (``matmul``/``bmm``/``mm``) and axis permutations (``transpose``/``permute``).
+"""Matrix products: ``matmul``, ``bmm``, ``mm``.
 
 Index convention: ``K`` columns, ``N`` samples, ``y = a @ b`` with ``a = input`` and
 ``b = other``. The op acts sample by sample: ``y_n = f(a_n, b_n)`` with
@@ -16,36 +16,33 @@ two activations with at least two feature dimensions each (attention
   versa);
 - residual (cross terms only): ``R[a, b] t_b = d/da <g, f(a, t_b)>``,
   ``R[b, a] t_a = d/db <g, f(t_a, b)>``; the PCH uses the generic per-sample eigen-solve.
+
+Axis permutations (``transpose``, ``permute``) are in :mod:`curvgraph.rules.linear_maps.layout`.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
 
 import torch
 from torch import Tensor
 
-from curvgraph.rules.arithmetic import FullTangents
-from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.broadcasting import OPERANDS, BroadcastCrossTerms, expand_activations
 from curvgraph.rules.registry import (
     Context,
     Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
-from curvgraph.rules.residuals import CrossTerms, Residual, Zero
+from curvgraph.rules.residuals import Residual, Zero
 
-__all__ = ["MatmulRule", "PermutationRule"]
-
-_OPERANDS = ("input", "other")
+__all__ = ["MatmulRule"]
 
 alias(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
-alias(torch.transpose, "transpose", torch.swapdims, "swapdims", torch.swapaxes, "swapaxes")
-alias(torch.permute, "permute")
 
 
 def _matmul(input, other):
@@ -57,12 +54,11 @@ class MatmulRule(Rule):
     """``y_n = a_n @ b_n`` (see the module docstring for the supported shapes)."""
 
     name = "matmul"
-    function = staticmethod(_matmul)
-    signature = inspect.signature(_matmul)
-    differentiable = _OPERANDS
+    function, signature = canonical(_matmul)
+    differentiable = OPERANDS
 
     def samples(self):  # noqa: D102
-        both, other = _OPERANDS, ("other",)
+        both, other = OPERANDS, ("other",)
         return [
             Sample((randn(3, 4), randn(4, 5, seed=1))),
             Sample((randn(2, 3, 4), randn(4, 5, seed=1))),
@@ -81,7 +77,7 @@ class MatmulRule(Rule):
     @staticmethod
     def _per_sample(ctx: Context):
         """``f(a_n, b_n)`` on one sample's features (parameters unchanged)."""
-        lift = [s in ctx.batched for s in _OPERANDS]
+        lift = [s in ctx.batched for s in OPERANDS]
 
         def f(a, b):
             a, b = (a.unsqueeze(0) if lift[0] else a), (b.unsqueeze(0) if lift[1] else b)
@@ -91,7 +87,7 @@ class MatmulRule(Rule):
 
     def validate(self, ctx):  # noqa: D102
         a, b = ctx.input, ctx.other
-        n, batched = ctx.batch_size, [s for s in _OPERANDS if s in ctx.batched]
+        n, batched = ctx.batch_size, [s for s in OPERANDS if s in ctx.batched]
         if not batched:
             raise UnsupportedConfigurationError("matmul of parameters only (no batch axis)")
         rows_are_samples = (
@@ -105,7 +101,7 @@ class MatmulRule(Rule):
                 "per-sample): an activation operand must be [N, ..., rows, columns] (or an "
                 "input [N, d]), so that its batch axis is not a matrix axis"
             )
-        meta = [ctx.args[s][0] if s in batched else ctx.args[s] for s in _OPERANDS]
+        meta = [ctx.args[s][0] if s in batched else ctx.args[s] for s in OPERANDS]
         meta = [torch.empty(v.shape, device="meta") for v in meta]
         if self._per_sample(ctx)(*meta).shape != ctx.output.shape[1:]:
             raise UnsupportedConfigurationError(
@@ -125,21 +121,12 @@ class MatmulRule(Rule):
                 return torch.func.vjp(lambda x: f(x, b_n), a_n)[1](c_n)[0]
             return torch.func.vjp(lambda y: f(a_n, y), b_n)[1](c_n)[0]
 
-        sample_axes = tuple(0 if s in ctx.batched else None for s in _OPERANDS) + (0,)
+        sample_axes = tuple(0 if s in ctx.batched else None for s in OPERANDS) + (0,)
         return torch.vmap(torch.vmap(one, in_dims=sample_axes), in_dims=column_axes)(a, b, c)
-
-    @staticmethod
-    def _full(ctx, tangents):
-        """Tangents of activations expanded to ``[K, N, *features]`` (broadcastable ones)."""
-        return {
-            s: t.expand(t.shape[0], *ctx.args[s].shape) if s in ctx.batched else t
-            for s, t in tangents.items()
-            if s in _OPERANDS
-        }
 
     # -- first order ---------------------------------------------------------------------------
     def jvp(self, ctx, tangents):  # noqa: D102
-        tangents, out = self._full(ctx, tangents), 0
+        tangents, out = expand_activations(ctx, tangents), 0
         if "input" in tangents:
             out = out + torch.vmap(lambda t: torch.matmul(t, ctx.other))(tangents["input"])
         if "other" in tangents:
@@ -150,7 +137,7 @@ class MatmulRule(Rule):
         """Whole-batch ``J^T c`` per column (activations per sample, parameters summed)."""
         _, pull = torch.func.vjp(torch.matmul, ctx.input, ctx.other)
         c = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        return dict(zip(_OPERANDS, torch.vmap(pull)(c)))
+        return dict(zip(OPERANDS, torch.vmap(pull)(c)))
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
@@ -160,134 +147,37 @@ class MatmulRule(Rule):
             s: whole[s]
             if s in ctx.batched
             else self._pullback(ctx, s, ctx.input, ctx.other, cotangent, per_sample)
-            for s in _OPERANDS
+            for s in OPERANDS
             if s in slots
         }
 
     def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
         whole = self._batch_pullback(ctx, cotangent)
-        return {s: whole[s] for s in _OPERANDS if s in slots}
+        return {s: whole[s] for s in OPERANDS if s in slots}
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         a, b = (
-            ctx.args[s].mean(0, keepdim=True) if s in ctx.batched else ctx.args[s]
-            for s in _OPERANDS
+            ctx.args[s].mean(0, keepdim=True) if s in ctx.batched else ctx.args[s] for s in OPERANDS
         )
         c = cotangent.expand(cotangent.shape[0], *ctx.output.shape[1:]).unsqueeze(1)  # 1 sample
         return {
             s: self._pullback(ctx, s, a, b, c, (None, None, 0)).squeeze(1)
-            for s in _OPERANDS
+            for s in OPERANDS
             if s in slots
         }
 
     # -- second order --------------------------------------------------------------------------
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        if not all(isinstance(ctx.args[s], Tensor) for s in _OPERANDS):
+        if not all(isinstance(ctx.args[s], Tensor) for s in OPERANDS):
             return Zero()
         a, b, g = ctx.input, ctx.other, grad_output
 
-        def product(t):
-            t, result = self._full(ctx, t), {}
+        def product(t, wanted):
+            t, result = expand_activations(ctx, t), {}
             if "other" in t:
                 result["input"] = self._pullback(ctx, "input", a, t["other"], g, (None, 0, None))
             if "input" in t:
                 result["other"] = self._pullback(ctx, "other", t["input"], b, g, (0, None, None))
             return result
 
-        return _Cross(product)
-
-
-class _Cross(CrossTerms):
-    """Cross terms whose generic PCH (per-sample eigen-solve) accepts broadcast tangents."""
-
-    def modified(self, ctx, mode, groups):  # noqa: D102
-        return FullTangents.wrap(super().modified(ctx, mode, groups), ctx)
-
-
-# -- axis permutations ------------------------------------------------------------------------
-def _transpose(input, dim0, dim1):
-    return torch.transpose(input, dim0, dim1)
-
-
-def _permute(input, *args, dims=None):
-    return input.permute(*_permute_dims(args, dims))
-
-
-def _permute_dims(args, dims) -> list:
-    """``x.permute(0, 2, 1)``, ``x.permute([0, 2, 1])`` and ``torch.permute(x, dims)``."""
-    if dims is None:
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-    return list(dims)
-
-
-class PermutationRule(LinearMapRule):
-    """``y = x`` with its feature axes reordered; the batch axis (dimension 0) must stay.
-
-    Args:
-        name: op name.
-        function: the op in its canonical signature.
-        order: ``order(arguments, ndim)`` -> the permutation of ``range(ndim)`` it applies.
-        samples: example calls.
-    """
-
-    def __init__(self, name, function, order, samples):
-        super().__init__(name, function, samples)
-        self.order = order
-
-    def check(self, arguments):  # noqa: D102
-        first = self.order(arguments, None)[0]
-        if isinstance(first, int) and first > 0:
-            raise UnsupportedConfigurationError(
-                f"{self.name} moves dimension {first} to the front: the batch axis (dimension 0) "
-                "must stay the samples' axis"
-            )
-
-    def validate(self, ctx):  # noqa: D102
-        super().validate(ctx)
-        ndim = ctx.input.dim()
-        if self.order(ctx.args, ndim)[0] % ndim != 0:
-            raise UnsupportedConfigurationError(
-                f"{self.name} of a {ndim}-dimensional tensor moves the batch axis (dimension 0)"
-            )
-
-
-def _transpose_order(arguments, ndim):
-    dim0, dim1 = arguments["dim0"], arguments["dim1"]
-    if ndim is None:  # trace time: only non-negative literals are known
-        known = [d for d in (dim0, dim1) if isinstance(d, int) and d >= 0]
-        return [dim1 if dim0 == 0 else dim0 if dim1 == 0 else 0] if len(known) == 2 else [0]
-    order = list(range(ndim))
-    i, j = dim0 % ndim, dim1 % ndim
-    order[i], order[j] = order[j], order[i]
-    return order
-
-
-def _permute_order(arguments, ndim):
-    dims = _permute_dims(arguments["args"], arguments["dims"])
-    return dims if ndim is None else [d % ndim for d in dims]
-
-
-register_rule(torch.transpose)(
-    PermutationRule(
-        "transpose",
-        _transpose,
-        _transpose_order,
-        lambda: [
-            Sample((randn(2, 3, 4), 1, 2)),
-            Sample((randn(2, 3, 4, 5), -1, -2)),
-            Sample((randn(2, 3, 4), 2, 2)),
-        ],
-    )
-)
-register_rule(torch.permute)(
-    PermutationRule(
-        "permute",
-        _permute,
-        _permute_order,
-        lambda: [
-            Sample((randn(2, 3, 4, 5), 0, 2, 3, 1)),
-            Sample((randn(2, 3, 4, 5), [0, 3, 1, 2])),
-            Sample((randn(2, 3, 4),), dict(dims=(-3, 2, 1))),
-        ],
-    )
-)
+        return BroadcastCrossTerms(product)

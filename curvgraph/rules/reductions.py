@@ -1,10 +1,14 @@
-"""Non-linear reductions over feature dimensions, and ``F.normalize``.
+"""Reductions over feature dimensions: ``mean``/``sum`` (linear) and non-linear ones.
+
+``mean`` and ``sum`` over feature dimensions are fixed linear maps
+(:class:`~curvgraph.rules.factories.LinearMapRule`, zero residual).
 
 Index convention: ``K`` columns, ``N`` samples, then the features; ``D`` is the set of reduced
 dimensions (never dimension 0, the batch axis), ``sum_D`` sums over them (kept as size-1
 axes), ``M`` is the number of reduced entries and ``g`` the output gradient broadcast over
-``D``. Every reduction ``y = f(x)`` here has ``J t = sum_D(w * t)``, ``J^T c = w * c`` with
-a weight ``w`` shaped like ``x``, and ``R t = g * H t`` per reduced group:
+``D``. Every non-linear reduction ``y = f(x)`` here has ``J t = sum_D(w * t)``,
+``J^T c = w * c`` with a weight ``w`` shaped like ``x``, and ``R t = g * H t`` per reduced
+group:
 
 - ``logsumexp``: ``w = p = exp(x - y)``, ``H t = p * t - p sum_D(p * t)``.
 - ``var`` with correction ``c``: ``w = 2 (x - m) / (M - c)``, ``H t = 2 (t - mean_D t) / (M - c)``.
@@ -15,9 +19,7 @@ a weight ``w`` shaped like ``x``, and ``R t = g * H t`` per reduced group:
 - ``prod`` (one dimension, no zero entries): ``w = y / x``,
   ``H t = w * (sum_D(t / x) - t / x)`` (``d2 y / dx_i dx_j = y / (x_i x_j)`` for ``i != j``).
 
-``normalize(x) = x / r`` with ``r = ||x||`` along ``dim`` and ``u = x / r``:
-``J t = (t - u <u, t>) / r`` and
-``R t = [-g <u, t> - u <g, t> - <g, u> t + 3 <g, u> u <u, t>] / r^2``.
+``F.normalize`` (not a reduction): :mod:`curvgraph.rules.unit_vectors`.
 """
 
 from __future__ import annotations
@@ -26,36 +28,81 @@ import inspect
 from typing import Dict, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from curvgraph.rules.axes import dim_tuple
+from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import (
     Context,
     Rule,
     Sample,
     UnsupportedConfigurationError,
-    alias,
+    alias_tensor_methods,
     randn,
     register_rule,
 )
 from curvgraph.rules.residuals import General, Residual, Zero
 
-__all__ = ["FeatureReductionRule", "NormalizeRule"]
+__all__ = ["FeatureReductionRule", "ReductionRule"]
 
 Tensors = Dict[str, Tensor]
 
-alias(torch.logsumexp, "logsumexp")
-alias(torch.var, "var")
-alias(torch.std, "std")
-alias(torch.amax, "amax")
-alias(torch.amin, "amin")
-alias(torch.norm, "norm")
-alias(torch.prod, "prod")
-alias(F.normalize)
+alias_tensor_methods(
+    "mean", "sum", "logsumexp", "var", "std", "amax", "amin", "norm", "prod", inplace=False
+)
 
 
-def _dim_tuple(dim) -> tuple:
-    return tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
+# -- mean and sum (linear) ------------------------------------------------------------------------
+class ReductionRule(LinearMapRule):
+    """``mean``/``sum`` over feature dimensions; dimension 0, the batch axis, must stay."""
+
+    def check(self, arguments):  # noqa: D102
+        dim = arguments.get("dim")
+        if dim is None or dim_tuple(dim) == ():
+            raise UnsupportedConfigurationError(
+                f"{self.name} over all dimensions reduces dimension 0, the batch axis; reduce "
+                f"over feature dimensions only (x.{self.name}(dim=(1, ...)))"
+            )
+        if any(not isinstance(d, int) for d in dim_tuple(dim)):
+            raise UnsupportedConfigurationError(f"{self.name} with dim={dim!r}: integer dims only")
+        if 0 in dim_tuple(dim):
+            raise UnsupportedConfigurationError(
+                f"{self.name} with dim={dim!r} reduces dimension 0, the batch axis"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        ndim = ctx.input.dim()
+        if any(d % ndim == 0 for d in dim_tuple(ctx.dim)):  # negative dims resolved
+            raise UnsupportedConfigurationError(
+                f"{self.name} with dim={ctx.dim!r} on a {ndim}-d input reduces dimension 0, "
+                "the batch axis"
+            )
+        super().validate(ctx)
+
+
+def _mean(input, dim=None, keepdim=False, dtype=None):
+    return torch.mean(input, dim, keepdim, dtype=dtype)
+
+
+def _sum(input, dim=None, keepdim=False, dtype=None):
+    return torch.sum(input, dim, keepdim, dtype=dtype)
+
+
+def _reduction_samples():
+    return [
+        Sample((randn(3, 4, 5), (1, 2))),
+        Sample((randn(2, 3, 4, seed=1), -1), dict(keepdim=True)),
+        Sample((randn(2, 3, 4, 5, seed=2),), dict(dim=[2, 3], keepdim=True)),
+        Sample((randn(3, 4, seed=3), 1), dict(dtype=torch.float64)),
+    ]
+
+
+register_rule(torch.mean)(ReductionRule("mean", _mean, _reduction_samples))
+register_rule(torch.sum)(ReductionRule("sum", _sum, _reduction_samples))
+
+
+# -- non-linear reductions ------------------------------------------------------------------------
 
 
 class FeatureReductionRule(Rule):
@@ -76,7 +123,7 @@ class FeatureReductionRule(Rule):
         return self._samples()
 
     def check(self, arguments):  # noqa: D102
-        dims = _dim_tuple(arguments.get("dim"))
+        dims = dim_tuple(arguments.get("dim"))
         if dims in ((None,), ()):
             raise UnsupportedConfigurationError(
                 f"{self.name} over all dimensions reduces dimension 0, the batch axis; reduce "
@@ -103,7 +150,7 @@ class FeatureReductionRule(Rule):
 
     def dims(self, ctx: Context) -> tuple:
         """The reduced dimensions of ``[N, *features]``, non-negative."""
-        return tuple(d % ctx.input.dim() for d in _dim_tuple(ctx.dim))
+        return tuple(d % ctx.input.dim() for d in dim_tuple(ctx.dim))
 
     def kept(self, ctx: Context, t: Tensor, lead: int) -> Tensor:
         """``t`` (``lead`` leading axes, then the output's shape) with ``D`` as size-1 axes."""
@@ -139,7 +186,7 @@ class FeatureReductionRule(Rule):
             return Zero()
         g = self.kept(ctx, grad_output, 0)
 
-        def product(tangents):
+        def product(tangents, wanted):
             if "input" not in tangents:
                 return {}
             return {"input": g * self.curvature(ctx, tangents["input"])}
@@ -309,82 +356,3 @@ register_rule(torch.norm)(_Norm("norm", _norm, _samples))
 register_rule(torch.linalg.vector_norm)(_Norm("vector_norm", _vector_norm, _samples))
 for _name, _function, _root in (("var", _var, False), ("std", _std, True)):
     register_rule(getattr(torch, _name))(_Variance(_name, _function, _variance_samples, _root))
-
-
-# -- F.normalize ---------------------------------------------------------------------------------
-def _normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
-    return F.normalize(input, p, dim, eps)
-
-
-def _inner(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    return (a * b).sum(dim, keepdim=True)
-
-
-@register_rule(F.normalize)
-class NormalizeRule(Rule):
-    """``y = x / ||x||`` along ``dim`` (2-norm, ``||x|| > eps``); see the module docstring."""
-
-    name = "normalize"
-    function = staticmethod(_normalize)
-    signature = inspect.signature(_normalize)
-
-    def samples(self):  # noqa: D102
-        return [
-            Sample((randn(3, 5),)),
-            Sample((randn(2, 3, 4, seed=1),), dict(dim=-1)),
-            Sample((randn(2, 3, 2, seed=2), 2.0, 1)),
-        ]
-
-    def check(self, arguments):  # noqa: D102
-        if arguments.get("p") != 2:
-            raise UnsupportedConfigurationError(
-                f"normalize with p={arguments.get('p')!r}: only the 2-norm has a rule"
-            )
-        if not isinstance(arguments.get("dim"), int) or arguments["dim"] == 0:
-            raise UnsupportedConfigurationError(
-                f"normalize along dim={arguments.get('dim')!r}: one feature dimension (not 0, "
-                "the batch axis)"
-            )
-
-    def validate(self, ctx):  # noqa: D102
-        self.check(ctx.args)
-        if ctx.dim % ctx.input.dim() == 0:
-            raise UnsupportedConfigurationError(
-                f"normalize along dim={ctx.dim} of a {ctx.input.dim()}-d input is the batch axis"
-            )
-        if (self._norm(ctx) <= ctx.eps).any():
-            raise UnsupportedConfigurationError(
-                f"normalize of a vector with norm at most eps={ctx.eps}: the op is x / eps there, "
-                "which this rule does not cover"
-            )
-
-    def _dim(self, ctx: Context) -> int:
-        return ctx.dim % ctx.input.dim()
-
-    def _norm(self, ctx: Context) -> Tensor:
-        return ctx.cached(
-            "norm", lambda: torch.linalg.vector_norm(ctx.input, 2, self._dim(ctx), True)
-        )
-
-    def _jacobian(self, ctx: Context, t: Tensor) -> Tensor:
-        u, d = ctx.output, self._dim(ctx) + 1
-        return (t - u * _inner(u, t, d)) / self._norm(ctx)
-
-    def jvp(self, ctx, tangents):  # noqa: D102
-        return self._jacobian(ctx, tangents["input"])
-
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
-        return {"input": self._jacobian(ctx, cotangent)} if "input" in slots else {}
-
-    def residual(self, ctx, grad_output):  # noqa: D102
-        u, g, d = ctx.output, grad_output, self._dim(ctx)
-        gu, r2 = _inner(g, u, d), self._norm(ctx) ** 2
-
-        def product(tangents):
-            if "input" not in tangents:
-                return {}
-            t = tangents["input"]
-            ut, gt = _inner(u, t, d + 1), _inner(g, t, d + 1)
-            return {"input": (-g * ut - u * gt - gu * t + 3 * gu * u * ut) / r2}
-
-        return General(product)

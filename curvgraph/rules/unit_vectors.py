@@ -1,48 +1,127 @@
-"""``F.cosine_similarity`` of two activations along a feature dimension.
+"""Unit vectors ``x / ||x||`` along a feature dimension: ``F.normalize``, ``F.cosine_similarity``.
 
 Index convention: ``K`` columns, ``N`` samples, then the features; ``<a, b>`` sums along the
-similarity dimension ``d`` (kept as a size-1 axis), so every formula holds independently at
-each other position. With ``r_i = ||x_i||``, ``u_i = x_i / r_i``, ``y = <u_1, u_2>``,
-``P_i t = t - u_i <u_i, t>`` and ``w_1 = u_2 - y u_1`` (``w_2 = u_1 - y u_2``):
+dimension ``d`` of the norm (kept as a size-1 axis), so every formula holds independently at
+each other position; ``g`` is the output gradient. The ``eps`` of PyTorch only matters for
+vectors of norm ``<= eps``, which are refused.
+
+``normalize(x) = x / r`` with ``r = ||x||`` along ``dim`` and ``u = x / r``:
+``J t = (t - u <u, t>) / r`` and
+``R t = [-g <u, t> - u <g, t> - <g, u> t + 3 <g, u> u <u, t>] / r^2``.
+
+``cosine_similarity(x_1, x_2)``: with ``r_i = ||x_i||``, ``u_i = x_i / r_i``,
+``y = <u_1, u_2>``, ``P_i t = t - u_i <u_i, t>`` and ``w_1 = u_2 - y u_1``
+(``w_2 = u_1 - y u_2``):
 
 - ``J_i t = <w_i, t> / r_i``, ``J_i^T c = c w_i / r_i``;
 - ``d2 y / dx_i2 = -(u_i w_i^T + w_i u_i^T + y P_i) / r_i^2``,
-  ``d2 y / dx_1 dx_2 = P_1 P_2 / (r_1 r_2)``, each times the output gradient ``g``.
-
-The ``eps`` of PyTorch only matters for vectors of norm ``<= eps``, which are refused.
+  ``d2 y / dx_1 dx_2 = P_1 P_2 / (r_1 r_2)``, each times ``g``.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from curvgraph.rules.axes import inner
 from curvgraph.rules.registry import (
+    Context,
     Rule,
     Sample,
     UnsupportedConfigurationError,
     alias,
+    canonical,
     randn,
     register_rule,
 )
 from curvgraph.rules.residuals import General
 
-__all__ = ["CosineSimilarityRule"]
+__all__ = ["CosineSimilarityRule", "NormalizeRule"]
 
+alias(F.normalize)
 alias(torch.nn.CosineSimilarity, F.cosine_similarity, torch.cosine_similarity)
 
 _SLOTS = ("x1", "x2")
 
 
+# -- F.normalize ----------------------------------------------------------------------------------
+def _normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
+    return F.normalize(input, p, dim, eps)
+
+
+@register_rule(F.normalize)
+class NormalizeRule(Rule):
+    """``y = x / ||x||`` along ``dim`` (2-norm, ``||x|| > eps``); see the module docstring."""
+
+    name = "normalize"
+    function, signature = canonical(_normalize)
+
+    def samples(self):  # noqa: D102
+        return [
+            Sample((randn(3, 5),)),
+            Sample((randn(2, 3, 4, seed=1),), dict(dim=-1)),
+            Sample((randn(2, 3, 2, seed=2), 2.0, 1)),
+        ]
+
+    def check(self, arguments):  # noqa: D102
+        if arguments.get("p") != 2:
+            raise UnsupportedConfigurationError(
+                f"normalize with p={arguments.get('p')!r}: only the 2-norm has a rule"
+            )
+        if not isinstance(arguments.get("dim"), int) or arguments["dim"] == 0:
+            raise UnsupportedConfigurationError(
+                f"normalize along dim={arguments.get('dim')!r}: one feature dimension (not 0, "
+                "the batch axis)"
+            )
+
+    def validate(self, ctx):  # noqa: D102
+        self.check(ctx.args)
+        if ctx.dim % ctx.input.dim() == 0:
+            raise UnsupportedConfigurationError(
+                f"normalize along dim={ctx.dim} of a {ctx.input.dim()}-d input is the batch axis"
+            )
+        if (self._norm(ctx) <= ctx.eps).any():
+            raise UnsupportedConfigurationError(
+                f"normalize of a vector with norm at most eps={ctx.eps}: the op is x / eps there, "
+                "which this rule does not cover"
+            )
+
+    def _dim(self, ctx: Context) -> int:
+        return ctx.dim % ctx.input.dim()
+
+    def _norm(self, ctx: Context) -> Tensor:
+        return ctx.cached(
+            "norm", lambda: torch.linalg.vector_norm(ctx.input, 2, self._dim(ctx), True)
+        )
+
+    def _jacobian(self, ctx: Context, t: Tensor) -> Tensor:
+        u, d = ctx.output, self._dim(ctx) + 1
+        return (t - u * inner(u, t, d)) / self._norm(ctx)
+
+    def jvp(self, ctx, tangents):  # noqa: D102
+        return self._jacobian(ctx, tangents["input"])
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        return {"input": self._jacobian(ctx, cotangent)} if "input" in slots else {}
+
+    def residual(self, ctx, grad_output):  # noqa: D102
+        u, g, d = ctx.output, grad_output, self._dim(ctx)
+        gu, r2 = inner(g, u, d), self._norm(ctx) ** 2
+
+        def product(tangents, wanted):
+            if "input" not in tangents:
+                return {}
+            t = tangents["input"]
+            ut, gt = inner(u, t, d + 1), inner(g, t, d + 1)
+            return {"input": (-g * ut - u * gt - gu * t + 3 * gu * u * ut) / r2}
+
+        return General(product)
+
+
+# -- F.cosine_similarity --------------------------------------------------------------------------
 def _cosine_similarity(x1, x2, dim=1, eps=1e-8):
     return F.cosine_similarity(x1, x2, dim, eps)
-
-
-def _inner(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    return (a * b).sum(dim, keepdim=True)
 
 
 @register_rule(F.cosine_similarity)
@@ -50,8 +129,7 @@ class CosineSimilarityRule(Rule):
     """``y = <x_1, x_2> / (||x_1|| ||x_2||)`` along ``dim`` (see the module docstring)."""
 
     name = "cosine_similarity"
-    function = staticmethod(_cosine_similarity)
-    signature = inspect.signature(_cosine_similarity)
+    function, signature = canonical(_cosine_similarity)
     differentiable = _SLOTS
 
     def samples(self):  # noqa: D102
@@ -108,7 +186,7 @@ class CosineSimilarityRule(Rule):
             d = self._dim(ctx)
             r1, r2 = self._norms(ctx)
             u1, u2 = ctx.x1 / r1, ctx.x2 / r2
-            y = _inner(u1, u2, d)
+            y = inner(u1, u2, d)
             return {"x1": (r1, u1, u2 - y * u1), "x2": (r2, u2, u1 - y * u2)}, y
 
         return ctx.cached("parts", compute)
@@ -122,7 +200,7 @@ class CosineSimilarityRule(Rule):
         total = 0
         for s, t in tangents.items():
             r, _, w = parts[s]
-            total = total + _inner(w / r, t, d)
+            total = total + inner(w / r, t, d)
         return total.squeeze(d)
 
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
@@ -136,16 +214,16 @@ class CosineSimilarityRule(Rule):
         d = self._dim(ctx) + 1
 
         def project(u, t):
-            return t - u * _inner(u, t, d)
+            return t - u * inner(u, t, d)
 
-        def product(tangents):
+        def product(tangents, wanted):
             result = {}
             for s, other in (("x1", "x2"), ("x2", "x1")):
                 r, u, w = parts[s]
                 acc = 0
                 if s in tangents:
                     t = tangents[s]
-                    acc = -(u * _inner(w, t, d) + w * _inner(u, t, d) + y * project(u, t)) / r**2
+                    acc = -(u * inner(w, t, d) + w * inner(u, t, d) + y * project(u, t)) / r**2
                 if other in tangents:
                     r2, u2, _ = parts[other]
                     acc = acc + project(u, project(u2, tangents[other])) / (r * r2)

@@ -25,7 +25,6 @@ sizes of one letter must agree across operands (size-1 broadcasting is refused).
 
 from __future__ import annotations
 
-import inspect
 import string
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -33,16 +32,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from curvgraph.rules.arithmetic import FullTangents
+from curvgraph.rules.broadcasting import BroadcastCrossTerms, expand_activations
+from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.registry import (
     Context,
-    Rule,
     Sample,
     UnsupportedConfigurationError,
+    canonical,
     randn,
     register_rule,
 )
-from curvgraph.rules.residuals import CrossTerms, Residual, Zero
+from curvgraph.rules.residuals import Residual, Zero
 
 __all__ = ["EinsumRule"]
 
@@ -115,12 +115,11 @@ def _expand(terms: List[str], output: Optional[str], shapes) -> Tuple[List[str],
 
 
 @register_rule(torch.einsum)
-class EinsumRule(Rule):
+class EinsumRule(PullbackRule):
     """``y_n = einsum(eq, a_n[, b_n])`` (see the module docstring for what is supported)."""
 
     name = "einsum"
-    function = staticmethod(_einsum)
-    signature = inspect.signature(_einsum)
+    function, signature = canonical(_einsum)
     differentiable = ("operands",)
 
     def samples(self):  # noqa: D102
@@ -206,15 +205,6 @@ class EinsumRule(Rule):
 
     # -- the products ---------------------------------------------------------------------
     @staticmethod
-    def _full(ctx, tangents) -> Dict[str, Tensor]:
-        """Activation tangents expanded to ``[K, N, *features]`` (broadcastable ones)."""
-        return {
-            s: t.expand(t.shape[0], *ctx.value(s).shape) if s in ctx.batched else t
-            for s, t in tangents.items()
-            if s.startswith("operands.")
-        }
-
-    @staticmethod
     def _pull(plan, target, cotangent, other, columns_in_other=False, per_sample=False) -> Tensor:
         """``d/d(operand target) <c, einsum(eq, ...)>`` with ``other`` as the other operand.
 
@@ -272,7 +262,7 @@ class EinsumRule(Rule):
     def jvp(self, ctx, tangents):  # noqa: D102
         plan, operands = self._plan(ctx), ctx.operands
         out = 0
-        for s, t in self._full(ctx, tangents).items():
+        for s, t in expand_activations(ctx, tangents).items():
             i = int(s.split(".")[1])
             other = operands[1 - i] if len(operands) == 2 else None
             out = out + self._push(plan, i, t, other)
@@ -289,15 +279,10 @@ class EinsumRule(Rule):
             result[s] = self._pull(plan, i, cotangent, other, per_sample=keep)
         return result
 
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+    def pullback(self, ctx, cotangent, slots, summed):  # noqa: D102
         plan = self._plan(ctx)
         cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        return self._pullbacks(ctx, plan, ctx.operands, cotangent, slots, per_sample=True)
-
-    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        plan = self._plan(ctx)
-        cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
-        return self._pullbacks(ctx, plan, ctx.operands, cotangent, slots, per_sample=False)
+        return self._pullbacks(ctx, plan, ctx.operands, cotangent, slots, per_sample=not summed)
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         plan = self._plan(ctx)
@@ -316,8 +301,8 @@ class EinsumRule(Rule):
             return Zero()
         slots = ("operands.0", "operands.1")
 
-        def product(tangents):
-            tangents, result = self._full(ctx, tangents), {}
+        def product(tangents, wanted):
+            tangents, result = expand_activations(ctx, tangents), {}
             for i, s in enumerate(slots):
                 if slots[1 - i] in tangents:
                     result[s] = self._pull(
@@ -330,23 +315,4 @@ class EinsumRule(Rule):
                     )
             return result
 
-        return _Cross(product)
-
-
-class _Cross(CrossTerms):
-    """Cross terms whose generic PCH (per-sample eigen-solve) accepts broadcast tangents."""
-
-    def modified(self, ctx, mode, groups):  # noqa: D102
-        inner = super().modified(ctx, mode, groups)
-        return inner if isinstance(inner, Zero) else _FullOperandTangents(inner, ctx)
-
-
-class _FullOperandTangents(FullTangents):
-    """``FullTangents`` for the list slots ``operands.i``."""
-
-    def apply(self, tangents, wanted=None):  # noqa: D102
-        full = {
-            s: t.expand(t.shape[0], *self.ctx.value(s).shape) if s in self.ctx.batched else t
-            for s, t in tangents.items()
-        }
-        return self.inner.apply(full, wanted)
+        return BroadcastCrossTerms(product)

@@ -1,4 +1,4 @@
-"""The affine layer ``linear`` (convolutions: :mod:`curvgraph.rules.conv`).
+"""The affine layer ``linear`` (convolutions: :mod:`curvgraph.rules.layers.conv`).
 
 Index convention (einsum letters): ``k`` column, ``n`` sample, ``s`` extra positions of the
 input (``[N, *, F]`` flattened to ``[N, S, F]``), ``o`` output feature, ``i`` input feature.
@@ -9,18 +9,18 @@ cross terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
-    Rule,
     Sample,
     alias,
+    canonical,
     randn,
     register_rule,
 )
@@ -34,7 +34,7 @@ def _linear(input, weight, bias=None):
 
 
 @register_rule(F.linear)
-class LinearRule(Rule):
+class LinearRule(PullbackRule):
     """``y_n = W x_n + b`` (``x_n`` of shape ``[*, F_in]``).
 
     ``J_x = W``, ``J_W^T c = c x_n^T`` (summed over extra positions), ``J_b^T c = c``; for
@@ -42,8 +42,7 @@ class LinearRule(Rule):
     """
 
     name = "linear"
-    function = staticmethod(_linear)
-    signature = inspect.signature(_linear)
+    function, signature = canonical(_linear)
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
     capabilities = frozenset({"kronecker_input", "kronecker_factors", "kronecker_roots"})
@@ -71,26 +70,16 @@ class LinearRule(Rule):
             out = out + b.reshape(b.shape[0], *([1] * (ctx.output.dim() - 1)), b.shape[-1])
         return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
 
-    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+    def pullback(self, ctx, cotangent, slots, summed):  # noqa: D102
         result = {}
         if "input" in slots:
             result["input"] = cotangent @ ctx.weight
         c = cotangent.reshape(*cotangent.shape[:2], -1, cotangent.shape[-1])  # [K,N,S,O]
         if "weight" in slots:
-            result["weight"] = torch.einsum("knso,nsi->knoi", c, self._positions(ctx.input))
+            weight = "knso,nsi->koi" if summed else "knso,nsi->knoi"
+            result["weight"] = torch.einsum(weight, c, self._positions(ctx.input))
         if "bias" in slots:
-            result["bias"] = c.sum(2)
-        return result
-
-    def batch_vjp(self, ctx, cotangent, slots):  # noqa: D102
-        result = {}
-        if "input" in slots:
-            result["input"] = cotangent @ ctx.weight
-        c = cotangent.reshape(*cotangent.shape[:2], -1, cotangent.shape[-1])  # [K,N,S,O]
-        if "weight" in slots:
-            result["weight"] = torch.einsum("knso,nsi->koi", c, self._positions(ctx.input))
-        if "bias" in slots:
-            result["bias"] = c.sum((1, 2))
+            result["bias"] = c.sum((1, 2) if summed else 2)
         return result
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
@@ -108,7 +97,7 @@ class LinearRule(Rule):
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         g = self._positions(grad_output)
 
-        def product(t, wanted=None):
+        def product(t, wanted):
             result = {}
             if "weight" in t and (wanted is None or "input" in wanted):
                 r = torch.einsum("nso,koi->knsi", g, t["weight"])
