@@ -39,9 +39,17 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, jvp, vjp
 
-from curvgraph.rules.func_tools import close, detach, map_columns, substitute, zeros_columns
+from curvgraph.rules.func_tools import (
+    close,
+    detach,
+    hvp_columns,
+    map_columns,
+    substitute,
+    vjp_columns,
+    zeros_columns,
+)
 from curvgraph.rules.registry import (
     CHUNK_ELEMENTS,
     Context,
@@ -235,7 +243,7 @@ class FallbackRule(Rule):
         parameters = [s for s in slots if s not in ctx.batched]
         result = self.batch_vjp(ctx, cotangent, activations)
         if parameters:
-            result.update(self._per_sample(ctx, parameters, {"cotangent": cotangent}, _pullback))
+            result.update(self._per_sample(ctx, parameters, {"cotangent": cotangent}, vjp_columns))
         return result
 
     def averaged_vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:  # noqa: D102
@@ -248,34 +256,26 @@ class FallbackRule(Rule):
     def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
         all_slots = self._slots(ctx.args)
 
-        def product(tangents: Tensors, wanted=None) -> Tensors:
+        def product(tangents: Tensors, wanted) -> Tensors:
             tangents = {s: t for s, t in tangents.items() if s in all_slots}
             if not tangents:
                 return {}
             wanted = all_slots if wanted is None else [s for s in wanted if s in all_slots]
             slots = [s for s in all_slots if s in tangents or s in wanted]
             k = next(iter(tangents.values())).shape[0]
-            full = {
-                s: tangents[s] if s in tangents else zeros_columns(ctx.value(s), k) for s in slots
-            }
+            data = {"grad_output": grad_output}  # tangent columns "t:<slot>", missing ones zero
+            for s in slots:
+                data[f"t:{s}"] = tangents[s] if s in tangents else zeros_columns(ctx.value(s), k)
             activations = [s for s in wanted if s in ctx.batched]
             parameters = [s for s in wanted if s not in ctx.batched]
             result = {}
             if activations:
                 primals = {s: ctx.value(s) for s in slots}
-                f = self._function(ctx)
-
-                def column(t):
-                    def contracted(values):
-                        return (grad_output * f(values)).sum()
-
-                    return jvp(grad(contracted), (primals,), (t,))[1]
-
-                products = map_columns(column, chunk_size=_chunk(ctx, primals))(full)
+                chunk = _chunk(ctx, primals)
+                products = hvp_columns(self._function(ctx), primals, data, chunk_size=chunk)
                 result.update({s: products[s] for s in activations})
             if parameters:
-                data = {"grad_output": grad_output, **{f"t:{s}": full[s] for s in slots}}
-                per_sample = self._per_sample(ctx, slots, data, _hvp)
+                per_sample = self._per_sample(ctx, slots, data, hvp_columns)
                 result.update({s: per_sample[s] for s in parameters})
             return result
 
@@ -339,24 +339,6 @@ def _sample_axis(key: str, batched) -> Optional[int]:
     if key == "cotangent":
         return 1
     return 1 if key[2:] in batched else None
-
-
-def _pullback(f, primals: Tensors, data: Tensors) -> Tensors:
-    """``J^T c`` for cotangent columns ``data["cotangent"]`` ``[K, *out]``."""
-    _, pullback = vjp(f, primals)
-    return map_columns(lambda c: pullback(c)[0])(data["cotangent"])
-
-
-def _hvp(f, primals: Tensors, data: Tensors) -> Tensors:
-    """``d/de grad <g, f(p + e t)>`` for tangent columns ``data["t:<slot>"]``."""
-
-    def contracted(values):
-        return (data["grad_output"] * f(values)).sum()
-
-    def column(t):
-        return jvp(grad(contracted), (primals,), (t,))[1]
-
-    return map_columns(column)({s: data[f"t:{s}"] for s in primals})
 
 
 def _chunk(ctx: Context, primals: Tensors) -> int:

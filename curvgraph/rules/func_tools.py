@@ -1,6 +1,7 @@
 """Small ``torch.func`` helpers of the autograd fallback (:mod:`curvgraph.rules.fallback`).
 
 ``map_columns`` is ``torch.func.vmap`` with a loop for ops whose batching rule fails;
+``vjp_columns`` and ``hvp_columns`` are the per-sample pieces of the fallback's parameters;
 the others substitute, compare and copy argument values.
 """
 
@@ -10,8 +11,17 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
+from torch.func import grad, jvp, vjp
 
-__all__ = ["map_columns", "substitute", "close", "detach", "zeros_columns"]
+__all__ = [
+    "map_columns",
+    "vjp_columns",
+    "hvp_columns",
+    "substitute",
+    "close",
+    "detach",
+    "zeros_columns",
+]
 
 Tensors = Dict[str, Tensor]
 
@@ -96,3 +106,27 @@ def _stack(results: list, dim: int):
     if isinstance(results[0], dict):
         return {k: torch.stack([r[k] for r in results], dim) for k in results[0]}
     return torch.stack(results, dim)
+
+
+def vjp_columns(f: Callable, primals: Tensors, data: Tensors) -> Tensors:
+    """``J^T c`` of ``f`` at ``primals`` for the columns ``c`` of ``data["cotangent"]``."""
+    _, pullback = vjp(f, primals)
+    return map_columns(lambda c: pullback(c)[0])(data["cotangent"])
+
+
+def hvp_columns(
+    f: Callable, primals: Tensors, data: Tensors, chunk_size: Optional[int] = None
+) -> Tensors:
+    """``d/de grad <g, f(p + e t)>`` at ``p = primals`` for ``g = data["grad_output"]``.
+
+    The tangents ``t`` are the columns of ``data["t:<slot>"]`` for every slot of ``primals``.
+    """
+
+    def contracted(values):
+        return (data["grad_output"] * f(values)).sum()
+
+    def column(t):
+        return jvp(grad(contracted), (primals,), (t,))[1]
+
+    tangents = {s: data[f"t:{s}"] for s in primals}
+    return map_columns(column, chunk_size=chunk_size)(tangents)

@@ -274,10 +274,6 @@ def _movedim(input, source, destination):
     return torch.movedim(input, source, destination)
 
 
-def _clone(input, *, memory_format=torch.preserve_format):
-    return torch.clone(input, memory_format=memory_format)
-
-
 feature_dims_rule(
     torch.movedim,
     function=_movedim,
@@ -287,13 +283,6 @@ feature_dims_rule(
         Sample((randn(2, 3, 4, 5, seed=1), (1, -1), (-1, 2))),
     ],
     dims_argument=("source", "destination"),
-)
-feature_dims_rule(
-    torch.clone,
-    function=_clone,
-    name="clone",
-    samples=lambda: [Sample((randn(2, 3),)), Sample((randn(2, 3, 4, seed=1),))],
-    dims_argument=None,
 )
 
 
@@ -307,6 +296,19 @@ linear_rule(
     function=_identity,
     name="identity",
     samples=lambda: [Sample((randn(2, 3),)), Sample((randn(3, 2, 4, 2, seed=1),))],
+)
+
+
+def _clone(input, *, memory_format=torch.preserve_format):
+    return torch.clone(input, memory_format=memory_format)
+
+
+feature_dims_rule(
+    torch.clone,
+    function=_clone,
+    name="clone",
+    samples=lambda: [Sample((randn(2, 3),)), Sample((randn(2, 3, 4, seed=1),))],
+    dims_argument=None,
 )
 
 
