@@ -1,4 +1,4 @@
-"""Models built from the rules of ``shape_more``, ``elementwise_more`` and ``reductions_more``.
+"""Models built from indexing, elementwise-selection and reduction rules (``rules/``).
 
 For each model (float64): ``curvgraph.trace(model)(x)`` equals ``model(x)``; the Hessian blocks
 of ``method="exact"`` (batch 3) and ``method="hbp"`` (batch 1, where HBP is exact) equal

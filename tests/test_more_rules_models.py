@@ -1,4 +1,4 @@
-"""Models built from the rules of ``activations_more`` and ``pooling_more``, end to end (float64).
+"""Models built from piecewise activations and pooling rules, end to end (float64).
 
 For each model: ``curvgraph.trace(model)(x)`` equals ``model(x)``, and the Hessian blocks of
 ``method="hbp"`` (batch size 1, where HBP is exact) and ``method="exact"`` (batch sizes 1

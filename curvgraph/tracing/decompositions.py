@@ -21,12 +21,11 @@ from curvgraph.ops import (
     Call,
     OutputOf,
     lookup_decomposition,
-    register_decomposition,  # re-exported: docs/decompositions.md imports it from here
     selected_output,
 )
 from curvgraph.rules import UnsupportedConfigurationError
 
-__all__ = ["decompose", "is_decomposable", "register_decomposition"]
+__all__ = ["decompose", "is_decomposable"]
 
 
 def decompose(graph: torch.fx.Graph, root: nn.Module) -> None:
