@@ -95,7 +95,8 @@ def factor_blocks(
                     continue
             cotangent = info.rule.vjp(ctx, factors, [slot])[slot]  # [K, N, *shape]
             if isinstance(key, str):  # rows; tied: the rows of every use add
-                rows[key] = cotangent.flatten(0, 1) + rows.get(key, 0)
+                flat = cotangent.flatten(0, 1)
+                rows[key] = flat if key not in rows else rows[key] + flat
             else:
                 adjoints[key] = cotangent if key not in adjoints else adjoints[key] + cotangent
     rows, parameters = pull_back_rows(graph, rows, walk.parameters)
