@@ -14,11 +14,19 @@ All blocks share the walks: their columns are stacked on the leading axis ``K``.
 carries only the columns of blocks upstream of it (the others are zero there), so a block's
 columns travel only from its parameter to the output and back. Exact for any batch size,
 on DAGs, with weight tying and with ops that mix samples.
+
+The blocks are a snapshot of the point where they were computed, like every other method's:
+the recorded arguments that share storage with the model's parameters or buffers (detached
+views of them) are copied when the products are set up (one copy of each storage used), so
+an optimizer step afterwards does not change them. The other recorded tensors (activations,
+inputs, gradients) are kept as they are; if one is modified in place later, the products
+raise :class:`~curvgraph.errors.CurvGraphError` instead of reading the new values.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,7 +37,7 @@ from curvgraph.graph import Plan, Record, gradients, plan, validate_call
 from curvgraph.losses import LossModel
 from curvgraph.methods.base import CURVATURES, Method, Verdict, register_method
 from curvgraph.methods.pullback import pull_back_blocks
-from curvgraph.rules import groups_of
+from curvgraph.rules import Context, groups_of
 
 __all__ = ["Exact", "ExactProducts"]
 
@@ -68,6 +76,12 @@ class _Stack:
 class ExactProducts:
     """Block products ``C_bb v_b`` of one recorded batch; shared by the blocks of a result.
 
+    The products are those of the point where they were set up: recorded arguments that
+    share storage with a parameter or buffer (of ``model``, and ``walk.parameters``) are
+    copied here, so in-place parameter updates (optimizer steps) do not reach them; any
+    other recorded tensor modified in place afterwards makes :meth:`matmat` raise
+    :class:`~curvgraph.errors.CurvGraphError` (its ``_version`` changed).
+
     Args:
         walk: the plan of the graph.
         record: the forward pass (contexts and gradients are kept, so later forwards do not
@@ -75,20 +89,48 @@ class ExactProducts:
         loss_model: per-sample loss Hessians.
         mode: residual modification (``None``: GGN, ``"none"``: Hessian, ``"abs"``/``"clip"``).
         grads: ``dL/dy`` per node name (Hessian and PCH only).
+        model: the traced model, whose parameters and buffers are snapshotted.
     """
 
-    def __init__(self, walk: Plan, record: Record, loss_model: LossModel, mode, grads):
+    def __init__(
+        self,
+        walk: Plan,
+        record: Record,
+        loss_model: LossModel,
+        mode,
+        grads,
+        model: Optional[torch.nn.Module] = None,
+    ):
         self.walk = walk
+        owned = list(walk.parameters.values())
+        if model is not None:
+            owned += list(model.parameters()) + list(model.buffers())
+        names = [info.node.name for info in walk.order]
         self.contexts = dict(record.contexts)
+        self.contexts.update(_snapshot({n: self.contexts[n] for n in names}, owned))
         self.loss_model = loss_model
         self.mode = mode
         self.grads = dict(grads)
         self.infos = {info.node: info for info in walk.order}
+        self._versions = _versions(self.infos, self.contexts, self.grads)
         for info in walk.order:
             validate_call(info, self.contexts[info.node.name])
 
+    def _check_unchanged(self) -> None:
+        """Refuse products after a recorded tensor was modified in place."""
+        for info, what, tensor, version in self._versions:
+            if tensor._version != version:
+                raise CurvGraphError(
+                    f"the {what} of {info.describe()} recorded for this curvature was modified "
+                    "in place after the curvature was computed (its version went from "
+                    f"{version} to {tensor._version}), so the curvature's products would mix "
+                    "two points; compute the curvature again after the change, or do not "
+                    "modify the batch and its activations in place while the curvature is used"
+                )
+
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``C_bb V_b`` for columns ``[K_b, *shape]`` of any subset of the blocks."""
+        self._check_unchanged()
         order = tuple(n for n in self.walk.parameters if n in columns)
         widths = {n: columns[n].shape[0] for n in order}
         tangents, argument_tangents = self._forward(columns, order, widths)
@@ -187,6 +229,74 @@ class ExactProducts:
             ) from error
 
 
+def _storage_key(tensor: Tensor):
+    """What identifies a tensor's memory (``None``: not a plain strided tensor)."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return None
+    try:
+        return tensor.device, tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+
+
+def _snapshot(contexts: Dict[str, Context], owned: Iterable[Tensor]) -> Dict[str, Context]:
+    """Contexts whose tensors sharing storage with ``owned`` (parameters) read copies.
+
+    Each shared storage is copied once and the recorded views are rebuilt on the copy with
+    their offsets and strides, so tied and viewed parameters stay consistent.
+    """
+    shared = {_storage_key(t) for t in owned} - {None}
+    copies: Dict = {}
+
+    def snap(value):
+        if isinstance(value, Tensor):
+            key = _storage_key(value)
+            if key is None or key not in shared:
+                return value
+            if key not in copies:
+                copies[key] = value.untyped_storage().clone()
+            return value.new_empty(0).set_(
+                copies[key], value.storage_offset(), value.size(), value.stride()
+            )
+        if type(value) in (list, tuple):
+            return type(value)(snap(v) for v in value)
+        return value
+
+    result = {}
+    for name, ctx in contexts.items():
+        args = {k: snap(v) for k, v in ctx.args.items()}
+        output = snap(ctx.output)
+        changed = output is not ctx.output or any(_differs(args[k], ctx.args[k]) for k in args)
+        # a fresh cache: the old one may hold quantities derived from the live parameters
+        result[name] = (
+            dataclasses.replace(ctx, args=args, output=output, cache={}) if changed else ctx
+        )
+    return result
+
+
+def _differs(new, old) -> bool:
+    if type(new) in (list, tuple):
+        return any(a is not b for a, b in zip(new, old))
+    return new is not old
+
+
+def _versions(infos, contexts: Dict[str, Context], grads: Dict[str, Tensor]) -> List[tuple]:
+    """``(info, what, tensor, version)`` for every recorded tensor the products read."""
+    versions = []
+    for info in infos.values():
+        ctx = contexts[info.node.name]
+        for key, value in ctx.args.items():
+            values = value if type(value) in (list, tuple) else (value,)
+            for v in values:
+                if isinstance(v, Tensor):
+                    versions.append((info, f"argument {key!r}", v, v._version))
+        versions.append((info, "output", ctx.output, ctx.output._version))
+        grad = grads.get(info.node.name)
+        if isinstance(grad, Tensor):
+            versions.append((info, "output gradient", grad, grad._version))
+    return versions
+
+
 def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -> Tensor:
     """Sum of per-column-set parts as one stack over ``names``.
 
@@ -228,7 +338,8 @@ class Exact(Method):
         mode = CURVATURES[curvature]
         walk = plan(graph)
         grads = gradients(graph, walk.order, loss) if mode is not None else {}
-        engine = shard.products(ExactProducts(walk, graph.record, loss_model, mode, grads))
+        products = ExactProducts(walk, graph.record, loss_model, mode, grads, model=graph.model)
+        engine = shard.products(products)
         blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
         result = BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
         return pull_back_blocks(graph, result, mode, grads)

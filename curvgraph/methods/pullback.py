@@ -13,6 +13,8 @@ dropped for the GGN). Factor methods pull back their rows ``u -> J^T u`` instead
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, Dict, Optional
 
 import torch
@@ -93,6 +95,17 @@ def _residual(derived, parameter: str, gradient: Tensor, mode: str):
     return lambda vectors: (vectors.flatten(1) @ matrix).reshape(vectors.shape)
 
 
+def _snapshot(derived: DerivedParameter) -> DerivedParameter:
+    """``g`` with copies of the tensors it reads: blocks keep the point they were computed at.
+
+    (The blocks' products apply ``J`` lazily; with the live parameters an optimizer step
+    afterwards would change them.)
+    """
+    module = copy.deepcopy(derived.module)
+    parameters = {n: module.get_parameter(derived.local[n]) for n in derived.parameters}
+    return dataclasses.replace(derived, module=module, parameters=parameters)
+
+
 def _raw_order(graph: TracedGraph, names) -> Dict[str, Tensor]:
     """Parameters by model name, in the model's order, restricted to ``names``."""
     return {n: p for n, p in graph.model.named_parameters() if n in names}
@@ -123,7 +136,7 @@ def pull_back_blocks(
         return curvature
     blocks = {n: b for n, b in curvature.items() if n not in graph.derived}
     for name in derived_names:
-        derived = graph.derived[name]
+        derived = _snapshot(graph.derived[name])
         for parameter, value in derived.parameters.items():
             if not value.requires_grad:
                 continue

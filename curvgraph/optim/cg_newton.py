@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature
+from curvgraph.errors import CurvGraphError
 from curvgraph.optim.directions import GroupSolution, solve_group
 from curvgraph.optim.levenberg_marquardt import adapted_alpha, model_change, reduction_ratio
 
@@ -122,6 +123,15 @@ class CGNewton(torch.optim.Optimizer):
     def step(self, curvature: BlockCurvature, closure: Optional[Callable[[], Tensor]] = None):
         """Take one step with the blocks of ``curvature`` (one per parameter with a gradient).
 
+        Gradients: ``step`` reads ``p.grad``, so ``loss.backward()`` must run before it (or
+        in ``closure``, which is called first). A parameter without a gradient is skipped
+        (``torch.optim``'s convention: frozen with ``requires_grad=False``, or unused by this
+        batch while others were used), but if *no* parameter of this optimizer that requires
+        a gradient has one, ``step`` raises :class:`~curvgraph.errors.CurvGraphError`
+        naming them instead of silently doing nothing (``backward`` was not called, or
+        ``zero_grad(set_to_none=True)`` ran after it). An optimizer whose parameters are all
+        frozen does nothing.
+
         Args:
             curvature: e.g. ``cg.backward_hessian(...)`` for the current batch; it must have a
                 block for every parameter of this optimizer that has a gradient.
@@ -133,10 +143,9 @@ class CGNewton(torch.optim.Optimizer):
         """
         if not isinstance(curvature, BlockCurvature):
             raise TypeError(f"step expects a BlockCurvature, got {type(curvature).__name__}")
-        plan = [(g, self._covered(g, curvature)) for g in self.param_groups]
         needy = sorted(
-            {"damping='lm'" for g, _ in plan if g["damping"] == "lm"}
-            | {"backtracking=True" for g, _ in plan if g["backtracking"]}
+            {"damping='lm'" for g in self.param_groups if g["damping"] == "lm"}
+            | {"backtracking=True" for g in self.param_groups if g["backtracking"]}
         )
         if needy and closure is None:
             raise ValueError(
@@ -147,6 +156,9 @@ class CGNewton(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plan = [(g, self._covered(g, curvature)) for g in self.param_groups]
+        if not any(params for _, params in plan):
+            self._refuse_missing_gradients(curvature)
         plan = [(g, self._finite_gradients(params)) for g, params in plan]
         plan = [(g, params) for g, params in plan if params]
         solutions = [solve_group(self.state, g, params, curvature) for g, params in plan]
@@ -173,6 +185,23 @@ class CGNewton(torch.optim.Optimizer):
                 )
             params[name] = p
         return params
+
+    def _refuse_missing_gradients(self, curvature: BlockCurvature) -> None:
+        """Raise when no trainable parameter of this optimizer has a gradient."""
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            return  # everything frozen: nothing to do, as in torch.optim
+        labels = []
+        for p in trainable:
+            name = curvature.name_of(p)
+            labels.append(repr(name) if name is not None else f"shape {tuple(p.shape)}, no block")
+        shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
+        raise CurvGraphError(
+            f"CGNewton.step: none of the optimizer's {len(trainable)} trainable parameters "
+            f"({shown}) has a gradient (.grad is None), so there is no step to take. "
+            "Call loss.backward() before step(curvature) (or in the closure), and do not "
+            "zero_grad(set_to_none=True) in between. No parameter was changed."
+        )
 
     @staticmethod
     def _finite_gradients(params: Dict[str, Tensor]) -> Dict[str, Tensor]:
