@@ -1,5 +1,7 @@
 """The op registry: op keys, alias groups, the rule and decomposition tables, op outputs.
 
+Custom ``torch.autograd.Function`` calls are op keys of their own (:mod:`.functions`).
+
 The bottom of capture and rules (docs/architecture.md, "Op registry and capture"):
 ``curvgraph.rules`` registers rules and decompositions here, ``curvgraph.tracing`` reads
 both tables while capturing a model. This package imports nothing else from curvgraph.
@@ -11,11 +13,13 @@ from curvgraph.ops.decompositions import (
     register_decomposition,
     unregister_decomposition,
 )
+from curvgraph.ops.functions import ApplyOf
 from curvgraph.ops.keys import (
     OpKey,
     alias,
     alias_tensor_methods,
     aliases_of,
+    autograd_function,
     canonical_key,
     is_inplace,
     op_name,
@@ -25,6 +29,7 @@ from curvgraph.ops.outputs import FIELDS, OutputOf, selected_output
 from curvgraph.ops.table import DECOMPOSITIONS, RULES, OpTable
 
 __all__ = [
+    "ApplyOf",
     "Call",
     "DECOMPOSITIONS",
     "FIELDS",
@@ -35,6 +40,7 @@ __all__ = [
     "alias",
     "alias_tensor_methods",
     "aliases_of",
+    "autograd_function",
     "canonical_key",
     "is_inplace",
     "lookup_decomposition",

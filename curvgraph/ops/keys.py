@@ -9,12 +9,13 @@ method name (``call_method``: ``"relu"``). Spellings of the same op (``nn.ReLU``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
 __all__ = [
     "OpKey",
+    "autograd_function",
     "canonical_key",
     "op_name",
     "alias",
@@ -29,10 +30,38 @@ OpKey = Union[type, Callable, str]
 _ALIAS_GROUPS: Dict[Any, frozenset] = {}
 
 
+def autograd_function(key: Any) -> Optional[type]:
+    """The ``torch.autograd.Function`` subclass an op key stands for, or ``None``.
+
+    ``MyFunction``, ``MyFunction.apply`` and the capture's ``ApplyOf(MyFunction)``
+    (:mod:`curvgraph.ops.functions`) all stand for ``MyFunction``.
+    """
+    if isinstance(key, type):
+        return key if issubclass(key, torch.autograd.Function) else None
+    function = getattr(key, "__autograd_function__", None)  # ApplyOf
+    if function is not None:
+        return function
+    owner = getattr(key, "__self__", None)  # MyFunction.apply: a method bound to the class
+    if (
+        isinstance(owner, type)
+        and issubclass(owner, torch.autograd.Function)
+        and getattr(key, "__name__", None) == "apply"
+    ):
+        return owner
+    return None
+
+
 def canonical_key(key: OpKey) -> Any:
-    """Normalize a spelling: Tensor methods (``torch.Tensor.relu``) become their name."""
+    """Normalize a spelling.
+
+    Tensor methods (``torch.Tensor.relu``) become their name; a custom autograd Function's
+    ``MyFunction.apply`` (and its capture, ``ApplyOf(MyFunction)``) becomes ``MyFunction``.
+    """
     if isinstance(key, (str, type)):
         return key
+    function = autograd_function(key)
+    if function is not None:
+        return function
     name = getattr(key, "__name__", None)
     if name is not None and getattr(torch.Tensor, name, None) is key:
         return name
@@ -43,8 +72,11 @@ def op_name(key: OpKey) -> str:
     """Readable name of an op key (``torch.nn.Linear``, ``torch.relu``, ``Tensor.view``)."""
     if isinstance(key, str):
         return f"Tensor.{key}"
-    if hasattr(key, "__op_name__"):  # keys that name themselves (OutputOf)
+    if hasattr(key, "__op_name__"):  # keys that name themselves (OutputOf, ApplyOf)
         return key.__op_name__()
+    function = autograd_function(key)
+    if function is not None:  # MyFunction, MyFunction.apply: "module.MyFunction.apply"
+        return f"{function.__module__}.{function.__qualname__}.apply"
     module = getattr(key, "__module__", None) or ""
     name = getattr(key, "__qualname__", None) or getattr(key, "__name__", repr(key))
     if name.startswith("_VariableFunctionsClass."):  # torch.cumprod and friends

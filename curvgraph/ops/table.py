@@ -1,12 +1,14 @@
 """Tables from op keys to what serves them: the rule table and the decomposition table.
 
 Both refuse a second registration for a key unless ``override=True``, so two modules (or
-a user and a built-in) cannot silently replace each other's entries.
+a user and a built-in) cannot silently replace each other's entries. A table may also
+answer keys it holds no entry for with a *default* (:meth:`OpTable.add_default`): the rules
+layer refuses custom ``torch.autograd.Function`` calls that way, with the reason.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 from curvgraph.ops.keys import OpKey, aliases_of, canonical_key, op_name
 
@@ -25,6 +27,7 @@ class OpTable:
         self.what = what
         self.expand_aliases = expand_aliases
         self._entries: Dict[Any, Any] = {}
+        self._defaults: List[Callable[[Any], Optional[Any]]] = []
 
     def keys_of(self, op_keys: Iterable[OpKey]) -> Set[Any]:
         """The canonical keys ``op_keys`` stand for (with their aliases if the table expands)."""
@@ -49,9 +52,22 @@ class OpTable:
         for k in keys:
             self._entries[k] = entry
 
-    def lookup(self, key: OpKey) -> Optional[Any]:
-        """The entry of ``key``, or ``None``."""
-        return self._entries.get(canonical_key(key))
+    def add_default(self, default: Callable[[Any], Optional[Any]]) -> None:
+        """Answer keys without an entry with ``default(canonical key)`` (``None``: no entry).
+
+        Defaults are not registered entries: :meth:`by_entry` does not list them and a
+        registration for the key replaces them without ``override``.
+        """
+        if default not in self._defaults:
+            self._defaults.append(default)
+
+    def lookup(self, key: OpKey, defaults: bool = True) -> Optional[Any]:
+        """The entry of ``key`` (or, with ``defaults``, the first default's), or ``None``."""
+        key = canonical_key(key)
+        entry = self._entries.get(key)
+        if entry is None and defaults:
+            entry = next((e for e in (d(key) for d in self._defaults) if e is not None), None)
+        return entry
 
     def remove(self, op_keys: Iterable[OpKey]) -> None:
         """Remove the entries of ``op_keys`` (and their aliases if the table expands)."""

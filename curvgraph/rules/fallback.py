@@ -28,6 +28,14 @@ that cannot be evaluated on one sample, counts as mixing (conservative: ``exact`
 correct, the per-sample methods refuse the node with a clear error instead of returning a
 wrong answer). A batch of one sample never mixes; an op without a per-sample input (a
 parameter broadcast to the batch) always counts as mixing.
+
+Custom ``torch.autograd.Function`` calls (captured as ``ApplyOf`` nodes,
+:mod:`curvgraph.ops.functions`) get no fallback rule: their derivative is their hand-written
+``backward``, which ``torch.func`` transforms use only for Functions with ``setup_context``
+(and a ``jvp`` staticmethod for forward mode, a ``vmap`` rule, a differentiable ``backward``
+for second order); what the backward of an arbitrary Function means for curvature
+(a straight-through estimator's) is not defined by its forward. Without a registered rule
+such a node is refused, with or without the fallback, by :class:`CustomFunctionRule`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ import torch.fx
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from curvgraph.ops import RULES, OutputOf, autograd_function
+from curvgraph.rules.factories import PlaceholderRule
 from curvgraph.rules.func_tools import (
     close,
     detach,
@@ -63,7 +73,13 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import General, Residual
 
-__all__ = ["FallbackRule", "rule_for_node", "without_rules", "fallback_warning"]
+__all__ = [
+    "CustomFunctionRule",
+    "FallbackRule",
+    "rule_for_node",
+    "without_rules",
+    "fallback_warning",
+]
 
 Tensors = Dict[str, Tensor]
 
@@ -347,22 +363,64 @@ def _chunk(ctx: Context, primals: Tensors) -> int:
     return max(1, CHUNK_ELEMENTS // (8 * max(1, per_column)))
 
 
+# -- custom autograd Functions --------------------------------------------------------------------
+
+
+class CustomFunctionRule(PlaceholderRule):
+    """The refusal of a custom ``torch.autograd.Function`` without a rule (module docstring).
+
+    The op registry answers every Function's key with this rule when none is registered, so
+    that the analysis lists the node with the reason and what to do, and
+    :func:`rule_for_node` gives it to such nodes under ``fallback=True`` as well.
+    """
+
+    def __init__(self, function: type):
+        super().__init__(op_name(function))
+        self.function = function
+
+    def check(self, arguments: Dict) -> None:  # noqa: D102
+        function = self.function.__qualname__
+        raise UnsupportedConfigurationError(
+            f"{function} is a custom torch.autograd.Function: curvgraph cannot see its "
+            "backward, which defines its derivative (tracing through its forward would drop "
+            "it), and the autograd fallback cannot use it either; register a rule for it "
+            f"with @curvgraph.register_rule({function}.apply) (e.g. curvgraph.rules."
+            "linear_rule for a linear map), or call it inside a submodule and register a rule "
+            "for that module"
+        )
+
+
+def _refuse_custom_function(key: Any) -> Optional[CustomFunctionRule]:
+    """The op registry's default for keys of custom autograd Functions without a rule."""
+    function = autograd_function(key)
+    return None if function is None else CustomFunctionRule(function)
+
+
+RULES.add_default(_refuse_custom_function)
+
+
 # -- building fallback rules ----------------------------------------------------------------------
 
 
 def rule_for_node(
     node: torch.fx.Node, graph_module: torch.fx.GraphModule, parameter_nodes=frozenset()
-) -> FallbackRule:
+) -> Rule:
     """The fallback rule of a ``call_function`` / ``call_method`` / ``call_module`` node.
 
     Arguments computed by other nodes (not ``get_attr``, not ``parameter_nodes``: tensors
     computed from parameters alone) carry the batch axis; a leaf module's parameters become
-    differentiable arguments.
+    differentiable arguments. A custom ``torch.autograd.Function`` gets the
+    :class:`CustomFunctionRule`, which refuses it.
     """
     if node.op == "call_module":
         op = graph_module.get_submodule(node.target)
     else:
         op = node.target
+    function = None if node.op == "call_method" else autograd_function(op)
+    if isinstance(op, OutputOf) and op.kind == "call_function":  # an output of a Function
+        function = autograd_function(op.op)
+    if function is not None:
+        return CustomFunctionRule(function)
     name = op if isinstance(op, str) else getattr(op, "__name__", "")
     inplace = node.op != "call_module" and name.endswith("_") and not name.endswith("__")
     inplace = inplace or node.kwargs.get("inplace") is True
@@ -415,5 +473,5 @@ def without_rules(*op_keys: OpKey) -> Iterator[None]:
         yield
     finally:
         for key, rule in saved.items():
-            if rule is not None:
+            if rule is not None and not isinstance(rule, CustomFunctionRule):  # not a default
                 register_rule(key, override=True)(rule)

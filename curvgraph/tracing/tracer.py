@@ -1,17 +1,28 @@
-"""``torch.fx`` capture: modules with a rule stay leaves, everything else is traced through."""
+"""``torch.fx`` capture: modules with a rule stay leaves, everything else is traced through.
+
+Except custom ``torch.autograd.Function`` calls: their ``backward`` is the derivative, not
+their ``forward``, so tracing through would drop it silently. During tracing
+``MyFunction.apply(...)`` on traced values records one node whose target is
+``ApplyOf(MyFunction)`` (:mod:`curvgraph.ops.functions`); the rules layer serves it with a
+rule registered for ``MyFunction.apply`` or refuses it.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any
+import threading
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree
 
 from curvgraph.errors import TraceError
-from curvgraph.ops import OutputOf, lookup_decomposition
+from curvgraph.ops import ApplyOf, OutputOf, lookup_decomposition
 from curvgraph.rules import lookup_rule
 from curvgraph.tracing.decompositions import decompose
 from curvgraph.tracing.outputs import split_outputs
@@ -31,16 +42,89 @@ class _Tracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root, concrete_args=None) -> torch.fx.Graph:  # noqa: D102
+        with _functions_as_leaves():
+            return super().trace(root, concrete_args)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_APPLY = torch.autograd.Function.__dict__["apply"]
+_CONTEXT = torch.autograd.function.BackwardCFunction  # the ``ctx`` class of every Function call
+
+
+class _BoundApplyError(TraceError):
+    """A Function was called through ``MyFunction.apply`` bound before tracing."""
+
+
+@contextmanager
+def _functions_as_leaves() -> Iterator[None]:
+    """While tracing, ``MyFunction.apply`` on traced values records an ``ApplyOf`` node.
+
+    ``torch.autograd.Function.apply`` is replaced for the duration (calls on concrete values
+    run the original), like ``torch.fx`` patches ``nn.Module.__call__`` while it traces.
+    ``MyFunction.apply`` looked up before (``ste = MyFunction.apply`` at import) escapes that
+    replacement: such a call is caught when it creates its ``ctx`` and refused, since its
+    forward would be traced through.
+    """
+    concrete = [0]  # depth of calls on concrete values (their ctx is expected)
+    tracing = threading.get_ident()  # other threads' Function calls are none of our business
+
+    def apply(cls, *args, **kwargs):  # ``cls.apply(*args, **kwargs)`` while tracing
+        leaves = _pytree.tree_leaves((args, kwargs))
+        proxy = next((a for a in leaves if isinstance(a, torch.fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", ApplyOf(cls), args, kwargs)
+        concrete[0] += 1
+        try:
+            return _APPLY.__get__(cls, cls)(*args, **kwargs)
+        finally:
+            concrete[0] -= 1
+
+    def context(ctx, *args, **kwargs):
+        if not concrete[0] and threading.get_ident() == tracing:
+            function = getattr(type(ctx), "_forward_cls", type(ctx))
+            name = f"{function.__module__}.{function.__qualname__}"
+            frames = [
+                f
+                for f in traceback.extract_stack()
+                if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__
+            ]
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "<source unknown>"
+            raise _BoundApplyError(
+                f"at {where}: {name} is a custom torch.autograd.Function called through a "
+                f"reference to {function.__qualname__}.apply taken before tracing (such as "
+                f"`f = {function.__qualname__}.apply` at import): curvgraph cannot capture "
+                f"that call, and tracing through its forward would drop its backward. Call "
+                f"{function.__qualname__}.apply(...) in forward, and register a rule for it "
+                f"with @curvgraph.register_rule({function.__qualname__}.apply)."
+            )
+
+    own_init = _CONTEXT.__dict__.get("__init__")
+    torch.autograd.Function.apply = classmethod(apply)
+    _CONTEXT.__init__ = context
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _APPLY
+        if own_init is None:
+            del _CONTEXT.__init__
+        else:
+            _CONTEXT.__init__ = own_init
+
 
 def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its submodules and parameters.
 
     Raises:
-        TraceError: ``torch.fx`` failed, typically on data-dependent Python control flow.
+        TraceError: ``torch.fx`` failed, typically on data-dependent Python control flow, or
+            a custom ``torch.autograd.Function`` was called through a reference to its
+            ``apply`` taken before tracing.
     """
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
+    except _BoundApplyError as error:
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {error}") from None
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {error}\n"
@@ -72,13 +156,15 @@ _FRAME = re.compile(
 )
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
 def source_line(node: torch.fx.Node) -> str:
     """``file:line in func: code`` of the user's code that created ``node``."""
     trace = node.stack_trace or ""
-    frames = [f for f in _FRAME.finditer(trace) if not f["file"].startswith(_TORCH_DIR)]
+    frames = [
+        f
+        for f in _FRAME.finditer(trace)
+        if not f["file"].startswith(_TORCH_DIR)
+        and f["file"] != __file__  # not _functions_as_leaves
+    ]
     if not frames:
         return "<source unknown>"
     frame = frames[-1]
