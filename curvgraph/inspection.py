@@ -22,6 +22,7 @@ from torch import nn
 
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import TracedGraph, plan, record_forward
+from curvgraph.graph.plan import cut_off_reason, describe_cut_off, parameters_without_blocks
 from curvgraph.methods import registered_methods
 from curvgraph.methods.frontier import dense_sizes
 from curvgraph.rules import Rule, op_name
@@ -87,6 +88,13 @@ class InspectionReport:
     parameters: Dict[str, ParameterReport]
     methods: Dict[str, str]  # method -> "yes ..." or "no: reason"
     max_features: int
+    #: trainable parameters without a block, cut off from the output by a node without a
+    #: derivative -> ``"node 'sign' (torch.sign) at file:line: no derivative"``
+    cut_off: Dict[str, str] = field(default_factory=dict)
+    #: trainable parameters the output does not use at all (no block, no warning)
+    unused: List[str] = field(default_factory=list)
+    #: the same as one line: ``parameters without a block: a, b (cut off by ...)``
+    cut_off_text: str = ""
 
     @property
     def missing(self) -> List[NodeReport]:
@@ -127,6 +135,13 @@ class InspectionReport:
                 f"  {p.name} {_shape(p.shape)} ({p.numel} entries){through}: HBP "
                 f"{p.hbp_block}, KFLR/KFAC {kfac}"
             )
+        if self.cut_off_text:
+            lines += ["", self.cut_off_text]
+        if self.unused:
+            lines += [
+                "",
+                f"parameters the output does not use (no block): {', '.join(self.unused)}",
+            ]
         if self.missing:
             lines += ["", f"{len(self.missing)} node(s) without a rule:"]
             lines += [f"  {n.name}: {n.op} at {n.where}" for n in self.missing]
@@ -243,6 +258,7 @@ def inspect_graph(
     if not example_args and not example_kwargs and graph._record is None:
         raise CurvGraphError("pass an example input, or call the graph on a batch first")
     if example_args or example_kwargs:
+        graph.refresh()  # trace again if the model's parameters or submodules were replaced
         with torch.no_grad():
             graph._record = record_forward(graph, example_args, example_kwargs or {}, shapes=True)
     record = graph.record
@@ -253,10 +269,18 @@ def inspect_graph(
     parameters: Dict[str, ParameterReport] = {}
     methods: Dict[str, str] = {}
     blocked = [n for n in nodes if n.kind == "missing" or n.problem]
+    cut_off: Dict[str, Any] = {}
+    unused: List[str] = []
     try:
-        walk = plan(graph) if not graph.problems else None
+        walk = plan(graph, warn=False) if not graph.problems else None
     except CurvGraphError as error:
         walk, methods = None, {m: f"no: {error}" for m in registered_methods()}
+        try:  # no parameter left: say which nodes cut them off
+            cut_off, unused = parameters_without_blocks(graph, set(), graph.output_node())
+        except CurvGraphError:  # an output that is no single tensor
+            pass
+    if walk is not None:
+        cut_off, unused = walk.cut_off, walk.unused
     if walk is not None:
         for info, slot, size in dense_sizes(walk, record):
             by_name[info.node.name].hbp_sizes[slot] = size
@@ -283,7 +307,16 @@ def inspect_graph(
             name: str(method.check(graph, walk, max_features=max_features))
             for name, method in registered_methods().items()
         }
-    return InspectionReport(type(graph.model).__name__, nodes, parameters, methods, max_features)
+    return InspectionReport(
+        type(graph.model).__name__,
+        nodes,
+        parameters,
+        methods,
+        max_features,
+        cut_off={name: cut_off_reason(info) for name, info in cut_off.items()},
+        unused=unused,
+        cut_off_text=describe_cut_off(cut_off) if cut_off else "",
+    )
 
 
 def _nodes(graph: TracedGraph) -> List[torch.fx.Node]:

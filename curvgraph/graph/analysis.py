@@ -145,7 +145,9 @@ def analyse(graph_module: torch.fx.GraphModule, model: nn.Module, fallback: bool
 
 def _node_info(node, graph_module, infos, sources: _Sources, fallback: bool) -> NodeInfo:
     key = node_key(node, graph_module)
-    if _on_sizes_only(node, infos):  # x.shape[0] // 2, (h > 0).float(), torch._assert(...)
+    if _on_sizes_only(node, infos) and not _owns_parameters(
+        node, graph_module
+    ):  # x.shape[0] // 2, (h > 0).float(), torch._assert(...)
         return NodeInfo(node, key, STRUCTURAL)
     info = _bind(node, key, lookup_rule(key), graph_module, sources)
     if info.problem and fallback:  # no rule, or one that refuses this call
@@ -158,12 +160,23 @@ def _on_sizes_only(node: torch.fx.Node, infos: Dict[torch.fx.Node, NodeInfo]) ->
     """Whether every input of ``node`` is computed by a structural op.
 
     Structural ops have no derivative (sizes, comparisons, masks, integer casts), so
-    whatever is computed from them alone is a constant for every method.
+    whatever is computed from them alone is a constant for every method, unless the node
+    calls a submodule with parameters (:func:`_owns_parameters`).
     """
     inputs = node.all_input_nodes
     return bool(inputs) and all(
         n in infos and not infos[n].problem and infos[n].rule.structural for n in inputs
     )
+
+
+def _owns_parameters(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
+    """Whether ``node`` calls a submodule with parameters (``fc2(torch.sign(h))``).
+
+    Such a node is no constant even if its inputs are: its output depends on its parameters.
+    """
+    if node.op != "call_module":
+        return False
+    return any(True for _ in graph_module.get_submodule(node.target).parameters())
 
 
 def _bind(node, key, rule: Optional[Rule], graph_module, sources: _Sources) -> NodeInfo:

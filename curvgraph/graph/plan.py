@@ -4,12 +4,23 @@ Shared by every method: a node is *needed* if its output depends on a trainable 
 and reaches the model's output. Uses are counted per differentiable argument, so fan-out
 (a tensor feeding several arguments) and weight tying (a parameter used by several nodes)
 show up as keys with more than one use.
+
+A trainable parameter can still get no block: when every path from it to the output passes
+through an op without a derivative (``torch.sign``, a comparison, ``one_hot``, ``argmax``:
+rules with ``structural`` true), its curvature is zero and no method walks to it.
+:func:`parameters_without_blocks` names, for each such parameter, the first such node on its
+way to the output; :func:`plan` warns about them (once per graph and parameter) and names
+them when no parameter is left. Parameters the output does not use at all (dead code, an
+unused head) get no block and no warning; :func:`curvgraph.inspect` lists them separately.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple, Union
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.fx
@@ -23,7 +34,14 @@ if TYPE_CHECKING:
     from curvgraph.graph.traced import TracedGraph
     from curvgraph.rules import Context
 
-__all__ = ["Plan", "plan", "gradients"]
+__all__ = [
+    "Plan",
+    "plan",
+    "gradients",
+    "parameters_without_blocks",
+    "describe_cut_off",
+    "cut_off_reason",
+]
 
 Key = Union[torch.fx.Node, str]  # a tensor (its producing node) or a parameter name
 
@@ -38,6 +56,9 @@ class Plan:
         uses: key -> ``[(node, slot), ...]`` of needed consumers.
         parameters: trainable parameters by name.
         output: the output node.
+        cut_off: trainable parameters without a block whose every path to the output passes
+            through a node without a derivative -> the first such node.
+        unused: trainable parameters the output does not use at all (no block either).
     """
 
     order: List[NodeInfo]
@@ -45,6 +66,8 @@ class Plan:
     uses: Dict[Key, List[Tuple[torch.fx.Node, str]]]
     parameters: Dict[str, Tensor]
     output: torch.fx.Node
+    cut_off: Dict[str, NodeInfo] = field(default_factory=dict)
+    unused: List[str] = field(default_factory=list)
 
     def key(self, source) -> Union[Key, None]:
         """The frontier key of an argument's source, or ``None`` if nothing flows there."""
@@ -93,8 +116,20 @@ class Plan:
             yield info, ctx
 
 
-def plan(graph: TracedGraph) -> Plan:
-    """Analyse the traced graph for the current ``requires_grad`` flags."""
+def plan(graph: TracedGraph, warn: bool = True) -> Plan:
+    """Analyse the traced graph for the current ``requires_grad`` flags.
+
+    Args:
+        graph: the traced graph, after a forward pass.
+        warn: warn (once per graph and parameter) about trainable parameters that get no
+            block because a node without a derivative cuts them off from the output
+            (:func:`curvgraph.inspect` lists them instead).
+
+    Raises:
+        CurvGraphError: the model was changed after the forward pass, or no trainable
+            parameter reaches the output (naming the nodes that cut them off, if any).
+    """
+    graph.check_unchanged()
     parameters = graph.parameters_with_blocks()
     output = graph.output_node()
     depends = set()
@@ -111,10 +146,151 @@ def plan(graph: TracedGraph) -> Plan:
     for info in order:
         for slot, key in result.active_slots(info).items():
             result.uses.setdefault(key, []).append((info.node, slot))
+    result.cut_off, result.unused = parameters_without_blocks(graph, set(result.uses), output)
     if output not in needed:
+        if result.cut_off:
+            raise CurvGraphError(
+                "no trainable parameter gets a curvature block: the model's output depends on "
+                "them only through nodes without a derivative, so their curvature is zero; "
+                + describe_cut_off(result.cut_off)
+            )
         raise CurvGraphError("the model's output does not depend on any trainable parameter")
     # parameters used only off the path to the output (dead code) get no block
     result.parameters = {n: p for n, p in parameters.items() if n in result.uses}
+    if warn:
+        _warn_cut_off(graph, result.cut_off)
+    return result
+
+
+def describe_cut_off(cut_off: Dict[str, NodeInfo]) -> str:
+    """The parameters without a block, grouped by the node that cuts them off.
+
+    ``parameters without a block: a, b (cut off by node 'sign' (torch.sign) at f.py:3: no
+    derivative); c (...)``.
+    """
+    groups: Dict[torch.fx.Node, List[str]] = {}
+    for name, info in cut_off.items():
+        groups.setdefault(info.node, []).append(name)
+    parts = [
+        f"{', '.join(names)} (cut off by {cut_off_reason(cut_off[names[0]])})"
+        for names in groups.values()
+    ]
+    return "parameters without a block: " + "; ".join(parts)
+
+
+def cut_off_reason(info: NodeInfo) -> str:
+    """``node 'sign' (torch.sign) at file:line: no derivative``: the node that cuts off."""
+    if info.rule is not None and info.rule.structural:
+        return f"{info.describe()}: no derivative"
+    return f"{info.describe()}: used only through an argument without a derivative"
+
+
+def _warn_cut_off(graph: TracedGraph, cut_off: Dict[str, NodeInfo]) -> None:
+    """One warning per graph for the parameters cut off from the output (new ones only)."""
+    warned = graph.warned_without_block
+    new = {name: info for name, info in cut_off.items() if name not in warned}
+    if new:
+        warned.update(new)
+        warnings.warn(
+            f"{type(graph.model).__name__}: {len(new)} trainable parameter(s) get no curvature "
+            "block because every path from them to the output passes through a node without "
+            f"a derivative (their curvature is zero); {describe_cut_off(new)}. Freeze them "
+            "(requires_grad_(False)) to silence this warning",
+            stacklevel=_user_stacklevel(),
+        )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside curvgraph (for the caller of this)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def parameters_without_blocks(
+    graph: TracedGraph, blocked: Set[str], output: torch.fx.Node
+) -> Tuple[Dict[str, NodeInfo], List[str]]:
+    """``(cut_off, unused)``: trainable parameters that get no block, and why.
+
+    ``blocked``: the names (parameters or derived tensors) that get a block. A parameter
+    ``theta`` without one is *cut off* if the output still uses it: follow its uses forward
+    along differentiable arguments (the nodes ``D`` whose value depends on ``theta`` with a
+    derivative); some node on the way to the output reads ``theta`` or a node of ``D``
+    through an argument without a derivative (a ``structural`` rule such as ``torch.sign``,
+    a comparison, ``one_hot``). The first such node (topological order) is reported.
+    Otherwise the output does not use ``theta`` at all: *unused*. Costs O(#parameters) when
+    every parameter gets a block (the usual case).
+    """
+    covered = set(blocked)
+    for name in blocked:
+        if name in graph.derived:
+            covered.update(graph.derived[name].parameters)
+    missing = [
+        (n, p) for n, p in graph.model.named_parameters() if p.requires_grad and n not in covered
+    ]
+    if not missing:
+        return {}, []
+    live = _ancestors(output)
+    reads = _parameters_read(graph)
+    cut_off: Dict[str, NodeInfo] = {}
+    unused: List[str] = []
+    for name, _ in missing:
+        carriers = {name} | {d for d, value in graph.derived.items() if name in value.parameters}
+        first = _first_cut(graph, carriers, reads, live)
+        if first is None:
+            unused.append(name)
+        else:
+            cut_off[name] = first
+    return cut_off, unused
+
+
+def _first_cut(graph: TracedGraph, carriers: Set[str], reads, live) -> Optional[NodeInfo]:
+    """The first node on the way to the output that drops the derivative of ``carriers``."""
+    depends: set = set()
+    for node, info in graph.infos.items():  # topological order
+        keys = {s.parameter for s in info.sources.values()}
+        if keys & carriers or any(s.node in depends for s in info.sources.values()):
+            depends.add(node)
+        elif node in live and (
+            reads.get(node, set()) & carriers or any(n in depends for n in node.all_input_nodes)
+        ):
+            return info  # reads theta (or a node of D) through an argument without derivative
+    return None
+
+
+def _ancestors(output: torch.fx.Node) -> set:
+    """``output`` and every node it is computed from (along all arguments)."""
+    result, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in result:
+            result.add(node)
+            stack.extend(node.all_input_nodes)
+    return result
+
+
+def _parameters_read(graph: TracedGraph) -> Dict[torch.fx.Node, Set[str]]:
+    """Node -> names of the parameters and derived tensors it reads (through any argument)."""
+    names = {id(p): n for n, p in graph.model.named_parameters()}
+    gm = graph.graph_module
+    result: Dict[torch.fx.Node, Set[str]] = {}
+    for node in graph.infos:
+        found = set()
+        for arg in node.all_input_nodes:
+            if arg.name in graph.derived:
+                found.add(arg.name)
+            elif arg.op == "get_attr":
+                try:
+                    found.add(names.get(id(gm.get_parameter(arg.target)), ""))
+                except AttributeError:  # a buffer or a constant
+                    pass
+        if node.op == "call_module":
+            found.update(names.get(id(p), "") for p in gm.get_submodule(node.target).parameters())
+        found.discard("")
+        if found:
+            result[node] = found
     return result
 
 

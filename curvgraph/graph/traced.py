@@ -9,12 +9,15 @@ entry points on top (:mod:`curvgraph.api`). Construction is a fixed sequence of 
 2. analysis (:func:`curvgraph.graph.analysis.analyse`): rules, argument sources, derived
    parameters, problems;
 3. the fallback warning (one per op served by the autograd fallback).
+
+The passes run again, transparently, when the model's parameters or the submodules the graph
+calls are replaced after the trace (:meth:`TracedGraph.refresh`).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.fx
 from torch import Tensor, nn
@@ -48,6 +51,19 @@ class TracedGraph(nn.Module):
     The model is not modified; the graph shares its submodules and parameters. Each call
     records what the rules need (in this object, never on the model).
 
+    **State changed after the trace.** ``torch.fx`` copies references to the model's
+    submodules and directly used parameters when it captures, so a parameter replaced after
+    the trace (``model.w = nn.Parameter(...)``) or a swapped submodule (``model.fc =
+    nn.Linear(...)``, ``model[0] = ...``) would leave the graph running the old tensors.
+    Every call of the graph therefore compares the model's parameters (``model.parameters()``)
+    and the submodules and attributes the graph uses with what the trace saw (identities
+    only, no tensor work) and, if one was replaced, traces the model again with the same
+    ``fallback`` and ``strict`` settings before running it (:meth:`refresh`): the curvature
+    is that of the model as it is now. A change between ``cg(x)`` and the curvature call
+    is refused (:class:`CurvGraphError`): the record belongs to the old model. In-place
+    changes (``p.data``, ``p.copy_(...)``, an optimizer step) are no replacement and need
+    nothing.
+
     Args:
         model: the model.
         fallback: give ops without a usable rule the autograd fallback's rule.
@@ -66,28 +82,109 @@ class TracedGraph(nn.Module):
         super().__init__()
         self.model = model
         self.fallback = fallback
-        self.graph_module = capture(model, fallback)
-        analysis = analyse(self.graph_module, model, fallback)
+        self.strict = strict
+        self._warned_ops: set = set()
+        self._trace()
+        self._record: Optional[Record] = None
+
+    def _trace(self) -> None:
+        """Capture and analyse :attr:`model`; remember what the trace saw."""
+        model = self.model
+        self.graph_module = capture(model, self.fallback)
+        analysis = analyse(self.graph_module, model, self.fallback)
         self.infos: Dict[torch.fx.Node, NodeInfo] = analysis.infos
         self.derived = analysis.derived
         self.problems = analysis.problems
-        if self.problems and strict:
+        #: parameter names already reported without a block (see :func:`~.plan.plan`)
+        self.warned_without_block: set = set()
+        if self.problems and self.strict:
             raise UnsupportedOpError(type(model).__name__, self.problems)
+        self._seen_parameters: Tuple[Tuple[str, Tensor], ...] = tuple(model.named_parameters())
+        self._seen_attributes = tuple(self._shared_attributes())
         self._warn_fallback_ops()
-        self._record: Optional[Record] = None
+
+    def _shared_attributes(self):
+        """``(kind, target, object)`` that the graph shares with the model.
+
+        The submodules it calls and the attributes its ``get_attr`` nodes read (parameters,
+        buffers), where both resolve to one object.
+        """
+        for node in self.graph_module.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                value = _resolve(self.graph_module, node.target)
+                if value is not None and _resolve(self.model, node.target) is value:
+                    kind = "submodule" if node.op == "call_module" else "attribute"
+                    yield kind, node.target, value
+
+    def changes(self) -> List[str]:
+        """What was replaced on the model since the trace (empty if nothing was).
+
+        Compares identities only: ``model.parameters()`` and the submodules and attributes
+        the graph uses (O(#parameters + #nodes that call a submodule or read an attribute)).
+        """
+        seen = self._seen_parameters
+        current = tuple(self.model.parameters())
+        unchanged = len(current) == len(seen) and all(p is q for p, (_, q) in zip(current, seen))
+        if unchanged and all(
+            _resolve(self.model, target) is value for _, target, value in self._seen_attributes
+        ):
+            return []
+        return self._describe_changes()
+
+    def _describe_changes(self) -> List[str]:
+        before = dict(self._seen_parameters)
+        now = dict(self.model.named_parameters())
+        changes = [
+            f"parameter {n!r} replaced" for n in now if n in before and now[n] is not before[n]
+        ]
+        changes += [f"parameter {n!r} added" for n in now if n not in before]
+        changes += [f"parameter {n!r} removed" for n in before if n not in now]
+        for kind, target, value in self._seen_attributes:
+            if _resolve(self.model, target) is not value and target not in before:
+                changes.append(f"{kind} {target!r} replaced")
+        return changes or ["the model's parameters were reordered"]
+
+    def refresh(self) -> bool:
+        """Trace the model again if a parameter or a used submodule was replaced.
+
+        Called by every forward. Returns whether it traced again (the last forward's record
+        is dropped then).
+        """
+        if not self.changes():
+            return False
+        self._record = None
+        self._trace()
+        return True
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CurvGraphError` if the model changed since the trace (and the record)."""
+        changes = self.changes()
+        if changes:
+            raise CurvGraphError(
+                f"{type(self.model).__name__} changed after it was traced and run "
+                f"({', '.join(changes)}): the recorded forward pass belongs to the old model. "
+                "Call the graph on the batch again (out = cg(x); it traces the model again) "
+                "or call curvgraph.trace(model) again, then ask for curvature"
+            )
 
     def _warn_fallback_ops(self) -> None:
-        """One warning per op served by the autograd fallback."""
+        """One warning per op served by the autograd fallback (again only for new ops)."""
         counts: Dict[str, int] = {}
         for info in self.infos.values():
             if info.rule is not None and info.rule.fallback and not info.problem:
                 counts[info.op] = counts.get(info.op, 0) + 1
         for op, count in counts.items():
-            warnings.warn(fallback_warning(op, count), stacklevel=4)
+            if op not in self._warned_ops:
+                self._warned_ops.add(op)
+                warnings.warn(fallback_warning(op, count), stacklevel=5)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Any:
-        """Run the model (same outputs, gradients flow as usual) and record for the rules."""
+        """Run the model (same outputs, gradients flow as usual) and record for the rules.
+
+        Traces the model again first if a parameter or a used submodule was replaced.
+        """
+        self.refresh()
         self._record = record_forward(self, args, kwargs)
         return self._record.result
 
@@ -149,3 +246,13 @@ class TracedGraph(nn.Module):
         if record is None:
             lines.append("(output shapes appear after a forward pass)")
         return "\n".join(lines)
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for ``target="a.b.c"``, or ``None`` if there is no such attribute."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
