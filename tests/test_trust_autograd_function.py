@@ -194,3 +194,23 @@ def test_exact_curvature_through_a_function_with_a_rule_equals_torch_func(double
     assert set(curv) == set(reference) == {n for n, _ in model.named_parameters()}
     for name, expected in reference.items():
         torch.testing.assert_close(curv[name].to_dense(), expected, atol=1e-10, rtol=1e-8)
+
+
+class QuantizedLinear(nn.Module):
+    """A weight passed through a straight-through estimator before use (parameters alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return F.linear(x, STE.apply(self.weight))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_function_on_parameters_alone_is_refused_at_trace_time(fallback):
+    with pytest.raises(curvgraph.UnsupportedOpError) as caught:
+        curvgraph.trace(QuantizedLinear(), fallback=fallback)
+    message = str(caught.value)
+    assert "STE" in message and "parameters alone" in message
+    assert "STE.apply(self.weight)" in message

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from curvgraph.graph.derived import (
     DerivedParameter,
+    custom_function_problems,
     derive,
     derived_roots,
     shared_parameter_problems,
@@ -140,6 +141,7 @@ def analyse(graph_module: torch.fx.GraphModule, model: nn.Module, fallback: bool
     derived = {root.name: derive(graph_module, root, names, model) for root in roots}
     problems = [(n.name, i.op, i.where, i.problem) for n, i in infos.items() if i.problem]
     problems += shared_parameter_problems(infos.values(), derived)
+    problems += custom_function_problems(parameter_only)
     return GraphAnalysis(infos, derived, problems)
 
 

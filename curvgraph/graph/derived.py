@@ -38,6 +38,7 @@ import torch.fx
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from curvgraph.ops import ApplyOf, op_name
 from curvgraph.tracing import source_line
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "derived_roots",
     "extract",
     "parameter_only_nodes",
+    "custom_function_problems",
     "shared_parameter_problems",
 ]
 
@@ -202,4 +204,26 @@ def shared_parameter_problems(infos, derived: Dict[str, DerivedParameter]) -> li
         for name, value in derived.items()
         for parameter in value.parameters
         if len(uses[parameter]) > 1
+    ]
+
+
+def custom_function_problems(parameter_only: set) -> list:
+    """``(node, op, where, reason)`` for custom autograd.Functions applied to parameters alone.
+
+    Computations from parameters alone are differentiated with ``torch.func``, which does not
+    run a custom Function's own backward (a straight-through estimator on a weight): refused,
+    with or without the fallback.
+    """
+    return [
+        (
+            node.name,
+            op_name(node.target),
+            source_line(node),
+            f"{op_name(node.target.function)} is a custom torch.autograd.Function applied to "
+            "parameters alone; curvgraph differentiates such computations with torch.func, "
+            "which cannot use its backward. Apply it inside a submodule with a registered rule "
+            "and pass the parameter as an input, or compute the weight without it",
+        )
+        for node in parameter_only
+        if isinstance(node.target, ApplyOf)
     ]
