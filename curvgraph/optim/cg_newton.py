@@ -11,7 +11,7 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature
 from curvgraph.errors import CurvGraphError
-from curvgraph.optim.directions import GroupSolution, solve_group
+from curvgraph.optim.directions import GroupSolution, eig_names, solve_group
 from curvgraph.optim.levenberg_marquardt import adapted_alpha, model_change, reduction_ratio
 
 __all__ = ["CGNewton"]
@@ -57,13 +57,18 @@ class CGNewton(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (every option below can be set per group).
-        lr: step size.
+        lr: step size, > 0 (negative and NaN are refused; so is 0, at construction). A
+            group whose ``lr`` is set to 0 later (``param_groups[i]["lr"] = 0``, an LR
+            scheduler's warm-up) is skipped by ``step``: no solve, parameters and state
+            (momentum buffer, eig cache, damping) unchanged.
         alpha: damping, ``0 <= alpha < 1`` (interpolates between Newton and gradient);
             with ``damping="lm"`` its initial value.
         cg_atol: absolute CG tolerance.
         cg_tol: CG tolerance relative to ``||g||``.
         cg_maxiter: CG iterations per step and block.
-        solver: ``"cg"``, ``"eig"`` (Kronecker blocks only) or ``"auto"``.
+        solver: ``"cg"``, ``"eig"`` (every block of the group must be Kronecker; a
+            refusal names the blocks that are not and points to ``"auto"``) or ``"auto"``
+            (Kronecker blocks by eig, the others by CG in the same step).
         update_every: recompute cached eigendecompositions every this many steps.
         preconditioner: ``None``, ``"diagonal"`` or ``"kronecker"`` (built each step).
         damping: ``"constant"`` or ``"lm"``.
@@ -159,11 +164,17 @@ class CGNewton(torch.optim.Optimizer):
         plan = [(g, self._covered(g, curvature)) for g in self.param_groups]
         if not any(params for _, params in plan):
             self._refuse_missing_gradients(curvature)
+        # a group whose lr is 0 (a scheduler's warm-up, a frozen group) takes no step:
+        # skipped before its solve, so it costs nothing and its state stays as it was
+        plan = [(g, params) for g, params in plan if g["lr"] != 0]
         plan = [(g, self._finite_gradients(params)) for g, params in plan]
         plan = [(g, params) for g, params in plan if params]
+        for g, params in plan:  # every group's solver checked before any group is solved
+            eig_names(g, params, curvature)
         solutions = [solve_group(self.state, g, params, curvature) for g, params in plan]
         self._record(plan, solutions)
-        start, steps, new_loss = self._move(plan, solutions, closure if needy else None)
+        reevaluate = any(g["damping"] == "lm" or g["backtracking"] for g, _ in plan)
+        start, steps, new_loss = self._move(plan, solutions, closure if reevaluate else None)
         if any(g["damping"] == "lm" for g, _ in plan):
             self._adapt_damping(plan, start, steps, curvature, loss, new_loss)
         return loss

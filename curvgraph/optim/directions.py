@@ -25,7 +25,7 @@ from curvgraph.solvers import (
 )
 from curvgraph.solvers.kronecker import eigen_matches, has_negative_eigenvalues
 
-__all__ = ["GroupSolution", "solve_group", "BACKTRACKING_GROWTH"]
+__all__ = ["GroupSolution", "solve_group", "eig_names", "BACKTRACKING_GROWTH"]
 
 #: CG-backtracking keeps the iterates ``ceil(BACKTRACKING_GROWTH^j)`` (Martens 2010, 4.6)
 BACKTRACKING_GROWTH = 1.3
@@ -52,21 +52,53 @@ class GroupSolution:
     solver: Dict[str, str] = field(default_factory=dict)
 
 
-def _eig_names(group: dict, params: Dict[str, Tensor], curvature: BlockCurvature) -> List[str]:
+def eig_names(group: dict, params: Dict[str, Tensor], curvature: BlockCurvature) -> List[str]:
+    """The blocks of ``params`` that the group solves by eig (Kronecker blocks).
+
+    ``solver="eig"`` asks for every block to be Kronecker; otherwise this raises a
+    ``ValueError`` that names the blocks which are not, the ones which are, and the way out
+    (``solver="auto"`` when the curvature already has Kronecker blocks, a Kronecker method
+    when it has none). Called for every group before any group is solved, so a refused step
+    changes neither parameters nor state.
+    """
     solver = group["solver"]
     if solver == "cg":
         return []
     kron = [n for n in params if isinstance(curvature[n], KroneckerBlock)]
-    if solver == "eig":
-        for name in params:
-            if name not in kron:
-                raise ValueError(
-                    f"solver='eig' needs Kronecker blocks, but the block of {name!r} is a "
-                    f"{type(curvature[name]).__name__}; use solver='auto' (eig for Kronecker "
-                    "blocks, CG for the others) or a method that gives Kronecker blocks "
-                    "(kflr, kfac, hbp)"
-                )
+    if solver == "eig" and len(kron) < len(params):
+        raise ValueError(_eig_refusal(params, kron, curvature))
     return kron
+
+
+def _eig_refusal(params: Dict[str, Tensor], kron: List[str], curvature: BlockCurvature) -> str:
+    others = [n for n in params if n not in kron]
+    first = others[0]
+    text = (
+        f"solver='eig' needs Kronecker blocks, but the block of {first!r} is a "
+        f"{type(curvature[first]).__name__}"
+    )
+    if len(others) > 1:
+        more = [f"{n!r} ({type(curvature[n]).__name__})" for n in others[1:6]]
+        rest = f" and {len(others) - 6} more" if len(others) > 6 else ""
+        text += f" (so are {', '.join(more)}{rest})"
+    method = f"method={curvature.method!r}" if curvature.method else "this curvature"
+    everywhere = sorted(n for n in curvature if isinstance(curvature[n], KroneckerBlock))
+    if kron or everywhere:
+        shown = kron or everywhere
+        listed = ", ".join(repr(n) for n in shown[:6]) + (" ..." if len(shown) > 6 else "")
+        return (
+            f"{text}. {method} gives Kronecker blocks only for some parameters ({listed}); "
+            "the others (e.g. biases) have no Kronecker form under any method. Use "
+            "solver='auto': it solves the Kronecker blocks exactly by eigendecomposition and "
+            "the others by CG (the group's cg_* settings) in the same step. No parameter "
+            "was changed."
+        )
+    return (
+        f"{text}. None of this group's {len(params)} blocks is Kronecker ({method} gives "
+        "none), so there is nothing for eig to solve: use solver='cg' (or 'auto', which is "
+        "CG here), or a method that gives Kronecker blocks for weights (kflr, kfac, hbp) "
+        "with solver='auto'. No parameter was changed."
+    )
 
 
 def _cached_eigen(state: dict, block: KroneckerBlock, update_every: int):
@@ -91,11 +123,11 @@ def solve_group(
         curvature: the blocks.
     """
     alpha = group["alpha"]
-    eig_names = _eig_names(group, params, curvature)
-    cg_names = [n for n in params if n not in eig_names]
+    exact = eig_names(group, params, curvature)
+    cg_names = [n for n in params if n not in exact]
     solution = GroupSolution(directions={})
     zero = params[next(iter(params))].grad.new_zeros(())
-    for name in eig_names:
+    for name in exact:
         eigen = _cached_eigen(states[params[name]], curvature[name], group["update_every"])
         gradient = params[name].grad
         solution.directions[name] = -kronecker_eigen_solve(eigen, gradient.unsqueeze(0), alpha)[0]
