@@ -387,7 +387,6 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"lr": 0.0},
         {"lr": -0.1},
         {"alpha": -0.01},
         {"alpha": 1.0},
@@ -407,6 +406,7 @@ def test_invalid_hyperparameters_raise(kwargs):
 def test_valid_hyperparameter_edges_accepted():
     p = nn.Parameter(torch.zeros(2))
     CGNewton([p], lr=1e-12, alpha=0.0, cg_maxiter=1, cg_tol=0.0, cg_atol=0.0)
+    CGNewton([p], lr=0.0)  # a frozen group (issue 14), as torch.optim allows
     CGNewton([p], alpha=0.999)
 
 

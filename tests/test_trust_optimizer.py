@@ -1,7 +1,7 @@
 """CGNewton: groups with lr 0, lr validation, and eig on curvatures with non-Kronecker blocks.
 
-Issue 14. ``lr=0`` stays refused at construction (``test_optim.py`` asserts it), but a group
-whose lr is set to 0 afterwards (a scheduler's warm-up) is skipped by ``step``.
+Issue 14. ``lr=0`` is accepted at construction (a frozen group, as in ``torch.optim``), and a
+group whose lr is 0 at step time (also after a scheduler's warm-up) is skipped by ``step``.
 ``solver="eig"`` still needs every block of its group to be Kronecker
 (``test_optim_features.py`` asserts the refusal); its error now says which blocks are
 Kronecker and points to ``solver="auto"``, which solves the Kronecker blocks of a kflr
@@ -56,21 +56,29 @@ def _reset(params, start, grads):
 
 
 # -- lr 0 and lr validation -------------------------------------------------------------------
-def test_lr_zero_still_refused_at_construction():
-    # test_optim.py::test_invalid_hyperparameters_raise asserts this; kept as it is
-    with pytest.raises(ValueError, match="lr must be positive, got 0"):
-        CGNewton([nn.Parameter(torch.zeros(2))], lr=0.0)
+def test_lr_zero_at_construction_freezes_the_group():
+    model = nn.Linear(3, 2).double()
+    frozen = CGNewton(model.parameters(), lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 1, 0]))
+    loss.backward()
+    frozen.step(cg.curvature(loss, out, curvature="ggn", method="exact"))
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
 
 
 @pytest.mark.parametrize("lr", [-0.1, -1e-12, math.nan, -math.inf])
 def test_negative_and_nan_lr_refused(lr):
     p, q = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be >= 0"):
         CGNewton([p], lr=lr)
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be >= 0"):
         CGNewton([{"params": [p], "lr": lr}], lr=0.1)
     opt = CGNewton([p], lr=0.1)
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be >= 0"):
         opt.add_param_group({"params": [q], "lr": lr})
 
 

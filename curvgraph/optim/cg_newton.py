@@ -331,8 +331,8 @@ class CGNewton(torch.optim.Optimizer):
 
 
 def _validate(group: dict) -> None:
-    if not group["lr"] > 0:
-        raise ValueError(f"lr must be positive, got {group['lr']}")
+    if not group["lr"] >= 0:  # lr 0 freezes a group, as in torch.optim; NaN is refused
+        raise ValueError(f"lr must be >= 0, got {group['lr']}")
     if not 0 <= group["alpha"] < 1:
         raise ValueError(f"alpha must lie in [0, 1), got {group['alpha']}")
     if not group["cg_maxiter"] >= 1:
