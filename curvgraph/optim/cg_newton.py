@@ -57,9 +57,9 @@ class CGNewton(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (every option below can be set per group).
-        lr: step size, > 0 (negative and NaN are refused; so is 0, at construction). A
-            group whose ``lr`` is set to 0 later (``param_groups[i]["lr"] = 0``, an LR
-            scheduler's warm-up) is skipped by ``step``: no solve, parameters and state
+        lr: step size, >= 0 (negative and NaN are refused). A group whose ``lr`` is 0 (at
+            construction, ``param_groups[i]["lr"] = 0``, an LR scheduler's warm-up) is
+            skipped by ``step``: no solve, parameters and state
             (momentum buffer, eig cache, damping) unchanged.
         alpha: damping, ``0 <= alpha < 1`` (interpolates between Newton and gradient);
             with ``damping="lm"`` its initial value.
