@@ -32,6 +32,11 @@ class CurvGraph(TracedGraph):
         infos: node -> :class:`~curvgraph.graph.NodeInfo` for every call node.
         problems: ``(node, op, source line, reason)`` of nodes without a usable rule (empty
             unless built with ``strict=False``, which :func:`curvgraph.inspect` uses).
+
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load(f, weights_only=False)``
+    keep the model and the trace settings and trace the model again; the last forward's
+    record is not kept, so call the copy on a batch before asking for curvature (see
+    :class:`~curvgraph.graph.TracedGraph`).
     """
 
     def backward_hessian(

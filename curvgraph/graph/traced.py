@@ -11,7 +11,9 @@ entry points on top (:mod:`curvgraph.api`). Construction is a fixed sequence of 
 3. the fallback warning (one per op served by the autograd fallback).
 
 The passes run again, transparently, when the model's parameters or the submodules the graph
-calls are replaced after the trace (:meth:`TracedGraph.refresh`).
+calls are replaced after the trace (:meth:`TracedGraph.refresh`), and when a graph is copied
+or loaded: its state is the model and the trace options, everything else is derived
+(:meth:`TracedGraph.__reduce_ex__`).
 """
 
 from __future__ import annotations
@@ -76,16 +78,45 @@ class TracedGraph(nn.Module):
         infos: node -> :class:`NodeInfo` for every call node.
         derived: derived parameters (tensors computed from parameters alone) by node name.
         problems: ``(node, op, source line, reason)`` of nodes without a usable rule.
+
+    **Copies and files.** The state of a traced graph is its model and its ``fallback`` and
+    ``strict`` settings; the graph module, the analysis, the rules and the record are derived
+    from them. ``copy.deepcopy(cg)``, ``pickle`` and ``torch.save(cg, f)`` therefore copy or
+    store the model and the settings only, and the copy traces its model again when it is
+    built: it is a graph of the same class over its own model (a deep copy has new
+    parameters, independent of the original's; ``copy.copy`` shares the model). The record
+    of the last forward is not kept: call the copy on a batch (``out = cg2(x)``) before
+    asking for curvature. Hooks registered on the graph itself are not kept either (hooks on
+    the model's modules travel with the model). ``torch.load`` needs ``weights_only=False``
+    (the default ``True`` of torch >= 2.6 loads tensors and allow-listed classes only; load
+    only files you trust); for a weights-only file save ``cg.model.state_dict()`` and trace
+    the model again after loading it. The model must be picklable (its class importable
+    where the file is loaded).
     """
 
     def __init__(self, model: nn.Module, fallback: bool = False, strict: bool = True):
         super().__init__()
+        self._setup(model, fallback, strict, set())
+
+    def _setup(self, model: nn.Module, fallback: bool, strict: bool, warned_ops: set) -> None:
+        """Trace ``model`` with the settings (``__init__`` and :func:`_rebuild`)."""
         self.model = model
         self.fallback = fallback
         self.strict = strict
-        self._warned_ops: set = set()
+        self._warned_ops: set = set(warned_ops)
         self._trace()
         self._record: Optional[Record] = None
+
+    def __reduce_ex__(self, protocol):
+        """Copy and pickle the model and the settings; the copy traces its model again.
+
+        ``copy.deepcopy`` deep-copies the arguments (the model: new parameters), ``pickle``
+        and ``torch.save`` store them; the graph module, the analysis and the record are
+        rebuilt by :func:`_rebuild`. Ops already warned about (the fallback) are not warned
+        about again.
+        """
+        options = (self.fallback, self.strict, sorted(self._warned_ops), self.training)
+        return _rebuild, (type(self), self.model) + options
 
     def _trace(self) -> None:
         """Capture and analyse :attr:`model`; remember what the trace saw."""
@@ -246,6 +277,21 @@ class TracedGraph(nn.Module):
         if record is None:
             lines.append("(output shapes appear after a forward pass)")
         return "\n".join(lines)
+
+
+def _rebuild(
+    cls: type, model: nn.Module, fallback: bool, strict: bool, warned_ops: list, training: bool
+) -> TracedGraph:
+    """A graph of class ``cls`` over ``model``, traced again (copies and loaded files).
+
+    Builds the graph without calling ``cls.__init__``: a subclass that keeps state of its own
+    beyond the model and the settings must override :meth:`TracedGraph.__reduce_ex__`.
+    """
+    graph = cls.__new__(cls)
+    nn.Module.__init__(graph)
+    graph._setup(model, fallback, strict, set(warned_ops))
+    graph.training = training
+    return graph
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
