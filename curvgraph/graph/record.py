@@ -5,10 +5,16 @@ rule: the rule's ``function`` on the bound arguments must give the module's outp
 (:meth:`Recorder.check_forward`). A rule whose function is not the module's forward passes
 ``check_rule``'s derivative pieces (they are checked against the rule's own function) and
 would silently give the curvature of another op.
+
+A call binds its arguments like ``model.forward`` (:func:`bind_inputs`: keywords, defaults,
+``*args``, ``**kwargs``), and :meth:`Record.check_curvature_call` says in words why a record
+cannot give curvature (a tuple or dict output, a forward under ``torch.no_grad()``, an
+empty batch) before the methods would fail somewhere inside.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from curvgraph.rules import Context
 if TYPE_CHECKING:
     from curvgraph.graph.traced import TracedGraph
 
-__all__ = ["Record", "Recorder", "record_forward"]
+__all__ = ["Record", "Recorder", "bind_inputs", "record_forward"]
 
 #: graph -> ``(node name, module.training)`` of the module calls whose rule was compared
 #: with the module's forward (kept beside the graph, dropped with it)
@@ -43,6 +49,8 @@ class Record:
         grads: node name -> ``dL/dy``, filled by hooks during ``loss.backward()``.
         result: what the model returned.
         shapes: node name -> output shape of every tensor (only with ``shapes=True``).
+        grad_enabled: whether autograd recorded the forward (``False`` under
+            ``torch.no_grad()`` or ``torch.inference_mode()``: no curvature from it).
     """
 
     contexts: Dict[str, Context] = field(default_factory=dict)
@@ -50,6 +58,46 @@ class Record:
     grads: Dict[str, Tensor] = field(default_factory=dict)
     result: Any = None
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    grad_enabled: bool = True
+
+    def check_curvature_call(
+        self, model: str, loss: Optional[Tensor] = None, outputs: Optional[Tensor] = None
+    ) -> None:
+        """Raise :class:`CurvGraphError` if curvature cannot come from this record.
+
+        The checks, in order: the model returned a single tensor (not a tuple, list or
+        dict); ``outputs`` is that tensor; with a ``loss``: the forward ran with gradients
+        enabled and the loss is attached to the outputs; the batch (dimension 0 of the
+        output) is not empty. ``model`` names the model in the messages.
+        """
+        result = self.result
+        if not isinstance(result, Tensor):
+            raise CurvGraphError(
+                f"curvature needs a model whose forward returns a single tensor; {model} "
+                f"returns {_describe(result)}. Trace a wrapper whose forward returns the "
+                f"tensor the loss is computed from (e.g. `return self.model(x)[0]`, or "
+                f'`["logits"]` for a dict): torch.fx traces through the wrapper'
+            )
+        if outputs is not None and outputs is not result:
+            raise CurvGraphError("outputs must be the tensor returned by the last cg(x) call")
+        if loss is not None and not self.grad_enabled:
+            raise CurvGraphError(
+                f"the last forward of {model} (out = cg(x)) ran with gradients disabled "
+                "(under torch.no_grad() or torch.inference_mode()): curvature needs the "
+                "autograd graph from the loss to the outputs. Run cg(x) and the loss with "
+                "gradients enabled (loss.backward() is not needed for the GGN)"
+            )
+        if isinstance(loss, Tensor) and loss.grad_fn is None and result.grad_fn is not None:
+            raise CurvGraphError(
+                f"the loss is not attached to the outputs of {model}: it was computed with "
+                "gradients disabled (under torch.no_grad()) or from detached outputs. "
+                "Compute the loss from the tensor cg(x) returned, with gradients enabled"
+            )
+        if result.dim() > 0 and result.shape[0] == 0:
+            raise CurvGraphError(
+                f"the batch is empty: {model} returned shape {tuple(result.shape)} (dimension "
+                "0 is the batch axis): curvature needs at least one sample"
+            )
 
 
 class Recorder(torch.fx.Interpreter):
@@ -64,6 +112,16 @@ class Recorder(torch.fx.Interpreter):
     def __init__(self, graph: TracedGraph, record: Record, shapes: bool = False):
         super().__init__(graph.graph_module)
         self.traced, self.record, self.shapes = graph, record, shapes
+        #: placeholder target -> value (:func:`bind_inputs`); ``None``: positional ``run``
+        self.inputs: Optional[Dict[str, Any]] = None
+
+    def placeholder(self, target, args, kwargs) -> Any:  # noqa: D102
+        if self.inputs is None:
+            return super().placeholder(target, args, kwargs)
+        return self.inputs[target]
+
+    def output(self, target, args, kwargs) -> Any:  # noqa: D102
+        return _mutable(super().output(target, args, kwargs))  # a dict, as the model returns
 
     def run_node(self, n: torch.fx.Node) -> Any:  # noqa: D102
         output = self._run(n)
@@ -98,10 +156,10 @@ class Recorder(torch.fx.Interpreter):
                 mixes_samples=info.rule.mixes(arguments),
             )
             self.record.contexts[n.name] = ctx
-            if check is not None:
+            if check is not None and not _empty(output):  # an empty batch: on the next call
                 self.check_forward(n, ctx, check[1], check[2])
             self._keep(n.name, output)
-        if check is not None:  # compared (or nothing to compare: no tensor output)
+        if check is not None and not _empty(output):  # compared (or no tensor output)
             _CHECKED.setdefault(self.traced, set()).add(check[0])
         return output
 
@@ -191,6 +249,31 @@ class Recorder(torch.fx.Interpreter):
             output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
 
 
+def _mutable(value: Any) -> Any:
+    """``value`` with fx's immutable dicts and lists (in the graph's output) as plain ones."""
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+def _describe(value: Any) -> str:
+    """``a tuple of 2 values``, ``a dict with keys ['a', 'b']``, ``None``, ... for messages."""
+    if isinstance(value, dict):
+        return f"a {type(value).__name__} with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} values"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _empty(output: Any) -> bool:
+    """Whether ``output`` is a tensor without elements (nothing to compare it with)."""
+    return isinstance(output, Tensor) and output.numel() == 0
+
+
 def _cloned(arguments: Dict[str, Any]) -> Dict[str, Any]:
     """Bound arguments with their tensors (also in lists and tuples) detached and copied."""
 
@@ -227,7 +310,52 @@ def _set_random_state(state: tuple) -> None:
 
 
 def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool = False) -> Record:
-    """Run ``graph`` on a batch and return the :class:`Record` (not stored on the graph)."""
-    record = Record()
-    record.result = Recorder(graph, record, shapes).run(*args, **kwargs)
+    """Run ``graph`` on a batch and return the :class:`Record` (not stored on the graph).
+
+    ``args`` and ``kwargs`` are bound like a call of ``model.forward`` (:func:`bind_inputs`).
+    """
+    record = Record(grad_enabled=torch.is_grad_enabled())
+    recorder = Recorder(graph, record, shapes)
+    recorder.inputs = bind_inputs(graph, args, kwargs)
+    record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
     return record
+
+
+def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
+    """The value of each placeholder (by target) for ``cg(*args, **kwargs)``.
+
+    Bound like ``model.forward(*args, **kwargs)``: keywords by name, defaults from its
+    signature, ``*args`` as a tuple and ``**kwargs`` as a dict (placeholders ``"*name"`` and
+    ``"**name"``). ``None`` where the signature does not name the placeholders (a forward
+    behind a decorator) and the call is positional: the graph takes ``args`` in order.
+
+    Raises:
+        TypeError: the call does not fit ``model.forward`` (names ``Model.forward``).
+    """
+    model = graph.model
+    name = f"{type(model).__name__}.forward()"
+    targets = [n.target for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    names = set()
+    if signature is not None:
+        kinds = {
+            inspect.Parameter.VAR_POSITIONAL: "*",
+            inspect.Parameter.VAR_KEYWORD: "**",
+        }
+        names = {kinds.get(p.kind, "") + p.name: p.name for p in signature.parameters.values()}
+    if signature is None or any(t not in names for t in targets):
+        if not kwargs:
+            return None
+        raise TypeError(
+            f"{name} got keyword arguments {sorted(kwargs)}, but its signature does not "
+            f"name the traced graph's inputs {targets}: pass them positionally"
+        )
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{name} {error}") from None
+    bound.apply_defaults()
+    return {t: bound.arguments[names[t]] for t in targets}

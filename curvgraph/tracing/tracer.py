@@ -116,18 +116,29 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its submodules and parameters.
 
     Raises:
-        TraceError: ``torch.fx`` failed, typically on data-dependent Python control flow, or
-            a custom ``torch.autograd.Function`` was called through a reference to its
-            ``apply`` taken before tracing.
+        TraceError: ``torch.fx`` cannot trace the model: data-dependent Python control flow
+            (a traced value in ``if``, a loop, ``len()``, ``range()``), or a custom
+            ``torch.autograd.Function`` called through a reference to its ``apply`` taken
+            before tracing; or the model's forward raised an exception of its own while
+            traced (``tracing Model failed: <type>: <message> at <file:line>``, the
+            exception chained).
     """
     tracer = _Tracer()
+    name = type(model).__name__
     try:
         graph = tracer.trace(model)
     except _BoundApplyError as error:
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {error}") from None
+        raise TraceError(f"torch.fx could not trace {name}: {error}") from None
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
+        where = _raised_at(error)
+        if not _symbolic_limit(error):  # the forward's own error: say what it is
+            raise TraceError(
+                f"tracing {name} failed: {type(error).__name__}: {error} at {where}. "
+                "torch.fx runs forward on symbolic values (no data): check that the model "
+                "runs on a batch, model(x)"
+            ) from error
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {error}\n"
+            f"torch.fx could not trace {name}: {error} (at {where})\n"
             "This usually means Python control flow that depends on tensor values (an `if` "
             "or loop on a tensor). Move that code into a submodule and register a rule for "
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
@@ -136,6 +147,34 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     split_outputs(graph, _served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
     decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _symbolic_limit(error: Exception) -> bool:
+    """Whether ``error`` is torch.fx refusing a traced value where Python needs a real one.
+
+    fx's ``TraceError`` (``bool()`` in ``if``/``while``, iteration), its ``len()`` error, and
+    Python's errors on a ``Proxy`` (``range(x.shape[0])``, ``math.sqrt(n)``, ``int(n)``).
+    """
+    text = str(error)
+    return (
+        isinstance(error, torch.fx.proxy.TraceError)
+        or "symbolic tracing" in text
+        or "symbolically traced" in text
+        or "Proxy" in text
+    )
+
+
+def _raised_at(error: BaseException) -> str:
+    """``file:line in func: code`` of the user's frame (not torch's) that raised ``error``."""
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__
+    ]
+    if not frames:
+        return "<source unknown>"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
 
 
 def _served_per_output(node: torch.fx.Node) -> bool:
