@@ -5,8 +5,10 @@
 binary cross-entropy on logits (``binary_cross_entropy_with_logits(z, t)`` or
 ``binary_cross_entropy(sigmoid(z), t)``) and ``nll_loss`` on log-probabilities are
 recognised from the autograd graph and use closed forms; any other loss (or an unusual
-configuration such as class weights) goes through autograd, assuming, as every curvature
-method here does, that the loss is a sum of per-sample terms.
+configuration such as class weights) goes through autograd. Every curvature method here
+assumes that the loss is a sum of per-sample terms of the outputs, ``L = sum_n l_n(z_n)``;
+:func:`recognise` refuses a loss that couples samples or reaches a parameter other than
+through the outputs (:class:`LossStructureError`).
 
 Modules: :mod:`~curvgraph.losses.autograd_nodes` (the only reader of autograd internals:
 what the graph says about the loss op), :mod:`~curvgraph.losses.models` (the
@@ -22,7 +24,7 @@ from curvgraph.losses.models import (
     LossModel,
     MSELoss,
 )
-from curvgraph.losses.recognition import loss_hessian, recognise
+from curvgraph.losses.recognition import LossStructureError, loss_hessian, recognise
 
 __all__ = [
     "AutogradLoss",
@@ -30,6 +32,7 @@ __all__ = [
     "CrossEntropyLoss",
     "LinearLoss",
     "LossModel",
+    "LossStructureError",
     "MSELoss",
     "loss_hessian",
     "recognise",

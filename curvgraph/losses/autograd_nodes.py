@@ -17,13 +17,20 @@ argument that was not given (``weight=None``) is never freed, so ``weighted`` an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["LOSSES", "LossCall", "describe_loss_node", "node_name", "node_of"]
+__all__ = [
+    "LOSSES",
+    "LossCall",
+    "describe_loss_node",
+    "leaves_beside",
+    "node_name",
+    "node_of",
+]
 
 #: the values of :attr:`LossCall.loss`
 LOSSES = (
@@ -76,6 +83,9 @@ class LossCall:
             other losses and when the targets were freed.
         input_shape: the shape of the loss op's first input; ``None`` when freed.
         freed: the node's saved tensors were freed by ``loss.backward()``.
+        softmax_dim: the ``dim`` of the ``log_softmax`` of ``"cross_entropy"`` as given
+            (negative counts from the end; ``F.cross_entropy`` uses ``1``), ``None`` for the
+            other losses. An int, still known after ``loss.backward()``.
     """
 
     loss: str
@@ -89,6 +99,7 @@ class LossCall:
     ignores_targets: Optional[bool] = None
     input_shape: Optional[torch.Size] = None
     freed: bool = False
+    softmax_dim: Optional[int] = None
 
 
 def node_of(tensor: Tensor) -> Optional[Node]:
@@ -133,17 +144,16 @@ def describe_loss_node(loss: Tensor) -> Optional[LossCall]:
 def _nll_loss(fn: Node) -> LossCall:
     """``nll_loss``, of ``log_softmax`` (``"cross_entropy"``) or of another input."""
     first = _input(fn)
-    ignore_index = fn._saved_ignore_index
-    if ignore_index >= 2**63:  # an int64 exposed as uint64
-        ignore_index -= 2**64
+    ignore_index = _signed(fn._saved_ignore_index)
     try:
         ignores_targets = bool((fn._saved_target == ignore_index).any())
     except RuntimeError:  # freed by loss.backward()
         ignores_targets = None
     if type(first).__name__ == "LogSoftmaxBackward0":
         kind, logits = "cross_entropy", _input(first)
+        softmax_dim = _signed(first._saved_dim)
     else:
-        kind, logits = "nll_loss", first
+        kind, logits, softmax_dim = "nll_loss", first, None
     return _call(
         fn,
         kind,
@@ -152,7 +162,55 @@ def _nll_loss(fn: Node) -> LossCall:
         target_node=None,  # class indices: no gradient, and no node input for them
         ignore_index=ignore_index,
         ignores_targets=ignores_targets,
+        softmax_dim=softmax_dim,
     )
+
+
+def leaves_beside(loss: Tensor, outputs: Tensor) -> Tuple[List[Tensor], bool]:
+    """The leaves ``loss`` depends on other than through ``outputs``, and whether it uses them.
+
+    Walks the autograd graph from ``loss.grad_fn`` without descending into the node that
+    produced ``outputs`` (or past ``outputs`` itself when it is a leaf) and collects the
+    tensors of the ``AccumulateGrad`` nodes it reaches: the leaves that require grad
+    (parameters, inputs with ``requires_grad``) on a path that avoids ``outputs``. The graph's
+    nodes and edges survive ``loss.backward()`` (only saved tensors are freed), so this works
+    after it. For a loss op applied to the outputs it visits a few nodes.
+
+    Args:
+        loss: a scalar loss.
+        outputs: the model output.
+
+    Returns:
+        ``(leaves, reached)``: the leaves in the order found (each once), and whether a path
+        from ``loss`` reaches ``outputs``.
+    """
+    stop, leaves, reached = outputs.grad_fn, {}, False
+    start = loss.grad_fn
+    if start is None:
+        return [], loss is outputs
+    pending, seen = [start], {id(start): start}  # nodes kept alive: their ids stay unique
+    while pending:
+        fn = pending.pop()
+        if stop is not None and fn is stop:
+            reached = True
+            continue
+        if type(fn).__name__ == "AccumulateGrad":
+            variable = fn.variable
+            if variable is outputs:
+                reached = True
+            else:
+                leaves.setdefault(id(variable), variable)
+            continue
+        for following, _ in fn.next_functions:
+            if following is not None and id(following) not in seen:
+                seen[id(following)] = following
+                pending.append(following)
+    return list(leaves.values()), reached
+
+
+def _signed(value: int) -> int:
+    """An int64 attribute that autograd exposes as uint64 (``-1`` as ``2**64 - 1``)."""
+    return value - 2**64 if value >= 2**63 else value
 
 
 def _call(fn: Node, kind: str, input_node, logits_node, **facts) -> LossCall:

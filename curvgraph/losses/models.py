@@ -9,6 +9,8 @@ sum); :class:`AutogradLoss` differentiates any other loss twice with autograd.
 
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 from torch import Tensor
 
@@ -181,6 +183,45 @@ class AutogradLoss(LossModel):
                 raise self._freed(error) from error
             rows.append(torch.zeros_like(t) if row is None else row.detach())
         return torch.stack(rows)
+
+    def coupled_sample(self) -> Optional[Tuple[int, List[int]]]:
+        """A sample whose loss terms depend on other samples' outputs, or ``None``.
+
+        The curvature methods assume ``L = sum_n l_n(z_n)``: the Hessian w.r.t. the outputs
+        is block-diagonal over samples. For every bit ``b`` of the sample index, one
+        Hessian-vector product with a random tangent on the samples whose bit ``b`` is set
+        must vanish on the others (relative to its norm, tolerance ``sqrt(eps)``); two
+        different samples differ in some bit, so ``ceil(log2 N)`` products (of the loss
+        only, not of the model) find any coupling between two samples with probability 1.
+
+        Returns:
+            ``(m, samples)``: the product from a tangent on ``samples`` is non-zero on
+            sample ``m``; ``None`` when the loss is a sum of per-sample terms.
+        """
+        z = self.outputs
+        n = z.shape[0]
+        if n < 2 or not self.grad.requires_grad:
+            return None  # one sample, or a loss linear in the outputs
+        generator = torch.Generator(device=z.device).manual_seed(0)  # the global RNG untouched
+        index = torch.arange(n, device=z.device)
+        tolerance = torch.finfo(z.dtype).eps ** 0.5
+        for bit in range((n - 1).bit_length()):
+            support = (index >> bit) & 1 == 1
+            tangent = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            tangent = tangent * support.reshape(-1, *[1] * (z.dim() - 1)).to(z.dtype)
+            try:
+                (product,) = torch.autograd.grad(
+                    self.grad, z, grad_outputs=tangent, retain_graph=True, allow_unused=True
+                )
+            except RuntimeError as error:
+                raise self._freed(error) from error
+            if product is None:
+                return None
+            norms = product.detach().reshape(n, -1).norm(dim=1)
+            outside = torch.where(support, torch.zeros_like(norms), norms)
+            if outside.max() > tolerance * norms.norm():
+                return int(outside.argmax()), index[support].tolist()
+        return None
 
     def per_sample_hessians(self) -> Tensor:
         """``d2L/dz_n2`` for every sample, ``[N, C, C]``."""

@@ -2,18 +2,27 @@
 
 The facts come from :func:`~curvgraph.losses.autograd_nodes.describe_loss_node`; a closed
 form is used only when the loss was computed from ``outputs`` directly (through
-``log_softmax`` or ``sigmoid`` where the loss applies it), with a constant target, no
-weights, and reduction ``"mean"`` or ``"sum"``.
+``log_softmax`` over the class axis ``1`` or ``sigmoid`` where the loss applies it), with a
+constant target, no weights, and reduction ``"mean"`` or ``"sum"``.
+
+Every curvature method assumes ``L = sum_n l_n(z_n)``: a function of the outputs only,
+a sum of per-sample terms (batch axis first). :func:`recognise` checks both and raises
+:class:`LossStructureError` otherwise: the autograd graph of the loss must reach no
+parameter except through ``outputs`` (a walk of its nodes, a few for a loss op), and a loss
+without a closed form must not couple samples (``ceil(log2 N)`` Hessian-vector products of
+the loss, :meth:`AutogradLoss.coupled_sample`); the closed forms are per-sample by
+construction.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from curvgraph.losses.autograd_nodes import LossCall, describe_loss_node, node_of
+from curvgraph.errors import CurvGraphError
+from curvgraph.losses.autograd_nodes import LossCall, describe_loss_node, leaves_beside, node_of
 from curvgraph.losses.models import (
     AutogradLoss,
     BinaryCrossEntropyLoss,
@@ -23,13 +32,24 @@ from curvgraph.losses.models import (
     MSELoss,
 )
 
-__all__ = ["loss_hessian", "recognise"]
+__all__ = ["LossStructureError", "loss_hessian", "recognise"]
+
+
+class LossStructureError(CurvGraphError, ValueError):
+    """The loss is not ``sum_n l_n(z_n)``: it couples samples or depends on parameters directly.
+
+    A :class:`~curvgraph.errors.CurvGraphError` and a ``ValueError`` (what the loss's other
+    refusals raise).
+    """
+
 
 #: the binary cross-entropies of logits (``sigmoid`` inside the loss, or applied just before)
 _BINARY_CROSS_ENTROPY = ("binary_cross_entropy_with_logits", "binary_cross_entropy_of_sigmoid")
 
 
-def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
+def loss_hessian(
+    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]] = None
+) -> Tensor:
     """``sum_n d2L/dz_n2`` for a scalar ``loss`` computed from ``outputs`` ``[N, *]``.
 
     Closed forms (``p_n = softmax(z_n)``, ``C`` features per sample):
@@ -48,6 +68,8 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
     Args:
         loss: scalar loss.
         outputs: the model output the loss was computed from.
+        parameters: ``(name, tensor)`` pairs (``model.named_parameters()``) that the loss
+            may reach only through ``outputs``; default: every ``nn.Parameter``.
 
     Returns:
         The ``C x C`` matrix, with the dtype and device of ``outputs``.
@@ -55,12 +77,30 @@ def loss_hessian(loss: Tensor, outputs: Tensor) -> Tensor:
     Raises:
         FloatingPointError: the loss is NaN or infinite.
         ValueError: the loss is not a scalar or does not depend on ``outputs``.
+        LossStructureError: the loss is not a sum of per-sample terms of the outputs
+            (see :func:`recognise`).
     """
-    return recognise(loss, outputs).summed_hessian()
+    return recognise(loss, outputs, parameters).summed_hessian()
 
 
-def recognise(loss: Tensor, outputs: Tensor) -> LossModel:
-    """The loss as a :class:`LossModel` (closed form if recognised, else autograd)."""
+def recognise(
+    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]] = None
+) -> LossModel:
+    """The loss as a :class:`LossModel` (closed form if recognised, else autograd).
+
+    Args:
+        loss: scalar loss.
+        outputs: the model output ``[N, *]`` the loss was computed from.
+        parameters: ``(name, tensor)`` pairs (``model.named_parameters()``) that the loss
+            may reach only through ``outputs`` (named in the error); default: every
+            ``nn.Parameter`` the loss reaches otherwise is refused.
+
+    Raises:
+        LossStructureError: the loss reaches one of ``parameters`` other than through
+            ``outputs`` (a penalty, a term of a hidden activation), or, for a loss without
+            a closed form, its Hessian w.r.t. the outputs couples two samples (``out.sum()
+            ** 2``, a softmax over the batch axis, ``cross_entropy(out.T, y)``).
+    """
     if loss.dim() != 0:
         raise ValueError(
             f"the loss must be a scalar (reduction 'mean' or 'sum'), got shape {tuple(loss.shape)}"
@@ -72,15 +112,66 @@ def recognise(loss: Tensor, outputs: Tensor) -> LossModel:
         )
     if outputs.dim() < 1 or not outputs.requires_grad:
         raise ValueError("outputs must be the model output the loss was computed from")
+    _refuse_direct_parameters(loss, outputs, parameters)
     call = describe_loss_node(loss)
     model = None if call is None else _closed_form(call, outputs)
-    return AutogradLoss(loss, outputs) if model is None else model
+    if model is not None:
+        return model
+    model = AutogradLoss(loss, outputs)
+    coupled = model.coupled_sample()
+    if coupled is not None:
+        raise _coupling_error(model.name, *coupled)
+    return model
+
+
+def _refuse_direct_parameters(
+    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]]
+) -> None:
+    """Refuse a loss that reaches a parameter on a path avoiding ``outputs``."""
+    leaves, _ = leaves_beside(loss, outputs)
+    if not leaves:
+        return
+    if parameters is None:
+        found = [
+            f"a parameter of shape {tuple(leaf.shape)}"
+            for leaf in leaves
+            if isinstance(leaf, torch.nn.Parameter)
+        ]
+    else:
+        reached = {id(leaf) for leaf in leaves}
+        found = [repr(name) for name, tensor in parameters if id(tensor) in reached]
+    if found:
+        raise LossStructureError(_direct_message(found))
+
+
+def _direct_message(found: List[str]) -> str:
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return (
+        f"the loss depends on {shown} other than through the outputs (a penalty such as "
+        "lambda/2 ||theta||^2, or a term of a hidden activation): the curvature methods see "
+        "the loss only as a function of the outputs, L = sum_n l_n(z_n), and would silently "
+        "drop that term's curvature. Compute the curvature of the data term alone "
+        "(cg.curvature(data_loss, out)); a penalty lambda/2 ||theta||^2 adds lambda I to each "
+        "block: add it yourself, or use it as damping (CGNewton solves [(1 - alpha) C + "
+        "alpha I] d = -g, i.e. lambda = alpha / (1 - alpha))"
+    )
+
+
+def _coupling_error(name: str, sample: int, samples: List[int]) -> LossStructureError:
+    shown = ", ".join(map(str, samples[:8])) + (", ..." if len(samples) > 8 else "")
+    return LossStructureError(
+        f"the loss ({name}) is not a sum of per-sample terms: its second derivative w.r.t. "
+        f"the outputs of sample {sample} is coupled to samples {shown} (e.g. a loss of "
+        "out.sum(), a softmax or normalisation over the batch axis, cross_entropy(out.T, "
+        "y)). Every curvature method assumes L = sum_n l_n(z_n) with z_n = outputs[n] "
+        "(batch axis first): compute a loss per sample and reduce it with a mean or a sum"
+    )
 
 
 def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
     """The closed-form model of ``call`` on ``outputs``, or ``None`` (then: autograd)."""
     node = node_of(outputs)
-    if call.loss == "cross_entropy" and call.logits_node is node and outputs.dim() == 2:
+    if call.loss == "cross_entropy" and call.logits_node is node and _over_classes(call, outputs):
         model = _cross_entropy(call, outputs)
         if model is not None:
             return model
@@ -96,6 +187,11 @@ def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
         _refuse_freed_weights(call, "binary cross-entropy with weights")
         return None if call.weighted else _entrywise(call, outputs, BinaryCrossEntropyLoss)
     return None
+
+
+def _over_classes(call: LossCall, outputs: Tensor) -> bool:
+    """Outputs ``[N, C]`` with the ``log_softmax`` over the classes (not the batch axis)."""
+    return outputs.dim() == 2 and call.softmax_dim is not None and call.softmax_dim % 2 == 1
 
 
 def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss]:

@@ -30,11 +30,13 @@ def compute_curvature(
     """Block curvature of ``loss`` by the registered method ``method``.
 
     The loss is recognised and the batch (with its split over the ranks of
-    ``process_group``) is described once, here; the method gets both.
+    ``process_group``) is described once, here; the method gets both. A loss that is not
+    ``sum_n l_n(z_n)`` (it couples samples, or reaches a parameter of the model other than
+    through ``outputs``) is refused with :class:`curvgraph.losses.LossStructureError`.
     """
     chosen = lookup_method(method)
     curvature = chosen.resolve(curvature)
-    loss_model = recognise(loss, outputs)
+    loss_model = recognise(loss, outputs, parameters=graph.model.named_parameters())
     check_distributed(graph, process_group)
     shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
     shard.check_loss(loss_model)
