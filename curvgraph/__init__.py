@@ -24,7 +24,7 @@ from curvgraph.curvature import (
 )
 from curvgraph.errors import CurvatureSizeError, CurvGraphError, TraceError, UnsupportedOpError
 from curvgraph.inspection import inspect
-from curvgraph.losses import loss_hessian
+from curvgraph.losses import LossStructureError, loss_hessian
 from curvgraph.rules import Rule, register_rule
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "DiagonalBlock",
     "ImplicitBlock",
     "KroneckerBlock",
+    "LossStructureError",
     "LowRankBlock",
     "Rule",
     "TraceError",

@@ -12,7 +12,6 @@ from typing import Optional
 from torch import Tensor, nn
 
 from curvgraph.curvature import BlockCurvature
-from curvgraph.errors import CurvGraphError
 from curvgraph.graph import TracedGraph
 from curvgraph.inspection import inspect_graph
 from curvgraph.methods import compute_curvature, lookup_method
@@ -50,6 +49,7 @@ class CurvGraph(TracedGraph):
         ranks: ``docs/distributed.md``).
         """
         self.refuse_problems()
+        self.record.check_curvature_call(type(self.model).__name__)
         return lookup_method("hbp").backward_hessian(self, output_hessian, curvature, **options)
 
     def curvature(
@@ -75,8 +75,7 @@ class CurvGraph(TracedGraph):
                 combine a batch split over ranks, see :mod:`curvgraph.distributed`.
         """
         self.refuse_problems()
-        if outputs is not self.record.result:
-            raise CurvGraphError("outputs must be the tensor returned by the last cg(x) call")
+        self.record.check_curvature_call(type(self.model).__name__, loss, outputs)
         return compute_curvature(self, loss, outputs, curvature, method, **options)
 
     def to_networkx(self, *example_args, **example_kwargs):

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
@@ -300,3 +301,19 @@ def test_an_empty_batch_leaves_the_rule_check_to_the_next_call():
             cg(torch.randn(5, 4))
     finally:
         unregister(Cube)
+
+
+def test_the_curvature_entry_points_run_the_call_checks():
+    model = nn.Sequential(nn.Linear(4, 2))
+    cg = curvgraph.trace(model)
+    y = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        out = cg(torch.randn(3, 4))
+    loss = F.cross_entropy(out, y)
+    with pytest.raises(curvgraph.CurvGraphError, match="gradients disabled"):
+        cg.curvature(loss, out, method="exact")
+    out = cg(torch.randn(0, 4))
+    with pytest.raises(curvgraph.CurvGraphError, match="the batch is empty"):
+        cg.curvature(F.cross_entropy(out, y[:0], reduction="sum"), out, method="exact")
+    with pytest.raises(curvgraph.CurvGraphError, match="the batch is empty"):
+        cg.backward_hessian(torch.eye(2))
