@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch.fx
 from torch import nn
 
-from curvgraph.ops.keys import OpKey
+from curvgraph.ops.keys import OpKey, check_op_key
 from curvgraph.ops.table import DECOMPOSITIONS
 
 __all__ = ["Call", "register_decomposition", "lookup_decomposition", "unregister_decomposition"]
@@ -42,6 +42,8 @@ def register_decomposition(*op_keys: OpKey, override: bool = False) -> Callable:
     """
     if not op_keys:
         raise TypeError("register_decomposition needs at least one op key")
+    for key in op_keys:
+        check_op_key(key, "the key of a decomposition")
 
     def decorator(fn: Callable) -> Callable:
         DECOMPOSITIONS.register(op_keys, fn, override=override)

@@ -17,6 +17,7 @@ __all__ = [
     "OpKey",
     "autograd_function",
     "canonical_key",
+    "check_op_key",
     "op_name",
     "alias",
     "aliases_of",
@@ -49,6 +50,24 @@ def autograd_function(key: Any) -> Optional[type]:
     ):
         return owner
     return None
+
+
+def check_op_key(key: Any, what: str = "an op key") -> None:
+    """Raise ``TypeError`` naming ``key`` unless it is a valid op key.
+
+    Valid: an ``nn.Module`` subclass (or another class), a callable, or a str (a Tensor
+    method's name). A module *instance* is refused too (its class is the key).
+    """
+    if isinstance(key, torch.nn.Module):
+        raise TypeError(
+            f"{what} must be an nn.Module subclass, not an instance: got {key!r}; "
+            f"pass its class {type(key).__module__}.{type(key).__qualname__}"
+        )
+    if not (isinstance(key, str) or callable(key)):
+        raise TypeError(
+            f"{what} must be an nn.Module subclass, a callable or a str (a Tensor method's "
+            f"name), got {key!r} of type {type(key).__name__}"
+        )
 
 
 def canonical_key(key: OpKey) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
-from curvgraph.ops.keys import OpKey, aliases_of, canonical_key, op_name
+from curvgraph.ops.keys import OpKey, aliases_of, canonical_key, check_op_key, op_name
 
 __all__ = ["OpTable", "RULES", "DECOMPOSITIONS"]
 
@@ -39,8 +39,12 @@ class OpTable:
         """Map every key of ``op_keys`` to ``entry``.
 
         Raises:
+            TypeError: a key is not an op key (:func:`~curvgraph.ops.keys.check_op_key`).
             ValueError: a key already has another entry and ``override`` is false.
         """
+        op_keys = list(op_keys)
+        for key in op_keys:
+            check_op_key(key, f"the key of a {self.what}")
         keys = self.keys_of(op_keys)
         taken = sorted(
             op_name(k) for k in keys if k in self._entries and self._entries[k] is not entry

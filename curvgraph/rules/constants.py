@@ -33,6 +33,7 @@ __all__ = [
     "STRUCTURAL_ATTRIBUTES",
     "ConstantRule",
     "StructuralRule",
+    "attribute_hint",
     "sort_indices",
     "topk_indices",
 ]
@@ -58,10 +59,17 @@ class StructuralRule(Rule):
     def check(self, arguments):  # noqa: D102
         args = arguments.get("args", ())
         if len(args) >= 2 and isinstance(args[1], str) and args[1] not in STRUCTURAL_ATTRIBUTES:
-            raise UnsupportedConfigurationError(
-                f"attribute {args[1]!r} of a tensor (e.g. x.T, x.mT) has no rule; write "
-                "x.transpose(-2, -1) or x.permute(...) instead"
-            )
+            raise UnsupportedConfigurationError(attribute_hint(args[1]))
+
+
+def attribute_hint(attribute: str) -> str:
+    """Why attribute ``attribute`` of a tensor (``getattr(x, attribute)``) has no rule."""
+    message = f"attribute {attribute!r} of a tensor has no rule"
+    if attribute in ("T", "mT", "H", "mH"):  # transposes
+        return f"{message}; write x.transpose(-2, -1) or x.permute(...) instead"
+    if attribute in ("real", "imag"):
+        return f"{message}: complex tensors are not supported"
+    return f"{message} (only {', '.join(sorted(STRUCTURAL_ATTRIBUTES))} are read as constants)"
 
 
 #: the one structural rule (also serves ops computed from sizes alone, see ``CurvGraph``)

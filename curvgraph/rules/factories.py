@@ -51,6 +51,25 @@ def _options(ctx: Context) -> Dict:
     return {k: v for k, v in ctx.args.items() if k not in ("input", "inplace")}
 
 
+def _signature(function: Callable) -> inspect.Signature:
+    """The canonical signature of ``function``: its Python signature where it has one.
+
+    Builtins without one (``torch.tanh``, ``torch.special.expit``) get ``(input)``, one
+    tensor argument.
+    """
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return inspect.Signature(
+            [inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        )
+
+
+def _name(name: str, function: Callable) -> str:
+    """``name``, else the function's ``__name__``, else its :func:`op_name`."""
+    return name or getattr(function, "__name__", None) or op_name(function)
+
+
 def _flat(fn: Callable, t: Tensor) -> Tensor:
     """Apply a batched op to ``[K, N, ...]`` by folding K into the batch axis."""
     return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
@@ -61,7 +80,8 @@ class ElementwiseRule(Rule):
 
     Args:
         name: op name.
-        function: ``phi(input, **options)``; its Python signature is the canonical one.
+        function: ``phi(input, **options)``; its Python signature is the canonical one
+            (``(input)`` for a builtin without one, such as ``torch.tanh``).
         first: ``phi'(input, **options)``.
         second: ``phi''(input, **options)``.
     """
@@ -76,7 +96,7 @@ class ElementwiseRule(Rule):
     ):
         self.name = name
         self.function = function
-        self.signature = inspect.signature(function)
+        self.signature = _signature(function)
         self.first = first
         self.second = second
         self.options = list(options)
@@ -114,20 +134,23 @@ def elementwise_rule(
     second: Callable,
     name: str = "",
     options: Sequence[Dict] = (),
+    override: bool = False,
 ) -> ElementwiseRule:
     """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases).
 
     Args:
         *keys: op keys (aliases are covered too).
-        function: ``phi(input, **options)``.
+        function: ``phi(input, **options)``, a Python function or a builtin (``torch.tanh``:
+            its canonical signature is then ``(input)``).
         first: ``phi'(input, **options)``.
         second: ``phi''(input, **options)``.
         name: op name (default: ``function.__name__``).
         options: extra option sets to check besides the defaults, e.g.
             ``[{"negative_slope": 0.2}]``.
+        override: replace the rules the keys already have instead of raising ``ValueError``.
     """
-    rule = ElementwiseRule(name or function.__name__, function, first, second, options)
-    register_rule(*keys)(rule)
+    rule = ElementwiseRule(_name(name, function), function, first, second, options)
+    register_rule(*keys, override=override)(rule)
     return rule
 
 
@@ -139,13 +162,14 @@ class LinearMapRule(Rule):
 
     Args:
         name: op name.
-        function: ``f(input, **options)``, linear in ``input``; its signature is canonical.
+        function: ``f(input, **options)``, linear in ``input``; its signature is canonical
+            (``(input)`` for a builtin without one).
     """
 
     def __init__(self, name: str, function: Callable, samples: Callable[[], list] = list):
         self.name = name
         self.function = function
-        self.signature = inspect.signature(function)
+        self.signature = _signature(function)
         self.sample_independent = frozenset({"input"})
         self._samples = samples
 
@@ -256,15 +280,25 @@ class OutputsRule(LinearMapRule):
         return self._outputs[target]
 
 
-def outputs_rule(*ops, name: str, samples: Callable[[], list] = list) -> OutputsRule:
-    """Create and register an :class:`OutputsRule` for the outputs of ``ops``."""
+def outputs_rule(
+    *ops, name: str, samples: Callable[[], list] = list, override: bool = False
+) -> OutputsRule:
+    """Create and register an :class:`OutputsRule` for the outputs of ``ops``.
+
+    ``override``: replace the rules the outputs already have instead of raising
+    ``ValueError``.
+    """
     rule = OutputsRule(name, samples)
-    register_rule(*(OutputOf.every(op) for op in ops))(rule)
+    register_rule(*(OutputOf.every(op) for op in ops), override=override)(rule)
     return rule
 
 
 def linear_rule(
-    *keys, function: Callable, name: str = "", samples: Callable[[], list] = list
+    *keys,
+    function: Callable,
+    name: str = "",
+    samples: Callable[[], list] = list,
+    override: bool = False,
 ) -> LinearMapRule:
     """Create and register a :class:`LinearMapRule` for ``keys`` (and their aliases).
 
@@ -273,9 +307,10 @@ def linear_rule(
         function: ``f(input, **options)``, linear in ``input``.
         name: op name (default: ``function.__name__``).
         samples: returns the :class:`~curvgraph.rules.registry.Sample` calls to check.
+        override: replace the rules the keys already have instead of raising ``ValueError``.
     """
-    rule = LinearMapRule(name or function.__name__, function, samples)
-    register_rule(*keys)(rule)
+    rule = LinearMapRule(_name(name, function), function, samples)
+    register_rule(*keys, override=override)(rule)
     return rule
 
 
@@ -286,10 +321,14 @@ def feature_dims_rule(
     samples: Callable[[], list],
     dims_argument="dim",
     min_rank: int = 2,
+    override: bool = False,
 ) -> FeatureDimsRule:
-    """Create and register a :class:`FeatureDimsRule` for ``keys`` (and their aliases)."""
+    """Create and register a :class:`FeatureDimsRule` for ``keys`` (and their aliases).
+
+    ``override``: replace the rules the keys already have instead of raising ``ValueError``.
+    """
     rule = FeatureDimsRule(name, function, samples, dims_argument, min_rank)
-    register_rule(*keys)(rule)
+    register_rule(*keys, override=override)(rule)
     return rule
 
 

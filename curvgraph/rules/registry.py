@@ -32,6 +32,7 @@ from curvgraph.ops import (
     alias,
     alias_tensor_methods,
     canonical_key,
+    check_op_key,
     is_inplace,
     op_name,
     tensor_method_keys,
@@ -359,9 +360,15 @@ def register_rule(*op_keys: OpKey, override: bool = False) -> Callable:
     Args:
         *op_keys: module classes, callables, or Tensor method names.
         override: replace existing rules instead of raising ``ValueError``.
+
+    Raises:
+        TypeError: a key is not an ``nn.Module`` subclass, a callable or a str (checked
+            here, before the rule is given).
     """
     if not op_keys:
         raise TypeError("register_rule needs at least one op key")
+    for key in op_keys:
+        check_op_key(key, "the key of a rule")
 
     def decorator(rule_or_class):
         rule = rule_or_class() if isinstance(rule_or_class, type) else rule_or_class
