@@ -6,8 +6,8 @@ Every op here is ``y_n = A x_n`` with ``A`` fixed by the call (the residual is z
   ``J^T c`` sums the repeated axes; the batch axis must stay the samples' axis (same rank,
   same size). A parameter expanded to the batch (a class token) gives every sample the same
   copy. ``x.repeat(1, r1, ...)`` copies the features (the batch axis is repeated once).
-- Padding with zeros (``F.pad`` also reflects, replicates or wraps around: linear too) and
-  cropping.
+- Padding with zeros or a constant (affine: the Jacobian of zero padding; ``F.pad`` also
+  reflects, replicates or wraps around: linear too) and cropping.
 - ``cumsum`` along a feature dimension, ``pixel_shuffle`` / ``pixel_unshuffle``, and
   ``interpolate`` (nearest, linear, bilinear, bicubic, trilinear: fixed weights).
 """
@@ -234,25 +234,25 @@ feature_dims_rule(
 
 # -- padding --------------------------------------------------------------------------------------
 class PadRule(LinearMapRule):
-    """Padding with zeros (or, for ``F.pad``, reflect/replicate/circular: linear too).
+    """Padding (zeros or a constant, or, for ``F.pad``, reflect/replicate/circular) and cropping.
 
-    A nonzero fill value makes the op affine, not linear: refused. So is padding (or
-    cropping) dimension 0, the batch axis.
+    Padding with a constant ``value`` is affine, ``y = A x + b``: its Jacobian is the zero
+    padding's, so tangents and cotangents are padded (and unpadded) with zeros while the
+    forward keeps the value. Padding (or cropping) dimension 0, the batch axis, is refused.
     """
 
     def __init__(self, name, function, samples, pad: str):
         super().__init__(name, function, samples)
         self.pad = pad
 
-    def check(self, arguments):  # noqa: D102
-        value = arguments.get("value")
-        if value not in (None, 0):
-            raise UnsupportedConfigurationError(
-                f"{self.name} with value={value!r}: only zero padding is linear"
-            )
+    def apply(self, ctx, input):
+        """The recorded padding of a tangent: the constant ``value`` becomes zero."""
+        arguments = {**ctx.args, "input": input}
+        if "value" in arguments and arguments["value"] is not None:
+            arguments["value"] = 0.0
+        return self.call(arguments)
 
     def validate(self, ctx):  # noqa: D102
-        self.check(ctx.args)
         pad, ndim = list(ctx.args[self.pad]), ctx.input.dim()
         if len(pad) >= 2 * ndim and any(pad[2 * ndim - 2 : 2 * ndim]):
             raise UnsupportedConfigurationError(
@@ -274,6 +274,7 @@ def _pad_samples():
     return [
         Sample((randn(2, 3, 4), (1, 2))),
         Sample((randn(2, 3, 4, 5, seed=1), (1, 0, 2, 1)), dict(value=0.0)),
+        Sample((randn(2, 3, 4, seed=6), (1, 1)), dict(value=2.0)),  # affine: same Jacobian
         Sample((randn(2, 3, 6, seed=2), (-1, 2))),  # cropping: linear too
         Sample((randn(2, 3, 5, seed=3), (2, 1)), dict(mode="reflect")),
         Sample((randn(2, 2, 4, 4, seed=4), (1, 1, 2, 0)), dict(mode="replicate")),
@@ -286,6 +287,7 @@ def _constant_pad_samples():
         Sample((randn(2, 3, 4), (1, 2))),
         Sample((randn(2, 3, 4, 5, seed=1), (1, 0, 2, 1)), dict(value=0.0)),
         Sample((randn(2, 2, 3, 4, 3, seed=2), (1, 1, 0, 2, 1, 0))),
+        Sample((randn(2, 3, 4, seed=3), (2, 1)), dict(value=-1.5)),
     ]
 
 
