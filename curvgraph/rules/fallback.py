@@ -29,6 +29,17 @@ correct, the per-sample methods refuse the node with a clear error instead of re
 wrong answer). A batch of one sample never mixes; an op without a per-sample input (a
 parameter broadcast to the batch) always counts as mixing.
 
+A leaf module that returns a tuple (``out, h = self.rnn(x)``, ``self.lstm(x)[0]``) is split
+by capture into one ``call_module`` node per output used, calling a :class:`ModuleOutput`
+(``module(*args)[index]``, the module's parameters its own); each gets a fallback rule like
+any module. Layouts the fallback cannot serve are refused at trace time with the reason
+(:class:`LayoutRefusal`): a module built with ``batch_first=False`` (samples on dimension 1),
+and for ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` the hidden states ``h_n`` / ``c_n`` (and an
+initial ``hx`` computed in the forward), whose batch axis is dimension 1 whatever
+``batch_first`` says; a recurrent module's tuple used other than through constant
+selections is refused too. On each recorded call the fallback also checks that the output
+shares the batch axis (dimension 0) with the batched arguments.
+
 Custom ``torch.autograd.Function`` calls (captured as ``ApplyOf`` nodes,
 :mod:`curvgraph.ops.functions`) get no fallback rule: their derivative is their hand-written
 ``backward``, which ``torch.func`` transforms use only for Functions with ``setup_context``
@@ -76,6 +87,8 @@ from curvgraph.rules.residuals import General, Residual
 __all__ = [
     "CustomFunctionRule",
     "FallbackRule",
+    "ModuleOutput",
+    "module_output",
     "rule_for_node",
     "without_rules",
     "fallback_warning",
@@ -119,9 +132,11 @@ class FallbackRule(Rule):
         self.parameter_slots: Dict[str, str] = {}  # slot -> qualified parameter name
         if kind == "call_module":
             for qualified, _ in op.named_parameters():
-                slot = qualified.replace(".", "/")  # "." would mean a list item
-                if slot in self.keywords:
-                    slot = f"parameter/{slot}"
+                # an identifier ("." would mean a list item): "cell.weight" -> "cell__weight"
+                slot = qualified.replace(".", "__")
+                taken = {p.name for p in parameters} | set(self.parameter_slots)
+                while slot in taken:
+                    slot = f"parameter_{slot}"
                 self.parameter_slots[slot] = qualified
                 parameters.append(kinds(slot, kinds.KEYWORD_ONLY, default=None))
         self.signature = inspect.Signature(parameters)
@@ -224,6 +239,13 @@ class FallbackRule(Rule):
                     f"output of shape {tuple(ctx.output.shape)} do not share the batch axis "
                     "(dimension 0); the autograd fallback needs it; register a rule"
                 )
+        output = ctx.output
+        if slots and (output.dim() == 0 or output.shape[0] != ctx.batch_size):
+            raise UnsupportedConfigurationError(
+                f"{op_name(self.key)}: the output of shape {tuple(output.shape)} does not have "
+                f"the batch axis (dimension 0, {ctx.batch_size} samples) of its batched "
+                f"arguments {slots}; the autograd fallback needs it; register a rule"
+            )
         with torch.no_grad():
             again = self.call(ctx.args)
         if not isinstance(again, Tensor) or not close(again, ctx.output):
@@ -399,6 +421,107 @@ def _refuse_custom_function(key: Any) -> Optional[CustomFunctionRule]:
 RULES.add_default(_refuse_custom_function)
 
 
+# -- outputs of modules that return tuples --------------------------------------------------------
+
+
+class ModuleOutput(nn.Module):
+    """Output ``index`` of a call of ``module``: ``module(*args, **kwargs)[index]``.
+
+    Capture calls it where a leaf module without a rule returns a tuple that is used only
+    through constant selections (``curvgraph.tracing.outputs.split_tuple_outputs``). Its
+    parameters are the module's (shared, not copied). :func:`module_output` gives one
+    subclass per (module class, index), so that op keys and messages name the op:
+    ``torch.nn.LSTM[0]``.
+    """
+
+    base: type = nn.Module
+    index: int = 0
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        return self.module(*args, **kwargs)[self.index]
+
+    @classmethod
+    def __op_name__(cls) -> str:
+        """``torch.nn.LSTM[0]``: see :func:`~curvgraph.ops.keys.op_name`."""
+        return f"{op_name(cls.base)}[{cls.index}]"
+
+    def path(self):
+        """``(innermost module, (index, ...))``: ``lstm(x)[1][0]`` gives ``(lstm, (1, 0))``."""
+        if isinstance(self.module, ModuleOutput):
+            module, indices = self.module.path()
+            return module, indices + (self.index,)
+        return self.module, (self.index,)
+
+
+_OUTPUT_CLASSES: Dict[tuple, type] = {}
+
+
+def module_output(module: nn.Module, index: int) -> ModuleOutput:
+    """A :class:`ModuleOutput` of ``module``'s output ``index`` (its class cached per key)."""
+    key = (type(module), index)
+    if key not in _OUTPUT_CLASSES:
+        name = f"{type(module).__name__}_output{index}"
+        attributes = {"base": type(module), "index": index, "__module__": __name__}
+        _OUTPUT_CLASSES[key] = type(name, (ModuleOutput,), attributes)
+    return _OUTPUT_CLASSES[key](module)
+
+
+class LayoutRefusal(PlaceholderRule):
+    """The refusal of a call whose samples are not on dimension 0 (module docstring)."""
+
+    def __init__(self, key: Any, reason: str):
+        super().__init__(f"fallback:{op_name(key)}")
+        self.reason = reason
+
+    def check(self, arguments: Dict) -> None:  # noqa: D102
+        raise UnsupportedConfigurationError(self.reason)
+
+
+def _layout_refusal(node: torch.fx.Node, op: Any) -> Optional[str]:
+    """Why the fallback cannot serve the module call ``node`` (``op``), or ``None``."""
+    if not isinstance(op, nn.Module):
+        return None
+    module, indices = op.path() if isinstance(op, ModuleOutput) else (op, None)
+    name = op_name(type(module))
+    if getattr(module, "batch_first", True) is False:
+        return (
+            f"{name} was built with batch_first=False: its inputs and outputs carry the batch "
+            "on dimension 1, and the autograd fallback needs the samples on dimension 0; "
+            f"build it with batch_first=True (and the input as [batch, ...]) or register a rule"
+        )
+    if not isinstance(module, nn.RNNBase):
+        return None
+    if indices is None:
+        return (
+            f"{name} returns a tuple (output, h_n) that is used other than through constant "
+            "selections (out, h = rnn(x) or rnn(x)[0]); the autograd fallback derives rules "
+            "for one tensor: select the output first, or register a rule"
+        )
+    if indices != (0,):
+        states = "(h_n, c_n)" if isinstance(module, nn.LSTM) else "h_n"
+        return (
+            f"output {indices[0]} of {name}, its final hidden state {states}, has shape "
+            "[layers * directions, batch, hidden]: the batch is on dimension 1 (also with "
+            "batch_first=True), and the autograd fallback needs the samples on dimension 0; "
+            "use the output sequence instead (out[:, -1] for the last step) or register a rule"
+        )
+    if len(node.args) > 1 or "hx" in node.kwargs:
+        hx = node.args[1] if len(node.args) > 1 else node.kwargs["hx"]
+        items = hx if isinstance(hx, (list, tuple)) else [hx]
+        if any(isinstance(h, torch.fx.Node) and h.op != "get_attr" for h in items):
+            return (
+                f"{name} is given an initial hidden state hx of shape [layers * directions, "
+                "batch, hidden]: its batch is on dimension 1 (also with batch_first=True), and "
+                "the autograd fallback needs the samples on dimension 0; leave hx out (zeros) "
+                "or register a rule"
+            )
+    return None
+
+
 # -- building fallback rules ----------------------------------------------------------------------
 
 
@@ -421,6 +544,9 @@ def rule_for_node(
         function = autograd_function(op.op)
     if function is not None:
         return CustomFunctionRule(function)
+    refusal = _layout_refusal(node, op) if node.op == "call_module" else None
+    if refusal is not None:
+        return LayoutRefusal(type(op), refusal)
     name = op if isinstance(op, str) else getattr(op, "__name__", "")
     inplace = node.op != "call_module" and name.endswith("_") and not name.endswith("__")
     inplace = inplace or node.kwargs.get("inplace") is True

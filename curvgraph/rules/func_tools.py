@@ -103,8 +103,11 @@ def _select(value, dim, i):
 
 
 def _stack(results: list, dim: int):
+    """Stack per-column results: tensors, or dicts / tuples of them (``jvp``'s pair)."""
     if isinstance(results[0], dict):
-        return {k: torch.stack([r[k] for r in results], dim) for k in results[0]}
+        return {k: _stack([r[k] for r in results], dim) for k in results[0]}
+    if isinstance(results[0], (tuple, list)):
+        return type(results[0])(_stack(list(items), dim) for items in zip(*results))
     return torch.stack(results, dim)
 
 
