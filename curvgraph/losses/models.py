@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from curvgraph.errors import CurvGraphError
 from curvgraph.losses.autograd_nodes import node_name
 
 __all__ = [
@@ -153,7 +154,12 @@ class LinearLoss(LossModel):
 
 
 class AutogradLoss(LossModel):
-    """Any loss, by double backward (assumes a sum of per-sample terms)."""
+    """Any loss, by double backward (assumes a sum of per-sample terms).
+
+    It needs the loss's autograd graph, which ``loss.backward()`` frees: after it, every
+    product raises a :class:`~curvgraph.errors.CurvGraphError` (a ``RuntimeError``) that
+    says to compute the curvature first or to call ``loss.backward(retain_graph=True)``.
+    """
 
     def __init__(self, loss: Tensor, outputs: Tensor):
         self.outputs = outputs
@@ -163,12 +169,11 @@ class AutogradLoss(LossModel):
         except RuntimeError as error:
             raise self._freed(error) from error
 
-    def _freed(self, error: Exception) -> RuntimeError:
-        return RuntimeError(
-            f"this loss ({self.name}) is differentiated twice with autograd, which needs its "
-            "graph: call loss_hessian (or cg.curvature) before loss.backward(), or call "
-            f"loss.backward(retain_graph=True) ({error})"
-        )
+    def _freed(self, error: RuntimeError) -> RuntimeError:
+        """The clear error for a graph freed by ``loss.backward()``; any other: unchanged."""
+        if not _graph_freed(error):
+            return error
+        return CurvGraphError(freed_graph_message(self.name))
 
     def hessian_product(self, tangents: Tensor) -> Tensor:  # noqa: D102
         if not self.grad.requires_grad:  # the loss is linear in the outputs
@@ -242,6 +247,24 @@ class AutogradLoss(LossModel):
         eigenvalues, eigenvectors = torch.linalg.eigh(self.per_sample_hessians())
         factors = eigenvectors * eigenvalues.clamp(min=0).sqrt().unsqueeze(-2)  # [N, C, C]
         return factors.permute(2, 0, 1).reshape(-1, *self.outputs.shape)
+
+
+def freed_graph_message(name: str) -> str:
+    """What to do when ``loss.backward()`` freed the graph a loss's Hessian needs."""
+    return (
+        f"this loss ({name}) has no closed form in curvgraph, so its Hessian w.r.t. the "
+        "outputs is computed with autograd from the loss's graph, which loss.backward() "
+        "freed: call loss_hessian(loss, out) or cg.curvature(loss, out) before "
+        "loss.backward(), or call loss.backward(retain_graph=True). Closed forms (work in "
+        "either order): cross_entropy, mse_loss, binary_cross_entropy_with_logits and "
+        "nll_loss of the outputs themselves, reduction 'mean' or 'sum', no weights"
+    )
+
+
+def _graph_freed(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch's "backward through the graph a second time"."""
+    text = str(error)
+    return "second time" in text or "already been freed" in text
 
 
 def _draw(sample, count: int, like: Tensor, generator) -> Tensor:

@@ -61,9 +61,11 @@ def loss_hessian(
     - ``nll_loss`` applied to the outputs themselves (log-probabilities): ``0`` (the loss
       is linear in them; the curvature comes from the model's ``log_softmax`` residual).
 
-    Both closed forms work after ``loss.backward()``. Cross-entropy targets equal to the
-    default ``ignore_index=-100`` can only be detected before ``loss.backward()`` frees
-    them; any other loss needs its autograd graph, so call this before ``backward()``.
+    The closed forms work before and after ``loss.backward()``. Cross-entropy targets equal
+    to the default ``ignore_index=-100`` can only be detected before ``loss.backward()``
+    frees them. Any other loss needs its autograd graph: call this before ``backward()`` or
+    call ``loss.backward(retain_graph=True)``; after a plain ``backward()`` it raises a
+    :class:`~curvgraph.errors.CurvGraphError` (a ``RuntimeError``) that says so.
 
     Args:
         loss: scalar loss.
@@ -75,6 +77,7 @@ def loss_hessian(
         The ``C x C`` matrix, with the dtype and device of ``outputs``.
 
     Raises:
+        CurvGraphError: the loss has no closed form and ``loss.backward()`` freed its graph.
         FloatingPointError: the loss is NaN or infinite.
         ValueError: the loss is not a scalar or does not depend on ``outputs``.
         LossStructureError: the loss is not a sum of per-sample terms of the outputs
@@ -202,10 +205,10 @@ def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss
     if call.ignores_targets:
         return None  # ignored samples: the autograd path handles them
     if call.ignores_targets is None and call.ignore_index != -100:
-        raise RuntimeError(
-            f"cross_entropy with ignore_index={call.ignore_index}: call loss_hessian before "
-            "loss.backward() (or backward with retain_graph=True) so that ignored samples "
-            "can be detected"
+        raise CurvGraphError(
+            f"cross_entropy with ignore_index={call.ignore_index}: call loss_hessian(loss, "
+            "out) or cg.curvature(loss, out) before loss.backward(), or call "
+            "loss.backward(retain_graph=True), so that ignored samples can be detected"
         )
     scale = _scale(call, samples=outputs.shape[0])
     return None if scale is None else CrossEntropyLoss(outputs, scale)
@@ -227,6 +230,9 @@ def _scale(call: LossCall, samples: int) -> Optional[float]:
 def _refuse_freed_weights(call: LossCall, what: str) -> None:
     """Weights freed by ``loss.backward()``: the autograd path they need is gone too."""
     if call.weighted and call.freed:
-        raise RuntimeError(
-            f"{what}: call loss_hessian before loss.backward() (or backward with retain_graph=True)"
+        raise CurvGraphError(
+            f"{what} has no closed form in curvgraph, so its Hessian w.r.t. the outputs is "
+            "computed with autograd from the loss's graph, which loss.backward() freed: call "
+            "loss_hessian(loss, out) or cg.curvature(loss, out) before loss.backward(), or "
+            "call loss.backward(retain_graph=True)"
         )
