@@ -155,6 +155,7 @@ def plan(graph: TracedGraph, warn: bool = True) -> Plan:
                 + describe_cut_off(result.cut_off)
             )
         raise CurvGraphError("the model's output does not depend on any trainable parameter")
+    _refuse_unrecorded(graph, order)
     # parameters used only off the path to the output (dead code) get no block
     result.parameters = {n: p for n, p in parameters.items() if n in result.uses}
     if warn:
@@ -327,3 +328,17 @@ def validate_call(info: NodeInfo, ctx) -> None:
         except TypeError:  # an error class with another constructor
             located = CurvGraphError(message)
         raise located from error
+
+
+def _refuse_unrecorded(graph: TracedGraph, order: List[NodeInfo]) -> None:
+    """Refuse a needed node whose last call returned no tensor (nothing for its rule)."""
+    record = graph.record
+    for info in order:
+        if info.node.name not in record.contexts:
+            value = record.outputs.get(info.node.name)
+            kind = type(value).__name__ if value is not None else "no tensor"
+            raise CurvGraphError(
+                f"{info.describe()} returned {kind}, not a tensor: a rule maps tensors to a "
+                "tensor. Use each output of an op with several outputs through a constant "
+                "selection (out, h = op(x); out[0]) so that capture splits it"
+            )
