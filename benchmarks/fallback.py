@@ -35,7 +35,7 @@ import curvgraph
 from benchmarks.machine import environment
 from benchmarks.timing import measure_interleaved, ratio
 from curvgraph.datasets import load_mnist_subset
-from curvgraph.rules.fallback import without_rules
+from curvgraph.rules import without_rules
 
 __all__ = ["ACTIVATIONS", "CONFIGS", "run", "run_activation", "markdown", "plot", "main"]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
-from curvgraph.rules.fallback import FallbackRule, without_rules
+from curvgraph.rules import FallbackRule, without_rules
 from curvgraph.rules.registry import Sample, UnsupportedConfigurationError
 from curvgraph.testing import check_rule
 from tests.reference import ggn_blocks, hessian_blocks

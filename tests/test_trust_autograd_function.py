@@ -19,14 +19,15 @@ from torch.autograd import Function
 import curvgraph
 from curvgraph.ops import ApplyOf, canonical_key, op_name
 from curvgraph.rules import (
+    CustomFunctionRule,
     LinearMapRule,
     linear_rule,
     lookup_rule,
     register_rule,
     registered_rules,
     unregister,
+    without_rules,
 )
-from curvgraph.rules.fallback import CustomFunctionRule, without_rules
 from tests.reference import ggn_blocks, hessian_blocks
 
 DTYPE = torch.float64

@@ -31,7 +31,15 @@ from curvgraph.rules.factories import (
     linear_rule,
     outputs_rule,
 )
-from curvgraph.rules.fallback import FallbackRule, fallback_warning, rule_for_node, without_rules
+from curvgraph.rules.fallback import FallbackRule
+from curvgraph.rules.fallback_nodes import (
+    CustomFunctionRule,
+    LayoutRefusal,
+    fallback_warning,
+    rule_for_node,
+    without_rules,
+)
+from curvgraph.rules.module_outputs import ModuleOutput, module_output
 from curvgraph.rules.registry import (
     CAPABILITIES,
     CHUNK_ELEMENTS,
@@ -67,13 +75,17 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "STRUCTURAL",
     "Context",
+    "CustomFunctionRule",
     "FallbackRule",
+    "LayoutRefusal",
+    "ModuleOutput",
     "Sample",
     "canonical_key",
     "fallback_warning",
     "groups_of",
     "is_inplace",
     "modify_symmetric",
+    "module_output",
     "op_name",
     "rule_for_node",
     "without_rules",

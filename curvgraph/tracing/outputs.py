@@ -17,7 +17,7 @@ from typing import Callable
 import torch.fx
 
 from curvgraph.ops import OutputOf, selected_output
-from curvgraph.rules.fallback import module_output
+from curvgraph.rules import module_output
 
 __all__ = ["split_outputs", "split_tuple_outputs"]
 
@@ -59,7 +59,7 @@ def split_tuple_outputs(
     """Split the selections of ops and leaf modules without a rule (for the autograd fallback).
 
     A module call ``out, h = self.rnn(x)`` becomes one ``call_module`` node per output used,
-    calling a :class:`~curvgraph.rules.fallback.ModuleOutput` of the module (registered on
+    calling a :class:`~curvgraph.rules.module_outputs.ModuleOutput` of the module (registered on
     ``graph_module`` beside it, the module's parameters shared), so that the fallback sees
     the parameters like those of any module. Nested tuples (``out, (h, c) = lstm(x)``) are
     split level by level; selections nothing uses are dropped.
