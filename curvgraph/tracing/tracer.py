@@ -25,6 +25,7 @@ from curvgraph.errors import TraceError
 from curvgraph.ops import ApplyOf, OutputOf, lookup_decomposition
 from curvgraph.rules import lookup_rule
 from curvgraph.tracing.decompositions import decompose
+from curvgraph.tracing.leaks import refuse_foreign_values, undo_leaked_proxies
 from curvgraph.tracing.outputs import split_outputs
 
 __all__ = ["symbolic_trace", "node_key", "source_line"]
@@ -121,12 +122,13 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             ``torch.autograd.Function`` called through a reference to its ``apply`` taken
             before tracing; or the model's forward raised an exception of its own while
             traced (``tracing Model failed: <type>: <message> at <file:line>``, the
-            exception chained).
+            exception chained); or a node uses a traced value kept from another trace.
     """
     tracer = _Tracer()
     name = type(model).__name__
     try:
-        graph = tracer.trace(model)
+        with undo_leaked_proxies(model):  # a forward's caches of traced values (LeViT's)
+            graph = tracer.trace(model)
     except _BoundApplyError as error:
         raise TraceError(f"torch.fx could not trace {name}: {error}") from None
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
@@ -144,6 +146,7 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
             "trace, or rewrite it without data-dependent branches."
         ) from error
+    refuse_foreign_values(graph, name, source_line)
     split_outputs(graph, _served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
     decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
