@@ -27,7 +27,9 @@ directional derivative of the batch must equal the sample-wise one. Any mismatch
 that cannot be evaluated on one sample, counts as mixing (conservative: ``exact`` stays
 correct, the per-sample methods refuse the node with a clear error instead of returning a
 wrong answer). A batch of one sample never mixes; an op without a per-sample input (a
-parameter broadcast to the batch) always counts as mixing.
+parameter broadcast to the batch) always counts as mixing. Ops run with attention's
+composite kernels (fused ones lack forward-mode derivatives); an op ``torch.func.jvp``
+still cannot run is refused by :meth:`FallbackRule.validate` with the reason.
 
 
 Which rule each traced node gets under ``fallback=True`` (this rule, or a refusal of custom
@@ -39,11 +41,13 @@ that return tuples in :mod:`curvgraph.rules.module_outputs`.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvgraph.rules.func_tools import (
     close,
@@ -131,14 +135,15 @@ class FallbackRule(Rule):
         inplace = self.inplace or getattr(self.op, "inplace", False) is True
         if inplace and args and isinstance(args[0], Tensor):
             args[0] = args[0].clone()
-        if self.kind == "call_module":
-            values = {q: arguments[s] for s, q in self.parameter_slots.items()}
-            # copies of the buffers: a re-evaluation must not update running statistics
-            values.update({q: b.clone() for q, b in self.op.named_buffers()})
-            return functional_call(self.op, values, tuple(args), kwargs)
-        if self.kind == "call_method":
-            return getattr(args[0], self.op)(*args[1:], **kwargs)
-        return self.op(*args, **kwargs)
+        with _composite_kernels():
+            if self.kind == "call_module":
+                values = {q: arguments[s] for s, q in self.parameter_slots.items()}
+                # copies of the buffers: a re-evaluation must not update running statistics
+                values.update({q: b.clone() for q, b in self.op.named_buffers()})
+                return functional_call(self.op, values, tuple(args), kwargs)
+            if self.kind == "call_method":
+                return getattr(args[0], self.op)(*args[1:], **kwargs)
+            return self.op(*args, **kwargs)
 
     def _function(self, ctx: Context) -> Callable[[Tensors], Tensor]:
         """``values -> f(arguments with values substituted)`` for slot -> tensor values."""
@@ -217,8 +222,7 @@ class FallbackRule(Rule):
                 f"the batch axis (dimension 0, {ctx.batch_size} samples) of its batched "
                 f"arguments {slots}; the autograd fallback needs it; register a rule"
             )
-        with torch.no_grad():
-            again = self.call(ctx.args)
+        again = self._again(ctx)
         if not isinstance(again, Tensor) or not close(again, ctx.output):
             raise UnsupportedConfigurationError(
                 f"{op_name(self.key)} gave a different output when called again (a random op "
@@ -226,6 +230,24 @@ class FallbackRule(Rule):
                 "deterministic op: call model.eval() or register a rule"
             )
         ctx.cache["fallback_validated"] = True
+
+    def _again(self, ctx: Context) -> Any:
+        """The op called again under ``torch.func.jvp``: refused where that cannot run."""
+        slots = self._slots(ctx.args)
+        if not slots:
+            with torch.no_grad():
+                return self.call(ctx.args)
+        primals = {s: ctx.value(s) for s in slots}
+        tangents = {s: torch.zeros_like(v) for s, v in primals.items()}
+        try:
+            return jvp(self._function(ctx), (primals,), (tangents,))[0]
+        except (NotImplementedError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UnsupportedConfigurationError(
+                f"torch.func cannot differentiate {op_name(self.key)} in forward mode, which "
+                f"the autograd fallback needs ({type(error).__name__}: {reason}); register a "
+                "rule for it or compute it from ops that have one"
+            ) from error
 
     # -- first order ----------------------------------------------------------------------------
     def jvp(self, ctx: Context, tangents: Tensors) -> Tensor:  # noqa: D102
@@ -339,6 +361,23 @@ class FallbackRule(Rule):
 
     def samples(self) -> list:  # noqa: D102 - fallback rules are checked where they are built
         return []
+
+
+@contextmanager
+def _composite_kernels() -> Iterator[None]:
+    """Attention computed by composite ops: the same function, differentiable by torch.func.
+
+    The fused kernels (SDPA's flash kernel, the fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` in eval mode) have no forward-mode derivative, which
+    ``jvp`` and every Hessian-vector product need.
+    """
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _sample_axis(key: str, batched) -> Optional[int]:

@@ -15,8 +15,9 @@ any module. Layouts the fallback cannot serve are refused at trace time with the
 (:class:`LayoutRefusal`): a module built with ``batch_first=False`` (samples on dimension 1),
 and for ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` the hidden states ``h_n`` / ``c_n`` (and an
 initial ``hx`` computed in the forward), whose batch axis is dimension 1 whatever
-``batch_first`` says; a recurrent module's tuple used other than through constant
-selections is refused too. On each recorded call the fallback also checks that the output
+``batch_first`` says; the tuple of a module configured to return one (recurrent, attention,
+max pooling with ``return_indices=True``) used other than through constant selections is
+refused too. On each recorded call the fallback also checks that the output
 shares the batch axis (dimension 0) with the batched arguments.
 
 Custom ``torch.autograd.Function`` calls (captured as ``ApplyOf`` nodes,
@@ -121,14 +122,15 @@ def _layout_refusal(node: torch.fx.Node, op: Any) -> Optional[str]:
             "on dimension 1, and the autograd fallback needs the samples on dimension 0; "
             f"build it with batch_first=True (and the input as [batch, ...]) or register a rule"
         )
+    returned = _tuple_returned(module)
+    if indices is None and returned is not None:
+        return (
+            f"{name} returns {returned} that is used other than through constant selections "
+            "(out, h = op(x) or op(x)[0]); the autograd fallback derives rules for one "
+            "tensor: select the output first, or register a rule"
+        )
     if not isinstance(module, nn.RNNBase):
         return None
-    if indices is None:
-        return (
-            f"{name} returns a tuple (output, h_n) that is used other than through constant "
-            "selections (out, h = rnn(x) or rnn(x)[0]); the autograd fallback derives rules "
-            "for one tensor: select the output first, or register a rule"
-        )
     if indices != (0,):
         states = "(h_n, c_n)" if isinstance(module, nn.LSTM) else "h_n"
         return (
@@ -147,6 +149,19 @@ def _layout_refusal(node: torch.fx.Node, op: Any) -> Optional[str]:
                 "the autograd fallback needs the samples on dimension 0; leave hx out (zeros) "
                 "or register a rule"
             )
+    return None
+
+
+def _tuple_returned(module: nn.Module) -> Optional[str]:
+    """The tuple ``module`` returns as configured (``"a tuple (output, indices)"``), or None."""
+    if isinstance(module, nn.RNNBase):
+        return "a tuple (output, h_n)"
+    if isinstance(module, nn.MultiheadAttention):
+        return "a tuple (attn_output, attn_output_weights)"
+    if isinstance(module, nn.AdaptiveLogSoftmaxWithLoss):
+        return "a named tuple (output, loss)"
+    if getattr(module, "return_indices", False) is True:  # max pooling
+        return "a tuple (output, indices)"
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch.fx
 
 from curvgraph.ops import OutputOf, selected_output
-from curvgraph.rules import module_output
+from curvgraph.rules import UnsupportedConfigurationError, lookup_rule, module_output
 
 __all__ = ["split_outputs", "split_tuple_outputs"]
 
@@ -61,8 +61,10 @@ def split_tuple_outputs(
     A module call ``out, h = self.rnn(x)`` becomes one ``call_module`` node per output used,
     calling a :class:`~curvgraph.rules.module_outputs.ModuleOutput` of the module (registered on
     ``graph_module`` beside it, the module's parameters shared), so that the fallback sees
-    the parameters like those of any module. Nested tuples (``out, (h, c) = lstm(x)``) are
-    split level by level; selections nothing uses are dropped.
+    the parameters like those of any module; also where the module's rule refuses the call
+    (``nn.MaxPool2d(return_indices=True)``): the fallback serves it. Nested tuples
+    (``out, (h, c) = lstm(x)``) are split level by level; selections nothing uses are
+    dropped.
 
     Returns:
         The number of ops and module calls split.
@@ -86,7 +88,7 @@ def _split_module_outputs(
     graph = graph_module.graph
     split = 0
     for node in list(graph.nodes):
-        if node.op != "call_module" or has_rule(node):
+        if node.op != "call_module" or _served(node, graph_module, has_rule):
             continue
         users = list(node.users)
         if not users or any(selected_output(u) is None for u in users):
@@ -110,6 +112,21 @@ def _split_module_outputs(
         graph.erase_node(node)
         split += 1
     return split
+
+
+def _served(node: torch.fx.Node, graph_module: torch.fx.GraphModule, has_rule: Callable) -> bool:
+    """Whether the module call ``node`` has a rule that accepts it (as the analysis binds it)."""
+    if not has_rule(node):
+        return False
+    module = graph_module.get_submodule(node.target)
+    rule = lookup_rule(type(module))
+    if rule is None:  # served by the caller's own reckoning
+        return True
+    try:
+        rule.check(rule.bind(node.args, node.kwargs, module))
+    except (UnsupportedConfigurationError, TypeError):
+        return False
+    return True
 
 
 def _used(node: torch.fx.Node) -> bool:

@@ -77,7 +77,10 @@ class ReshapeRule(Rule):
         if ctx.output.shape[:1] != ctx.input.shape[:1]:
             raise UnsupportedConfigurationError(
                 f"reshape from {tuple(ctx.input.shape)} to {tuple(ctx.output.shape)} mixes the "
-                "batch axis (dimension 0) with the features"
+                "batch axis (dimension 0) with the features: every op must keep the samples "
+                "on dimension 0. Apply the ops between this fold and its unfold per sample, "
+                "e.g. bn(x.flatten(0, 1)).reshape_as(x) as bn(x.transpose(1, 2)).transpose(1, "
+                "2), or make the module doing it a leaf with a rule (curvgraph.register_rule)"
             )
 
     def jvp(self, ctx, tangents):  # noqa: D102
