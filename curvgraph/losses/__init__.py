@@ -12,7 +12,8 @@ through the outputs (:class:`LossStructureError`).
 
 Modules: :mod:`~curvgraph.losses.autograd_nodes` (the only reader of autograd internals:
 what the graph says about the loss op), :mod:`~curvgraph.losses.models` (the
-:class:`LossModel` classes), :mod:`~curvgraph.losses.recognition` (:func:`recognise`,
+:class:`LossModel` classes), :mod:`~curvgraph.losses.tokens` (cross-entropy per token of
+``[N, T, V]`` logits), :mod:`~curvgraph.losses.recognition` (:func:`recognise`,
 :func:`loss_hessian`).
 """
 
@@ -25,6 +26,7 @@ from curvgraph.losses.models import (
     MSELoss,
 )
 from curvgraph.losses.recognition import LossStructureError, loss_hessian, recognise
+from curvgraph.losses.tokens import TokenCrossEntropyLoss
 
 __all__ = [
     "AutogradLoss",
@@ -34,6 +36,7 @@ __all__ = [
     "LossModel",
     "LossStructureError",
     "MSELoss",
+    "TokenCrossEntropyLoss",
     "loss_hessian",
     "recognise",
 ]

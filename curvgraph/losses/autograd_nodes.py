@@ -12,11 +12,20 @@ rest of :mod:`curvgraph.losses` never touches them.
 needs one is then ``None`` (unknown) and :attr:`LossCall.freed` is set; an optional tensor
 argument that was not given (``weight=None``) is never freed, so ``weighted`` and
 ``pos_weighted`` stay exact after ``backward()``.
+
+Cross-entropy is also recognised where the logits reach ``log_softmax`` through ops that only
+move entries of the model output (``out.transpose(1, 2)``, ``out.reshape(-1, V)``, slices,
+``contiguous``): :attr:`LossCall.layout` lists them as plain :class:`LayoutStep` records, read
+from the attributes those nodes keep after ``backward()`` (axes and sizes, no tensors).
+``F.cross_entropy(..., label_smoothing=eps)`` records
+``(1 - eps) nll_loss(log_softmax(z)) + (eps / C) sum_c -log_softmax(z)_c`` (masked like the
+targets, divided by the same count for a mean); it is read back as one cross-entropy call
+with :attr:`LossCall.label_smoothing`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,8 +34,10 @@ from torch.autograd.graph import Node
 
 __all__ = [
     "LOSSES",
+    "LayoutStep",
     "LossCall",
     "describe_loss_node",
+    "feeds",
     "leaves_beside",
     "node_name",
     "node_of",
@@ -45,6 +56,7 @@ LOSSES = (
 #: the autograd nodes of the losses
 _LOSS_NODES = (
     "NllLossBackward0",
+    "NllLoss2DBackward0",
     "MseLossBackward0",
     "BinaryCrossEntropyWithLogitsBackward0",
     "BinaryCrossEntropyBackward0",
@@ -52,6 +64,44 @@ _LOSS_NODES = (
 
 #: ATen's reduction codes (``at::Reduction``) as saved on the loss nodes
 _REDUCTIONS = {1: "mean", 2: "sum"}
+
+#: autograd nodes of ops that only move entries (or copy them), by :attr:`LayoutStep.kind`
+_LAYOUT_NODES = {
+    "TransposeBackward0": "transpose",
+    "TBackward0": "transpose",
+    "PermuteBackward0": "permute",
+    "ViewBackward0": "view",
+    "UnsafeViewBackward0": "view",
+    "ReshapeAliasBackward0": "view",
+    "SliceBackward0": "slice",
+    "SelectBackward0": "select",
+    "CloneBackward0": "copy",
+    "ToCopyBackward0": "copy",
+}
+
+#: the most layout steps read back from the logits (a chain of reshapes is a few)
+_MAX_LAYOUT_STEPS = 32
+
+
+@dataclass(frozen=True)
+class LayoutStep:
+    """One op ``y = op(x)`` that only moves entries, between a model output and the logits.
+
+    Attributes:
+        kind: ``"transpose"`` (``dims = (dim0, dim1)``), ``"permute"`` (``dims``: axis ``i``
+            of ``y`` is axis ``dims[i]`` of ``x``), ``"view"`` (a reshape), ``"slice"``
+            (``dims = (dim, start, end, step)``), ``"select"`` (``dims = (dim, index)``) or
+            ``"copy"`` (``clone``, ``contiguous``, a dtype or device cast: the identity).
+            Axes and indices as given: negative ones count from the end.
+        input_node: the node of ``x`` (``None`` for a tensor without one).
+        dims: see ``kind``.
+        sizes: the shape of ``x`` (``"view"``, ``"slice"``, ``"select"``; else empty).
+    """
+
+    kind: str
+    input_node: Optional[Node]
+    dims: Tuple[int, ...] = ()
+    sizes: Tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +136,16 @@ class LossCall:
         softmax_dim: the ``dim`` of the ``log_softmax`` of ``"cross_entropy"`` as given
             (negative counts from the end; ``F.cross_entropy`` uses ``1``), ``None`` for the
             other losses. An int, still known after ``loss.backward()``.
+        label_smoothing: the ``label_smoothing`` of ``"cross_entropy"`` (``0.0`` without).
+        target: the class indices of ``"cross_entropy"`` and ``"nll_loss"`` as the op saved
+            them (``nll_loss`` of ``[N, C, T]`` keeps them as ``[N, 1, T]``); ``None`` for the
+            other losses and when freed.
+        logits_shape: the shape of the tensor ``log_softmax`` was applied to
+            (``"cross_entropy"``); ``None`` for the other losses and when freed.
+        layout: for ``"cross_entropy"``, the ops that only move entries on the way from the
+            model to the logits, the logits' own op first (``logits_node`` is the first
+            step's node, and each step's ``input_node`` the next one's); empty when the
+            logits come from another op.
     """
 
     loss: str
@@ -100,11 +160,25 @@ class LossCall:
     input_shape: Optional[torch.Size] = None
     freed: bool = False
     softmax_dim: Optional[int] = None
+    label_smoothing: float = 0.0
+    target: Optional[Tensor] = None
+    logits_shape: Optional[torch.Size] = None
+    layout: Tuple[LayoutStep, ...] = ()
 
 
 def node_of(tensor: Tensor) -> Optional[Node]:
     """The autograd node that produced ``tensor`` (``None`` for a leaf or a constant)."""
     return tensor.grad_fn
+
+
+def feeds(node: Optional[Node], tensor: Tensor) -> bool:
+    """Whether ``node`` is where the gradient of ``tensor`` enters the graph.
+
+    ``tensor``'s own node, or for a leaf its ``AccumulateGrad`` node.
+    """
+    if tensor.grad_fn is not None:
+        return node is tensor.grad_fn
+    return _is(node, "AccumulateGrad") and node.variable is tensor
 
 
 def node_name(tensor: Tensor) -> str:
@@ -116,18 +190,20 @@ def describe_loss_node(loss: Tensor) -> Optional[LossCall]:
     """Describe the loss op that computed ``loss``, or ``None`` if it is not one of them.
 
     Args:
-        loss: a tensor computed by ``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``,
-            ``F.binary_cross_entropy_with_logits`` or ``F.binary_cross_entropy`` (as the last
-            op).
+        loss: a tensor computed by ``F.cross_entropy`` (with or without label smoothing),
+            ``F.nll_loss``, ``F.mse_loss``, ``F.binary_cross_entropy_with_logits`` or
+            ``F.binary_cross_entropy`` (as the last op).
 
     Returns:
         A :class:`LossCall`, or ``None`` for any other op (or a tensor without a node).
     """
     fn = loss.grad_fn
     name = type(fn).__name__
+    if name == "AddBackward0":
+        return _label_smoothing(fn)
     if name not in _LOSS_NODES:
         return None
-    if name == "NllLossBackward0":
+    if name.startswith("NllLoss"):
         return _nll_loss(fn)
     first = _input(fn)
     if name == "MseLossBackward0":
@@ -144,16 +220,23 @@ def describe_loss_node(loss: Tensor) -> Optional[LossCall]:
 def _nll_loss(fn: Node) -> LossCall:
     """``nll_loss``, of ``log_softmax`` (``"cross_entropy"``) or of another input."""
     first = _input(fn)
+    if type(fn).__name__ == "NllLoss2DBackward0" and _is(first, "ViewBackward0"):
+        if _is(_input(first), "LogSoftmaxBackward0") and _keeps_two_axes(fn, first):
+            first = _input(first)  # nll_loss's own reshape of [N, C, *] to [N, C, 1, -1]
     ignore_index = _signed(fn._saved_ignore_index)
-    try:
-        ignores_targets = bool((fn._saved_target == ignore_index).any())
-    except RuntimeError:  # freed by loss.backward()
-        ignores_targets = None
-    if type(first).__name__ == "LogSoftmaxBackward0":
+    target = _saved(fn, "target")
+    ignores_targets = None if target is None else bool((target == ignore_index).any())
+    facts = {}
+    if _is(first, "LogSoftmaxBackward0"):
         kind, logits = "cross_entropy", _input(first)
-        softmax_dim = _signed(first._saved_dim)
+        result = _saved(first, "result")
+        facts = dict(
+            softmax_dim=_signed(first._saved_dim),
+            logits_shape=None if result is None else result.shape,
+            layout=_layout(logits),
+        )
     else:
-        kind, logits, softmax_dim = "nll_loss", first, None
+        kind, logits = "nll_loss", first
     return _call(
         fn,
         kind,
@@ -162,8 +245,76 @@ def _nll_loss(fn: Node) -> LossCall:
         target_node=None,  # class indices: no gradient, and no node input for them
         ignore_index=ignore_index,
         ignores_targets=ignores_targets,
-        softmax_dim=softmax_dim,
+        target=target,
+        **facts,
     )
+
+
+def _keeps_two_axes(fn: Node, view: Node) -> bool:
+    """Whether ``view`` keeps the first two axes of its input (unknown once freed: yes)."""
+    viewed = _saved(fn, "self")
+    return viewed is None or tuple(view._saved_self_sym_sizes[:2]) == tuple(viewed.shape[:2])
+
+
+def _label_smoothing(fn: Node) -> Optional[LossCall]:
+    """``(1 - eps) nll + (eps / C) sum_c -log p_c`` as ``F.cross_entropy`` records it, or ``None``.
+
+    The second term must reach the same ``log_softmax`` node through ``sum`` over its
+    ``dim``, ``neg``, ``masked_fill`` (the ignored targets), ``sum`` and, for a mean, a
+    division; the coefficients must be ``1 - eps`` and ``eps / C``.
+    """
+    if fn._saved_alpha != 1:
+        return None
+    first, second = (node for node, _ in fn.next_functions)
+    if not (_is(first, "MulBackward1") and _is(second, "MulBackward1")):
+        return None
+    nll = _input(first)
+    if type(nll).__name__ not in ("NllLossBackward0", "NllLoss2DBackward0"):
+        return None
+    call = _nll_loss(nll)
+    if call.loss != "cross_entropy" or call.weighted or call.reduction is None:
+        return None
+    node = _input(second)
+    if call.reduction == "mean":  # divided by the number of counted targets, as the nll term
+        count = _saved(node, "other") if _is(node, "DivBackward0") else None
+        if count is not None and call.target is not None:
+            if count.numel() != 1 or count.item() != (call.target != call.ignore_index).sum():
+                return None
+        node = _input(node) if _is(node, "DivBackward0") else None
+    for name in ("SumBackward0", "MaskedFillBackward0", "NegBackward0"):
+        node = _input(node) if _is(node, name) else None
+    if not _is(node, "SumBackward1") or _input(node) is not call.input_node:
+        return None
+    sizes = node._saved_self_sym_sizes
+    if len(node._saved_dim) != 1 or (call.softmax_dim - _signed(node._saved_dim[0])) % len(sizes):
+        return None
+    eps = float(second._saved_other) * int(sizes[_signed(node._saved_dim[0])])
+    if abs(1.0 - float(first._saved_other) - eps) > 1e-6:
+        return None
+    return replace(call, label_smoothing=eps)
+
+
+def _layout(node: Optional[Node]) -> Tuple[LayoutStep, ...]:
+    """The :class:`LayoutStep` ops from ``node`` back to the first other op."""
+    steps = []
+    while _LAYOUT_NODES.get(type(node).__name__) and len(steps) < _MAX_LAYOUT_STEPS:
+        kind, dims, sizes = _LAYOUT_NODES[type(node).__name__], (), ()
+        if type(node).__name__ == "TBackward0":
+            dims = (0, 1)
+        elif kind == "transpose":
+            dims = (_signed(node._saved_dim0), _signed(node._saved_dim1))
+        elif kind == "permute":
+            dims = tuple(_signed(d) for d in node._saved_dims)
+        elif kind == "slice":
+            names = ("dim", "start", "end", "step")
+            dims = tuple(_signed(getattr(node, f"_saved_{n}")) for n in names)
+        elif kind == "select":
+            dims = (_signed(node._saved_dim), _signed(node._saved_index))
+        if kind in ("view", "slice", "select"):
+            sizes = tuple(int(size) for size in node._saved_self_sym_sizes)
+        steps.append(LayoutStep(kind, _input(node), dims, sizes))
+        node = _input(node)
+    return tuple(steps)
 
 
 def leaves_beside(loss: Tensor, outputs: Tensor) -> Tuple[List[Tensor], bool]:
@@ -206,6 +357,19 @@ def leaves_beside(loss: Tensor, outputs: Tensor) -> Tuple[List[Tensor], bool]:
                 seen[id(following)] = following
                 pending.append(following)
     return list(leaves.values()), reached
+
+
+def _is(fn: Optional[Node], name: str) -> bool:
+    """Whether ``fn`` is an autograd node of type ``name``."""
+    return fn is not None and type(fn).__name__ == name
+
+
+def _saved(fn: Node, argument: str) -> Optional[Tensor]:
+    """The saved tensor ``argument`` of ``fn``, ``None`` once freed by ``loss.backward()``."""
+    try:
+        return getattr(fn, f"_saved_{argument}")
+    except RuntimeError:
+        return None
 
 
 def _signed(value: int) -> int:

@@ -3,7 +3,10 @@
 The facts come from :func:`~curvgraph.losses.autograd_nodes.describe_loss_node`; a closed
 form is used only when the loss was computed from ``outputs`` directly (through
 ``log_softmax`` over the class axis ``1`` or ``sigmoid`` where the loss applies it), with a
-constant target, no weights, and reduction ``"mean"`` or ``"sum"``.
+constant target, no weights, and reduction ``"mean"`` or ``"sum"``. Cross-entropy may also
+read the outputs through ops that only move entries (``out.transpose(1, 2)``,
+``out.reshape(-1, V)``, slices) and ignore targets or smooth labels: then it is a
+:class:`~curvgraph.losses.tokens.TokenCrossEntropyLoss` (docs/sequence_losses.md).
 
 Every curvature method assumes ``L = sum_n l_n(z_n)``: a function of the outputs only,
 a sum of per-sample terms (batch axis first). :func:`recognise` checks both and raises
@@ -31,6 +34,7 @@ from curvgraph.losses.models import (
     LossModel,
     MSELoss,
 )
+from curvgraph.losses.tokens import TokenCrossEntropyLoss, steps_to, token_layout
 
 __all__ = ["LossStructureError", "loss_hessian", "recognise"]
 
@@ -55,6 +59,9 @@ def loss_hessian(
     Closed forms (``p_n = softmax(z_n)``, ``C`` features per sample):
 
     - cross-entropy, mean: ``(1/N) sum_n (diag p_n - p_n p_n^T)``; sum: without ``1/N``.
+      Over tokens (``[N, T, V]`` logits, read transposed or flattened), with ignored targets
+      or label smoothing: the same block per counted token, divided by the number of
+      counted tokens for a mean, and block-diagonal over tokens.
     - MSE, mean over all ``N C`` entries: ``(2/C) I``; sum: ``2 N I``.
     - binary cross-entropy on logits, ``p = sigmoid(z)``: ``diag(sum_n p_n (1 - p_n))``
       divided by ``N C`` (mean) or not (sum).
@@ -63,9 +70,12 @@ def loss_hessian(
 
     The closed forms work before and after ``loss.backward()``. Cross-entropy targets equal
     to the default ``ignore_index=-100`` can only be detected before ``loss.backward()``
-    frees them. Any other loss needs its autograd graph: call this before ``backward()`` or
-    call ``loss.backward(retain_graph=True)``; after a plain ``backward()`` it raises a
-    :class:`~curvgraph.errors.CurvGraphError` (a ``RuntimeError``) that says so.
+    frees them; cross-entropy over tokens, with ignored targets or with label smoothing
+    needs them (which tokens count), so after ``loss.backward()`` it is refused like a
+    loss without a closed form. Any other loss needs its autograd graph: call this before
+    ``backward()`` or call ``loss.backward(retain_graph=True)``; after a plain
+    ``backward()`` it raises a :class:`~curvgraph.errors.CurvGraphError` (a
+    ``RuntimeError``) that says so.
 
     Args:
         loss: scalar loss.
@@ -78,8 +88,10 @@ def loss_hessian(
 
     Raises:
         CurvGraphError: the loss has no closed form and ``loss.backward()`` freed its graph.
-        FloatingPointError: the loss is NaN or infinite.
-        ValueError: the loss is not a scalar or does not depend on ``outputs``.
+        FloatingPointError: the loss is NaN or infinite (a cross-entropy mean whose targets
+            all equal ``ignore_index`` is ``0/0``: the error says so).
+        ValueError: the loss is not a scalar or does not depend on ``outputs``, or a
+            cross-entropy target is outside ``[0, V)`` and not ``ignore_index``.
         LossStructureError: the loss is not a sum of per-sample terms of the outputs
             (see :func:`recognise`).
     """
@@ -103,19 +115,27 @@ def recognise(
             ``outputs`` (a penalty, a term of a hidden activation), or, for a loss without
             a closed form, its Hessian w.r.t. the outputs couples two samples (``out.sum()
             ** 2``, a softmax over the batch axis, ``cross_entropy(out.T, y)``).
+        ValueError: the loss does not depend on ``outputs`` (computed from another tensor),
+            or a cross-entropy target is outside ``[0, V)`` and not ``ignore_index``.
+        FloatingPointError: the loss is NaN or infinite (all targets ignored, for a mean).
     """
     if loss.dim() != 0:
         raise ValueError(
             f"the loss must be a scalar (reduction 'mean' or 'sum'), got shape {tuple(loss.shape)}"
         )
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"the loss is {loss.item()}: curvature of a non-finite loss is undefined (check the "
-            "learning rate, the inputs, or the model's outputs for NaN/inf)"
-        )
     if outputs.dim() < 1 or not outputs.requires_grad:
         raise ValueError("outputs must be the model output the loss was computed from")
-    _refuse_direct_parameters(loss, outputs, parameters)
+    leaves, reached = leaves_beside(loss, outputs)
+    if not reached:
+        raise ValueError(
+            f"the loss does not depend on outputs (a tensor of shape {tuple(outputs.shape)}): "
+            "it was computed from another tensor (model(x) instead of out = cg(x), or the "
+            "output of another call). Pass the output the loss was computed from: out = "
+            "cg(x); loss = loss_fn(out, y); cg.curvature(loss, out)"
+        )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(_non_finite_message(loss))
+    _refuse_direct_parameters(leaves, parameters)
     call = describe_loss_node(loss)
     model = None if call is None else _closed_form(call, outputs)
     if model is not None:
@@ -127,11 +147,31 @@ def recognise(
     return model
 
 
+def _non_finite_message(loss: Tensor) -> str:
+    """Why the loss is not finite: every target ignored (a mean over none), or in general."""
+    call = describe_loss_node(loss)
+    if (
+        call is not None
+        and call.target is not None
+        and call.reduction == "mean"
+        and bool((call.target == call.ignore_index).all())
+    ):
+        return (
+            f"every target of this {call.loss} equals ignore_index={call.ignore_index} (all "
+            f"{call.target.numel()} tokens ignored, e.g. a batch of padding only): PyTorch's "
+            "mean over 0 counted tokens is 0/0 = NaN, and its curvature is undefined. Skip the "
+            "batch, or use reduction='sum' (a zero loss with zero curvature)"
+        )
+    return (
+        f"the loss is {loss.item()}: curvature of a non-finite loss is undefined (check the "
+        "learning rate, the inputs, or the model's outputs for NaN/inf)"
+    )
+
+
 def _refuse_direct_parameters(
-    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]]
+    leaves: List[Tensor], parameters: Optional[Iterable[Tuple[str, Tensor]]]
 ) -> None:
-    """Refuse a loss that reaches a parameter on a path avoiding ``outputs``."""
-    leaves, _ = leaves_beside(loss, outputs)
+    """Refuse a loss that reaches a parameter on a path avoiding ``outputs`` (``leaves``)."""
     if not leaves:
         return
     if parameters is None:
@@ -174,7 +214,7 @@ def _coupling_error(name: str, sample: int, samples: List[int]) -> LossStructure
 def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
     """The closed-form model of ``call`` on ``outputs``, or ``None`` (then: autograd)."""
     node = node_of(outputs)
-    if call.loss == "cross_entropy" and call.logits_node is node and _over_classes(call, outputs):
+    if call.loss == "cross_entropy":
         model = _cross_entropy(call, outputs)
         if model is not None:
             return model
@@ -192,19 +232,44 @@ def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
     return None
 
 
+def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
+    """``nll_loss(log_softmax(z))`` of the outputs without class weights, ``None`` otherwise.
+
+    Logits ``[N, C]`` read directly without ignored targets or label smoothing: a
+    :class:`CrossEntropyLoss` (also after ``loss.backward()``); any other layout the tokens
+    can be read from (:func:`~curvgraph.losses.tokens.token_layout`): a
+    :class:`TokenCrossEntropyLoss`, which needs the targets.
+    """
+    steps = steps_to(call, outputs)
+    if steps is None:
+        return None
+    _refuse_freed_weights(call, "cross_entropy with class weights")
+    if call.weighted:
+        return None  # class weights: the autograd path handles them
+    if call.freed:
+        plain = not steps and _over_classes(call, outputs) and not call.label_smoothing
+        return _freed_cross_entropy(call, outputs) if plain else None
+    layout = token_layout(call, steps, outputs)
+    if layout is None:
+        return None
+    class_axis, counted = layout
+    _check_targets(call, outputs.shape[class_axis])
+    scale = _scale(call, samples=int(counted.sum()))
+    if scale is None:
+        return None
+    if outputs.dim() == 2 and bool(counted.all()):
+        return CrossEntropyLoss(outputs, scale)
+    return TokenCrossEntropyLoss(outputs, class_axis, counted, scale)
+
+
 def _over_classes(call: LossCall, outputs: Tensor) -> bool:
     """Outputs ``[N, C]`` with the ``log_softmax`` over the classes (not the batch axis)."""
     return outputs.dim() == 2 and call.softmax_dim is not None and call.softmax_dim % 2 == 1
 
 
-def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss]:
-    """``nll_loss(log_softmax(outputs))`` without class weights or ignored samples."""
-    _refuse_freed_weights(call, "cross_entropy with class weights")
-    if call.weighted:
-        return None  # class weights: the autograd path handles them
-    if call.ignores_targets:
-        return None  # ignored samples: the autograd path handles them
-    if call.ignores_targets is None and call.ignore_index != -100:
+def _freed_cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss]:
+    """Logits ``[N, C]`` after ``loss.backward()``: the targets, hence ignored ones, unknown."""
+    if call.ignore_index != -100:
         raise CurvGraphError(
             f"cross_entropy with ignore_index={call.ignore_index}: call loss_hessian(loss, "
             "out) or cg.curvature(loss, out) before loss.backward(), or call "
@@ -212,6 +277,18 @@ def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss
         )
     scale = _scale(call, samples=outputs.shape[0])
     return None if scale is None else CrossEntropyLoss(outputs, scale)
+
+
+def _check_targets(call: LossCall, classes: int) -> None:
+    """Refuse class indices outside ``[0, classes)`` other than ``ignore_index``."""
+    target = call.target
+    bad = (target != call.ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} cross_entropy target(s) outside the classes [0, {classes}) and "
+            f"not ignore_index={call.ignore_index}, e.g. {int(target[bad][0])}: the targets "
+            "(y) must be class indices of the output's class axis"
+        )
 
 
 def _entrywise(call: LossCall, outputs: Tensor, model: type) -> Optional[LossModel]:
@@ -224,7 +301,9 @@ def _entrywise(call: LossCall, outputs: Tensor, model: type) -> Optional[LossMod
 
 def _scale(call: LossCall, samples: int) -> Optional[float]:
     """``1 / samples`` for reduction ``"mean"``, ``1`` for ``"sum"``, else ``None``."""
-    return {"mean": 1.0 / samples, "sum": 1.0}.get(call.reduction)
+    if call.reduction == "mean":
+        return 1.0 / samples if samples else None  # a mean over nothing: NaN, refused before
+    return 1.0 if call.reduction == "sum" else None
 
 
 def _refuse_freed_weights(call: LossCall, what: str) -> None:
