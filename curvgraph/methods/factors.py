@@ -38,6 +38,7 @@ class FactorMethod(Method):
     Options of :meth:`run`:
         mc_samples: Monte-Carlo columns per sample (0: exact factors, ``K = C``).
         generator: random generator for the Monte-Carlo labels.
+        **options: the subclass's own (:meth:`block_options`), e.g. ``kfac_approx``.
     """
 
     curvatures = frozenset({"ggn"})
@@ -45,6 +46,16 @@ class FactorMethod(Method):
 
     def check_mc_samples(self, mc_samples: int) -> None:
         """Refuse ``mc_samples`` values the method does not take (``ValueError``)."""
+
+    def block_options(self, **options) -> dict:
+        """Validate the method's own options of :meth:`run`; they go to :meth:`direct_block`.
+
+        Raises:
+            TypeError: an option the method does not take (none, unless overridden).
+        """
+        if options:
+            raise TypeError(f"method={self.name!r} got unexpected option(s) {sorted(options)}")
+        return {}
 
     def direct_block(self, rule, ctx, slot: str, factors: Tensor, shape) -> Optional[Block]:
         """The block of an untied parameter straight from the output factors, or ``None``."""
@@ -64,19 +75,25 @@ class FactorMethod(Method):
         *,
         mc_samples: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        **options,
     ) -> BlockCurvature:
         """GGN blocks of every trainable parameter (combined over ranks by ``shard``)."""
         mc_samples = self.default_mc_samples if mc_samples is None else mc_samples
         self.check_mc_samples(mc_samples)
+        options = self.block_options(**options)
         walk = plan(graph)
         factors = loss_model.sqrt(mc_samples, generator)
-        return shard.combine_factor_blocks(factor_blocks(graph, walk, factors, self))
+        blocks = factor_blocks(graph, walk, factors, self, **options)
+        return shard.combine_factor_blocks(blocks)
 
 
 def factor_blocks(
-    graph: TracedGraph, walk, factors: Tensor, method: FactorMethod
+    graph: TracedGraph, walk, factors: Tensor, method: FactorMethod, **options
 ) -> BlockCurvature:
-    """Pull ``factors`` ``[K, N, *out]`` back from the output and form each block."""
+    """Pull ``factors`` ``[K, N, *out]`` back from the output and form each block.
+
+    ``options`` (from :meth:`FactorMethod.block_options`) go to ``method.direct_block``.
+    """
     mixing = (
         f"method={method.name!r} propagates per-sample factors, but {{node}} mixes samples "
         "(e.g. BatchNorm in training mode); use method='exact' or eval mode"
@@ -89,7 +106,7 @@ def factor_blocks(
         for slot, key in walk.active_slots(info).items():
             if isinstance(key, str) and key not in graph.derived and not walk.tied(key):
                 shape = walk.parameters[key].shape
-                block = method.direct_block(info.rule, ctx, slot, factors, shape)
+                block = method.direct_block(info.rule, ctx, slot, factors, shape, **options)
                 if block is not None:
                     direct[key] = block
                     continue

@@ -1,8 +1,10 @@
 """``method="kfac"``: Kronecker factors from Monte-Carlo loss-Hessian factors.
 
-Martens & Grosse (2015); Grosse & Martens (2016) for convolutions. As ``kflr`` with
-``mc_samples`` (default 1) sampled columns per sample instead of the exact factors;
-parameters without Kronecker factors get Monte-Carlo low-rank blocks.
+Martens & Grosse (2015); Grosse & Martens (2016) for convolutions; Eschenhagen et al. (2023)
+for weights shared over positions. As ``kflr`` (same ``kfac_approx`` option: ``"expand"``,
+``"reduce"``, ``"low-rank"``) with ``mc_samples`` (default 1) sampled columns per sample
+instead of the exact factors; parameters without Kronecker factors get Monte-Carlo
+low-rank blocks.
 """
 
 from __future__ import annotations

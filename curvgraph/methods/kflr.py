@@ -1,8 +1,26 @@
 """``method="kflr"``: Kronecker factors from exact loss-Hessian factors (Botev et al., 2017).
 
-Weights whose rule declares ``kronecker_factors`` (linear, convolution) get ``G (x) A`` with
-``G`` from the propagated exact factors; every other parameter, and tied weights, get exact
-low-rank blocks from the same factors.
+Weights whose rule declares ``kronecker_factors`` (linear, convolution, embedding) get a
+Kronecker block, e.g. ``G (x) A`` for a linear weight, with ``G`` from the propagated exact
+factors; every other parameter, and tied weights, get exact low-rank blocks from the same
+factors.
+
+A weight shared over positions (a linear layer on ``[N, T, D]``, a convolution, an
+embedding of ``[N, T]`` indices) is approximated as chosen by ``kfac_approx`` (Eschenhagen
+et al., NeurIPS 2023), with ``x_nt`` the input and ``s_knt`` the propagated factor at
+position ``t`` of sample ``n``:
+
+- ``"expand"`` (default): positions count as samples,
+  ``A = (1/(N T)) sum_{n,t} x_nt x_nt^T``, ``G = sum_{k,n,t} s_knt s_knt^T``;
+- ``"reduce"``: positions are summed first, ``A = (1/N) sum_n xbar_n xbar_n^T`` with
+  ``xbar_n = (1/T) sum_t x_nt``, ``G = sum_{k,n} sbar_kn sbar_kn^T`` with
+  ``sbar_kn = sum_t s_knt``;
+- ``"low-rank"``: no Kronecker approximation of the sharing: Kronecker blocks only where
+  they are exact per sample (the rule's ``kronecker_input``: a linear layer on ``[N, D]``),
+  the low-rank block ``sum_{k,n} u_kn u_kn^T`` of the rows ``u_kn = J_n^T s_kn``
+  everywhere else (exact for ``kflr``).
+
+With one position per sample (``T = 1``) all three agree.
 """
 
 from __future__ import annotations
@@ -15,36 +33,70 @@ from curvgraph.curvature import Block, KroneckerBlock
 from curvgraph.methods.base import Verdict, register_method
 from curvgraph.methods.factors import FactorMethod
 
-__all__ = ["KFLR", "KroneckerFactorMethod"]
+__all__ = ["KFAC_APPROX", "KFLR", "KroneckerFactorMethod"]
+
+#: ``kfac_approx`` values: how a weight shared over positions is approximated
+KFAC_APPROX = ("expand", "reduce", "low-rank")
 
 
 class KroneckerFactorMethod(FactorMethod):
-    """Kronecker blocks where the rule has the factors, low-rank blocks elsewhere."""
+    """Kronecker blocks where the rule has the factors, low-rank blocks elsewhere.
+
+    Options of :meth:`run` (besides :class:`FactorMethod`'s):
+        kfac_approx: ``"expand"`` (default), ``"reduce"`` or ``"low-rank"`` (module
+            docstring).
+    """
 
     low_rank = "exact low-rank"
 
-    def direct_block(self, rule, ctx, slot: str, factors: Tensor, shape) -> Optional[Block]:
-        """``G (x) A`` (with roots if the rule declares ``kronecker_roots``), or ``None``."""
+    def block_options(self, kfac_approx: str = "expand", **options) -> dict:
+        """``{"kfac_approx": ...}`` after checking its value; others are refused."""
+        super().block_options(**options)
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"kfac_approx={kfac_approx!r}; expected one of {KFAC_APPROX}")
+        return {"kfac_approx": kfac_approx}
+
+    def direct_block(
+        self, rule, ctx, slot: str, factors: Tensor, shape, kfac_approx: str = "expand"
+    ) -> Optional[Block]:
+        """The rule's Kronecker block (with roots if it declares them), or ``None``."""
+        if kfac_approx == "low-rank" and not _exact_kronecker(rule, ctx, slot):
+            return None
+        approx = "expand" if kfac_approx == "low-rank" else kfac_approx  # same when exact
         kronecker_factors = rule.capability("kronecker_factors")
-        pair = kronecker_factors(ctx, slot, factors) if kronecker_factors is not None else None
+        if kronecker_factors is None:
+            return None
+        pair = kronecker_factors(ctx, slot, factors, approx=approx)
         if pair is None:
             return None
         kronecker_roots = rule.capability("kronecker_roots")
-        roots = kronecker_roots(ctx, slot, factors) if kronecker_roots is not None else None
+        roots = None
+        if kronecker_roots is not None:
+            roots = kronecker_roots(ctx, slot, factors, approx=approx)
         return KroneckerBlock(*pair, shape, roots=roots)
 
-    def verdict(self, graph, walk, **options) -> Verdict:
+    def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
         """How many blocks are Kronecker, how many low-rank."""
         uses = walk.first_uses()
-        kron = sum(
-            1
-            for name, (info, slot) in uses.items()
-            if name not in graph.derived
-            and not walk.tied(name)
-            and graph.record.contexts[info.node.name].value(slot).dim() >= 2
-            and info.rule.capability("kronecker_factors") is not None
-        )
+        contexts = graph.record.contexts
+        kron = 0
+        for name, (info, slot) in uses.items():
+            ctx = contexts[info.node.name]
+            if (
+                name not in graph.derived
+                and not walk.tied(name)
+                and ctx.value(slot).dim() >= 2
+                and info.rule.capability("kronecker_factors") is not None
+                and (kfac_approx != "low-rank" or _exact_kronecker(info.rule, ctx, slot))
+            ):
+                kron += 1
         return Verdict(True, f"{kron} Kronecker block(s), {len(uses) - kron} {self.low_rank}")
+
+
+def _exact_kronecker(rule, ctx, slot: str) -> bool:
+    """Whether the rule says the block of ``slot`` is exactly Kronecker per sample."""
+    kronecker_input = rule.capability("kronecker_input")
+    return kronecker_input is not None and kronecker_input(ctx, slot) is not None
 
 
 @register_method

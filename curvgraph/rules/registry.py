@@ -316,10 +316,13 @@ CAPABILITIES = {
         "kronecker_input(ctx, slot) -> a [N, in] or None: J_n^T H J_n = H (x) a_n a_n^T"
     ),
     "kronecker_factors": (
-        "kronecker_factors(ctx, slot, factors) -> (G, A) or None: KFAC factors of a weight"
+        "kronecker_factors(ctx, slot, factors, approx='expand') -> (F1, F2) or None: KFAC "
+        "factors of a weight, block F1 (x) F2 in its row-major order (G (x) A for linear); "
+        "approx 'expand' or 'reduce' for a weight shared over positions"
     ),
     "kronecker_roots": (
-        "kronecker_roots(ctx, slot, factors) -> (R_G, R_A) or None: G = R_G^T R_G, A = R_A^T R_A"
+        "kronecker_roots(ctx, slot, factors, approx='expand') -> (R1, R2) or None: "
+        "F1 = R1^T R1, F2 = R2^T R2 (either None)"
     ),
 }
 

@@ -261,17 +261,25 @@ class ConvRule(ConvFamilyRule):
         w = torch.einsum("kgop,gip->kgoi", c, self._unfolded(ctx).mean(0))
         return w.reshape(w.shape[:1] + ctx.weight.shape)
 
-    def kronecker_factors(self, ctx, slot, factors):
-        """KFC factors: ``G = sum_{k,n,p} s s^T``, ``A = (1/(N P)) sum_{n,p} x x^T``.
+    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+        """KFC factors ``(G, A)`` over the unfolded patches ``x_np`` and ``P`` output positions.
 
-        (Grosse & Martens, 2016.) ``x`` are the unfolded input patches, ``P`` the output
-        positions; exact when the GGN block is itself a Kronecker product (one sample and
-        one output position, e.g. a convolution feeding MSE).
+        expand (Grosse & Martens, 2016): ``G = sum_{k,n,p} s s^T``,
+        ``A = (1/(N P)) sum_{n,p} x x^T``, exact when the GGN block is itself a Kronecker
+        product (one sample and one output position, e.g. a convolution feeding MSE);
+        reduce (Eschenhagen et al., 2023): ``G = sum_{k,n} (sum_p s)(sum_p s)^T``,
+        ``A = (1/N) sum_n xbar_n xbar_n^T`` with ``xbar_n = (1/P) sum_p x_np``.
         """
         if slot != "weight" or ctx.groups != 1:
             return None
         unfolded = self._unfolded(ctx)[:, 0]  # [N, I, P]
         s = factors.flatten(-self.dims)  # [K, N, O, P]
+        if approx == "reduce":
+            mean_input = unfolded.mean(-1)  # [N, I]
+            summed = s.sum(-1).flatten(0, 1)  # [K N, O]
+            return summed.T @ summed, mean_input.T @ mean_input / unfolded.shape[0]
+        if approx != "expand":
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
         gradient_factor = gram(s.flatten(0, 1))
         positions = unfolded.shape[0] * unfolded.shape[-1]
         input_factor = gram(unfolded) / positions

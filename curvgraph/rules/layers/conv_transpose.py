@@ -139,17 +139,24 @@ class ConvTransposeRule(ConvFamilyRule):
         mean_input = ctx.input.mean(0, keepdim=True)
         return self._weight_products(ctx, cotangent.unsqueeze(1), mean_input, "").squeeze(1)
 
-    def kronecker_factors(self, ctx, slot, factors):
+    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
         """KFC factors with the roles of the sides swapped (the weight is ``[C_in, ...]``).
 
-        ``A = (1/(N P)) sum_{n,p} x_p x_p^T`` over input channels (``P`` input positions)
-        and ``G = sum_{k,n,p} C_p C_p^T`` over the output factors' patches ``C``; the block
-        is ``A (x) G`` in the weight's row-major order.
+        The weight is shared over the ``P`` input positions ``x_np`` (input channels),
+        each paired with the output factors' patch ``C_knp``; the block is ``A (x) G`` in
+        the weight's row-major order. expand: ``A = (1/(N P)) sum_{n,p} x x^T``,
+        ``G = sum_{k,n,p} C C^T``; reduce: ``A = (1/N) sum_n xbar_n xbar_n^T`` with
+        ``xbar_n = (1/P) sum_p x_np``, ``G = sum_{k,n} (sum_p C)(sum_p C)^T``.
         """
         if slot != "weight" or ctx.groups != 1:
             return None
         cols = self._patches(factors, ctx)[:, :, 0]  # [K, N, j, p]
         x = self._positions(ctx.input, ctx)[:, 0]  # [N, i, p]
+        if approx == "reduce":
+            mean_input, summed = x.mean(-1), cols.sum(-1).flatten(0, 1)
+            return mean_input.T @ mean_input / x.shape[0], summed.T @ summed
+        if approx != "expand":
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
         input_factor = gram(x) / (x.shape[0] * x.shape[-1])
         return input_factor, gram(cols.flatten(0, 1))
 

@@ -11,6 +11,20 @@ the weight ``[V, D]``), ``d`` the embedding feature.
 - ``Jbar^T c = A c`` with ``A[v, s] = (1/N) sum_n [i_{n,s} = v]`` (no per-sample tensor);
 - residual zero.
 
+Kronecker factors (``kflr``/``kfac``): the op is a linear layer ``y_nt = W^T e_{i_nt}`` on
+one-hot inputs, so its weight ``[V, D]`` gets ``A (x) G`` (vocabulary side first, as the
+weight's row-major order) with the input factor ``A`` over the vocabulary and ``G`` over
+the features, from the factors ``s_knt`` at the ``T`` positions:
+
+- expand: ``A = diag(c) / (N T)`` with ``c_v`` the count of index ``v`` in the batch
+  (diagonal: one-hot inputs), ``G = sum_{k,n,t} s_knt s_knt^T``;
+- reduce: ``A = (1/N) sum_n a_n a_n^T`` with ``a_n = c_n / T`` the sample's index
+  frequencies, ``G = sum_{k,n} (sum_t s_knt)(sum_t s_knt)^T``.
+
+With one index per sample (``[N]`` indices) both are the exact per-sample block
+``e_i e_i^T (x) s s^T``. ``padding_idx`` positions count in ``T`` and in ``G`` with a zero
+input (its row and column of ``A`` are zero), as for a linear layer fed a zero vector.
+
 ``padding_idx`` follows PyTorch's gradient: that row receives no cotangent, so it is
 treated as a constant (its tangent does not reach the output either). ``max_norm``
 renormalizes the weight in place during the forward and ``scale_grad_by_freq`` rescales
@@ -25,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -86,6 +101,7 @@ class EmbeddingRule(Rule):
     function, signature = canonical(_embedding)
     differentiable = ("weight",)
     sample_independent = frozenset()
+    capabilities = frozenset({"kronecker_factors", "kronecker_roots"})
 
     def samples(self):  # noqa: D102
         padded = torch.tensor([[0, 2, 2], [1, 0, 3]])
@@ -187,3 +203,70 @@ class EmbeddingRule(Rule):
     def residual(self, ctx: Context, grad_output: Tensor) -> Residual:
         """Zero: the output is linear in the weight."""
         return Zero()
+
+    def _counts(self, ctx: Context, like: Tensor) -> Tensor:
+        """``c_nv``: how often sample ``n`` selects row ``v`` (zero at ``padding_idx``)."""
+        index = self._flat_indices(ctx)  # [N, S]
+        counts = like.new_zeros(index.shape[0], ctx.weight.shape[0])
+        counts.scatter_add_(1, index, like.new_ones(index.shape))
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            counts[:, pad] = 0
+        return counts
+
+    def _indexed_per_sample(self, ctx: Context) -> bool:
+        """Whether the indices carry the output's batch axis (configuration checked too)."""
+        self.check(ctx.args)
+        return ctx.input.dim() > 0 and ctx.input.shape[0] == ctx.output.shape[0]
+
+    def _position_factors(self, ctx: Context, factors: Tensor, approx: str) -> Tensor:
+        """``R_G``: the rows ``s_knt`` (expand) or ``sum_t s_knt`` (reduce)."""
+        n, positions = self._flat_indices(ctx).shape
+        s = factors.reshape(factors.shape[0], n, positions, -1)  # [K, N, S, D]
+        if approx == "reduce":
+            return s.sum(2).flatten(0, 1)
+        if approx != "expand":
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
+        return s.flatten(0, 2)
+
+    def _frequencies(self, ctx: Context, like: Tensor) -> Tensor:
+        """``a_n / sqrt(N)`` with ``a_n = c_n / T``: the reduce input factor's root."""
+        counts = self._counts(ctx, like)
+        return counts / (counts.shape[0] ** 0.5 * self._flat_indices(ctx).shape[1])
+
+    def kronecker_factors(self, ctx: Context, slot: str, factors: Tensor, approx="expand"):
+        """``(A, G)`` of the module docstring: the block is ``A (x) G``.
+
+        ``None`` for a context whose indices lack its output's batch axis (``check_rule``
+        narrows only differentiable arguments to one sample).
+        """
+        if slot != "weight" or not self._indexed_per_sample(ctx):
+            return None
+        gradient_factor = symmetric_product(self._position_factors(ctx, factors, approx).T)
+        if approx == "reduce":
+            root = self._frequencies(ctx, factors)
+            return root.T @ root, gradient_factor
+        counts = self._counts(ctx, factors).sum(0)
+        return torch.diag(counts / self._flat_indices(ctx).numel()), gradient_factor
+
+    def kronecker_roots(self, ctx: Context, slot: str, factors: Tensor, approx="expand"):
+        """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
+
+        reduce: ``[a_n] / sqrt(N)``, ``[sum_t s_knt]``; expand: ``[e_{i_nt}] / sqrt(N T)``
+        (``None`` unless it has fewer than ``V / 2`` rows, the only case where products use
+        it), ``[s_knt]``.
+        """
+        if slot != "weight" or not self._indexed_per_sample(ctx):
+            return None
+        gradient_root = self._position_factors(ctx, factors, approx)
+        if approx == "reduce":
+            return self._frequencies(ctx, factors), gradient_root
+        index = self._flat_indices(ctx).reshape(-1)
+        vocabulary = ctx.weight.shape[0]
+        if 2 * index.numel() >= vocabulary:
+            return None, gradient_root
+        onehot = F.one_hot(index, vocabulary).to(factors.dtype)
+        pad = self._padding_row(ctx)
+        if pad is not None:
+            onehot[:, pad] = 0
+        return onehot / index.numel() ** 0.5, gradient_root

@@ -38,7 +38,8 @@ class LinearRule(PullbackRule):
     """``y_n = W x_n + b`` (``x_n`` of shape ``[*, F_in]``).
 
     ``J_x = W``, ``J_W^T c = c x_n^T`` (summed over extra positions), ``J_b^T c = c``; for
-    2-D inputs the weight block is Kronecker: ``J_W^T H J_W = H (x) x_n x_n^T``.
+    2-D inputs the weight block is Kronecker: ``J_W^T H J_W = H (x) x_n x_n^T``; with extra
+    positions, KFAC-expand or KFAC-reduce approximate it (:meth:`kronecker_factors`).
     """
 
     name = "linear"
@@ -112,16 +113,34 @@ class LinearRule(PullbackRule):
     def kronecker_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
 
-    def kronecker_factors(self, ctx, slot, factors):
-        """``G = sum_{k,n} s_kn s_kn^T``, ``A = (1/N) sum_n x_n x_n^T`` (2-D inputs)."""
-        if slot != "weight" or ctx.input.dim() != 2:
-            return None
-        x, s = ctx.input, factors.reshape(-1, factors.shape[-1])
-        return symmetric_product(s.T), symmetric_product(x.T) / x.shape[0]
+    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+        """``(G, A)``: ``G (x) A`` approximates the weight's block (Eschenhagen et al., 2023).
 
-    def kronecker_roots(self, ctx, slot, factors):
-        """``R_G = [s_kn]`` (``K N`` rows), ``R_A = [x_n] / sqrt(N)`` (2-D inputs)."""
-        if slot != "weight" or ctx.input.dim() != 2:
+        With ``x_nt``, ``s_knt`` the input and factor at position ``t`` of ``T``
+        (``T = 1`` for ``[N, F_in]`` inputs: plain KFAC, exact for one sample):
+
+        - expand: ``G = sum_{k,n,t} s_knt s_knt^T``, ``A = (1/(N T)) sum_{n,t} x_nt x_nt^T``;
+        - reduce: ``G = sum_{k,n} (sum_t s_knt)(sum_t s_knt)^T``,
+          ``A = (1/N) sum_n xbar_n xbar_n^T`` with ``xbar_n = (1/T) sum_t x_nt``.
+        """
+        roots = self.kronecker_roots(ctx, slot, factors, approx)
+        if roots is None:
             return None
-        x = ctx.input
-        return factors.reshape(-1, factors.shape[-1]), x / math.sqrt(x.shape[0])
+        gradient_root, input_root = roots
+        return symmetric_product(gradient_root.T), symmetric_product(input_root.T)
+
+    def kronecker_roots(self, ctx, slot, factors, approx="expand"):
+        """``(R_G, R_A)`` with ``G = R_G^T R_G``, ``A = R_A^T R_A``.
+
+        expand: ``R_G = [s_knt]`` (``K N T`` rows), ``R_A = [x_nt] / sqrt(N T)``;
+        reduce: ``R_G = [sum_t s_knt]`` (``K N`` rows), ``R_A = [xbar_n] / sqrt(N)``.
+        """
+        if slot != "weight" or ctx.input.dim() < 2:
+            return None
+        x = self._positions(ctx.input)  # [N, T, F_in]
+        s = factors.reshape(factors.shape[0], *x.shape[:2], factors.shape[-1])  # [K, N, T, O]
+        if approx == "reduce":
+            return s.sum(2).flatten(0, 1), x.mean(1) / math.sqrt(x.shape[0])
+        if approx != "expand":
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
+        return s.flatten(0, 2), x.flatten(0, 1) / math.sqrt(x.shape[0] * x.shape[1])
