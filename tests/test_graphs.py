@@ -230,7 +230,9 @@ def test_hbp_batch_size_one_equals_exact(name, curvature):
 @pytest.mark.parametrize("name", WITHOUT_CONV)
 def test_kflr_batch_size_one_equals_exact_ggn(name):
     model, cg, x, y, out, loss = setup(name, 1)
-    curv = cg.curvature(loss, out, method="kflr")
+    # inputs with positions (attention's [N, T, D]): the exact per-sample factors are
+    # kfac_approx="low-rank"; the default "expand" treats positions like samples (issue 12)
+    curv = cg.curvature(loss, out, method="kflr", kfac_approx="low-rank")
     assert any(isinstance(b, curvgraph.KroneckerBlock) for b in curv.values())
     assert_close(dense(curv), ref.ggn_blocks(model, x, y, F.cross_entropy))
 
