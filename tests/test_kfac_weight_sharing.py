@@ -391,3 +391,41 @@ def test_kfac_sequences_in_expectation(loss, approx):
         expected = kflr[name].to_dense()
         error = (kfac[name].to_dense() - expected).norm() / expected.norm()
         assert error < 0.1, (name, float(error))
+
+
+class _PlainLinear(nn.Module):
+    """A module whose rule declares Kronecker factors without ``approx`` (the old signature)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in, dtype=torch.float64) / d_in**0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+def test_rules_written_before_kfac_approx_keep_working():
+    from curvgraph.rules.layers.linear import LinearRule
+
+    linear = LinearRule()
+
+    class OldSignature(LinearRule):
+        name = "old-signature linear"
+
+        def kronecker_factors(self, ctx, slot, factors):  # no approx: per-sample factors
+            return linear.kronecker_factors(ctx, slot, factors)
+
+    curvgraph.register_rule(_PlainLinear, override=True)(OldSignature())
+    torch.manual_seed(0)
+    model = nn.Sequential(_PlainLinear(4, 3), nn.Tanh(), _PlainLinear(3, 2))
+    cg = curvgraph.trace(model)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    out = cg(x)
+    kflr = cg.curvature(F.mse_loss(out, y), out, "ggn", "kflr")
+    assert all(isinstance(b, curvgraph.KroneckerBlock) for b in kflr.values())
+    seq = torch.randn(5, 6, 4, dtype=torch.float64)  # positions: no approx, so low-rank blocks
+    out = cg(seq)
+    ggn = cg.curvature(F.mse_loss(out, torch.randn_like(out)), out, "ggn", "kflr")
+    exact = cg.curvature(F.mse_loss(out, torch.randn_like(out)), out, "ggn", "exact")
+    assert not any(isinstance(b, curvgraph.KroneckerBlock) for b in ggn.values())
+    assert set(ggn) == set(exact)

@@ -25,6 +25,7 @@ With one position per sample (``T = 1``) all three agree.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from torch import Tensor
@@ -66,13 +67,21 @@ class KroneckerFactorMethod(FactorMethod):
         kronecker_factors = rule.capability("kronecker_factors")
         if kronecker_factors is None:
             return None
-        pair = kronecker_factors(ctx, slot, factors, approx=approx)
+        if not _takes_approx(kronecker_factors):  # a rule written before kfac_approx existed
+            if not _exact_kronecker(rule, ctx, slot):
+                return None  # its factors are those of one position per sample: low-rank
+            pair = kronecker_factors(ctx, slot, factors)
+        else:
+            pair = kronecker_factors(ctx, slot, factors, approx=approx)
         if pair is None:
             return None
         kronecker_roots = rule.capability("kronecker_roots")
         roots = None
         if kronecker_roots is not None:
-            roots = kronecker_roots(ctx, slot, factors, approx=approx)
+            if _takes_approx(kronecker_roots):
+                roots = kronecker_roots(ctx, slot, factors, approx=approx)
+            else:
+                roots = kronecker_roots(ctx, slot, factors)
         return KroneckerBlock(*pair, shape, roots=roots)
 
     def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
@@ -91,6 +100,15 @@ class KroneckerFactorMethod(FactorMethod):
             ):
                 kron += 1
         return Verdict(True, f"{kron} Kronecker block(s), {len(uses) - kron} {self.low_rank}")
+
+
+def _takes_approx(function) -> bool:
+    """Whether a Kronecker capability takes ``approx=`` (rules written before it do not)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "approx" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _exact_kronecker(rule, ctx, slot: str) -> bool:
