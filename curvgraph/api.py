@@ -7,7 +7,7 @@ curvature entry points; each dispatches through the method registry
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -88,20 +88,43 @@ class CurvGraph(TracedGraph):
         return inspect_graph(self, example_args, example_kwargs).to_networkx()
 
 
-def trace(model: nn.Module, fallback: bool = False) -> CurvGraph:
+def trace(
+    model: nn.Module,
+    *example_args,
+    fallback: bool = False,
+    capture: str = "auto",
+    output: Optional[Union[str, int, Callable]] = None,
+    **example_kwargs,
+) -> CurvGraph:
     """Trace an unmodified ``nn.Module`` for curvature computations.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace; modules with a registered rule
-            stay leaves of the trace.
+        model: the model; modules with a registered rule stay leaves of a symbolic trace.
+        *example_args: an example batch (positional inputs), needed by ``torch.export``.
         fallback: give every op without a usable rule a rule derived with ``torch.func``
             (:mod:`curvgraph.rules.fallback`; correct but slower, one warning per op).
+        capture: ``"auto"`` (symbolic tracing with ``torch.fx``, and where that fails
+            ``torch.export`` on the example inputs), ``"fx"`` or ``"export"`` (non-strict
+            ``torch.export`` with the batch axis dynamic: Hugging Face language models;
+            docs/language_models.md).
+        output: the part of the model's output the graph returns and curvature is computed
+            for: a key (``"logits"`` of a Hugging Face ``ModelOutput``, a dict key), an
+            index (a tuple output) or a callable; ``None``: the whole output.
+        **example_kwargs: example keyword inputs (``input_ids=..., attention_mask=...``);
+            with ``torch.export`` every tensor whose dimension 0 is the batch size is data.
 
     Returns:
-        A :class:`CurvGraph` that behaves like ``model`` and computes curvature.
+        A :class:`CurvGraph` that behaves like ``model`` (returning the selected output) and
+        computes curvature.
 
     Raises:
         UnsupportedOpError: listing every node without a usable rule (``fallback=False``).
-        TraceError: ``torch.fx`` could not trace the model.
+        TraceError: the model could not be captured (each route's message).
     """
-    return CurvGraph(model, fallback=fallback)
+    return CurvGraph(
+        model,
+        fallback=fallback,
+        capture=capture,
+        example=(example_args, example_kwargs),
+        output=output,
+    )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-__all__ = ["CurvGraphError", "UnsupportedOpError", "TraceError", "CurvatureSizeError"]
+__all__ = [
+    "CurvGraphError",
+    "UnsupportedOpError",
+    "TraceError",
+    "SymbolicTraceError",
+    "CurvatureSizeError",
+]
 
 
 class CurvGraphError(RuntimeError):
@@ -34,6 +40,13 @@ class UnsupportedOpError(CurvGraphError):
 
 class TraceError(CurvGraphError):
     """``torch.fx`` could not trace the model (e.g. data-dependent control flow)."""
+
+
+class SymbolicTraceError(TraceError):
+    """Symbolic tracing reached its limit (control flow on tensor values, traced sizes).
+
+    ``curvgraph.trace(..., capture="auto")`` captures such models with ``torch.export``.
+    """
 
 
 class CurvatureSizeError(CurvGraphError):

@@ -25,6 +25,7 @@ from curvgraph.graph.derived import (
     shared_parameter_problems,
 )
 from curvgraph.rules import (
+    CONSTANT,
     STRUCTURAL,
     Rule,
     UnsupportedConfigurationError,
@@ -57,6 +58,7 @@ class NodeInfo:
     inplace: bool = False
     problem: str = ""
     activations: frozenset = frozenset()  # arguments (differentiable or not) from other nodes
+    constants: frozenset = frozenset()  # those of them computed by structural nodes
 
     @property
     def op(self) -> str:
@@ -147,6 +149,8 @@ def analyse(graph_module: torch.fx.GraphModule, model: nn.Module, fallback: bool
 
 def _node_info(node, graph_module, infos, sources: _Sources, fallback: bool) -> NodeInfo:
     key = node_key(node, graph_module)
+    if node.meta.get("curvgraph_constant"):  # computed without parameters (export capture)
+        return NodeInfo(node, key, CONSTANT)
     if _on_sizes_only(node, infos) and not _owns_parameters(
         node, graph_module
     ):  # x.shape[0] // 2, (h > 0).float(), torch._assert(...)
@@ -155,7 +159,21 @@ def _node_info(node, graph_module, infos, sources: _Sources, fallback: bool) -> 
     if info.problem and fallback:  # no rule, or one that refuses this call
         rule = rule_for_node(node, graph_module, sources.roots)
         info = _bind(node, key, rule, graph_module, sources)
+    if any(n.meta.get("curvgraph_constant") for n in node.all_input_nodes):
+        info.constants = frozenset(_constant_arguments(info, infos))
     return info
+
+
+def _constant_arguments(info: NodeInfo, infos: Dict[torch.fx.Node, NodeInfo]):
+    """Top-level arguments of ``info``'s call computed by nodes marked constant at capture."""
+    if info.rule is None or info.problem:
+        return
+    if info.node.op == "call_module":  # export captures have no module calls
+        return
+    arguments = info.rule.bind(info.node.args, info.node.kwargs)
+    for name, value in arguments.items():
+        if isinstance(value, torch.fx.Node) and value.meta.get("curvgraph_constant"):
+            yield name
 
 
 def _on_sizes_only(node: torch.fx.Node, infos: Dict[torch.fx.Node, NodeInfo]) -> bool:

@@ -151,7 +151,7 @@ class Recorder(torch.fx.Interpreter):
             ctx = Context(
                 detached,
                 output.detach(),
-                info.activations,
+                _batched(info, detached, output),
                 module,
                 mixes_samples=info.rule.mixes(arguments),
             )
@@ -249,6 +249,26 @@ class Recorder(torch.fx.Interpreter):
             output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
 
 
+def _batched(info, arguments: Dict[str, Any], output: Tensor) -> frozenset:
+    """The arguments that carry the batch axis: activations, and constants shaped like them.
+
+    A constant computed from sizes or inputs alone (a causal mask ``[1, 1, T, T]``) has no
+    batch axis to keep and no derivative: it broadcasts like a buffer. A constant with the
+    output's rank and batch size (a padding mask ``[N, 1, 1, T]``) is per-sample data.
+    """
+    if not info.constants:
+        return info.activations
+    rank = output.dim()
+
+    def carries(slot: str) -> bool:
+        value = arguments.get(slot)
+        if not isinstance(value, Tensor):
+            return False
+        return value.dim() == rank and value.shape[:1] == output.shape[:1]
+
+    return frozenset(s for s in info.activations if s not in info.constants or carries(s))
+
+
 def _mutable(value: Any) -> Any:
     """``value`` with fx's immutable dicts and lists (in the graph's output) as plain ones."""
     if isinstance(value, dict):
@@ -335,6 +355,12 @@ def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[
     model = graph.model
     name = f"{type(model).__name__}.forward()"
     targets = [n.target for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
+    inputs = graph.graph_module.meta.get("curvgraph_inputs")
+    if inputs is not None:  # captured by torch.export: the flattened example inputs
+        problem = inputs.mismatch(args, kwargs)
+        if problem is not None:
+            raise TypeError(f"{name}: {problem}")
+        return dict(zip(targets, inputs.leaves(args, kwargs)))
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):

@@ -24,27 +24,67 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.fx
 from torch import Tensor, nn
 
-from curvgraph.errors import CurvGraphError, UnsupportedOpError
+from curvgraph.errors import CurvGraphError, SymbolicTraceError, TraceError, UnsupportedOpError
 from curvgraph.graph.analysis import NodeInfo, analyse
 from curvgraph.graph.record import Record, record_forward
 from curvgraph.rules import fallback_warning, lookup_rule
-from curvgraph.tracing import node_key, split_tuple_outputs, symbolic_trace
+from curvgraph.tracing import Inputs, export_capture, node_key, split_tuple_outputs, symbolic_trace
 
 __all__ = ["TracedGraph", "capture"]
 
 
-def capture(model: nn.Module, fallback: bool) -> torch.fx.GraphModule:
+ROUTES = ("auto", "fx", "export")
+
+
+def capture(
+    model: nn.Module, fallback: bool, route: str = "auto", example=((), {}), output=None
+) -> torch.fx.GraphModule:
     """The capture pass: ``model`` as a ``GraphModule`` with canonical op keys.
 
+    ``route`` ``"fx"`` traces symbolically, ``"export"`` captures with ``torch.export`` on
+    the ``example`` ``(args, kwargs)``, ``"auto"`` tries symbolic tracing first and
+    ``torch.export`` where it fails (then the error says what each route reported).
     With the fallback, selections ``op(...)[i]`` of ops without a rule become one node per
     output (the fallback derives rules for tensors, not for tuples of them).
     """
-    graph_module = symbolic_trace(model)
+    if route not in ROUTES:
+        raise ValueError(f"capture={route!r}: choose one of {', '.join(map(repr, ROUTES))}")
+    args, kwargs = example
+    if route == "export":
+        graph_module = export_capture(model, args, kwargs, output)
+    else:
+        try:
+            graph_module = symbolic_trace(model, output)
+        except TraceError as fx_error:
+            if route == "fx" or not (args or kwargs or isinstance(fx_error, SymbolicTraceError)):
+                raise
+            graph_module = _export_instead(model, args, kwargs, output, fx_error)
     if fallback:
         split_tuple_outputs(
             graph_module, lambda n: lookup_rule(node_key(n, graph_module)) is not None
         )
     return graph_module
+
+
+def _export_instead(model, args, kwargs, output, fx_error: TraceError) -> torch.fx.GraphModule:
+    """``capture="auto"`` after symbolic tracing failed: ``torch.export`` on the example.
+
+    Without example inputs only the limits of symbolic tracing get the hint to pass them;
+    the forward's own errors are raised as they are.
+    """
+    name = type(model).__name__
+    if not args and not kwargs:
+        raise SymbolicTraceError(
+            f"{fx_error}\nWith example inputs curvgraph captures such models with torch.export "
+            f"instead: curvgraph.trace(model, x) or curvgraph.trace(model, input_ids=ids)"
+        ) from fx_error
+    try:
+        return export_capture(model, args, kwargs, output)
+    except TraceError as export_error:
+        raise TraceError(
+            f"neither capture route could capture {name}:\n- torch.fx symbolic tracing: "
+            f"{fx_error}\n- torch.export: {export_error}"
+        ) from export_error
 
 
 class TracedGraph(nn.Module):
@@ -94,15 +134,27 @@ class TracedGraph(nn.Module):
     where the file is loaded).
     """
 
-    def __init__(self, model: nn.Module, fallback: bool = False, strict: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        fallback: bool = False,
+        strict: bool = True,
+        capture: str = "auto",
+        example: Tuple[tuple, dict] = ((), {}),
+        output: Any = None,
+    ):
         super().__init__()
-        self._setup(model, fallback, strict, set())
+        self._setup(model, fallback, strict, set(), capture, example, output)
 
-    def _setup(self, model: nn.Module, fallback: bool, strict: bool, warned_ops: set) -> None:
+    def _setup(
+        self, model, fallback, strict, warned_ops, capture="auto", example=((), {}), output=None
+    ) -> None:
         """Trace ``model`` with the settings (``__init__`` and :func:`_rebuild`)."""
         self.model = model
         self.fallback = fallback
         self.strict = strict
+        self.capture, self.output = capture, output
+        self._example = (tuple(example[0]), dict(example[1]))
         self._warned_ops: set = set(warned_ops)
         self._trace()
         self._record: Optional[Record] = None
@@ -116,12 +168,16 @@ class TracedGraph(nn.Module):
         about again.
         """
         options = (self.fallback, self.strict, sorted(self._warned_ops), self.training)
-        return _rebuild, (type(self), self.model) + options
+        capture = (self.capture, self._example, self.output)
+        return _rebuild, (type(self), self.model) + options + capture
 
     def _trace(self) -> None:
         """Capture and analyse :attr:`model`; remember what the trace saw."""
         model = self.model
-        self.graph_module = capture(model, self.fallback)
+        self.graph_module = capture(model, self.fallback, self.capture, self._example, self.output)
+        #: the export capture's input structure (``None``: captured by symbolic tracing)
+        self.inputs: Optional[Inputs] = self.graph_module.meta.get("curvgraph_inputs")
+        self._seen_modes = self._modes()
         analysis = analyse(self.graph_module, model, self.fallback)
         self.infos: Dict[torch.fx.Node, NodeInfo] = analysis.infos
         self.derived = analysis.derived
@@ -147,6 +203,17 @@ class TracedGraph(nn.Module):
                     kind = "submodule" if node.op == "call_module" else "attribute"
                     yield kind, node.target, value
 
+    @property
+    def route(self) -> str:
+        """How the model was captured: ``"fx"`` (symbolic tracing) or ``"export"``."""
+        return "fx" if self.inputs is None else "export"
+
+    def _modes(self) -> Tuple[bool, ...]:
+        """Training flags of the model's modules (an exported graph fixes them: dropout)."""
+        if self.inputs is None:
+            return ()
+        return tuple(m.training for m in self.model.modules())
+
     def changes(self) -> List[str]:
         """What was replaced on the model since the trace (empty if nothing was).
 
@@ -159,7 +226,9 @@ class TracedGraph(nn.Module):
         if unchanged and all(
             _resolve(self.model, target) is value for _, target, value in self._seen_attributes
         ):
-            return []
+            if self._modes() == self._seen_modes:
+                return []
+            return ["train/eval mode switched (an exported graph fixes the mode)"]
         return self._describe_changes()
 
     def _describe_changes(self) -> List[str]:
@@ -175,13 +244,18 @@ class TracedGraph(nn.Module):
                 changes.append(f"{kind} {target!r} replaced")
         return changes or ["the model's parameters were reordered"]
 
-    def refresh(self) -> bool:
+    def refresh(self, args: tuple = (), kwargs: Optional[dict] = None) -> bool:
         """Trace the model again if a parameter or a used submodule was replaced.
 
-        Called by every forward. Returns whether it traced again (the last forward's record
-        is dropped then).
+        Called by every forward with the call's ``args`` and ``kwargs``; a graph captured by
+        ``torch.export`` is captured again, on this call, when the call does not fit the
+        captured inputs (other keywords, another sequence length) or the train/eval mode
+        changed. Returns whether it traced again (the last forward's record is dropped then).
         """
-        if not self.changes():
+        kwargs = kwargs or {}
+        if self.inputs is not None and self.inputs.mismatch(args, kwargs) is not None:
+            self._example = (tuple(args), dict(kwargs))
+        elif not self.changes():
             return False
         self._record = None
         self._trace()
@@ -215,7 +289,7 @@ class TracedGraph(nn.Module):
 
         Traces the model again first if a parameter or a used submodule was replaced.
         """
-        self.refresh()
+        self.refresh(args, kwargs)
         self._record = record_forward(self, args, kwargs)
         return self._record.result
 
@@ -280,7 +354,15 @@ class TracedGraph(nn.Module):
 
 
 def _rebuild(
-    cls: type, model: nn.Module, fallback: bool, strict: bool, warned_ops: list, training: bool
+    cls: type,
+    model: nn.Module,
+    fallback: bool,
+    strict: bool,
+    warned_ops: list,
+    training: bool,
+    route: str = "auto",
+    example: tuple = ((), {}),
+    output: Any = None,
 ) -> TracedGraph:
     """A graph of class ``cls`` over ``model``, traced again (copies and loaded files).
 
@@ -289,7 +371,7 @@ def _rebuild(
     """
     graph = cls.__new__(cls)
     nn.Module.__init__(graph)
-    graph._setup(model, fallback, strict, set(warned_ops))
+    graph._setup(model, fallback, strict, set(warned_ops), route, example, output)
     graph.training = training
     return graph
 

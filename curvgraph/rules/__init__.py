@@ -21,7 +21,7 @@ from curvgraph.rules import (  # noqa: F401  (importing a module registers its r
     softmax,  # softmax, log_softmax, softmin, Softmax2d
     unit_vectors,  # normalize, cosine_similarity
 )
-from curvgraph.rules.constants import STRUCTURAL
+from curvgraph.rules.constants import CONSTANT, STRUCTURAL
 from curvgraph.rules.factories import (
     ElementwiseRule,
     LinearMapRule,
@@ -73,6 +73,7 @@ __all__ = [
     "outputs_rule",
     "CAPABILITIES",
     "CHUNK_ELEMENTS",
+    "CONSTANT",
     "STRUCTURAL",
     "Context",
     "CustomFunctionRule",

@@ -21,14 +21,15 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree
 
-from curvgraph.errors import TraceError
+from curvgraph.errors import SymbolicTraceError, TraceError
 from curvgraph.ops import ApplyOf, OutputOf, lookup_decomposition
 from curvgraph.rules import lookup_rule
 from curvgraph.tracing.decompositions import decompose
 from curvgraph.tracing.leaks import refuse_foreign_values, undo_leaked_proxies
 from curvgraph.tracing.outputs import split_outputs
+from curvgraph.tracing.selection import Selected
 
-__all__ = ["symbolic_trace", "node_key", "source_line"]
+__all__ = ["symbolic_trace", "node_key", "served_per_output", "source_line", "split_outputs"]
 
 
 class _Tracer(torch.fx.Tracer):
@@ -113,8 +114,11 @@ def _functions_as_leaves() -> Iterator[None]:
             _CONTEXT.__init__ = own_init
 
 
-def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its submodules and parameters.
+
+    ``output`` selects the part of the model's output the graph returns
+    (:func:`~curvgraph.tracing.selection.select_output`: a key, an index or a callable).
 
     Raises:
         TraceError: ``torch.fx`` cannot trace the model: data-dependent Python control flow
@@ -128,18 +132,18 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     name = type(model).__name__
     try:
         with undo_leaked_proxies(model):  # a forward's caches of traced values (LeViT's)
-            graph = tracer.trace(model)
+            graph = tracer.trace(model if output is None else Selected(model, output))
     except _BoundApplyError as error:
         raise TraceError(f"torch.fx could not trace {name}: {error}") from None
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
         where = _raised_at(error)
-        if not _symbolic_limit(error):  # the forward's own error: say what it is
+        if not _symbolic_limit(error) and where != "<source unknown>":  # the forward's own
             raise TraceError(
                 f"tracing {name} failed: {type(error).__name__}: {error} at {where}. "
                 "torch.fx runs forward on symbolic values (no data): check that the model "
                 "runs on a batch, model(x)"
             ) from error
-        raise TraceError(
+        raise SymbolicTraceError(
             f"torch.fx could not trace {name}: {error} (at {where})\n"
             "This usually means Python control flow that depends on tensor values (an `if` "
             "or loop on a tensor). Move that code into a submodule and register a rule for "
@@ -147,9 +151,13 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
             "trace, or rewrite it without data-dependent branches."
         ) from error
     refuse_foreign_values(graph, name, source_line)
-    split_outputs(graph, _served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
-    decompose(graph, tracer.root)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if output is not None:  # the selector's submodule "model." is the model itself
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                node.target = node.target[len("model.") :]
+    split_outputs(graph, served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
+    decompose(graph, model)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
+    return torch.fx.GraphModule(model, graph, type(model).__name__)
 
 
 def _symbolic_limit(error: Exception) -> bool:
@@ -157,6 +165,9 @@ def _symbolic_limit(error: Exception) -> bool:
 
     fx's ``TraceError`` (``bool()`` in ``if``/``while``, iteration), its ``len()`` error, and
     Python's errors on a ``Proxy`` (``range(x.shape[0])``, ``math.sqrt(n)``, ``int(n)``).
+
+    An error raised in torch's code alone (no frame of the user's) is one of torch.fx's
+    limits too: ``co_varnames is too small`` for a forward taking ``**kwargs``.
     """
     text = str(error)
     return (
@@ -180,7 +191,7 @@ def _raised_at(error: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
 
 
-def _served_per_output(node: torch.fx.Node) -> bool:
+def served_per_output(node: torch.fx.Node) -> bool:
     """Whether a rule or a decomposition serves the outputs of ``node``'s op one by one."""
     every = lookup_rule(OutputOf.every(node.target))
     return every is not None or lookup_decomposition(node.target) is not None
