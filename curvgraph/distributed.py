@@ -38,7 +38,7 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.errors import CurvGraphError
-from curvgraph.losses import CrossEntropyLoss, MSELoss
+from curvgraph.losses import CrossEntropyLoss, MSELoss, TokenCrossEntropyLoss
 
 __all__ = ["BatchShard", "all_reduce_gradients"]
 
@@ -129,8 +129,16 @@ class BatchShard:
 
     # -- methods --------------------------------------------------------------------------
     def check_loss(self, loss_model) -> None:
-        """Refuse a recognised loss whose reduction contradicts ``loss_reduction``."""
+        """Refuse a recognised loss whose reduction contradicts ``loss_reduction``.
+
+        A mean over counted tokens (:class:`~curvgraph.losses.TokenCrossEntropyLoss`) is
+        combined with the ranks' counted tokens: ``w_r = M_r / M`` (``M_r`` the tokens rank
+        ``r``'s loss counts), since ``L = (1/M) sum_r M_r L_r``.
+        """
         if not self.distributed:
+            return
+        if isinstance(loss_model, TokenCrossEntropyLoss):
+            self._count_tokens(loss_model)
             return
         if isinstance(loss_model, CrossEntropyLoss):
             count = loss_model.p.shape[0]
@@ -148,6 +156,26 @@ class BatchShard:
                 f"the loss uses reduction={actual!r} but loss_reduction={self.loss_reduction!r}; "
                 f"pass loss_reduction={actual!r} so that the ranks' losses combine correctly"
             )
+
+    def _count_tokens(self, loss_model) -> None:
+        counted = int(loss_model.counted.sum())
+        mean = counted > 0 and math.isclose(loss_model.scale, 1.0 / counted)
+        total = math.isclose(loss_model.scale, 1.0)
+        if (self.loss_reduction == "mean" and not mean) or (
+            self.loss_reduction == "sum" and not total
+        ):
+            actual = "sum" if total else "mean"
+            raise ValueError(
+                f"the loss uses reduction={actual!r} but loss_reduction={self.loss_reduction!r}; "
+                f"pass loss_reduction={actual!r} so that the ranks' losses combine correctly"
+            )
+        if self.loss_reduction == "sum":
+            return
+        dist = _initialized()
+        count = torch.tensor([counted], dtype=torch.int64, device=self.like.device)
+        counts = [torch.empty_like(count) for _ in self.sizes]
+        dist.all_gather(counts, count, group=self.group)
+        self.loss_weight = counted / sum(int(c) for c in counts)
 
     def products(self, engine):
         """A product engine whose products are combined over the ranks (loss sums)."""

@@ -225,25 +225,37 @@ def _shape(shape) -> str:
 
 
 def inspect(
-    model: nn.Module, *example_args: Any, fallback: bool = False, max_features: int = 8192
+    model: nn.Module,
+    *example_args: Any,
+    fallback: bool = False,
+    max_features: int = 8192,
+    capture: str = "auto",
+    output: Any = None,
+    **example_kwargs: Any,
 ) -> InspectionReport:
     """Report coverage and cost of ``model`` before any curvature computation.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        model: the model, captured as :func:`curvgraph.trace` does.
         *example_args: an example input (a batch), run once through the traced graph.
         fallback: whether ops without a rule would use the autograd fallback (they are
             reported as ``fallback`` instead of ``missing``).
         max_features: the HBP size limit (see :func:`curvgraph.methods.hbp.
             hbp_blocks`).
+        capture: ``"auto" | "fx" | "export"``, as for :func:`curvgraph.trace`.
+        output: the output selector, as for :func:`curvgraph.trace`.
+        **example_kwargs: example keyword inputs (``input_ids=...``).
 
     Returns:
         An :class:`InspectionReport`; ``print(report)`` shows the table.
     """
+    example = (example_args, example_kwargs)
     with warnings.catch_warnings():  # the report lists the fallback ops itself
         warnings.simplefilter("ignore")
-        graph = TracedGraph(model, fallback=True, strict=False)
-    return inspect_graph(graph, example_args, {}, fallback, max_features)
+        graph = TracedGraph(
+            model, fallback=True, strict=False, capture=capture, example=example, output=output
+        )
+    return inspect_graph(graph, example_args, example_kwargs, fallback, max_features)
 
 
 def inspect_graph(
@@ -258,7 +270,9 @@ def inspect_graph(
     if not example_args and not example_kwargs and graph._record is None:
         raise CurvGraphError("pass an example input, or call the graph on a batch first")
     if example_args or example_kwargs:
-        graph.refresh()  # trace again if the model's parameters or submodules were replaced
+        # trace again if the model's parameters or submodules were replaced (or, captured by
+        # torch.export, the example does not fit the captured inputs)
+        graph.refresh(example_args, example_kwargs or {})
         with torch.no_grad():
             graph._record = record_forward(graph, example_args, example_kwargs or {}, shapes=True)
     record = graph.record

@@ -240,3 +240,36 @@ def test_token_ids_out_of_range_name_the_node():
     cg = curvgraph.trace(model, input_ids=ids, output="logits")
     with pytest.raises(IndexError, match=r"index out of range[\s\S]*self.wte\(input_ids\)"):
         cg(input_ids=ids + V)
+
+
+class XW(nn.Module):
+    """``x @ W`` with ``W`` ``[d, m]`` (Hugging Face's Conv1D without the fold)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return torch.tanh(x) @ self.weight
+
+
+@pytest.mark.parametrize("method", ["kflr", "kfac"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kronecker_factors_of_x_at_w_are_those_of_the_transposed_linear(method, approx):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, dtype=torch.float64)
+    linear = nn.Sequential(nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+    linear[1].weight.data = weight.T.clone()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    blocks = []
+    for model in (XW(weight.clone()), linear):
+        cg = curvgraph.trace(model)
+        out = cg(x)
+        torch.manual_seed(1)  # the same Monte-Carlo samples for kfac
+        c = cg.curvature(F.mse_loss(out, y), out, "ggn", method, kfac_approx=approx)
+        (block,) = c.values()
+        assert isinstance(block, curvgraph.KroneckerBlock)
+        blocks.append(block)
+    ours, reference = blocks
+    torch.testing.assert_close(ours.first, reference.second)
+    torch.testing.assert_close(ours.second, reference.first)

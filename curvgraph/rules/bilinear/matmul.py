@@ -22,12 +22,14 @@ Axis permutations (``transpose``, ``permute``) are in :mod:`curvgraph.rules.line
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import Tensor
 
 from curvgraph.rules.broadcasting import OPERANDS, BroadcastCrossTerms, expand_activations
+from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -56,6 +58,7 @@ class MatmulRule(Rule):
     name = "matmul"
     function, signature = canonical(_matmul)
     differentiable = OPERANDS
+    capabilities = frozenset({"kronecker_factors", "kronecker_roots"})
 
     def samples(self):  # noqa: D102
         both, other = OPERANDS, ("other",)
@@ -167,6 +170,39 @@ class MatmulRule(Rule):
         }
 
     # -- second order --------------------------------------------------------------------------
+    # -- Kronecker factors of a weight used as ``x @ W`` (Hugging Face GPT-2's Conv1D) ---------
+    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+        """``(A, G)``: ``A (x) G`` approximates the block of ``W`` ``[d, m]`` in ``y = x @ W``.
+
+        The transpose of a linear layer's ``G (x) A`` (``vec(x s^T) = x (x) s`` row-major),
+        with the same ``expand`` / ``reduce`` factors (see
+        :meth:`curvgraph.rules.layers.linear.LinearRule.kronecker_factors`).
+        """
+        roots = self.kronecker_roots(ctx, slot, factors, approx)
+        if roots is None:
+            return None
+        return symmetric_product(roots[0].T), symmetric_product(roots[1].T)
+
+    def kronecker_roots(self, ctx, slot, factors, approx="expand"):
+        """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
+
+        expand: ``[x_nt] / sqrt(N T)`` and ``[s_knt]``; reduce: ``[xbar_n] / sqrt(N)`` and
+        ``[sum_t s_knt]``. ``None`` unless ``slot`` is a 2-D parameter right of a
+        per-sample input ``[N, *, d]``.
+        """
+        weight, x = ctx.args.get(slot), ctx.input
+        if slot != "other" or "other" in ctx.batched or "input" not in ctx.batched:
+            return None
+        if weight.dim() != 2 or x.dim() < 2:
+            return None
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, d]
+        s = factors.reshape(factors.shape[0], *x.shape[:2], factors.shape[-1])  # [K, N, T, m]
+        if approx == "reduce":
+            return x.mean(1) / math.sqrt(x.shape[0]), s.sum(2).flatten(0, 1)
+        if approx != "expand":
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
+        return x.flatten(0, 1) / math.sqrt(x.shape[0] * x.shape[1]), s.flatten(0, 2)
+
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         if not all(isinstance(ctx.args[s], Tensor) for s in OPERANDS):
             return Zero()

@@ -1,0 +1,99 @@
+"""An exported Llama with its batch split over two gloo ranks equals one process on the batch.
+
+The ranks' sequences have different numbers of counted tokens (padding, ``ignore_index``):
+a mean over counted tokens combines with weights ``M_r / M``, not ``N_r / N``. (GPT-2 and
+BERT look their position embeddings up with constant indices, a parameter-only computation
+that ``process_group`` refuses for now: tested below.)
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import curvgraph
+
+transformers = pytest.importorskip("transformers")
+V, NAME = 50, "model.layers.0.mlp.up_proj.weight"
+
+
+def setup():
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        vocab_size=V,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, V, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2, 2:] = 0  # rank 1 holds samples 2 and 3: fewer counted tokens than rank 0
+    mask[3, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    v = torch.randn(dict(model.named_parameters())[NAME].numel(), dtype=torch.float64)
+    return model, ids, mask, labels, v
+
+
+def products(group=None, rank=None):
+    """Exact GGN and kflr products of one block, on the whole batch or this rank's half."""
+    model, ids, mask, labels, v = setup()
+    if rank is not None:
+        part = slice(2 * rank, 2 * rank + 2)
+        ids, mask, labels = ids[part], mask[part], labels[part]
+    cg = curvgraph.trace(model, input_ids=ids, attention_mask=mask, output="logits")
+    results = {}
+    for method in ("exact", "kflr", "diag"):
+        out = cg(input_ids=ids, attention_mask=mask)
+        loss = F.cross_entropy(out.reshape(-1, V), labels.reshape(-1))
+        curvature = cg.curvature(loss, out, "ggn", method, process_group=group)
+        results[method] = curvature[NAME].matvec(v)
+    return results
+
+
+def _worker(rank, port, directory):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(products(dist.group.WORLD, rank), f"{directory}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_token_mean_over_ranks_equals_one_process(tmp_path):
+    single = products()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawn: autograd already ran in this process (fork would inherit its threads)
+    torch.multiprocessing.start_processes(
+        _worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Llama's RMSNorm computes in float32 by design, and float32 reductions round by the
+    # batch's shape: 1e-6 (weights N_r / N instead of M_r / M would be 30% off here)
+    for method in ("exact", "diag"):  # exact for the whole batch
+        for result in ranks:
+            error = (result[method] - single[method]).norm() / single[method].norm()
+            assert error < 1e-6, (method, error.item())
+    torch.testing.assert_close(ranks[0]["kflr"], ranks[1]["kflr"], rtol=1e-10, atol=1e-14)
+
+
+def test_parameter_only_computations_with_process_group_are_refused():
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, V, (2, 6))
+    cg = curvgraph.trace(model, input_ids=ids, output="logits")
+    out = cg(input_ids=ids)
+    loss = F.cross_entropy(out.reshape(-1, V), ids.reshape(-1))
+    with pytest.raises(curvgraph.CurvGraphError, match="parameter-only computations"):
+        cg.curvature(loss, out, "ggn", "exact", process_group=object())
