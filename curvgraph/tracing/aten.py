@@ -64,6 +64,15 @@ def _present(*names: str) -> list:
     return found
 
 
+def _on_tensors(overload: Any) -> bool:
+    """Whether ``overload`` takes a tensor first and returns tensors (not ``add.int``)."""
+    schema = overload._schema
+    tensors = ("Tensor", "List[Tensor]", "Tensor[]")
+    first = schema.arguments[0].type if schema.arguments else None
+    returns = [str(r.type) for r in schema.returns]
+    return str(first) in tensors and bool(returns) and all(r in tensors for r in returns)
+
+
 # -- the same signature ----------------------------------------------------------------------------
 for _name in (
     "add", "sub", "mul", "div", "pow", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "neg",
@@ -76,9 +85,9 @@ for _name in (
     _overloads = [
         getattr(getattr(aten, _name), o)
         for o in getattr(aten, _name).overloads()
-        if not any(word in o for word in ("out", "name", "Dimname", "generator"))
+        if not any(word in o for word in ("out", "name", "Dimname", "generator", "dtype"))
     ]
-    same(getattr(torch, _name), *_overloads)
+    same(getattr(torch, _name), *filter(_on_tensors, _overloads))
 
 same(F.linear, aten.linear.default)
 same(F.gelu, aten.gelu.default)
