@@ -21,6 +21,8 @@ for a subset, ``--no-exact`` for the tracing columns only, ``--reuse old.json`` 
 exact checks of an earlier run for models whose tracing columns did not change (each row
 names the commit its exact check ran at). Each row records ``seconds`` and
 ``peak_memory_gb`` (GiB, the process's peak so far: run one model per process to measure it).
+``--family transformers`` runs the Hugging Face zoo instead (:mod:`benchmarks.zoo_transformers`,
+its own options; default ``--family torchvision``).
 
 The models are built, sized and calibrated in :mod:`benchmarks.zoo_models`, the exact check is
 :mod:`benchmarks.zoo_check`; this module makes the rows and the table (:func:`zoo_row`,
@@ -197,8 +199,24 @@ def _commit() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line: see the module docstring.
+
+    ``--family transformers`` runs :func:`benchmarks.zoo_transformers.main` on the other
+    arguments instead.
+    """
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument(
+        "--family",
+        choices=("torchvision", "transformers"),
+        default="torchvision",
+        help="which zoo (default torchvision; transformers: benchmarks/zoo_transformers.py)",
+    )
+    known, rest = family.parse_known_args(argv)
+    if known.family == "transformers":
+        from benchmarks.zoo_transformers import main as transformers_main
+
+        return transformers_main(rest, commit=_commit())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[family])
     parser.add_argument("--models", default="", help="comma-separated names (default: all)")
     parser.add_argument("--no-exact", action="store_true", help="tracing columns only")
     parser.add_argument("--max-params", type=float, default=150e6)
