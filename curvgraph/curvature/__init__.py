@@ -8,14 +8,28 @@ from curvgraph.curvature.blocks import (
     KroneckerBlock,
     LowRankBlock,
 )
+from curvgraph.curvature.factors import (
+    DenseFactor,
+    DiagonalFactor,
+    Factor,
+    RankOneFactor,
+    RootFactor,
+    factor_from_root,
+)
 from curvgraph.curvature.implicit import ImplicitBlock
 
 __all__ = [
     "Block",
     "BlockCurvature",
     "DenseBlock",
+    "DenseFactor",
     "DiagonalBlock",
+    "DiagonalFactor",
+    "Factor",
     "ImplicitBlock",
     "KroneckerBlock",
     "LowRankBlock",
+    "RankOneFactor",
+    "RootFactor",
+    "factor_from_root",
 ]

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from curvgraph.curvature.factors import DenseFactor, RankOneFactor, as_factor
+
 __all__ = ["Block", "DenseBlock", "DiagonalBlock", "KroneckerBlock", "LowRankBlock"]
 
 
@@ -91,84 +93,92 @@ class KroneckerBlock(Block):
     """``C = A (x) B`` for a weight of shape ``[rows, *cols]`` (``vec`` row-major).
 
     ``(A (x) B) vec(V) = vec(A V B)`` with ``V`` the ``rows x cols`` matrix view of the
-    parameter. Each factor is a symmetric matrix, or a 1-D tensor ``u`` standing for the
-    rank-one ``u u^T`` (stored and applied as a vector, e.g. ``xbar xbar^T``).
+    parameter. Each factor is a :class:`~curvgraph.curvature.factors.Factor` in its smallest
+    exact form: dense, rank-one ``u u^T``, diagonal ``diag(d)`` or root-only ``R^T R``
+    (``R`` ``[r, size]``, ``r < size``, never formed). Tensors are accepted as before: a
+    matrix is a dense factor, a 1-D tensor ``u`` the rank-one ``u u^T``.
 
-    Products use a factor's root ``R`` (``A = R^T R``) instead of ``A`` when ``R`` is thin
-    (fewer than half as many rows as columns, e.g. ``x_n / sqrt(N)`` of a linear layer with
-    fewer samples than inputs): ``A V = R^T (R V)`` costs ``2 r`` instead of ``rows``
-    multiply-adds per entry of ``V``.
+    Products go through a factor's root ``R`` when it has one (``A V = R^T (R V)``: ``2 r``
+    instead of ``rows`` multiply-adds per entry of ``V``); a root given beside a dense factor
+    is used only when thin (``2 r < size``, e.g. ``x_n / sqrt(N)`` of a linear layer with
+    fewer samples than inputs).
 
     Args:
-        first: ``A`` (``rows x rows``) or ``u`` (``rows``).
-        second: ``B`` (``cols x cols``) or ``u`` (``cols``).
+        first: ``A``: a :class:`Factor`, a matrix ``rows x rows`` or ``u`` (``rows``).
+        second: ``B``: a :class:`Factor`, a matrix ``cols x cols`` or ``u`` (``cols``).
         shape: the parameter's shape.
         roots: optional ``(R_A, R_B)`` with ``A = R_A^T R_A``, ``B = R_B^T R_B`` (either
-            ``None``); the caller guarantees they match the factors.
+            ``None``) for dense factors; the caller guarantees they match the factors.
     """
 
-    def __init__(
-        self, first: Tensor, second: Tensor, shape: torch.Size, roots: Optional[tuple] = None
-    ):
+    def __init__(self, first, second, shape: torch.Size, roots: Optional[tuple] = None):
         super().__init__(shape)
-        self.first, self.second = first.contiguous(), second.contiguous()
         self.rows = self.shape[0]
         self.cols = self.numel // self.rows
-        for factor, size in ((first, self.rows), (second, self.cols)):
-            if factor.shape not in ((size,), (size, size)):
-                raise ValueError(f"factor {tuple(factor.shape)} does not fit size {size}")
-        self.first_root, self.second_root = None, None
-        if roots is not None:
-            self.first_root = _thin(roots[0], self.first, self.rows)
-            self.second_root = _thin(roots[1], self.second, self.cols)
+        roots = (None, None) if roots is None else roots
+        self.first_factor = as_factor(first, self.rows, roots[0])
+        self.second_factor = as_factor(second, self.cols, roots[1])
 
-    @staticmethod
-    def _dense(factor: Tensor) -> Tensor:
-        return torch.outer(factor, factor) if factor.dim() == 1 else factor
+    @property
+    def first(self) -> Tensor:
+        """``A`` as a tensor: ``u`` if rank-one, else the matrix (formed if not stored).
 
-    @staticmethod
-    def _apply_right(matrices: Tensor, factor: Tensor) -> Tensor:
-        """``V B`` for a batch of matrices ``[K, r, c]``."""
-        if factor.dim() == 1:
-            return (matrices @ factor).unsqueeze(-1) * factor
-        return matrices @ factor
+        Forming a diagonal or root-only factor costs ``rows^2`` entries: use
+        :attr:`first_factor` for its stored form.
+        """
+        return self.first_factor.tensor
 
-    @staticmethod
-    def _apply_left(factor: Tensor, matrices: Tensor) -> Tensor:
-        """``A V`` for a batch of matrices ``[K, r, c]``."""
-        if factor.dim() == 1:
-            return factor.unsqueeze(-1) * (factor @ matrices).unsqueeze(-2)
-        return factor @ matrices
+    @property
+    def second(self) -> Tensor:
+        """``B`` as a tensor, as :attr:`first` (``cols^2`` entries if formed)."""
+        return self.second_factor.tensor
+
+    @property
+    def first_root(self) -> Optional[Tensor]:
+        """The root of ``A`` that products use, or ``None``."""
+        return self.first_factor.root
+
+    @property
+    def second_root(self) -> Optional[Tensor]:
+        """The root of ``B`` that products use, or ``None``."""
+        return self.second_factor.root
+
+    @property
+    def entries(self) -> int:
+        """Numbers stored by both factors (thin roots kept beside dense factors included)."""
+        return sum(
+            f.entries + (f.root.numel() if isinstance(f, DenseFactor) and f.root is not None else 0)
+            for f in (self.first_factor, self.second_factor)
+        )
 
     def _matmat(self, columns: Tensor) -> Tensor:
         matrices = columns.reshape(-1, self.rows, self.cols)
-        if self.first_root is not None or self.second_root is not None:
+        a, b = self.first_factor, self.second_factor
+        if a.root is not None or b.root is not None:
             return self._matmat_roots(matrices).reshape(columns.shape)
-        if self.second.dim() == 1:  # A V u u^T = (A (V u)) u^T: matrix-vector work only
-            left = self._apply_left(self.first, (matrices @ self.second).unsqueeze(-1))
-            return (left * self.second).reshape(columns.shape)
-        result = self._apply_left(self.first, self._apply_right(matrices, self.second))
-        return result.reshape(columns.shape)
+        if isinstance(b, RankOneFactor):  # A V u u^T = (A (V u)) u^T: matrix-vector work only
+            left = a.left((matrices @ b.data).unsqueeze(-1))
+            return (left * b.data).reshape(columns.shape)
+        return a.left(b.right(matrices)).reshape(columns.shape)
 
     def _matmat_roots(self, matrices: Tensor) -> Tensor:
-        """``A V B`` with thin roots: ``R_A^T (R_A V R_B^T) R_B`` (dense factor otherwise)."""
-        left, right = self.first_root, self.second_root
+        """``A V B`` with roots: ``R_A^T (R_A V R_B^T) R_B`` (the factor where none)."""
+        a, b = self.first_factor, self.second_factor
+        left, right = a.root, b.root
         core = matrices if left is None else left @ matrices
-        core = self._apply_right(core, self.second) if right is None else core @ right.T
-        if right is not None:
-            core = core @ right
-        if left is not None:
-            return left.T @ core
-        return self._apply_left(self.first, core)
+        core = b.right(core) if right is None else (core @ right.T) @ right
+        return a.left(core) if left is None else left.T @ core
 
     def to_dense(self) -> Tensor:  # noqa: D102
-        return torch.kron(self._dense(self.first), self._dense(self.second))
+        return torch.kron(self.first_factor.to_dense(), self.second_factor.to_dense())
 
     def diag(self) -> Tensor:  # noqa: D102
-        def diagonal(f):
-            return f * f if f.dim() == 1 else f.diagonal()
+        first, second = self.first_factor.diagonal(), self.second_factor.diagonal()
+        return torch.outer(first, second).reshape(self.shape)
 
-        return torch.outer(diagonal(self.first), diagonal(self.second)).reshape(self.shape)
+    def __repr__(self) -> str:
+        kinds = ", ".join(repr(f) for f in (self.first_factor, self.second_factor))
+        return f"KroneckerBlock(shape={tuple(self.shape)}, {kinds})"
 
 
 class LowRankBlock(Block):
@@ -208,12 +218,3 @@ class DiagonalBlock(Block):
 
     def diag(self) -> Tensor:  # noqa: D102
         return self.diagonal.reshape(self.shape)
-
-
-def _thin(root: Optional[Tensor], factor: Tensor, size: int) -> Optional[Tensor]:
-    """``root`` ``[r, size]`` if it is worth using (``2 r < size``, dense factor), else None."""
-    if root is None or factor.dim() != 2:
-        return None
-    if root.dim() != 2 or root.shape[1] != size:
-        raise ValueError(f"a root of a {size} x {size} factor must be [r, {size}]")
-    return root.contiguous() if 2 * root.shape[0] < size else None

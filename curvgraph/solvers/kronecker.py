@@ -20,6 +20,20 @@ eigenvalue of the damped matrix at rounding level (``alpha = 0`` and a singular 
 dropped: the solution is then the minimum-norm (pseudo-inverse) one, never inf or NaN.
 A factor whose ``eigh`` fails to converge is decomposed again in float64; if that fails too
 (NaN/inf entries) the solution is NaN, which ``CGNewton`` never applies.
+
+Factors not stored densely are never formed (:mod:`curvgraph.curvature.factors`):
+
+- a diagonal factor ``diag(d)`` has the eigenvalues ``d`` and the unit vectors as
+  eigenvectors, so its side of the solve is no rotation at all (no ``size x size``
+  identity either);
+- a root-only factor ``F = R^T R`` (``R`` ``[r, size]``, ``r < size``) is decomposed through
+  its ``r x r`` Gram ``R R^T = U diag(l) U^T``: ``F`` has the eigenpairs
+  ``(l_i, R^T u_i / sqrt(l_i))`` and eigenvalue 0 on the complement, the same thin form as a
+  rank-one factor, so the solve above applies unchanged. It costs ``O(r^2 size + r^3)``
+  time and ``r size`` entries instead of ``O(size^3)`` and ``size^2``; it is the Woodbury
+  identity ``(alpha I + R^T L R)^{-1}`` written through the eigenpairs of the small Gram.
+  Eigenvalues of the Gram at rounding level (``R`` of lower rank than ``r``) give zero
+  columns: they belong to the complement.
 """
 
 from __future__ import annotations
@@ -29,7 +43,13 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from curvgraph.curvature.blocks import KroneckerBlock
+from curvgraph.curvature import (
+    DiagonalFactor,
+    Factor,
+    KroneckerBlock,
+    RankOneFactor,
+    RootFactor,
+)
 
 __all__ = [
     "check_alpha",
@@ -52,48 +72,78 @@ def kronecker_eigen(block: KroneckerBlock) -> KroneckerEigen:
     Returns:
         A dict of tensors (so that it can sit in an optimizer's ``state_dict``):
         ``first_values`` ``[r_G]``, ``first_vectors`` ``[rows, r_G]``, ``second_values``
-        ``[r_A]``, ``second_vectors`` ``[cols, r_A]``; ``r = 1`` for a rank-one factor,
-        else the factor's size.
+        ``[r_A]``, ``second_vectors`` ``[cols, r_A]``; ``r = 1`` for a rank-one factor, the
+        root's rows for a root-only factor, else the factor's size. A diagonal factor has
+        no ``*_vectors`` entry (its eigenvectors are the unit vectors, its values ``d``).
     """
     if not isinstance(block, KroneckerBlock):
         raise TypeError(f"kronecker_eigen expects a KroneckerBlock, got {type(block).__name__}")
-    first_values, first_vectors = _factor_eigen(block.first)
-    second_values, second_vectors = _factor_eigen(block.second)
-    return {
-        "first_values": first_values,
-        "first_vectors": first_vectors,
-        "second_values": second_values,
-        "second_vectors": second_vectors,
-    }
+    eigen = {}
+    for side, factor in (("first", block.first_factor), ("second", block.second_factor)):
+        values, vectors = _factor_eigen(factor)
+        eigen[f"{side}_values"] = values
+        if vectors is not None:
+            eigen[f"{side}_vectors"] = vectors
+    return eigen
 
 
 def eigen_matches(eigen: KroneckerEigen, block: KroneckerBlock) -> bool:
     """Whether a (cached) ``eigen`` has the structure of ``block``'s factors."""
+    for side, factor in (("first", block.first_factor), ("second", block.second_factor)):
+        vectors = eigen.get(f"{side}_vectors")
+        if isinstance(factor, DiagonalFactor):
+            if vectors is not None or eigen[f"{side}_values"].shape != (factor.size,):
+                return False
+        elif vectors is None or vectors.shape != (factor.size, _width(factor)):
+            return False
+    values = eigen["first_values"]
+    return values.dtype == block.first_factor.dtype and values.device == block.first_factor.device
 
-    def width(factor: Tensor) -> int:
-        return 1 if factor.dim() == 1 else factor.shape[0]
 
-    return (
-        eigen["first_vectors"].shape == (block.rows, width(block.first))
-        and eigen["second_vectors"].shape == (block.cols, width(block.second))
-        and eigen["first_vectors"].dtype == block.first.dtype
-        and eigen["first_vectors"].device == block.first.device
-    )
+def _width(factor: Factor) -> int:
+    """How many eigenvectors :func:`_factor_eigen` gives ``factor``."""
+    if isinstance(factor, RankOneFactor):
+        return 1
+    if isinstance(factor, RootFactor):
+        return min(factor.data.shape)
+    return factor.size
 
 
-def _factor_eigen(factor: Tensor):
-    if factor.dim() == 1:  # u u^T = ||u||^2 (u/||u||)(u/||u||)^T; u = 0 gives q = 0, l = 0
-        norm = torch.linalg.vector_norm(factor)
+def _factor_eigen(factor: Factor):
+    """``(values, vectors)`` of ``factor``; ``vectors`` ``None`` for a diagonal one."""
+    if isinstance(factor, DiagonalFactor):
+        return factor.data, None
+    if isinstance(factor, RankOneFactor):  # ||u||^2 (u/||u||)(u/||u||)^T; u = 0: q = 0, l = 0
+        norm = torch.linalg.vector_norm(factor.data)
         tiny = torch.finfo(factor.dtype).tiny
-        return (norm**2).reshape(1), (factor / norm.clamp_min(tiny)).unsqueeze(-1)
+        return (norm**2).reshape(1), (factor.data / norm.clamp_min(tiny)).unsqueeze(-1)
+    if isinstance(factor, RootFactor) and factor.data.shape[0] < factor.size:
+        return _root_eigen(factor.data)
+    return _eigh(factor.to_dense())
+
+
+def _root_eigen(root: Tensor):
+    """Thin eigenpairs of ``R^T R`` from the ``r x r`` Gram ``R R^T`` (module docstring)."""
+    values, small = _eigh(root @ root.T)
+    values = values.clamp_min(0)
+    info = torch.finfo(values.dtype)
+    kept = values > root.shape[0] * info.eps * values.max()
+    finite = torch.isfinite(values).all()  # NaN/inf entries: a NaN solution, never applied
+    scale = torch.where(kept, values.clamp_min(info.tiny).rsqrt(), 0.0)
+    scale = torch.where(finite, scale, float("nan"))
+    return torch.where(kept | ~finite, values, 0.0), (root.T @ small) * scale
+
+
+def _eigh(matrix: Tensor):
+    """``torch.linalg.eigh``, retried in float64, NaN when that fails too."""
     try:
-        return torch.linalg.eigh(factor)
+        return torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError:  # e.g. float32 with a huge range: retry in float64
         try:
-            values, vectors = torch.linalg.eigh(factor.double())
-            return values.to(factor.dtype), vectors.to(factor.dtype)
+            values, vectors = torch.linalg.eigh(matrix.double())
+            return values.to(matrix.dtype), vectors.to(matrix.dtype)
         except torch.linalg.LinAlgError:  # NaN/inf entries: a NaN solution, never applied
-            nan = torch.full_like(factor, float("nan"))
+            nan = torch.full_like(matrix, float("nan"))
             return nan[0], nan
 
 
@@ -135,13 +185,18 @@ def check_alpha(alpha: float) -> None:
 
 
 def _inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
-    """``1 / ((1 - alpha) |l_G l_A^T| + alpha)``, 0 where that is at rounding level."""
+    """``1 / ((1 - alpha) |l_G l_A^T| + alpha)``, 0 where that is at rounding level.
+
+    NaN where an eigenvalue is NaN or infinite (as a dense factor's ``eigh`` would give; a
+    diagonal factor has no eigenvectors to carry it).
+    """
     product = torch.outer(eigen["first_values"], eigen["second_values"]).abs()
     damped = (1 - alpha) * product + alpha
     eps = torch.finfo(damped.dtype).eps
     floor = _ROUNDING * eps * damped.max()
     usable = damped > floor
-    return torch.where(usable, 1.0 / torch.where(usable, damped, torch.ones_like(damped)), 0.0)
+    inverse = torch.where(usable, 1.0 / torch.where(usable, damped, torch.ones_like(damped)), 0.0)
+    return torch.where(torch.isfinite(damped), inverse, float("nan"))
 
 
 def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) -> Tensor:
@@ -172,15 +227,31 @@ def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) 
         ValueError: ``alpha`` is outside ``[0, 1)``.
     """
     check_alpha(alpha)
-    q_g, q_a = eigen["first_vectors"], eigen["second_vectors"]
-    rows, cols = q_g.shape[0], q_a.shape[0]
+    q_g, q_a = eigen.get("first_vectors"), eigen.get("second_vectors")
+    rows, cols = eigen["first_values"].shape[0], eigen["second_values"].shape[0]
+    rows = rows if q_g is None else q_g.shape[0]
+    cols = cols if q_a is None else q_a.shape[0]
     r = columns.reshape(columns.shape[0], rows, cols)
-    rotated = q_g.T @ r @ q_a  # [K, r_G, r_A]
-    d = q_g @ (rotated * _inverse_eigenvalues(eigen, alpha)) @ q_a.T
-    if q_g.shape[1] < rows or q_a.shape[1] < cols:  # a rank-one factor: its complement
+    rotated = _rotate(q_g, q_a, r, inward=True)  # Q_G^T R Q_A: [K, r_G, r_A]
+    d = _rotate(q_g, q_a, rotated * _inverse_eigenvalues(eigen, alpha), inward=False)
+    if _thin(q_g) or _thin(q_a):  # a rank-one or root-only factor: its complement
         if alpha > 0:
-            d = d + (r - q_g @ rotated @ q_a.T) / alpha
+            d = d + (r - _rotate(q_g, q_a, rotated, inward=False)) / alpha
     return d.reshape(columns.shape)
+
+
+def _thin(vectors) -> bool:
+    """Whether eigenvectors ``[size, r]`` leave a complement (``r < size``)."""
+    return vectors is not None and vectors.shape[1] < vectors.shape[0]
+
+
+def _rotate(q_g, q_a, matrices: Tensor, inward: bool) -> Tensor:
+    """``Q_G^T M Q_A`` (``inward``) or ``Q_G M Q_A^T``; a ``None`` side is the identity."""
+    if q_g is not None:
+        matrices = (q_g.T if inward else q_g) @ matrices
+    if q_a is not None:
+        matrices = matrices @ (q_a if inward else q_a.T)
+    return matrices
 
 
 def has_negative_eigenvalues(eigen: KroneckerEigen) -> Tensor:
