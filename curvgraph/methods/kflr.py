@@ -30,7 +30,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from curvgraph.curvature import Block, KroneckerBlock
+from curvgraph.curvature import Block, Factor, KroneckerBlock
 from curvgraph.methods.base import Verdict, register_method
 from curvgraph.methods.factors import FactorMethod
 
@@ -60,25 +60,33 @@ class KroneckerFactorMethod(FactorMethod):
     def direct_block(
         self, rule, ctx, slot: str, factors: Tensor, shape, kfac_approx: str = "expand"
     ) -> Optional[Block]:
-        """The rule's Kronecker block (with roots if it declares them), or ``None``."""
+        """The rule's Kronecker block, its factors in their smallest form, or ``None``.
+
+        A rule whose ``kronecker_factors`` takes ``compact=`` hands out each factor as a
+        :class:`~curvgraph.curvature.Factor` (diagonal, root-only or dense, whichever is
+        smallest); an older rule's dense factors get its ``kronecker_roots`` for products.
+        """
         if kfac_approx == "low-rank" and not _exact_kronecker(rule, ctx, slot):
             return None
         approx = "expand" if kfac_approx == "low-rank" else kfac_approx  # same when exact
         kronecker_factors = rule.capability("kronecker_factors")
         if kronecker_factors is None:
             return None
-        if not _takes_approx(kronecker_factors):  # a rule written before kfac_approx existed
+        if not _takes(kronecker_factors, "approx"):  # a rule written before kfac_approx
             if not _exact_kronecker(rule, ctx, slot):
                 return None  # its factors are those of one position per sample: low-rank
             pair = kronecker_factors(ctx, slot, factors)
         else:
-            pair = kronecker_factors(ctx, slot, factors, approx=approx)
+            compact = {"compact": True} if _takes(kronecker_factors, "compact") else {}
+            pair = kronecker_factors(ctx, slot, factors, approx=approx, **compact)
         if pair is None:
             return None
+        if all(isinstance(factor, Factor) for factor in pair):
+            return KroneckerBlock(*pair, shape)
         kronecker_roots = rule.capability("kronecker_roots")
         roots = None
         if kronecker_roots is not None:
-            if _takes_approx(kronecker_roots):
+            if _takes(kronecker_roots, "approx"):
                 roots = kronecker_roots(ctx, slot, factors, approx=approx)
             else:
                 roots = kronecker_roots(ctx, slot, factors)
@@ -102,13 +110,13 @@ class KroneckerFactorMethod(FactorMethod):
         return Verdict(True, f"{kron} Kronecker block(s), {len(uses) - kron} {self.low_rank}")
 
 
-def _takes_approx(function) -> bool:
-    """Whether a Kronecker capability takes ``approx=`` (rules written before it do not)."""
+def _takes(function, name: str) -> bool:
+    """Whether a Kronecker capability takes the keyword ``name`` (older rules may not)."""
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return True
-    return any(p.name == "approx" or p.kind is p.VAR_KEYWORD for p in parameters)
+        return name == "approx"
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _exact_kronecker(rule, ctx, slot: str) -> bool:

@@ -17,7 +17,8 @@ weight's row-major order) with the input factor ``A`` over the vocabulary and ``
 the features, from the factors ``s_knt`` at the ``T`` positions:
 
 - expand: ``A = diag(c) / (N T)`` with ``c_v`` the count of index ``v`` in the batch
-  (diagonal: one-hot inputs), ``G = sum_{k,n,t} s_knt s_knt^T``;
+  (diagonal: one-hot inputs; stored as its ``V`` diagonal entries),
+  ``G = sum_{k,n,t} s_knt s_knt^T``;
 - reduce: ``A = (1/N) sum_n a_n a_n^T`` with ``a_n = c_n / T`` the sample's index
   frequencies, ``G = sum_{k,n} (sum_t s_knt)(sum_t s_knt)^T``.
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.curvature.factors import DiagonalFactor, factor_from_root
 from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
     Context,
@@ -234,20 +236,30 @@ class EmbeddingRule(Rule):
         counts = self._counts(ctx, like)
         return counts / (counts.shape[0] ** 0.5 * self._flat_indices(ctx).shape[1])
 
-    def kronecker_factors(self, ctx: Context, slot: str, factors: Tensor, approx="expand"):
+    def kronecker_factors(
+        self, ctx: Context, slot: str, factors: Tensor, approx="expand", compact=False
+    ):
         """``(A, G)`` of the module docstring: the block is ``A (x) G``.
 
+        Dense matrices, or with ``compact`` each factor as a
+        :class:`~curvgraph.curvature.Factor`: expand's ``A = diag(c) / (N T)`` as its
+        diagonal (``V`` entries, not ``V^2``), reduce's ``A`` and ``G`` as their roots
+        (:meth:`kronecker_roots`) where those have fewer rows than columns.
         ``None`` for a context whose indices lack its output's batch axis (``check_rule``
         narrows only differentiable arguments to one sample).
         """
         if slot != "weight" or not self._indexed_per_sample(ctx):
             return None
-        gradient_factor = symmetric_product(self._position_factors(ctx, factors, approx).T)
+        gradient_root = self._position_factors(ctx, factors, approx)
         if approx == "reduce":
-            root = self._frequencies(ctx, factors)
-            return root.T @ root, gradient_factor
-        counts = self._counts(ctx, factors).sum(0)
-        return torch.diag(counts / self._flat_indices(ctx).numel()), gradient_factor
+            input_root = self._frequencies(ctx, factors)
+            if compact:
+                return factor_from_root(input_root), factor_from_root(gradient_root, _gram)
+            return input_root.T @ input_root, _gram(gradient_root)
+        diagonal = self._counts(ctx, factors).sum(0) / self._flat_indices(ctx).numel()
+        if compact:
+            return DiagonalFactor(diagonal), factor_from_root(gradient_root, _gram)
+        return torch.diag(diagonal), _gram(gradient_root)
 
     def kronecker_roots(self, ctx: Context, slot: str, factors: Tensor, approx="expand"):
         """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
@@ -270,3 +282,8 @@ class EmbeddingRule(Rule):
         if pad is not None:
             onehot[:, pad] = 0
         return onehot / index.numel() ** 0.5, gradient_root
+
+
+def _gram(root: Tensor) -> Tensor:
+    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
+    return symmetric_product(root.T)

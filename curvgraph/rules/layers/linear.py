@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvgraph.curvature.factors import factor_from_root
 from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.registry import (
@@ -113,7 +114,7 @@ class LinearRule(PullbackRule):
     def kronecker_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
 
-    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+    def kronecker_factors(self, ctx, slot, factors, approx="expand", compact=False):
         """``(G, A)``: ``G (x) A`` approximates the weight's block (Eschenhagen et al., 2023).
 
         With ``x_nt``, ``s_knt`` the input and factor at position ``t`` of ``T``
@@ -122,12 +123,18 @@ class LinearRule(PullbackRule):
         - expand: ``G = sum_{k,n,t} s_knt s_knt^T``, ``A = (1/(N T)) sum_{n,t} x_nt x_nt^T``;
         - reduce: ``G = sum_{k,n} (sum_t s_knt)(sum_t s_knt)^T``,
           ``A = (1/N) sum_n xbar_n xbar_n^T`` with ``xbar_n = (1/T) sum_t x_nt``.
+
+        Dense matrices, or with ``compact`` each factor as a
+        :class:`~curvgraph.curvature.Factor`: its root alone (:meth:`kronecker_roots`) when
+        that has fewer rows than columns (a head over a vocabulary ``V`` fed ``N T < V``
+        tokens: ``G``'s root is ``N T x V`` instead of ``V x V``), else the dense matrix.
         """
         roots = self.kronecker_roots(ctx, slot, factors, approx)
         if roots is None:
             return None
-        gradient_root, input_root = roots
-        return symmetric_product(gradient_root.T), symmetric_product(input_root.T)
+        if compact:
+            return tuple(factor_from_root(root, _gram) for root in roots)
+        return tuple(_gram(root) for root in roots)
 
     def kronecker_roots(self, ctx, slot, factors, approx="expand"):
         """``(R_G, R_A)`` with ``G = R_G^T R_G``, ``A = R_A^T R_A``.
@@ -144,3 +151,8 @@ class LinearRule(PullbackRule):
         if approx != "expand":
             raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
         return s.flatten(0, 2), x.flatten(0, 1) / math.sqrt(x.shape[0] * x.shape[1])
+
+
+def _gram(root: Tensor) -> Tensor:
+    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
+    return symmetric_product(root.T)
