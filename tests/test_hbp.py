@@ -97,8 +97,8 @@ def hbp_blocks(model, x, y, loss, curvature, **options):
     cg = curvgraph.trace(model)
     out = cg(x)
     value = LOSSES[loss](out, y)
+    output_hessian = curvgraph.loss_hessian(value, out)  # before backward() frees the targets
     value.backward()
-    output_hessian = curvgraph.loss_hessian(value, out)
     curv = cg.backward_hessian(output_hessian, curvature=curvature, **options)
     return {name: block.to_dense() for name, block in curv.items()}
 

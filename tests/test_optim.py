@@ -139,8 +139,9 @@ def test_end_to_end_step_equals_closed_form_with_traced_blocks():
     )
     out = cgraph(x)
     loss = F.cross_entropy(out, y)
+    output_hessian = curvgraph.loss_hessian(loss, out)  # before backward() frees the targets
     loss.backward()
-    curv = cgraph.backward_hessian(curvgraph.loss_hessian(loss, out), curvature="ggn")
+    curv = cgraph.backward_hessian(output_hessian, curvature="ggn")
     assert set(curv) == {n for n, _ in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = CGNewton(model.parameters(), lr=0.5, alpha=0.1, cg_tol=1e-13, cg_maxiter=1000)
@@ -214,8 +215,9 @@ def test_hessian_cg_newton_on_nonconvex_mlp_stays_finite(activation, alpha):
         opt.zero_grad()
         out = cgraph(x_all[batch])
         loss = F.cross_entropy(out, y_all[batch])
+        output_hessian = curvgraph.loss_hessian(loss, out)  # before backward() frees the targets
         loss.backward()
-        curv = cgraph.backward_hessian(curvgraph.loss_hessian(loss, out), curvature="hessian")
+        curv = cgraph.backward_hessian(output_hessian, curvature="hessian")
         opt.step(curv)
         for p in model.parameters():
             assert torch.isfinite(p).all(), (step, opt.state[p])
@@ -440,8 +442,9 @@ def test_ggn_cg_newton_trains_logistic_regression():
         opt.zero_grad()
         out = cgraph(x[batch])
         loss = F.cross_entropy(out, y[batch])
+        output_hessian = curvgraph.loss_hessian(loss, out)  # before backward() frees the targets
         loss.backward()
-        curv = cgraph.backward_hessian(curvgraph.loss_hessian(loss, out), curvature="ggn")
+        curv = cgraph.backward_hessian(output_hessian, curvature="ggn")
         opt.step(curv)
         assert not any(opt.state[p]["nonpositive_curvature"] for p in model.parameters())
         with torch.no_grad():

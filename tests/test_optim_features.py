@@ -337,8 +337,9 @@ def test_hessian_with_every_feature_on_stays_finite(activation):
         opt.zero_grad()
         out = traced(x)
         loss = F.cross_entropy(out, y)
+        output_hessian = curvgraph.loss_hessian(loss, out)  # before backward() frees the targets
         loss.backward()
-        curv = traced.backward_hessian(curvgraph.loss_hessian(loss, out), curvature="hessian")
+        curv = traced.backward_hessian(output_hessian, curvature="hessian")
         opt.step(curv, closure=lambda x=x, y=y: F.cross_entropy(model(x), y))
         for p in model.parameters():
             assert torch.isfinite(p).all(), step

@@ -69,6 +69,7 @@ class _Calls:
         self.model.zero_grad(set_to_none=True)
         out = module(self.x)
         loss = F.cross_entropy(out, self.y)
+        out.retain_grad()  # loss_hessian after backward() reads the ignored targets from dL/dout
         loss.backward()
         return out, loss
 

@@ -101,8 +101,8 @@ def train(
             optimizer.zero_grad()
             out = cg(x)  # same as model(x); records what the curvature rules need
             loss = torch.nn.functional.cross_entropy(out, y)
-            loss.backward()  # gradients into p.grad
             output_hessian = curvgraph.loss_hessian(loss, out)  # sum_n d2L/dz_n^2
+            loss.backward()  # gradients into p.grad (frees the targets loss_hessian reads)
             curv = cg.backward_hessian(
                 output_hessian, modify_2nd_order_terms=MODIFY_2ND_ORDER_TERMS
             )

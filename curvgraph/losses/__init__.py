@@ -13,8 +13,9 @@ through the outputs (:class:`LossStructureError`).
 Modules: :mod:`~curvgraph.losses.autograd_nodes` (the only reader of autograd internals:
 what the graph says about the loss op), :mod:`~curvgraph.losses.models` (the
 :class:`LossModel` classes), :mod:`~curvgraph.losses.tokens` (cross-entropy per token of
-``[N, T, V]`` logits), :mod:`~curvgraph.losses.recognition` (:func:`recognise`,
-:func:`loss_hessian`).
+``[N, T, V]`` logits), :mod:`~curvgraph.losses.freed` (cross-entropy after
+``loss.backward()`` freed its targets: the counted samples from ``dL/dout``),
+:mod:`~curvgraph.losses.recognition` (:func:`recognise`, :func:`loss_hessian`).
 """
 
 from curvgraph.losses.models import (

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses.autograd_nodes import LossCall, describe_loss_node, leaves_beside, node_of
+from curvgraph.losses.freed import counted_from_gradient
 from curvgraph.losses.models import (
     AutogradLoss,
     BinaryCrossEntropyLoss,
@@ -52,7 +53,11 @@ _BINARY_CROSS_ENTROPY = ("binary_cross_entropy_with_logits", "binary_cross_entro
 
 
 def loss_hessian(
-    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]] = None
+    loss: Tensor,
+    outputs: Tensor,
+    parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+    *,
+    output_grad: Optional[Tensor] = None,
 ) -> Tensor:
     """``sum_n d2L/dz_n2`` for a scalar ``loss`` computed from ``outputs`` ``[N, *]``.
 
@@ -68,12 +73,15 @@ def loss_hessian(
     - ``nll_loss`` applied to the outputs themselves (log-probabilities): ``0`` (the loss
       is linear in them; the curvature comes from the model's ``log_softmax`` residual).
 
-    The closed forms work before and after ``loss.backward()``. Cross-entropy targets equal
-    to the default ``ignore_index=-100`` can only be detected before ``loss.backward()``
-    frees them; cross-entropy over tokens, with ignored targets or with label smoothing
-    needs them (which tokens count), so after ``loss.backward()`` it is refused like a
-    loss without a closed form. Any other loss needs its autograd graph: call this before
-    ``backward()`` or call ``loss.backward(retain_graph=True)``; after a plain
+    MSE, binary cross-entropy and ``nll_loss`` work before and after ``loss.backward()``.
+    Cross-entropy needs to know which targets equal ``ignore_index`` (left out, and not
+    counted by a mean), and ``loss.backward()`` frees the targets: on logits ``[N, C]`` it
+    then reads them from the output gradient ``dL/dout`` of that backward (``output_grad``,
+    or ``outputs.grad`` if ``outputs`` retains its gradient; :mod:`curvgraph.losses.freed`;
+    ``cg.curvature`` passes the one it recorded) and without one it is refused.
+    Cross-entropy over tokens or with label smoothing is refused after ``backward()`` like
+    a loss without a closed form. Any other loss needs its autograd graph: call this
+    before ``backward()`` or call ``loss.backward(retain_graph=True)``; after a plain
     ``backward()`` it raises a :class:`~curvgraph.errors.CurvGraphError` (a
     ``RuntimeError``) that says so.
 
@@ -82,6 +90,8 @@ def loss_hessian(
         outputs: the model output the loss was computed from.
         parameters: ``(name, tensor)`` pairs (``model.named_parameters()``) that the loss
             may reach only through ``outputs``; default: every ``nn.Parameter``.
+        output_grad: ``dL/dout`` computed by ``loss.backward()`` (only read for a
+            cross-entropy whose targets that backward freed).
 
     Returns:
         The ``C x C`` matrix, with the dtype and device of ``outputs``.
@@ -95,11 +105,15 @@ def loss_hessian(
         LossStructureError: the loss is not a sum of per-sample terms of the outputs
             (see :func:`recognise`).
     """
-    return recognise(loss, outputs, parameters).summed_hessian()
+    return recognise(loss, outputs, parameters, output_grad=output_grad).summed_hessian()
 
 
 def recognise(
-    loss: Tensor, outputs: Tensor, parameters: Optional[Iterable[Tuple[str, Tensor]]] = None
+    loss: Tensor,
+    outputs: Tensor,
+    parameters: Optional[Iterable[Tuple[str, Tensor]]] = None,
+    *,
+    output_grad: Optional[Tensor] = None,
 ) -> LossModel:
     """The loss as a :class:`LossModel` (closed form if recognised, else autograd).
 
@@ -109,6 +123,8 @@ def recognise(
         parameters: ``(name, tensor)`` pairs (``model.named_parameters()``) that the loss
             may reach only through ``outputs`` (named in the error); default: every
             ``nn.Parameter`` the loss reaches otherwise is refused.
+        output_grad: ``dL/dout`` of the ``loss.backward()`` that freed the loss's graph
+            (see :func:`loss_hessian`); default: ``outputs.grad`` when it is kept.
 
     Raises:
         LossStructureError: the loss reaches one of ``parameters`` other than through
@@ -137,7 +153,9 @@ def recognise(
         raise FloatingPointError(_non_finite_message(loss))
     _refuse_direct_parameters(leaves, parameters)
     call = describe_loss_node(loss)
-    model = None if call is None else _closed_form(call, outputs)
+    if output_grad is None and (outputs.is_leaf or outputs.retains_grad):
+        output_grad = outputs.grad
+    model = None if call is None else _closed_form(call, outputs, output_grad)
     if model is not None:
         return model
     model = AutogradLoss(loss, outputs)
@@ -211,11 +229,13 @@ def _coupling_error(name: str, sample: int, samples: List[int]) -> LossStructure
     )
 
 
-def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
+def _closed_form(
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor] = None
+) -> Optional[LossModel]:
     """The closed-form model of ``call`` on ``outputs``, or ``None`` (then: autograd)."""
     node = node_of(outputs)
     if call.loss == "cross_entropy":
-        model = _cross_entropy(call, outputs)
+        model = _cross_entropy(call, outputs, gradient)
         if model is not None:
             return model
     if call.loss in ("cross_entropy", "nll_loss") and call.input_node is node:
@@ -232,13 +252,16 @@ def _closed_form(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
     return None
 
 
-def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
+def _cross_entropy(
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
+) -> Optional[LossModel]:
     """``nll_loss(log_softmax(z))`` of the outputs without class weights, ``None`` otherwise.
 
     Logits ``[N, C]`` read directly without ignored targets or label smoothing: a
-    :class:`CrossEntropyLoss` (also after ``loss.backward()``); any other layout the tokens
-    can be read from (:func:`~curvgraph.losses.tokens.token_layout`): a
-    :class:`TokenCrossEntropyLoss`, which needs the targets.
+    :class:`CrossEntropyLoss` (after ``loss.backward()`` with the ignored samples read from
+    ``gradient``); any other layout the tokens can be read from
+    (:func:`~curvgraph.losses.tokens.token_layout`): a :class:`TokenCrossEntropyLoss`, which
+    needs the targets.
     """
     steps = steps_to(call, outputs)
     if steps is None:
@@ -248,7 +271,7 @@ def _cross_entropy(call: LossCall, outputs: Tensor) -> Optional[LossModel]:
         return None  # class weights: the autograd path handles them
     if call.freed:
         plain = not steps and _over_classes(call, outputs) and not call.label_smoothing
-        return _freed_cross_entropy(call, outputs) if plain else None
+        return _freed_cross_entropy(call, outputs, gradient) if plain else None
     layout = token_layout(call, steps, outputs)
     if layout is None:
         return None
@@ -267,16 +290,16 @@ def _over_classes(call: LossCall, outputs: Tensor) -> bool:
     return outputs.dim() == 2 and call.softmax_dim is not None and call.softmax_dim % 2 == 1
 
 
-def _freed_cross_entropy(call: LossCall, outputs: Tensor) -> Optional[CrossEntropyLoss]:
-    """Logits ``[N, C]`` after ``loss.backward()``: the targets, hence ignored ones, unknown."""
-    if call.ignore_index != -100:
-        raise CurvGraphError(
-            f"cross_entropy with ignore_index={call.ignore_index}: call loss_hessian(loss, "
-            "out) or cg.curvature(loss, out) before loss.backward(), or call "
-            "loss.backward(retain_graph=True), so that ignored samples can be detected"
-        )
-    scale = _scale(call, samples=outputs.shape[0])
-    return None if scale is None else CrossEntropyLoss(outputs, scale)
+def _freed_cross_entropy(
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
+) -> Optional[LossModel]:
+    """Logits ``[N, C]`` after ``loss.backward()``: the counted samples read from ``gradient``."""
+    if call.reduction not in ("mean", "sum"):
+        return None
+    counted, scale = counted_from_gradient(call, outputs, gradient)
+    if bool(counted.all()):
+        return CrossEntropyLoss(outputs, scale)
+    return TokenCrossEntropyLoss(outputs, 1, counted.to(outputs.device), scale)
 
 
 def _check_targets(call: LossCall, classes: int) -> None:

@@ -135,6 +135,13 @@ class Method:
         """The method's own part of :meth:`check` (after the shared sample-mixing check)."""
         return Verdict(True)
 
+    def precheck(self, graph: TracedGraph, **options) -> None:
+        """Refuse, before the loss is read, what the method cannot run (default: nothing).
+
+        Called by ``cg.curvature`` first, for cheap refusals that would otherwise come after
+        costly or infeasible work (HBP's sizes, before the loss's dense output Hessian).
+        """
+
     def run(
         self,
         graph: TracedGraph,
