@@ -8,15 +8,26 @@ already there add). See ``docs/architecture.md``, Mathematics.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from curvgraph.errors import CurvatureSizeError
 from curvgraph.graph import NodeInfo, Plan, Record
 from curvgraph.rules import Context
 
-__all__ = ["Frontier", "check_size", "dense_sizes", "frontier_size", "slot_size", "symmetric"]
+__all__ = [
+    "ALTERNATIVES",
+    "Frontier",
+    "check_size",
+    "dense_sizes",
+    "frontier_size",
+    "oversized",
+    "refuse_oversized",
+    "slot_size",
+    "symmetric",
+]
 
 
 class Frontier:
@@ -98,16 +109,68 @@ def slot_size(ctx: Context, slot: str) -> int:
     return (value.shape[1:] if slot in ctx.batched else value.shape).numel()
 
 
+#: what runs without HBP's dense per-sample matrices (docs/methods.md, "Which method")
+ALTERNATIVES = (
+    "Methods without dense per-sample matrices: method='exact' (exact block products, any "
+    "size), 'sqrt' or 'diag' with mc_samples=1 (low-rank or diagonal blocks from Monte-Carlo "
+    "loss factors: N x numel rows per parameter), 'kfac' (Kronecker factors from Monte-Carlo "
+    "loss factors) or 'kflr' (exact loss factors, one column per output feature); the "
+    "Kronecker factors of a linear weight are in^2 + out^2 (V^2 for a language-model head). "
+    "Or raise max_features"
+)
+
+
 def check_size(info: NodeInfo, slot: str, size: int, max_features: int) -> None:
     """Refuse a dense ``size x size`` matrix above ``max_features``."""
     if size > max_features:
         raise CurvatureSizeError(
             f"HBP needs a dense {size} x {size} matrix for argument {slot!r} of "
-            f"{info.describe()}, above max_features={max_features}. Use method='exact' or "
-            "'kfac' (block products without dense matrices) or raise max_features."
+            f"{info.describe()}, above max_features={max_features}. {ALTERNATIVES}."
         )
 
 
+def oversized(graph, walk: Plan, max_features: int) -> List[Tuple[str, str, int]]:
+    """``(node or parameter, what, D)`` of every dense ``D x D`` matrix above ``max_features``.
+
+    The matrices HBP builds: the output Hessian (the output's features per sample, ``T V``
+    for logits ``[N, T, V]``), each activation argument and tied parameter
+    (:func:`dense_sizes`, ``T D`` for ``[N, T, D]``), and each parameter block that is not
+    Kronecker (``numel``). Sizes only: nothing is built.
+    """
+    record = graph.record
+    sizes = [(walk.output.name, "output", frontier_size(record.contexts[walk.output.name]))]
+    sizes += [(i.node.name, slot, d) for i, slot, d in dense_sizes(walk, record)]
+    for name, (info, slot) in walk.first_uses().items():
+        if walk.tied(name):  # on the frontier: among dense_sizes
+            continue
+        ctx = record.contexts[info.node.name]
+        kronecker_input = info.rule.capability("kronecker_input")
+        if kronecker_input is None or kronecker_input(ctx, slot) is None:
+            sizes.append((name, "block", ctx.value(slot).numel()))
+    return [entry for entry in sizes if entry[2] > max_features]
+
+
+def refuse_oversized(graph, walk: Plan, max_features: int) -> None:
+    """Raise :class:`CurvatureSizeError` naming the largest of :func:`oversized`, if any."""
+    too_large = oversized(graph, walk, max_features)
+    if not too_large:
+        return
+    name, slot, size = max(too_large, key=lambda entry: entry[2])
+    if slot == "output":
+        shape = tuple(graph.record.contexts[name].output.shape)
+        what = f"the output Hessian of node {name!r} (output {shape}: {size} features per sample)"
+    elif slot == "block":
+        what = f"the block of parameter {name!r}"
+    else:
+        what = f"argument {slot!r} of node {name!r}"
+    others = f" and {len(too_large) - 1} more above it" if len(too_large) > 1 else ""
+    raise CurvatureSizeError(
+        f"HBP needs a dense {size} x {size} matrix for {what}{others}, above "
+        f"max_features={max_features}. {ALTERNATIVES}."
+    )
+
+
 def symmetric(matrix: Tensor) -> Tensor:
-    """``(M + M^T) / 2``."""
-    return (matrix + matrix.T) / 2
+    """``(M + M^T) / 2``, contiguous."""
+    # adding a transposed view runs strided (3x slower than a copy) on large blocks
+    return matrix.T.clone(memory_format=torch.contiguous_format).add_(matrix).mul_(0.5)

@@ -43,6 +43,8 @@ from curvgraph.methods.frontier import (
     check_size,
     dense_sizes,
     frontier_size,
+    oversized,
+    refuse_oversized,
     slot_size,
     symmetric,
 )
@@ -122,9 +124,8 @@ def hbp_blocks(
     mode = CURVATURES[curvature]
     walk = plan(graph)
     output = graph.record.contexts[walk.output.name].output
+    refuse_oversized(graph, walk, max_features)  # fail fast, before any matrix is built
     _check_output_hessian(output_hessian, output)
-    for info, slot, size in dense_sizes(walk, graph.record):  # fail fast, before any is built
-        check_size(info, slot, size, max_features)
     grads = gradients(graph, walk.order, loss) if mode is not None else {}
     averaged = {True: average_param_jac, False: average_input_jac}  # keyed by "is parameter"
     state = _Walk(walk, shard, mode, averaged, max_features)
@@ -332,31 +333,26 @@ class HBP(Method):
         """Blocks from a given output Hessian (``cg.backward_hessian``, the seed's entry)."""
         return backward_hessian(graph, output_hessian, curvature, **options)
 
+    def precheck(self, graph, max_features: int = 8192, **options) -> None:
+        """Refuse a dense matrix above ``max_features`` before the loss's is formed.
+
+        The loss's output Hessian alone is ``(T V)^2`` for logits ``[N, T, V]`` (166 TB for
+        GPT-2 small): it is sized here, with every other dense matrix, and never built.
+        """
+        refuse_oversized(graph, plan(graph), max_features)
+
     def verdict(self, graph, walk, max_features: int = 8192, **options) -> Verdict:
         """Every dense argument and parameter matrix within ``max_features``."""
-        record = graph.record
-        sizes = [(i.node.name, slot, d) for i, slot, d in dense_sizes(walk, record)]
-        sizes.append((walk.output.name, "output", frontier_size(record.contexts[walk.output.name])))
-        too_large = [s for s in sizes if s[2] > max_features]
-        for name, (info, slot) in walk.first_uses().items():
-            ctx = record.contexts[info.node.name]
-            kronecker_input = info.rule.capability("kronecker_input")
-            value = ctx.value(slot)
-            kronecker = (
-                name not in graph.derived
-                and not walk.tied(name)
-                and value.dim() >= 2
-                and kronecker_input is not None
-                and kronecker_input(ctx, slot) is not None
-            )
-            if not kronecker and value.numel() > max_features:
-                too_large.append((name, "block", value.numel()))
+        too_large = oversized(graph, walk, max_features)
         if too_large:
             name, slot, size = max(too_large, key=lambda t: t[2])
             return Verdict(
                 False,
                 f"{len(too_large)} dense matrices above max_features, the largest "
-                f"{size}x{size} ({name} {slot}); use exact or kfac, or raise max_features",
+                f"{size}x{size} ({name} {slot}); use exact, sqrt or diag with mc_samples=1, "
+                "kfac or kflr, or raise max_features",
             )
-        largest = max(d for _, _, d in sizes)
+        record = graph.record
+        sizes = [d for _, _, d in dense_sizes(walk, record)]
+        largest = max(sizes + [frontier_size(record.contexts[walk.output.name])])
         return Verdict(True, f"largest dense argument matrix {largest}x{largest}")
