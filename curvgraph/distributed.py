@@ -185,7 +185,8 @@ class BatchShard:
         """Blocks of a factor method (``sqrt``/``diag``/``kflr``/``kfac``) over all ranks.
 
         Diagonal: loss sum. Low-rank: rows gathered (the block stays low-rank, ``K N``
-        rows on every rank). Kronecker ``G (x) A``: ``G`` a loss sum, ``A`` a batch mean.
+        rows on every rank). Kronecker ``G (x) A`` (or ``A (x) G``, ``block.input_first``):
+        ``G`` a loss sum, ``A`` a batch mean.
         """
         if not self.distributed:
             return curvature
@@ -197,9 +198,12 @@ class BatchShard:
                 blocks[name] = LowRankBlock(self.gather_rows(block.rows), block.shape)
             elif isinstance(block, KroneckerBlock):
                 first, second = (_square(f) for f in (block.first, block.second))
-                blocks[name] = KroneckerBlock(
-                    self.loss_sum(first), self.batch_mean(second), block.shape
-                )
+                if block.input_first:
+                    first, second = self.batch_mean(first), self.loss_sum(second)
+                else:
+                    first, second = self.loss_sum(first), self.batch_mean(second)
+                blocks[name] = KroneckerBlock(first, second, block.shape)
+                blocks[name].input_first = block.input_first
             else:
                 raise CurvGraphError(f"cannot combine a {type(block).__name__} over ranks")
         return BlockCurvature(

@@ -273,3 +273,58 @@ def test_kronecker_factors_of_x_at_w_are_those_of_the_transposed_linear(method, 
     ours, reference = blocks
     torch.testing.assert_close(ours.first, reference.second)
     torch.testing.assert_close(ours.second, reference.first)
+
+
+class MaskedAttention(nn.Module):
+    """SDPA with a boolean mask whose second query may attend to no key."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(4, 4) for _ in range(3))
+        self.o = nn.Linear(4, 3)
+        allowed = [[True, False, False], [False, False, False], [True, True, True]]
+        self.register_buffer("mask", torch.tensor(allowed))
+
+    def forward(self, x):
+        q, k, v = (layer(x).unsqueeze(1) for layer in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).squeeze(1))
+
+
+def test_a_query_attending_to_no_key_gets_zero_weights_as_in_sdpa():
+    """SDPA's safe softmax: zero weights where a plain softmax gives NaN (fx route)."""
+    torch.manual_seed(0)
+    model = MaskedAttention().double()
+    x, y = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    torch.testing.assert_close(out, model(x))
+    curvature = cg.curvature(F.mse_loss(out, y), out, "ggn", "exact")
+    for name in ("q.weight", "v.weight"):
+        theta = dict(model.named_parameters())[name]
+        with sdpa_kernel(SDPBackend.MATH):  # reverse mode only: jvp fails on its safe softmax
+            jac = torch.autograd.functional.jacobian(
+                lambda t, name=name: functional_call(model, {name: t}, (x,)), theta.detach()
+            ).reshape(out.numel(), -1)
+        hessian = torch.autograd.functional.hessian(
+            lambda o: F.mse_loss(o, y), out.detach()
+        ).reshape(out.numel(), -1)
+        v = torch.randn(theta.numel(), dtype=torch.float64)
+        expected = jac.T @ hessian @ jac @ v
+        assert relative_error(curvature[name].matvec(v), expected) < 1e-10
+
+
+def test_an_all_masked_sequence_adds_nothing():
+    torch.manual_seed(0)
+    model = gpt2().double().eval()
+    ids, mask, labels = batch()
+    mask[1], labels[1] = 0, -100  # the second sequence is all padding
+    cg = curvgraph.trace(model, input_ids=ids, attention_mask=mask, output="logits")
+    out = cg(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, model(input_ids=ids, attention_mask=mask).logits)
+    assert not out.isnan().any()
+    name = "transformer.h.0.attn.c_attn.weight"
+    v = torch.randn(dict(model.named_parameters())[name].numel(), dtype=torch.float64)
+    both = cg.curvature(loss_function("gpt2", labels, "sum")(out), out, "ggn", "exact")
+    out = cg(input_ids=ids[:1], attention_mask=mask[:1])
+    one = cg.curvature(loss_function("gpt2", labels[:1], "sum")(out), out, "ggn", "exact")
+    assert relative_error(both[name].matvec(v), one[name].matvec(v)) < 1e-10

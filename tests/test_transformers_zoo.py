@@ -48,15 +48,13 @@ SLOW = [
 #: architectures that fail today, and why (see benchmarks/results/zoo-transformers.md)
 KNOWN_GAPS = {
     "nanogpt": "capture='auto' takes fx, where wpe(arange(idx.size(1))) counts as an "
-    "activation and add refuses its broadcast over the batch axis; torch.export drops "
-    "y.transpose(1, 2).contiguous() before .view(B, T, C) (the fake SDPA output is "
-    "already contiguous that way), and the view fails on the decomposed attention",
-    "opt": "folding: the per-row region of x.reshape(-1, D) is grown depth-first, and the "
-    "residual add is judged before its other operand (fc2's dropout) joined the region",
+    "activation (it depends on the input's size, so it is no derived parameter) and add "
+    "refuses its broadcast over the batch axis; capture='export' works (tested)",
+    "opt": "kfac vs curvlinops differs (relative 0.6-1.0 on both layers, MC samples with the "
+    "same seed) on OPT only, whose decoder folds the batch axis itself "
+    "(hidden_states.reshape(-1, D)) around fc1/fc2; not explained yet. The exact check passes",
     "bloom": "GeLUFunction, a custom torch.autograd.Function, is refused by torch.export; "
     "torch.fx cannot trace BloomForCausalLM",
-    "falcon": "mlp_output += attention_output: the in-place add (aten.add_) modifies a "
-    "recorded output; its Linear layers are FalconLinear (no nn.Linear for kfac)",
     "swin": "window partition folds the batch axis with the windows around attention "
     "(not a per-row op), refused by the reshape rule",
     "gemma": "kfac reduce vs curvlinops: 1.04e-6 on q_proj, float32 round-off of "
@@ -90,6 +88,12 @@ def test_nanogpt_exact_ggn_products_match_torch_func():
     for block in model.h:
         block.attn.__class__ = ReshapeAttention
     errors = _nanogpt_errors(model, "export")
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_nanogpt_as_written_captured_by_export_matches_torch_func():
+    """``.contiguous().view`` (export drops the contiguous: the spelling of view is reshape)."""
+    errors = _nanogpt_errors(build(ARCHITECTURES["nanogpt"]), "export")
     assert max(errors.values()) < TOLERANCE, errors
 
 

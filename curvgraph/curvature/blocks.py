@@ -111,6 +111,9 @@ class KroneckerBlock(Block):
             ``None``) for dense factors; the caller guarantees they match the factors.
     """
 
+    #: whether ``first`` is the input factor ``A`` (``A (x) G``) rather than ``G``
+    input_first: bool = False
+
     def __init__(self, first, second, shape: torch.Size, roots: Optional[tuple] = None):
         super().__init__(shape)
         self.rows = self.shape[0]

@@ -159,20 +159,28 @@ def _node_info(node, graph_module, infos, sources: _Sources, fallback: bool) -> 
     if info.problem and fallback:  # no rule, or one that refuses this call
         rule = rule_for_node(node, graph_module, sources.roots)
         info = _bind(node, key, rule, graph_module, sources)
-    if any(n.meta.get("curvgraph_constant") for n in node.all_input_nodes):
-        info.constants = frozenset(_constant_arguments(info, infos))
+    if any(_constant(n, infos) for n in node.all_input_nodes):
+        info.constants = frozenset(_constant_arguments(info, graph_module, infos))
     return info
 
 
-def _constant_arguments(info: NodeInfo, infos: Dict[torch.fx.Node, NodeInfo]):
-    """Top-level arguments of ``info``'s call computed by nodes marked constant at capture."""
+def _constant(node: torch.fx.Node, infos: Dict[torch.fx.Node, NodeInfo]) -> bool:
+    """Whether ``node`` has no derivative: structural, or computed without parameters."""
+    if node.meta.get("curvgraph_constant"):
+        return True
+    info = infos.get(node)
+    return info is not None and info.rule is not None and info.rule.structural
+
+
+def _constant_arguments(info: NodeInfo, graph_module, infos: Dict[torch.fx.Node, NodeInfo]):
+    """Top-level arguments of ``info``'s call computed by nodes without a derivative."""
     if info.rule is None or info.problem:
         return
-    if info.node.op == "call_module":  # export captures have no module calls
-        return
-    arguments = info.rule.bind(info.node.args, info.node.kwargs)
+    node = info.node
+    module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+    arguments = info.rule.bind(node.args, node.kwargs, module)
     for name, value in arguments.items():
-        if isinstance(value, torch.fx.Node) and value.meta.get("curvgraph_constant"):
+        if isinstance(value, torch.fx.Node) and _constant(value, infos):
             yield name
 
 

@@ -82,7 +82,7 @@ class KroneckerFactorMethod(FactorMethod):
         if pair is None:
             return None
         if all(isinstance(factor, Factor) for factor in pair):
-            return KroneckerBlock(*pair, shape)
+            return _sided(KroneckerBlock(*pair, shape), rule)
         kronecker_roots = rule.capability("kronecker_roots")
         roots = None
         if kronecker_roots is not None:
@@ -90,7 +90,7 @@ class KroneckerFactorMethod(FactorMethod):
                 roots = kronecker_roots(ctx, slot, factors, approx=approx)
             else:
                 roots = kronecker_roots(ctx, slot, factors)
-        return KroneckerBlock(*pair, shape, roots=roots)
+        return _sided(KroneckerBlock(*pair, shape, roots=roots), rule)
 
     def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
         """How many blocks are Kronecker, how many low-rank."""
@@ -117,6 +117,12 @@ def _takes(function, name: str) -> bool:
     except (TypeError, ValueError):
         return name == "approx"
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _sided(block: KroneckerBlock, rule) -> KroneckerBlock:
+    """``block`` knowing which factor is the input's (``rule.kronecker_input_first``)."""
+    block.input_first = rule.kronecker_input_first
+    return block
 
 
 def _exact_kronecker(rule, ctx, slot: str) -> bool:

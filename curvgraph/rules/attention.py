@@ -27,11 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvgraph.rules.constants import CONSTANT
 from curvgraph.rules.factories import linear_rule
 from curvgraph.rules.registry import Rule, Sample, canonical, randn, register_rule
 from curvgraph.rules.residuals import Zero
 
-__all__ = ["attention_scale", "attention_mask", "AttentionMaskRule"]
+__all__ = ["attention_scale", "attention_mask", "allowed_rows", "AttentionMaskRule"]
 
 
 def attention_scale(input: Tensor, scale=None) -> Tensor:
@@ -53,6 +54,7 @@ def attention_mask(
     is_causal=False,
     true_allows=True,
     heads=None,
+    empty_rows=False,
 ) -> Tensor:
     """Scores ``[N, (H,) L, S]`` with disallowed entries ``-inf`` and float masks added.
 
@@ -65,10 +67,26 @@ def attention_mask(
         is_causal: allow only keys ``s <= l`` (the lower triangle, top-left aligned).
         true_allows: meaning of ``True`` in a boolean ``attn_mask`` (SDPA: allows).
         heads: number of heads for a 3-d ``attn_mask`` in MultiheadAttention's layout.
+        empty_rows: give rows that allow no key ``0`` instead of ``-inf`` (finite scores for
+            SDPA's safe softmax, whose weights are zero there: :func:`allowed_rows`).
     """
     keep, added = _masks(input, attn_mask, key_padding_mask, is_causal, true_allows, heads)
     out = input if keep is None else input.masked_fill(~keep, float("-inf"))
-    return out if added is None else out + added
+    out = out if added is None else out + added
+    if empty_rows:
+        out = out.masked_fill(out.isneginf().all(-1, keepdim=True), 0.0)
+    return out
+
+
+def allowed_rows(input: Tensor, attn_mask=None, is_causal=False, key_padding_mask=None) -> Tensor:
+    """``1.0`` for score rows that allow some key under SDPA's mask, ``0.0`` for the others.
+
+    ``F.scaled_dot_product_attention`` gives a query that may attend to no key zero weights
+    (its safe softmax) where a plain softmax would give NaN; the decomposition multiplies
+    its weights by these rows. No derivative (a function of the mask alone).
+    """
+    scores = attention_mask(input.detach(), attn_mask, key_padding_mask, is_causal)
+    return (~scores.isneginf().all(-1, keepdim=True)).to(input.dtype)
 
 
 def _masks(input, attn_mask, key_padding_mask, is_causal, true_allows, heads):
@@ -118,6 +136,7 @@ class AttentionMaskRule(Rule):
             Sample((scores, randn(3, 4, seed=2))),
             Sample((scores, ~allowed.expand(4, 3, 4), padding, False, False, 2)),
             Sample((randn(2, 3, 4),), dict(key_padding_mask=randn(2, 4, seed=3))),
+            Sample((scores, allowed & (torch.arange(3) > 0).unsqueeze(-1)), dict(empty_rows=True)),
         ]
 
     def _keep(self, ctx) -> Tensor:
@@ -132,9 +151,11 @@ class AttentionMaskRule(Rule):
                 ctx.true_allows,
                 ctx.heads,
             )
-            if keep is None:
-                return torch.ones_like(ctx.output)
-            return keep.expand(ctx.output.shape).to(ctx.output.dtype)
+            keep = torch.ones_like(ctx.output) if keep is None else keep
+            keep = keep.expand(ctx.output.shape).to(ctx.output.dtype)
+            if ctx.empty_rows:  # rows that allow no key are the constant 0
+                keep = keep * allowed_rows(ctx.input, ctx.attn_mask, ctx.is_causal)
+            return keep
 
         return ctx.cached("keep", compute)
 
@@ -149,3 +170,6 @@ class AttentionMaskRule(Rule):
 
     def residual(self, ctx, grad_output):  # noqa: D102
         return Zero()
+
+
+register_rule(allowed_rows)(CONSTANT)

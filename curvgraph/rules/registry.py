@@ -197,6 +197,10 @@ class Rule:
     function: Optional[Callable] = None
     mixes_samples: bool = False
     capabilities: frozenset = frozenset()
+    #: whether ``kronecker_factors`` returns ``(A, G)`` (input factor first: weights laid
+    #: out ``[inputs, outputs]``, as ``x @ W``, embeddings, transposed convolutions) rather
+    #: than ``(G, A)``; a batch split over ranks combines ``G`` as a loss sum, ``A`` as a mean
+    kronecker_input_first: bool = False
     structural: bool = False
     fallback: bool = False
 

@@ -103,13 +103,17 @@ same(F.hardswish, aten.hardswish.default)
 same(F.hardsigmoid, aten.hardsigmoid.default)
 same(F.elu, aten.elu.default)
 same(F.leaky_relu, aten.leaky_relu.default)
-same("view", aten.view.default, aten._unsafe_view.default)
+# export may drop a ``.contiguous()`` whose input was contiguous before a decomposition
+# changed its layout (SDPA's output): ``reshape`` has the values of ``view`` on any layout
+same("reshape", aten.view.default, aten._unsafe_view.default)
 same("reshape_as", aten.reshape_as.default)
 same("view_as", aten.view_as.default)
 same("expand", aten.expand.default)
 same("contiguous", aten.contiguous.default)
 same("size", aten.sym_size.int)
 same(operator.and_, aten.__and__.Tensor)
+for _name in ("add_", "sub_", "mul_", "div_"):  # in place, like ``x += y`` of a symbolic trace
+    same(_name, getattr(aten, _name).Tensor)
 same(operator.or_, aten.__or__.Tensor)
 same("type_as", aten.type_as.default)  # type_as(self, other): Gemma's RMSNorm
 same(F.pad, aten.pad.default)  # pad(self, pad, mode="constant", value=None): Swin

@@ -96,21 +96,25 @@ def _unfolds(node: torch.fx.Node, lead: tuple) -> bool:
 
 
 def _row_region(fold: torch.fx.Node, lead: tuple) -> Optional[List[torch.fx.Node]]:
-    """The per-row ops reached from ``fold`` before every path unfolds, or ``None``."""
+    """The per-row ops reached from ``fold`` before every path unfolds, or ``None``.
+
+    Collects the region first, then checks each op against the whole region (an op may
+    join two paths from the fold: a residual ``x + f(x)`` on the folded rows).
+    """
     rows, region, todo = math.prod(lead), [], list(fold.users)
     inside: Set[torch.fx.Node] = {fold}
     while todo:
         user = todo.pop()
-        if user in inside:
-            continue
-        if _unfolds(user, lead):
+        if user in inside or _unfolds(user, lead):
             continue
         shape = _shape(user)
-        if user.op == "output" or not shape or shape[0] != rows or not _per_row(user, inside):
+        if user.op == "output" or not shape or shape[0] != rows:
             return None
         inside.add(user)
         region.append(user)
         todo.extend(user.users)
+    if not all(_per_row(node, inside) for node in region):
+        return None
     return region
 
 

@@ -59,6 +59,7 @@ class MatmulRule(Rule):
     function, signature = canonical(_matmul)
     differentiable = OPERANDS
     capabilities = frozenset({"kronecker_factors", "kronecker_roots"})
+    kronecker_input_first = True
 
     def samples(self):  # noqa: D102
         both, other = OPERANDS, ("other",)

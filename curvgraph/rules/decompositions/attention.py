@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvgraph.ops import register_decomposition
-from curvgraph.rules.attention import attention_mask, attention_scale
+from curvgraph.rules.attention import allowed_rows, attention_mask, attention_scale
 from curvgraph.rules.dropout import apply_dropout_mask, dropout_mask
 from curvgraph.rules.factories import PlaceholderRule
 from curvgraph.rules.registry import UnsupportedConfigurationError, register_rule
@@ -36,14 +36,27 @@ def _constant(value, what: str):
     return value
 
 
-def _attend(call, q, k, v, attn_mask, key_padding_mask, is_causal, dropout, scale=None, **mask):
-    """``softmax(mask(q k^T * scale)) v`` and the weights, as recorded ops."""
+def _attend(
+    call, q, k, v, attn_mask, key_padding_mask, is_causal, dropout, scale=None, safe=False, **mask
+):
+    """``softmax(mask(q k^T * scale)) v`` and the weights, as recorded ops.
+
+    ``safe``: a query that may attend to no key under ``attn_mask`` gets zero weights
+    (SDPA's safe softmax), not NaN: its scores are 0 there and its weights are multiplied by
+    :func:`allowed_rows` (a constant).
+    """
     scores = call.function(attention_scale, q, scale) @ k.transpose(-2, -1)
+    safe = safe and attn_mask is not None
+    masked = scores
     if attn_mask is not None or key_padding_mask is not None or is_causal:
-        scores = call.function(
+        if safe:
+            mask["empty_rows"] = True
+        masked = call.function(
             attention_mask, scores, attn_mask, key_padding_mask, is_causal, **mask
         )
-    weights = F.softmax(scores, dim=-1)
+    weights = F.softmax(masked, dim=-1)
+    if safe:
+        weights = weights * call.function(allowed_rows, scores, attn_mask, is_causal)
     if dropout is not None:
         drop = call.function(dropout_mask, weights, "element", **dropout)
         weights = call.function(apply_dropout_mask, weights, drop, "element", **dropout)
@@ -67,7 +80,9 @@ def _sdpa(
     p = _constant(dropout_p, "dropout_p")
     dropout = dict(p=p, training=True) if p > 0 else None
     is_causal = _constant(is_causal, "is_causal")
-    output, _ = _attend(call, query, key, value, attn_mask, None, is_causal, dropout, scale)
+    output, _ = _attend(
+        call, query, key, value, attn_mask, None, is_causal, dropout, scale, safe=True
+    )
     return output
 
 

@@ -50,6 +50,8 @@ class ConvTransposeRule(ConvFamilyRule):
     The weight is ``[C_in, C_out/g, *kernel]``.
     """
 
+    kronecker_input_first = True
+
     def __init__(self, dims: int):
         super().__init__(dims)
         self.name = f"conv_transpose{dims}d"

@@ -104,6 +104,7 @@ class EmbeddingRule(Rule):
     differentiable = ("weight",)
     sample_independent = frozenset()
     capabilities = frozenset({"kronecker_factors", "kronecker_roots"})
+    kronecker_input_first = True
 
     def samples(self):  # noqa: D102
         padded = torch.tensor([[0, 2, 2], [1, 0, 3]])
