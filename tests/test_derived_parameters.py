@@ -99,12 +99,24 @@ class ParameterSizes(nn.Module):
         return h.flatten(1)[:, :3]
 
 
+class InputSizes(nn.Module):
+    """``x + pos(arange(x.size(1)))``: a derived tensor that depends on the input's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.fc = nn.Embedding(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(x + self.pos(torch.arange(x.size(1))))).mean(1)
+
+
 CASES = {
     "log-scale": (LogScale, (4,), ["log_scale", "fc.weight"]),
     "position-bias": (PositionBias, (3, 4), ["table", "qk.weight"]),
     "bias-mlp": (BiasMLP, (4,), ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight"]),
     "weight-norm": (WeightNorm, (4,), ["v", "g"]),
     "parameter-sizes": (ParameterSizes, (4,), ["w", "fc.weight"]),
+    "input-sizes": (InputSizes, (5, 4), ["pos.weight", "fc.weight"]),
 }
 
 
@@ -307,3 +319,16 @@ def test_a_small_torchvision_swin_has_exact_hessian_products(version):
         expected = _hessian_vector_product(model, x, y, name, vector)
         assert expected.abs().max() > 1e-8, name
         torch.testing.assert_close(curv[name].matvec(vector), expected, atol=1e-12, rtol=1e-9)
+
+
+def test_a_derived_tensor_follows_the_input_size_of_each_call():
+    model, x, y, _ = _setup("input-sizes")
+    cg = curvgraph.trace(model)
+    assert cg.derived["pos"].sizes  # computed from the input's size: an input of g
+    for length in (5, 7, 3):
+        x = torch.randn(4, length, 4, dtype=DTYPE)
+        y = torch.randint(0, 3, (4,))
+        out = cg(x)
+        curv = cg.curvature(F.cross_entropy(out, y), out, "ggn", "exact")
+        expected = ref.ggn_blocks(model, x, y, F.cross_entropy)["pos.weight"]
+        torch.testing.assert_close(curv["pos.weight"].to_dense(), expected, atol=1e-10, rtol=1e-9)

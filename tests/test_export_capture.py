@@ -328,3 +328,44 @@ def test_an_all_masked_sequence_adds_nothing():
     out = cg(input_ids=ids[:1], attention_mask=mask[:1])
     one = cg.curvature(loss_function("gpt2", labels[:1], "sum")(out), out, "ggn", "exact")
     assert relative_error(both[name].matvec(v), one[name].matvec(v)) < 1e-10
+
+
+def test_a_float_attention_mask_computed_from_parameters_gets_its_blocks():
+    """T5's relative position bias reaches SDPA as a float mask: its blocks are not dropped."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        num_layers=1, num_decoder_layers=1, d_model=16, d_kv=8, d_ff=32, num_heads=2,
+        vocab_size=V, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config).double().eval()
+    ids, mask, labels = batch(t=6)
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids}
+    cg = curvgraph.trace(model, **inputs, output="logits")
+    out = cg(**inputs)
+    loss_of = loss_function("t5", labels)
+    curvature = cg.curvature(loss_of(out), out, "ggn", "exact")
+    g = torch.Generator().manual_seed(0)
+    for name in (
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ):
+        v = torch.randn(
+            dict(model.named_parameters())[name].shape, dtype=torch.float64, generator=g
+        )
+        expected = ggn_product(model, inputs, loss_of, name, v).flatten()
+        # T5's LayerNorm computes its variance in float32 by design (as Llama's RMSNorm)
+        assert relative_error(curvature[name].matvec(v.flatten()), expected) < 1e-6
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).reshape(4, 3)  # only a batch of exactly 4
+
+
+def test_a_model_that_fixes_the_batch_size_is_refused_with_what_to_do():
+    with pytest.raises(TraceError, match=r"specialized it to be a constant \(4\)[\s\S]*x.shape"):
+        curvgraph.trace(FixedBatch(), torch.randn(4, 4), capture="export")

@@ -47,9 +47,6 @@ SLOW = [
 
 #: architectures that fail today, and why (see benchmarks/results/zoo-transformers.md)
 KNOWN_GAPS = {
-    "nanogpt": "capture='auto' takes fx, where wpe(arange(idx.size(1))) counts as an "
-    "activation (it depends on the input's size, so it is no derived parameter) and add "
-    "refuses its broadcast over the batch axis; capture='export' works (tested)",
     "opt": "kfac vs curvlinops differs (relative 0.6-1.0 on both layers, MC samples with the "
     "same seed) on OPT only, whose decoder folds the batch axis itself "
     "(hidden_states.reshape(-1, D)) around fc1/fc2; not explained yet. The exact check passes",
@@ -97,9 +94,8 @@ def test_nanogpt_as_written_captured_by_export_matches_torch_func():
     assert max(errors.values()) < TOLERANCE, errors
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAPS["nanogpt"])
 def test_nanogpt_as_written_exact_ggn_products_match_torch_func():
-    """The model as nanoGPT writes it (``.contiguous().view``), ``capture="auto"``."""
+    """The model as nanoGPT writes it, ``capture="auto"``: fx, ``wpe(arange(T))`` derived."""
     errors = _nanogpt_errors(build(ARCHITECTURES["nanogpt"]), "auto")
     assert max(errors.values()) < TOLERANCE, errors
 

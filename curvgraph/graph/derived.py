@@ -30,8 +30,9 @@ block would need the cross terms).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.fx
@@ -62,6 +63,9 @@ class DerivedParameter:
         parameters: model name -> parameter, for every parameter ``g`` reads.
         local: model name -> the parameter's name inside ``module``.
         where: the user's source line of the node.
+        sizes: nodes reading the inputs' sizes that ``g`` depends on (``wpe(arange(T))``
+            with ``T = idx.size(1)``): the inputs of ``module``, in order.
+        arguments: their values in the recorded forward (:meth:`at`).
     """
 
     name: str
@@ -69,11 +73,19 @@ class DerivedParameter:
     parameters: Dict[str, Tensor]
     local: Dict[str, str]
     where: str
+    sizes: Tuple[str, ...] = ()
+    arguments: tuple = ()
+
+    def at(self, record) -> DerivedParameter:
+        """``g`` at the sizes of the recorded forward (itself without sizes)."""
+        if not self.sizes:
+            return self
+        return dataclasses.replace(self, arguments=record.derived_arguments[self.name])
 
     def function(self, parameter: str) -> Callable[[Tensor], Tensor]:
         """``theta -> g(theta)`` with every other parameter fixed."""
-        local = self.local[parameter]
-        return lambda theta: functional_call(self.module, {local: theta}, ())
+        local, arguments = self.local[parameter], self.arguments
+        return lambda theta: functional_call(self.module, {local: theta}, arguments)
 
     def jvp(self, parameter: str, columns: Tensor) -> Tensor:
         """``J V``: columns ``[K, *theta]`` -> ``[K, *b]``."""
@@ -93,20 +105,30 @@ class DerivedParameter:
         return vmap(lambda t: jvp(weighted, (theta,), (t,))[1])(columns)
 
 
-def extract(graph_module: torch.fx.GraphModule, root: torch.fx.Node) -> torch.fx.GraphModule:
-    """The nodes ``root`` is computed from, as a ``GraphModule`` without inputs."""
+def extract(
+    graph_module: torch.fx.GraphModule, root: torch.fx.Node, cut: frozenset = frozenset()
+) -> Tuple[torch.fx.GraphModule, Tuple[str, ...]]:
+    """The nodes ``root`` is computed from, as a ``GraphModule``, and its inputs.
+
+    The nodes in ``cut`` (sizes of the model's inputs) become the module's inputs, in
+    graph order; without them it has none.
+    """
     ancestors, stack = set(), [root]
     while stack:
         node = stack.pop()
         if node not in ancestors:
             ancestors.add(node)
-            stack.extend(node.all_input_nodes)
-    graph, copies = torch.fx.Graph(), {}
+            if node not in cut:
+                stack.extend(node.all_input_nodes)
+    graph, copies, inputs = torch.fx.Graph(), {}, []
     for node in graph_module.graph.nodes:  # topological order
-        if node in ancestors:
+        if node in ancestors and node in cut:
+            copies[node] = graph.placeholder(node.name)
+            inputs.append(node.name)
+        elif node in ancestors:
             copies[node] = graph.node_copy(node, lambda n: copies[n])
     graph.output(copies[root])
-    return torch.fx.GraphModule(graph_module, graph)
+    return torch.fx.GraphModule(graph_module, graph), tuple(inputs)
 
 
 def parameter_only_nodes(
@@ -121,10 +143,10 @@ def parameter_only_nodes(
     from_inputs, from_parameters, sizes = set(), set(), set()
     for node in graph_module.graph.nodes:
         inputs = node.all_input_nodes
-        if node.op == "placeholder" or any(n in from_inputs for n in inputs):
+        if node.op != "placeholder" and _reads_sizes(node, sizes):
+            sizes.add(node)  # the inputs' sizes too: wpe(arange(idx.size(1))) is derived
+        elif node.op == "placeholder" or any(n in from_inputs for n in inputs):
             from_inputs.add(node)
-        elif _reads_sizes(node, sizes):
-            sizes.add(node)
         elif node.op == "get_attr":
             if is_parameter(node):
                 from_parameters.add(node)
@@ -171,10 +193,22 @@ def derive(
     model: torch.nn.Module,
 ) -> DerivedParameter:
     """The derived parameter computed by ``root`` (``parameter_names``: id -> model name)."""
-    module = extract(graph_module, root)
+    module, sizes = extract(graph_module, root, input_sizes(graph_module))
     local = {parameter_names[id(p)]: name for name, p in module.named_parameters()}
     parameters = {name: model.get_parameter(name) for name in local}
-    return DerivedParameter(root.name, module, parameters, local, source_line(root))
+    return DerivedParameter(root.name, module, parameters, local, source_line(root), sizes)
+
+
+def input_sizes(graph_module: torch.fx.GraphModule) -> frozenset:
+    """Size nodes read directly from a tensor computed from the inputs (``idx.size(1)``)."""
+    from_inputs, found = set(), set()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" or any(n in from_inputs for n in node.all_input_nodes):
+            if _reads_sizes(node, set()):
+                found.add(node)
+            else:
+                from_inputs.add(node)
+    return frozenset(found)
 
 
 def shared_parameter_problems(infos, derived: Dict[str, DerivedParameter]) -> list:

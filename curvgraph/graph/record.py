@@ -58,6 +58,8 @@ class Record:
     grads: Dict[str, Tensor] = field(default_factory=dict)
     result: Any = None
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    #: derived parameter name -> the input sizes it was computed at (``DerivedParameter.at``)
+    derived_arguments: Dict[str, tuple] = field(default_factory=dict)
     grad_enabled: bool = True
 
     def check_curvature_call(
@@ -114,6 +116,8 @@ class Recorder(torch.fx.Interpreter):
         self.traced, self.record, self.shapes = graph, record, shapes
         #: placeholder target -> value (:func:`bind_inputs`); ``None``: positional ``run``
         self.inputs: Optional[Dict[str, Any]] = None
+        self._needed_sizes = {s for d in graph.derived.values() for s in d.sizes}
+        self._sizes: Dict[str, Any] = {}
 
     def placeholder(self, target, args, kwargs) -> Any:  # noqa: D102
         if self.inputs is None:
@@ -125,14 +129,20 @@ class Recorder(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:  # noqa: D102
         output = self._run(n)
+        if n.name in self._needed_sizes:  # input sizes a derived parameter reads
+            self._sizes[n.name] = output
         if self.shapes and isinstance(output, Tensor):
             self.record.shapes[n.name] = tuple(output.shape)
         return output
 
     def _run(self, n: torch.fx.Node) -> Any:
-        if n.name in self.traced.derived:  # a derived parameter: its value and dL/db
+        derived = self.traced.derived.get(n.name)
+        if derived is not None:  # a derived parameter: its value, dL/db, the sizes it read
             output = super().run_node(n)
             self._keep(n.name, output)
+            if derived.sizes:
+                sizes = tuple(self._sizes[s] for s in derived.sizes)
+                self.record.derived_arguments[n.name] = sizes
             return output
         info = self.traced.infos.get(n)
         if info is None or not info.sources:

@@ -136,7 +136,7 @@ def pull_back_blocks(
         return curvature
     blocks = {n: b for n, b in curvature.items() if n not in graph.derived}
     for name in derived_names:
-        derived = _snapshot(graph.derived[name])
+        derived = _snapshot(graph.derived[name].at(graph.record))
         for parameter, value in derived.parameters.items():
             if not value.requires_grad:
                 continue
@@ -156,7 +156,7 @@ def pull_back_rows(graph: TracedGraph, rows: Dict[str, Tensor], parameters: Dict
     rows = dict(rows)
     names = [n for n in parameters if n not in graph.derived]
     for name in [n for n in parameters if n in graph.derived]:
-        derived = graph.derived[name]
+        derived = graph.derived[name].at(graph.record)
         factor_rows = rows.pop(name, None)
         for parameter, value in derived.parameters.items():
             if value.requires_grad and factor_rows is not None:

@@ -93,8 +93,8 @@ def check_operands(name: str, ctx: Context, slots: Sequence[str] = OPERANDS) -> 
     """Refuse operands that break the batch convention (see the module docstring)."""
     n, rank = ctx.batch_size, ctx.output.dim()
     tensors = {s: ctx.args[s] for s in slots if isinstance(ctx.args.get(s), Tensor)}
-    if not any(s in ctx.batched for s in tensors):
-        raise UnsupportedConfigurationError(
+    if not any(s in ctx.batched for s in ctx.args if isinstance(ctx.args[s], Tensor)):
+        raise UnsupportedConfigurationError(  # (a per-sample condition or mask counts)
             f"{name} of parameters or constants only (no operand carries the batch axis)"
         )
     for s, v in tensors.items():

@@ -172,13 +172,21 @@ def _export(root: nn.Module, args, kwargs, inputs: Inputs, name: str):
     except TraceError:
         raise
     except Exception as error:  # export raises many types; say which and what to do
+        lines = [line for line in str(error).strip().splitlines() if line.strip()][:6]
+        hint = (
+            "The model's code fixes the batch size (a reshape to a constant number of "
+            "samples, a loop over the batch): write it with x.shape[0] or -1, or capture "
+            "with torch.fx (capture='fx')."
+            if "Constraints violated (batch)" in str(error)
+            else "If the model returns caches or other objects that are no tensors, select "
+            "the tensor the loss is computed from with output= (for Hugging Face models "
+            "output='logits', or set use_cache=False); a data-dependent shape cannot be "
+            "captured."
+        )
         raise TraceError(
             f"torch.export could not capture {name}: {type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}\n"
-            "If the model returns caches or other objects that are no tensors, select the "
-            "tensor the loss is computed from with output= (for Hugging Face models "
-            "output='logits', or set use_cache=False); a batch size that must stay fixed or "
-            "a data-dependent shape cannot be captured with a dynamic batch axis."
+            + "\n  ".join(lines)
+            + f"\n{hint}"
         ) from error
 
 

@@ -37,15 +37,29 @@ def _constant(value, what: str):
 
 
 def _attend(
-    call, q, k, v, attn_mask, key_padding_mask, is_causal, dropout, scale=None, safe=False, **mask
+    call,
+    q,
+    k,
+    v,
+    attn_mask,
+    key_padding_mask,
+    is_causal,
+    dropout,
+    scale=None,
+    bias=None,
+    safe=False,
+    **mask,
 ):
-    """``softmax(mask(q k^T * scale)) v`` and the weights, as recorded ops.
+    """``softmax(mask(q k^T * scale + bias)) v`` and the weights, as recorded ops.
 
-    ``safe``: a query that may attend to no key under ``attn_mask`` gets zero weights
-    (SDPA's safe softmax), not NaN: its scores are 0 there and its weights are multiplied by
-    :func:`allowed_rows` (a constant).
+    ``bias``: a float mask computed in the graph, added with ``+`` (it may depend on
+    parameters). ``safe``: a query that may attend to no key under ``attn_mask`` gets zero
+    weights (SDPA's safe softmax), not NaN: its scores are 0 there and its weights are
+    multiplied by :func:`allowed_rows` (a constant).
     """
     scores = call.function(attention_scale, q, scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
     safe = safe and attn_mask is not None
     masked = scores
     if attn_mask is not None or key_padding_mask is not None or is_causal:
@@ -80,10 +94,21 @@ def _sdpa(
     p = _constant(dropout_p, "dropout_p")
     dropout = dict(p=p, training=True) if p > 0 else None
     is_causal = _constant(is_causal, "is_causal")
+    if _float_node(attn_mask):  # added to the scores; may carry a derivative (T5's bias)
+        output, _ = _attend(
+            call, query, key, value, None, None, is_causal, dropout, scale, attn_mask
+        )
+        return output
     output, _ = _attend(
         call, query, key, value, attn_mask, None, is_causal, dropout, scale, safe=True
     )
     return output
+
+
+def _float_node(mask) -> bool:
+    """Whether ``mask`` is a graph value known (export's ``meta["val"]``) to be floating."""
+    value = getattr(getattr(mask, "node", None), "meta", {}).get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def mha_problem(module: nn.MultiheadAttention) -> str:
