@@ -208,3 +208,18 @@ def test_label_smoothing_after_backward_is_refused():
     loss.backward()
     with pytest.raises(CurvGraphError, match="before loss.backward"):
         cg.curvature(loss, out, method="exact")
+
+
+def test_loss_hessian_after_backward_reads_the_traced_outputs_gradient():
+    """``cg(x)`` keeps ``out.grad``: the seed tutorial's order (backward, then loss_hessian)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    cg = curvgraph.trace(model.double())
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    y[:2] = -100
+    out = cg(x)
+    before = curvgraph.loss_hessian(torch.nn.functional.cross_entropy(out, y), out)
+    out = cg(x)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    loss.backward()
+    torch.testing.assert_close(curvgraph.loss_hessian(loss, out), before, rtol=0, atol=1e-15)

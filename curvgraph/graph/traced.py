@@ -287,11 +287,18 @@ class TracedGraph(nn.Module):
     def forward(self, *args, **kwargs) -> Any:
         """Run the model (same outputs, gradients flow as usual) and record for the rules.
 
-        Traces the model again first if a parameter or a used submodule was replaced.
+        Traces the model again first if a parameter or a used submodule was replaced. A
+        tensor output keeps its gradient (``out.grad`` after ``loss.backward()``), which
+        :func:`curvgraph.loss_hessian` reads after ``backward()`` freed the loss's targets.
         """
         self.refresh(args, kwargs)
         self._record = record_forward(self, args, kwargs)
-        return self._record.result
+        result = self._record.result
+        if isinstance(result, Tensor) and result.requires_grad:
+            # dL/dout after loss.backward(): curvgraph.loss_hessian(loss, out) reads which
+            # targets a cross-entropy ignored from it once backward() freed them
+            result.retain_grad()
+        return result
 
     @property
     def record(self) -> Record:
