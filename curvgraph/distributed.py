@@ -122,6 +122,20 @@ class BatchShard:
         dist.all_gather(gathered, padded.contiguous(), group=self.group)
         return torch.cat([part[:c] for part, c in zip(gathered, counts)])
 
+    def same_on_every_rank(self, value: Tensor) -> bool:
+        """Whether ``value`` has the same shape and entries on every rank (a checksum)."""
+        if not self.distributed:
+            return True
+        flat = value.reshape(-1).to(torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        summary = torch.stack(
+            [torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
+             flat.sum(), (flat * flat).sum(), (flat * weights.sqrt()).sum()]
+        )  # fmt: skip
+        gathered = [torch.empty_like(summary) for _ in self.sizes]
+        _initialized().all_gather(gathered, summary, group=self.group)
+        return all(torch.allclose(g, gathered[0], rtol=1e-12, atol=0) for g in gathered)
+
     def _weighted_sum(self, value, weight: float):
         if not self.distributed or not isinstance(value, Tensor):
             return value

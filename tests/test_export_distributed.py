@@ -1,9 +1,10 @@
-"""An exported Llama with its batch split over two gloo ranks equals one process on the batch.
+"""Exported language models with their batch split over two gloo ranks equal one process.
 
 The ranks' sequences have different numbers of counted tokens (padding, ``ignore_index``):
-a mean over counted tokens combines with weights ``M_r / M``, not ``N_r / N``. (GPT-2 and
-BERT look their position embeddings up with constant indices, a parameter-only computation
-that ``process_group`` refuses for now: tested below.)
+a mean over counted tokens combines with weights ``M_r / M``, not ``N_r / N``. GPT-2 looks
+its position embeddings up with constant indices, a parameter-only computation whose block
+combines over the ranks and is pulled back once; ranks with other sequence lengths (other
+position embeddings) are refused.
 """
 
 from __future__ import annotations
@@ -63,17 +64,44 @@ def products(group=None, rank=None):
     return results
 
 
+def gpt2_products(group=None, rank=None, length=6):
+    """GPT-2 (position embeddings: a derived tensor), exact GGN and Hessian products."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, V, (4, 6))
+    if rank is not None:
+        ids = ids[2 * rank : 2 * rank + 2, :length]
+    v = torch.randn(dict(model.named_parameters())["transformer.wpe.weight"].numel())
+    cg = curvgraph.trace(model, input_ids=ids, output="logits")
+    results = {}
+    for curvature in ("ggn", "hessian"):
+        out = cg(input_ids=ids)
+        loss = F.cross_entropy(out.reshape(-1, V), ids.reshape(-1))
+        blocks = cg.curvature(loss, out, curvature, "exact", process_group=group)
+        results["gpt2", curvature] = blocks["transformer.wpe.weight"].matvec(v.double())
+    return results
+
+
 def _worker(rank, port, directory):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.save(products(dist.group.WORLD, rank), f"{directory}/rank{rank}.pt")
+        results = products(dist.group.WORLD, rank)
+        results.update(gpt2_products(dist.group.WORLD, rank))
+        try:  # rank 1 with shorter sequences: other position embeddings
+            gpt2_products(dist.group.WORLD, rank, length=6 - rank)
+            results["other lengths"] = ""
+        except curvgraph.CurvGraphError as error:
+            results["other lengths"] = str(error)
+        torch.save(results, f"{directory}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_token_mean_over_ranks_equals_one_process(tmp_path):
-    single = products()
+def test_batches_split_over_ranks_equal_one_process(tmp_path):
+    single = {**products(), **gpt2_products()}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,22 +111,13 @@ def test_token_mean_over_ranks_equals_one_process(tmp_path):
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # Llama's RMSNorm computes in float32 by design, and float32 reductions round by the
-    # batch's shape: 1e-6 (weights N_r / N instead of M_r / M would be 30% off here)
+    # batch's shape: 1e-6 (weights N_r / N instead of M_r / M would be 30% off here).
     # kflr (expand): G sums over the ranks' losses, A averages their positions, whichever
     # side of the Kronecker product each is on: the one-process factors too
     for key, expected in single.items():
         for result in ranks:
             error = (result[key] - expected).norm() / expected.norm()
             assert error < 1e-6, (key, error.item())
-
-
-def test_parameter_only_computations_with_process_group_are_refused():
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    ids = torch.randint(0, V, (2, 6))
-    cg = curvgraph.trace(model, input_ids=ids, output="logits")
-    out = cg(input_ids=ids)
-    loss = F.cross_entropy(out.reshape(-1, V), ids.reshape(-1))
-    with pytest.raises(curvgraph.CurvGraphError, match="parameter-only computations"):
-        cg.curvature(loss, out, "ggn", "exact", process_group=object())
+    for result in ranks:
+        assert "differs between the ranks" in result["other lengths"]
+        assert "parameter-only computation" in result["other lengths"]

@@ -47,8 +47,8 @@ def compute_curvature(
         parameters=graph.model.named_parameters(),
         output_grad=_recorded_gradient(graph, outputs),
     )
-    check_distributed(graph, process_group)
     shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
+    check_distributed(graph, shard)
     shard.check_loss(loss_model)
     return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
 

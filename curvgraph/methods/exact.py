@@ -36,7 +36,7 @@ from curvgraph.errors import CurvGraphError
 from curvgraph.graph import Plan, Record, gradients, plan, validate_call
 from curvgraph.losses import LossModel
 from curvgraph.methods.base import CURVATURES, Method, Verdict, register_method
-from curvgraph.methods.pullback import pull_back_blocks
+from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
 from curvgraph.rules import Context, groups_of
 
 __all__ = ["Exact", "ExactProducts"]
@@ -342,7 +342,7 @@ class Exact(Method):
         engine = shard.products(products)
         blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
         result = BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
-        return pull_back_blocks(graph, result, mode, grads)
+        return pull_back_blocks(graph, result, mode, combined_gradients(graph, grads, shard))
 
     def verdict(self, graph, walk, **options):  # noqa: D102
         return Verdict(True, "per-sample products, no dense matrices")

@@ -48,7 +48,7 @@ from curvgraph.methods.frontier import (
     slot_size,
     symmetric,
 )
-from curvgraph.methods.pullback import check_distributed, pull_back_blocks
+from curvgraph.methods.pullback import check_distributed, combined_gradients, pull_back_blocks
 from curvgraph.rules import CHUNK_ELEMENTS, Context, modify_symmetric
 
 __all__ = ["HBP", "backward_hessian", "hbp_blocks"]
@@ -89,9 +89,9 @@ def backward_hessian(
         One block per trainable parameter, by name.
     """
     curvature = resolve_curvature(curvature, modify_2nd_order_terms)
-    check_distributed(graph, process_group)
     output = graph.record.contexts[graph.output_node().name].output
     shard = BatchShard(process_group, output.shape[0], output, loss_reduction)
+    check_distributed(graph, shard)
     return hbp_blocks(graph, output_hessian, curvature, shard, **options)
 
 
@@ -132,7 +132,7 @@ def hbp_blocks(
     blocks = state.run(graph.record, shard.loss_sum(output_hessian.to(output)), output, grads)
     ordered = {n: blocks[n] for n in walk.parameters if n in blocks}
     result = BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
-    return pull_back_blocks(graph, result, mode, grads)
+    return pull_back_blocks(graph, result, mode, combined_gradients(graph, grads, shard))
 
 
 class _Walk:

@@ -29,6 +29,7 @@ from curvgraph.rules import modify_symmetric
 __all__ = [
     "PulledBackBlock",
     "check_distributed",
+    "combined_gradients",
     "pull_back_blocks",
     "pull_back_rows",
 ]
@@ -111,13 +112,32 @@ def _raw_order(graph: TracedGraph, names) -> Dict[str, Tensor]:
     return {n: p for n, p in graph.model.named_parameters() if n in names}
 
 
-def check_distributed(graph: TracedGraph, process_group) -> None:
-    """Refuse a batch split over ranks for graphs with derived parameters (not supported yet)."""
-    if graph.derived and process_group is not None:
-        raise CurvGraphError(
-            "process_group with parameters used through parameter-only computations "
-            f"(nodes {sorted(graph.derived)}) is not supported yet"
-        )
+def check_distributed(graph: TracedGraph, shard) -> None:
+    """Refuse a batch split over ranks whose derived tensors differ between the ranks.
+
+    A derived tensor ``b = g(theta)`` (GPT-2's position embeddings of ``0 .. T-1``) is the
+    same on every rank when the ranks' inputs have the same sizes; then its block combines
+    over the ranks like a parameter's and is pulled back once. Ranks with other sizes (a
+    sequence length per rank) have different ``b`` and ``J``: refused.
+    """
+    if not graph.derived or not shard.distributed:
+        return
+    record = graph.record
+    for name in sorted(graph.derived):
+        value = record.outputs.get(name)
+        if value is not None and not shard.same_on_every_rank(value.detach()):
+            raise CurvGraphError(
+                f"the parameter-only computation {name!r} (at {graph.derived[name].where}) "
+                "differs between the ranks (inputs of other sizes, such as another sequence "
+                "length): its block cannot be combined over the ranks. Give every rank "
+                "inputs of the same sizes (pad to one length)"
+            )
+
+
+def combined_gradients(graph: TracedGraph, grads: Dict[str, Tensor], shard) -> Dict[str, Tensor]:
+    """``grads`` with ``dL/db`` of each derived tensor summed over the ranks' losses."""
+    names = [n for n in sorted(graph.derived) if n in grads]
+    return {**grads, **{n: shard.loss_sum(grads[n]) for n in names}}
 
 
 def pull_back_blocks(
