@@ -31,6 +31,7 @@ block would need the cross terms).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -134,18 +135,43 @@ def extract(
 def parameter_only_nodes(
     graph_module: torch.fx.GraphModule, is_parameter: Callable[[torch.fx.Node], bool]
 ) -> set:
-    """Call nodes computed from parameters (and buffers, constants) alone.
+    """Call nodes computed from parameters (and buffers, constants, sizes) alone.
 
     A node depends on parameters through a parameter attribute (``is_parameter``), a leaf
     module that owns parameters, or another such node; on the inputs through a placeholder.
-    A parameter's sizes (``w.shape[0]``, ``w.size(1)``) are constants, not derived tensors.
+    Sizes are constants, not derived tensors: a parameter's (``w.shape[0]``, ``w.size(1)``)
+    and an input's along other axes than the batch axis (``idx.size(1)``: nanoGPT's
+    ``wpe(arange(T))`` is derived); the batch size is the inputs' (a tensor shaped by it is
+    per-sample data, as BERT's token type ids expanded to ``[N, T]``).
     """
-    from_inputs, from_parameters, sizes = set(), set(), set()
+    return _classify(graph_module, is_parameter)[0]
+
+
+def input_sizes(graph_module: torch.fx.GraphModule) -> frozenset:
+    """Sizes read from tensors computed from the inputs, along other axes than the batch's.
+
+    The inputs of a derived parameter's module (:func:`extract`): ``idx.size(1)``,
+    ``idx.shape[1]``, ``T`` of ``B, T = idx.size()``.
+    """
+    return frozenset(_classify(graph_module, lambda node: False)[1])
+
+
+def _classify(graph_module: torch.fx.GraphModule, is_parameter) -> tuple:
+    """``(parameter-only call nodes, size reads of input tensors)`` (see the two above)."""
+    from_inputs, from_parameters, sizes, shapes, reads = set(), set(), set(), set(), set()
     for node in graph_module.graph.nodes:
         inputs = node.all_input_nodes
-        if node.op != "placeholder" and _reads_sizes(node, sizes):
-            sizes.add(node)  # the inputs' sizes too: wpe(arange(idx.size(1))) is derived
-        elif node.op == "placeholder" or any(n in from_inputs for n in inputs):
+        read = None if node.op == "placeholder" else _input_size(node, from_inputs, shapes)
+        if node.op == "placeholder" or read == "batch":
+            from_inputs.add(node)
+        elif read == "shape":
+            shapes.add(node)
+        elif read == "size":
+            sizes.add(node)
+            reads.add(node)
+        elif _reads_sizes(node, sizes):
+            sizes.add(node)
+        elif any(n in from_inputs or n in shapes for n in inputs):
             from_inputs.add(node)
         elif node.op == "get_attr":
             if is_parameter(node):
@@ -156,7 +182,36 @@ def parameter_only_nodes(
             )
             if owns or any(n in from_parameters for n in inputs):
                 from_parameters.add(node)
-    return {n for n in from_parameters if n.op != "get_attr"}
+    return {n for n in from_parameters if n.op != "get_attr"}, reads
+
+
+def _input_size(node: torch.fx.Node, from_inputs: set, shapes: set):
+    """How ``node`` reads an input tensor's size, if it does.
+
+    ``"shape"`` (all axes), ``"size"`` (one axis other than the batch axis, or the rank),
+    ``"batch"`` (a size that includes the batch axis), ``None`` (no such read).
+    """
+    args = node.args
+    source = args[0] if args else None
+    if node.op == "call_function" and node.target is operator.getitem and source in shapes:
+        index = args[1] if len(args) > 1 else None
+        return "size" if isinstance(index, int) and index != 0 else "batch"
+    if source not in from_inputs:
+        return None
+    if node.op == "call_function" and node.target is getattr and len(args) > 1:
+        if args[1] == "shape":
+            return "shape"
+        return "size" if args[1] in ("ndim", "dtype", "device") else None
+    if node.op == "call_method" and node.target in ("dim", "get_device"):
+        return "size"
+    if node.op == "call_method" and node.target in ("numel", "nelement"):
+        return "batch"
+    if node.op == "call_method" and node.target == "size":
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        if dim is None:
+            return "shape"
+        return "size" if isinstance(dim, int) and dim != 0 else "batch"
+    return None
 
 
 _SIZE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
@@ -197,18 +252,6 @@ def derive(
     local = {parameter_names[id(p)]: name for name, p in module.named_parameters()}
     parameters = {name: model.get_parameter(name) for name in local}
     return DerivedParameter(root.name, module, parameters, local, source_line(root), sizes)
-
-
-def input_sizes(graph_module: torch.fx.GraphModule) -> frozenset:
-    """Size nodes read directly from a tensor computed from the inputs (``idx.size(1)``)."""
-    from_inputs, found = set(), set()
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder" or any(n in from_inputs for n in node.all_input_nodes):
-            if _reads_sizes(node, set()):
-                found.add(node)
-            else:
-                from_inputs.add(node)
-    return frozenset(found)
 
 
 def shared_parameter_problems(infos, derived: Dict[str, DerivedParameter]) -> list:
