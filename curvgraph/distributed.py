@@ -122,6 +122,20 @@ class BatchShard:
         dist.all_gather(gathered, padded.contiguous(), group=self.group)
         return torch.cat([part[:c] for part, c in zip(gathered, counts)])
 
+    def _input_mean(self, count):
+        """The combination of an input factor ``A`` averaged over ``count`` rows here.
+
+        ``sum_r (M_r / M) A_r`` with the ranks' counts (padding: positions the loss reaches),
+        or the batch mean where the rule did not count (``count`` ``None``).
+        """
+        if count is None:
+            return self.batch_mean
+        counts = torch.tensor([float(count)], dtype=torch.float64, device=self.like.device)
+        gathered = [torch.empty_like(counts) for _ in self.sizes]
+        _initialized().all_gather(gathered, counts, group=self.group)
+        total = float(sum(g.item() for g in gathered))
+        return lambda value: self._weighted_sum(value, count / total if total else 0.0)
+
     def same_on_every_rank(self, value: Tensor) -> bool:
         """Whether ``value`` has the same shape and entries on every rank (a checksum)."""
         if not self.distributed:
@@ -212,10 +226,11 @@ class BatchShard:
                 blocks[name] = LowRankBlock(self.gather_rows(block.rows), block.shape)
             elif isinstance(block, KroneckerBlock):
                 first, second = (_square(f) for f in (block.first, block.second))
+                mean = self._input_mean(block.input_count)
                 if block.input_first:
-                    first, second = self.batch_mean(first), self.loss_sum(second)
+                    first, second = mean(first), self.loss_sum(second)
                 else:
-                    first, second = self.loss_sum(first), self.batch_mean(second)
+                    first, second = self.loss_sum(first), mean(second)
                 blocks[name] = KroneckerBlock(first, second, block.shape)
                 blocks[name].input_first = block.input_first
             else:

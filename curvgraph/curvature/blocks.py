@@ -113,6 +113,8 @@ class KroneckerBlock(Block):
 
     #: whether ``first`` is the input factor ``A`` (``A (x) G``) rather than ``G``
     input_first: bool = False
+    #: how many positions (or samples) ``A`` averages over, where the rule counted them
+    input_count = None
 
     def __init__(self, first, second, shape: torch.Size, roots: Optional[tuple] = None):
         super().__init__(shape)

@@ -82,7 +82,7 @@ class KroneckerFactorMethod(FactorMethod):
         if pair is None:
             return None
         if all(isinstance(factor, Factor) for factor in pair):
-            return _sided(KroneckerBlock(*pair, shape), rule)
+            return _sided(KroneckerBlock(*pair, shape), rule, ctx)
         kronecker_roots = rule.capability("kronecker_roots")
         roots = None
         if kronecker_roots is not None:
@@ -90,7 +90,7 @@ class KroneckerFactorMethod(FactorMethod):
                 roots = kronecker_roots(ctx, slot, factors, approx=approx)
             else:
                 roots = kronecker_roots(ctx, slot, factors)
-        return _sided(KroneckerBlock(*pair, shape, roots=roots), rule)
+        return _sided(KroneckerBlock(*pair, shape, roots=roots), rule, ctx)
 
     def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
         """How many blocks are Kronecker, how many low-rank."""
@@ -119,9 +119,15 @@ def _takes(function, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _sided(block: KroneckerBlock, rule) -> KroneckerBlock:
-    """``block`` knowing which factor is the input's (``rule.kronecker_input_first``)."""
+def _sided(block: KroneckerBlock, rule, ctx=None) -> KroneckerBlock:
+    """``block`` knowing which factor is the input's (``rule.kronecker_input_first``).
+
+    And, where the rule counted them, the positions (or samples) the input factor averages
+    over (``ctx.cache["kfac_input_count"]``, :mod:`curvgraph.rules.layers.positions`).
+    """
     block.input_first = rule.kronecker_input_first
+    if ctx is not None:
+        block.input_count = ctx.cache.pop("kfac_input_count", None)
     return block
 
 

@@ -22,7 +22,6 @@ Axis permutations (``transpose``, ``permute``) are in :mod:`curvgraph.rules.line
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from curvgraph.rules.broadcasting import OPERANDS, BroadcastCrossTerms, expand_activations
 from curvgraph.rules.gram import symmetric_product
+from curvgraph.rules.layers.positions import shared_weight_roots
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -198,11 +198,8 @@ class MatmulRule(Rule):
             return None
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, d]
         s = factors.reshape(factors.shape[0], *x.shape[:2], factors.shape[-1])  # [K, N, T, m]
-        if approx == "reduce":
-            return x.mean(1) / math.sqrt(x.shape[0]), s.sum(2).flatten(0, 1)
-        if approx != "expand":
-            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
-        return x.flatten(0, 1) / math.sqrt(x.shape[0] * x.shape[1]), s.flatten(0, 2)
+        gradient_root, input_root = shared_weight_roots(ctx, x, s, approx)
+        return input_root, gradient_root
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         if not all(isinstance(ctx.args[s], Tensor) for s in OPERANDS):

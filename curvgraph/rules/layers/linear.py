@@ -9,8 +9,6 @@ cross terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,6 +16,7 @@ from torch import Tensor, nn
 from curvgraph.curvature.factors import factor_from_root
 from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import symmetric_product
+from curvgraph.rules.layers.positions import shared_weight_roots
 from curvgraph.rules.registry import (
     Sample,
     alias,
@@ -146,11 +145,7 @@ class LinearRule(PullbackRule):
             return None
         x = self._positions(ctx.input)  # [N, T, F_in]
         s = factors.reshape(factors.shape[0], *x.shape[:2], factors.shape[-1])  # [K, N, T, O]
-        if approx == "reduce":
-            return s.sum(2).flatten(0, 1), x.mean(1) / math.sqrt(x.shape[0])
-        if approx != "expand":
-            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
-        return s.flatten(0, 2), x.flatten(0, 1) / math.sqrt(x.shape[0] * x.shape[1])
+        return shared_weight_roots(ctx, x, s, approx)  # positions the loss reaches
 
 
 def _gram(root: Tensor) -> Tensor:
