@@ -1,5 +1,7 @@
 """Kronecker roots of a weight shared over positions, counting the positions the loss reaches.
 
+(Embeddings count their token ids the same way: :mod:`curvgraph.rules.layers.embedding`.)
+
 A linear map applied to every position ``t`` of ``x`` ``[N, T, D]`` (tokens, patches) has
 the KFAC approximations of Eschenhagen et al. (2023), ``expand`` and ``reduce``. Positions
 that do not reach the loss (padding: an ignored target, a key every query masks) have
