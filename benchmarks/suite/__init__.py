@@ -25,6 +25,10 @@ Sections (``--sections``, default all):
   solves against CG, and LM against constant damping on Fashion-MNIST;
 - ``fallback`` (:mod:`benchmarks.fallback`): the autograd fallback's cost relative to the
   hand-written rule for three activations (exact products and HBP pass).
+- ``language_models`` (:mod:`benchmarks.language_models`): curvature / gradient and peak
+  memory on GPT-2 small and nanoGPT beside curvlinops; not in the quick or full suite's
+  default sections (tens of minutes): ``--suite language_models`` runs it alone (GPT-2
+  small), ``--sections language_models`` runs it at the suite's size (quick: tiny models).
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every

@@ -15,11 +15,11 @@ import torch
 
 from benchmarks import cost
 from benchmarks.problems import PROBLEMS
-from benchmarks.suite.sections import SECTIONS
+from benchmarks.suite.sections import DEFAULT_SECTIONS, SECTIONS
 
 __all__ = ["SUITES", "parse_args"]
 
-SUITES = ("quick", "full")  # public; "smoke" (tests) is accepted but not advertised
+SUITES = ("quick", "full", "language_models")  # public; "smoke" (tests) is accepted too
 
 
 def _split(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -33,7 +33,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line options of ``python -m benchmarks``."""
     parser = _parser()
     args = parser.parse_args(argv)
-    args.sections = _split(args.sections) or list(SECTIONS)
+    default = DEFAULT_SECTIONS.get(args.suite, tuple(s for s in SECTIONS if s != "language_models"))
+    args.sections = _split(args.sections) or list(default)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
@@ -44,7 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.peers = []
     try:
         args.cost_config = cost.config_for(
-            args.suite,
+            "full" if args.suite == "language_models" else args.suite,
             args.problems,
             args.methods,
             args.peers,
@@ -72,9 +73,10 @@ def _parser() -> argparse.ArgumentParser:
         "--suite",
         default="quick",
         choices=SUITES + ("smoke",),
-        metavar="{quick,full}",
+        metavar="{quick,full,language_models}",
         help="quick (< 10 minutes on 2 CPU cores, bundled data) or full (longer, full "
-        "datasets when present); default quick",
+        "datasets when present); language_models: that section alone, GPT-2 small and "
+        "nanoGPT (tens of minutes); default quick",
     )
     parser.add_argument(
         "--sections",

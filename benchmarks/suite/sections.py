@@ -16,9 +16,12 @@ from typing import Any, Callable, Dict, List
 
 from benchmarks import cost
 
-__all__ = ["RUNNERS", "SECTIONS", "section_markdown", "section_plots"]
+__all__ = ["DEFAULT_SECTIONS", "RUNNERS", "SECTIONS", "section_markdown", "section_plots"]
 
-SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers", "fallback")
+SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers", "fallback", "language_models")
+#: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
+#: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
+DEFAULT_SECTIONS = {"language_models": ("language_models",)}
 
 
 def _module(name: str):
@@ -49,6 +52,13 @@ def _run_fallback(args, out: Path) -> Dict[str, Any]:
     return _module("fallback").run(args.suite, args.device, not args.no_progress)
 
 
+def _run_language_models(args, out: Path) -> Dict[str, Any]:
+    preset = "full" if args.suite in ("full", "language_models") else args.suite
+    return _module("language_models").run(
+        preset, args.device, not args.no_progress, threads=args.threads or 1
+    )
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -56,6 +66,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "seed": _run_seed,
     "solvers": _run_solvers,
     "fallback": _run_fallback,
+    "language_models": _run_language_models,
 }
 
 
