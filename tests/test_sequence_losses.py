@@ -341,3 +341,16 @@ def test_a_class_axis_on_the_batch_axis_is_refused_as_coupling_samples():
     out = torch.randn(N, T, V, dtype=DTYPE, requires_grad=True)
     with pytest.raises(curvgraph.losses.LossStructureError, match="not a sum of per-sample"):
         recognise(F.cross_entropy(out.transpose(0, 1), torch.zeros(T, V, dtype=torch.long)), out)
+
+
+def test_categorical_sampling_at_vocabulary_scale_has_the_distribution():
+    """Above 4096 classes tokens are drawn by inverse CDF: the same distribution."""
+    from curvgraph.losses.tokens import categorical
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.zeros(1, 5000, dtype=torch.float64)
+    p[0, [3, 1000, 4999]] = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    draws = categorical(p.expand(20000, -1), 1, g).flatten()
+    frequencies = torch.bincount(draws, minlength=5000)[[3, 1000, 4999]].double() / 20000
+    assert set(draws.unique().tolist()) == {3, 1000, 4999}
+    torch.testing.assert_close(frequencies, p[0, [3, 1000, 4999]], atol=0.015, rtol=0)  # 5 s.e.

@@ -113,7 +113,7 @@ class TokenCrossEntropyLoss(LossModel):
         """``sqrt(w / K) (p - e_y)``, ``y ~ Categorical(p)`` per position: ``[K, N, *P, V]``."""
         classes = self.p.shape[-1]
         p = self.p.reshape(-1, classes)
-        labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+        labels = categorical(p, mc_samples, generator)
         factors = p.unsqueeze(0).repeat(mc_samples, 1, 1)  # [K, N P, V]
         minus_one = factors.new_full((mc_samples, p.shape[0], 1), -1.0)
         factors.scatter_add_(2, labels.T.unsqueeze(-1), minus_one)  # p - e_y
@@ -230,3 +230,23 @@ def _unselect(step: LayoutStep, axis: int, counted: Tensor):
         index[counted_dim] = slice(*slice(*step.dims[1:]).indices(sizes[dim]))
     full[tuple(index)] = counted
     return tuple(sizes), before_axis, full
+
+
+#: above this many classes, :func:`categorical` samples by inverse CDF
+MULTINOMIAL_CLASSES = 4096
+
+
+def categorical(p: Tensor, samples: int, generator=None) -> Tensor:
+    """``samples`` draws ``y ~ Categorical(p_r)`` per row of ``p`` ``[R, V]``: ``[R, samples]``.
+
+    ``torch.multinomial`` up to :data:`MULTINOMIAL_CLASSES` classes (the stream curvlinops
+    draws too); above, the inverse CDF, ``y = #{v : F_v <= u}`` with ``u ~ U(0, 1)``: the same
+    distribution, about 15x faster on a CPU at a vocabulary of 50257 (0.06 s instead of
+    0.85 s for 512 tokens).
+    """
+    if p.shape[-1] <= MULTINOMIAL_CLASSES:
+        return torch.multinomial(p, samples, replacement=True, generator=generator)
+    cdf = p.cumsum(-1)
+    cdf = cdf / cdf[:, -1:]
+    u = torch.rand(p.shape[0], samples, generator=generator, dtype=cdf.dtype, device=p.device)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[-1] - 1)

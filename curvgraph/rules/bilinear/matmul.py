@@ -27,6 +27,7 @@ import operator
 import torch
 from torch import Tensor
 
+from curvgraph.curvature.factors import factor_from_root
 from curvgraph.rules.broadcasting import OPERANDS, BroadcastCrossTerms, expand_activations
 from curvgraph.rules.gram import symmetric_product
 from curvgraph.rules.layers.positions import shared_weight_roots
@@ -172,17 +173,20 @@ class MatmulRule(Rule):
 
     # -- second order --------------------------------------------------------------------------
     # -- Kronecker factors of a weight used as ``x @ W`` (Hugging Face GPT-2's Conv1D) ---------
-    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+    def kronecker_factors(self, ctx, slot, factors, approx="expand", compact=False):
         """``(A, G)``: ``A (x) G`` approximates the block of ``W`` ``[d, m]`` in ``y = x @ W``.
 
         The transpose of a linear layer's ``G (x) A`` (``vec(x s^T) = x (x) s`` row-major),
         with the same ``expand`` / ``reduce`` factors (see
-        :meth:`curvgraph.rules.layers.linear.LinearRule.kronecker_factors`).
+        :meth:`curvgraph.rules.layers.linear.LinearRule.kronecker_factors`), dense or, with
+        ``compact``, each as its root alone where that has fewer rows than columns.
         """
         roots = self.kronecker_roots(ctx, slot, factors, approx)
         if roots is None:
             return None
-        return symmetric_product(roots[0].T), symmetric_product(roots[1].T)
+        if compact:
+            return tuple(factor_from_root(root, _gram) for root in roots)
+        return tuple(_gram(root) for root in roots)
 
     def kronecker_roots(self, ctx, slot, factors, approx="expand"):
         """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
@@ -215,3 +219,8 @@ class MatmulRule(Rule):
             return result
 
         return BroadcastCrossTerms(product)
+
+
+def _gram(root: Tensor) -> Tensor:
+    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
+    return symmetric_product(root.T)
