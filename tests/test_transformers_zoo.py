@@ -27,14 +27,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
 
 import curvgraph  # noqa: E402
 from benchmarks.problem_models import CausalSelfAttention, NanoGPT  # noqa: E402
-from benchmarks.zoo_transformers import (  # noqa: E402
-    ARCHITECTURES,
-    TOLERANCE,
-    build,
-    exact_check,
-    example,
-    transformer_row,
-)
+from benchmarks.zoo_transformer_checks import exact_check  # noqa: E402
+from benchmarks.zoo_transformer_models import ARCHITECTURES, TOLERANCE, build, example  # noqa: E402
+from benchmarks.zoo_transformers import transformer_row  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 SLOW = [

@@ -207,15 +207,11 @@ class EmbeddingRule(Rule):
         """Zero: the output is linear in the weight."""
         return Zero()
 
-    def _counts(self, ctx: Context, like: Tensor, reached=None) -> Tensor:
-        """``c_nv``: how often sample ``n`` selects row ``v`` (zero at ``padding_idx``).
-
-        Only at the positions ``reached`` ``[N, S]`` (those the loss reaches), if given.
-        """
+    def _counts(self, ctx: Context, like: Tensor) -> Tensor:
+        """``c_nv``: how often sample ``n`` selects row ``v`` (zero at ``padding_idx``)."""
         index = self._flat_indices(ctx)  # [N, S]
         counts = like.new_zeros(index.shape[0], ctx.weight.shape[0])
-        ones = like.new_ones(index.shape) if reached is None else reached.to(like.dtype)
-        counts.scatter_add_(1, index, ones)
+        counts.scatter_add_(1, index, like.new_ones(index.shape))
         pad = self._padding_row(ctx)
         if pad is not None:
             counts[:, pad] = 0
@@ -236,32 +232,10 @@ class EmbeddingRule(Rule):
             raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
         return s.flatten(0, 2)
 
-    def _frequencies(self, ctx: Context, like: Tensor, reached=None) -> Tensor:
-        """``a_n / sqrt(N)`` with ``a_n = c_n / T``: the reduce input factor's root.
-
-        With ``reached``: ``T`` the sample's reached positions, ``N`` the samples with one.
-        """
-        counts = self._counts(ctx, like, reached)
-        if reached is None:
-            ctx.cache["kfac_input_count"] = counts.shape[0]
-            return counts / (counts.shape[0] ** 0.5 * self._flat_indices(ctx).shape[1])
-        per_sample = reached.sum(1)
-        kept = per_sample > 0
-        ctx.cache["kfac_input_count"] = int(kept.sum())
-        rows = counts[kept] / per_sample[kept].unsqueeze(-1).to(like.dtype)
-        return rows / max(int(kept.sum()), 1) ** 0.5
-
-    def _reached(self, factors: Tensor, ctx: Context):
-        """Positions ``[N, S]`` the loss reaches (nonzero factors), or ``None`` for all.
-
-        Padding (ignored targets, masked keys) has exactly zero factors; with one position
-        per sample every sample counts (:mod:`curvgraph.rules.layers.positions`).
-        """
-        n, positions = self._flat_indices(ctx).shape
-        if positions == 1:
-            return None
-        reached = factors.reshape(factors.shape[0], n, positions, -1).ne(0).any(-1).any(0)
-        return None if bool(reached.all()) else reached
+    def _frequencies(self, ctx: Context, like: Tensor) -> Tensor:
+        """``a_n / sqrt(N)`` with ``a_n = c_n / T``: the reduce input factor's root."""
+        counts = self._counts(ctx, like)
+        return counts / (counts.shape[0] ** 0.5 * self._flat_indices(ctx).shape[1])
 
     def kronecker_factors(
         self, ctx: Context, slot: str, factors: Tensor, approx="expand", compact=False
@@ -278,15 +252,12 @@ class EmbeddingRule(Rule):
         if slot != "weight" or not self._indexed_per_sample(ctx):
             return None
         gradient_root = self._position_factors(ctx, factors, approx)
-        reached = self._reached(factors, ctx)
         if approx == "reduce":
-            input_root = self._frequencies(ctx, factors, reached)
+            input_root = self._frequencies(ctx, factors)
             if compact:
                 return factor_from_root(input_root), factor_from_root(gradient_root, _gram)
             return input_root.T @ input_root, _gram(gradient_root)
-        total = self._flat_indices(ctx).numel() if reached is None else int(reached.sum())
-        ctx.cache["kfac_input_count"] = total
-        diagonal = self._counts(ctx, factors, reached).sum(0) / max(total, 1)
+        diagonal = self._counts(ctx, factors).sum(0) / self._flat_indices(ctx).numel()
         if compact:
             return DiagonalFactor(diagonal), factor_from_root(gradient_root, _gram)
         return torch.diag(diagonal), _gram(gradient_root)
@@ -301,11 +272,8 @@ class EmbeddingRule(Rule):
         if slot != "weight" or not self._indexed_per_sample(ctx):
             return None
         gradient_root = self._position_factors(ctx, factors, approx)
-        reached = self._reached(factors, ctx)
         if approx == "reduce":
-            return self._frequencies(ctx, factors, reached), gradient_root
-        if reached is not None:
-            return None, gradient_root  # products use the (diagonal) factor itself
+            return self._frequencies(ctx, factors), gradient_root
         index = self._flat_indices(ctx).reshape(-1)
         vocabulary = ctx.weight.shape[0]
         if 2 * index.numel() >= vocabulary:
