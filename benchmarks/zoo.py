@@ -52,7 +52,7 @@ from benchmarks.zoo_check import TOLERANCE_HARDSIGMOID as TOLERANCE_HARDSIGMOID
 from benchmarks.zoo_models import SIZES, build, calibrate_batch_norm, input_size, models_by_size
 
 __all__ = ["build", "calibrate_batch_norm", "input_size", "exact_check", "tolerance"]
-__all__ += ["zoo_row", "markdown", "main"]
+__all__ += ["zoo_row", "coverage_summary", "markdown", "main"]
 
 EXACT_KEYS = ("input", "exact", "exact_errors", "exact_error", "exact_skipped", "exact_commit")
 
@@ -139,8 +139,8 @@ def _mark(value: Optional[bool]) -> str:
     return {True: "yes", False: "no", None: "-"}[value]
 
 
-def markdown(rows: Sequence[Dict], commit: str = "") -> str:
-    """The table of :func:`zoo_row` results."""
+def coverage_summary(rows: Sequence[Dict]) -> List[str]:
+    """The summary lines of a zoo table: rules only, fallback, not traced, exact checks."""
 
     def names(rows):
         return ", ".join(r["model"] for r in rows) or "none"
@@ -149,14 +149,21 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
     fallback = [r for r in rows if r["fallback"] and not r["hand_written"]]
     untraced = [r for r in rows if not r["fallback"]]
     checked = [r for r in rows if "exact" in r]
-    lines = [
-        f"torchvision {_torchvision_version()}, torch {torch.__version__}"
-        + (f", curvgraph commit {commit}" if commit else ""),
-        "",
+    return [
         f"- hand-written rules only ({len(hand)} of {len(rows)}): {names(hand)}",
         f"- with the autograd fallback ({len(fallback)}): {names(fallback)}",
         f"- not traced ({len(untraced)}): {names(untraced)}",
         f"- exact check run on {len(checked)}, passed on {sum(1 for r in checked if r['exact'])}",
+    ]
+
+
+def markdown(rows: Sequence[Dict], commit: str = "") -> str:
+    """The table of :func:`zoo_row` results."""
+    lines = [
+        f"torchvision {_torchvision_version()}, torch {torch.__version__}"
+        + (f", curvgraph commit {commit}" if commit else ""),
+        "",
+        *coverage_summary(rows),
         "",
         "| model | params | fx traces | hand-written rules only | with fallback | exact check "
         "(max rel. error, input) | ops without a hand-written rule; other problems |",

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.zoo import coverage_summary  # the torchvision zoo's summary lines
 from benchmarks.zoo_transformer_checks import (
     _short,
     _trace_status,
@@ -170,13 +171,6 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
     """The table of :func:`transformer_row` results, with its notes."""
     import transformers
 
-    def names(rows):
-        return ", ".join(r["model"] for r in rows) or "none"
-
-    hand = [r for r in rows if r["hand_written"]]
-    fallback = [r for r in rows if r["fallback"] and not r["hand_written"]]
-    untraced = [r for r in rows if not r["fallback"]]
-    checked = [r for r in rows if "exact" in r]
     kfac = [r for r in rows if "kfac" in r]
     passed = sum(1 for r in kfac if all(v.get("ok") for v in r["kfac"].values()))
     lines = [
@@ -184,10 +178,7 @@ def markdown(rows: Sequence[Dict], commit: str = "") -> str:
         + (f", curvgraph commit {commit}" if commit else ""),
         "",
         f"- issue 12's list: {', '.join(REQUIRED)}; the others are extras",
-        f"- hand-written rules only ({len(hand)} of {len(rows)}): {names(hand)}",
-        f"- with the autograd fallback ({len(fallback)}): {names(fallback)}",
-        f"- not traced ({len(untraced)}): {names(untraced)}",
-        f"- exact check run on {len(checked)}, passed on {sum(1 for r in checked if r['exact'])}",
+        *coverage_summary(rows),
         f"- kfac expand and reduce vs curvlinops run on {len(kfac)}, both passed on {passed}",
         "",
         "| model | params | capture route | hand-written rules only | with fallback | exact check "

@@ -130,10 +130,7 @@ class BatchShard:
         """
         if count is None:
             return self.batch_mean
-        counts = torch.tensor([float(count)], dtype=torch.float64, device=self.like.device)
-        gathered = [torch.empty_like(counts) for _ in self.sizes]
-        _initialized().all_gather(gathered, counts, group=self.group)
-        total = float(sum(g.item() for g in gathered))
+        total = sum(self._gathered(count))
         return lambda value: self._weighted_sum(value, count / total if total else 0.0)
 
     def same_on_every_rank(self, value: Tensor) -> bool:
@@ -174,8 +171,15 @@ class BatchShard:
             count = loss_model.outputs.numel()
         else:
             return  # a loss seen through autograd: trust loss_reduction
-        mean = math.isclose(loss_model.scale, 1.0 / count)
-        total = math.isclose(loss_model.scale, 1.0)
+        self._check_reduction(loss_model.scale, count)
+
+    def _check_reduction(self, scale: float, count: int) -> None:
+        """Refuse a loss whose reduction contradicts ``loss_reduction``.
+
+        ``scale`` is the loss's factor over its ``count`` terms: ``1 / count`` a mean, ``1`` a sum.
+        """
+        mean = count > 0 and math.isclose(scale, 1.0 / count)
+        total = math.isclose(scale, 1.0)
         if (self.loss_reduction == "mean" and not mean) or (
             self.loss_reduction == "sum" and not total
         ):
@@ -187,23 +191,16 @@ class BatchShard:
 
     def _count_tokens(self, loss_model) -> None:
         counted = int(loss_model.counted.sum())
-        mean = counted > 0 and math.isclose(loss_model.scale, 1.0 / counted)
-        total = math.isclose(loss_model.scale, 1.0)
-        if (self.loss_reduction == "mean" and not mean) or (
-            self.loss_reduction == "sum" and not total
-        ):
-            actual = "sum" if total else "mean"
-            raise ValueError(
-                f"the loss uses reduction={actual!r} but loss_reduction={self.loss_reduction!r}; "
-                f"pass loss_reduction={actual!r} so that the ranks' losses combine correctly"
-            )
-        if self.loss_reduction == "sum":
-            return
-        dist = _initialized()
-        count = torch.tensor([counted], dtype=torch.int64, device=self.like.device)
-        counts = [torch.empty_like(count) for _ in self.sizes]
-        dist.all_gather(counts, count, group=self.group)
-        self.loss_weight = counted / sum(int(c) for c in counts)
+        self._check_reduction(loss_model.scale, counted)
+        if self.loss_reduction == "mean":
+            self.loss_weight = counted / sum(self._gathered(counted))
+
+    def _gathered(self, number: float) -> List[float]:
+        """``number`` of every rank, in rank order (one ``all_gather``)."""
+        value = torch.tensor([float(number)], dtype=torch.float64, device=self.like.device)
+        gathered = [torch.empty_like(value) for _ in self.sizes]
+        _initialized().all_gather(gathered, value, group=self.group)
+        return [g.item() for g in gathered]
 
     def products(self, engine):
         """A product engine whose products are combined over the ranks (loss sums)."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gram", "symmetric_product"]
+from curvgraph.curvature.factors import factor_from_root
+
+__all__ = ["gram", "kronecker_from_roots", "root_gram", "symmetric_product"]
 
 #: entries of one chunk's ``[B, d, d]`` products in :func:`gram` (bounds its memory)
 _GRAM_CHUNK_ENTRIES = 2**22
@@ -58,3 +60,19 @@ def symmetric_product(flat: Tensor, blocks: int = 3) -> Tensor:
         out[start:stop, start:] = row
         out[stop:, start:stop] = row[:, stop - start :].T
     return out
+
+
+def root_gram(root: Tensor) -> Tensor:
+    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
+    return symmetric_product(root.T)
+
+
+def kronecker_from_roots(roots: tuple, compact: bool) -> tuple:
+    """Kronecker factors ``R^T R`` from their roots ``R``.
+
+    Dense, or with ``compact`` each as a :class:`~curvgraph.curvature.Factor` (the root alone
+    where it has fewer rows than columns).
+    """
+    if compact:
+        return tuple(factor_from_root(root, root_gram) for root in roots)
+    return tuple(root_gram(root) for root in roots)

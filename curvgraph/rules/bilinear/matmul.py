@@ -27,9 +27,8 @@ import operator
 import torch
 from torch import Tensor
 
-from curvgraph.curvature.factors import factor_from_root
 from curvgraph.rules.broadcasting import OPERANDS, BroadcastCrossTerms, expand_activations
-from curvgraph.rules.gram import symmetric_product
+from curvgraph.rules.gram import kronecker_from_roots
 from curvgraph.rules.layers.positions import shared_weight_roots
 from curvgraph.rules.registry import (
     Context,
@@ -184,9 +183,7 @@ class MatmulRule(Rule):
         roots = self.kronecker_roots(ctx, slot, factors, approx)
         if roots is None:
             return None
-        if compact:
-            return tuple(factor_from_root(root, _gram) for root in roots)
-        return tuple(_gram(root) for root in roots)
+        return kronecker_from_roots(roots, compact)
 
     def kronecker_roots(self, ctx, slot, factors, approx="expand"):
         """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
@@ -219,8 +216,3 @@ class MatmulRule(Rule):
             return result
 
         return BroadcastCrossTerms(product)
-
-
-def _gram(root: Tensor) -> Tensor:
-    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
-    return symmetric_product(root.T)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvgraph.curvature.factors import DiagonalFactor, factor_from_root
-from curvgraph.rules.gram import symmetric_product
+from curvgraph.rules.gram import root_gram
 from curvgraph.rules.registry import (
     Context,
     Rule,
@@ -255,12 +255,12 @@ class EmbeddingRule(Rule):
         if approx == "reduce":
             input_root = self._frequencies(ctx, factors)
             if compact:
-                return factor_from_root(input_root), factor_from_root(gradient_root, _gram)
-            return input_root.T @ input_root, _gram(gradient_root)
+                return factor_from_root(input_root), factor_from_root(gradient_root, root_gram)
+            return input_root.T @ input_root, root_gram(gradient_root)
         diagonal = self._counts(ctx, factors).sum(0) / self._flat_indices(ctx).numel()
         if compact:
-            return DiagonalFactor(diagonal), factor_from_root(gradient_root, _gram)
-        return torch.diag(diagonal), _gram(gradient_root)
+            return DiagonalFactor(diagonal), factor_from_root(gradient_root, root_gram)
+        return torch.diag(diagonal), root_gram(gradient_root)
 
     def kronecker_roots(self, ctx: Context, slot: str, factors: Tensor, approx="expand"):
         """``(R_A, R_G)`` with ``A = R_A^T R_A``, ``G = R_G^T R_G``.
@@ -283,8 +283,3 @@ class EmbeddingRule(Rule):
         if pad is not None:
             onehot[:, pad] = 0
         return onehot / index.numel() ** 0.5, gradient_root
-
-
-def _gram(root: Tensor) -> Tensor:
-    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
-    return symmetric_product(root.T)

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvgraph.curvature.factors import factor_from_root
 from curvgraph.rules.factories import PullbackRule
-from curvgraph.rules.gram import symmetric_product
+from curvgraph.rules.gram import kronecker_from_roots
 from curvgraph.rules.layers.positions import shared_weight_roots
 from curvgraph.rules.registry import (
     Sample,
@@ -131,9 +130,7 @@ class LinearRule(PullbackRule):
         roots = self.kronecker_roots(ctx, slot, factors, approx)
         if roots is None:
             return None
-        if compact:
-            return tuple(factor_from_root(root, _gram) for root in roots)
-        return tuple(_gram(root) for root in roots)
+        return kronecker_from_roots(roots, compact)
 
     def kronecker_roots(self, ctx, slot, factors, approx="expand"):
         """``(R_G, R_A)`` with ``G = R_G^T R_G``, ``A = R_A^T R_A``.
@@ -146,8 +143,3 @@ class LinearRule(PullbackRule):
         x = self._positions(ctx.input)  # [N, T, F_in]
         s = factors.reshape(factors.shape[0], *x.shape[:2], factors.shape[-1])  # [K, N, T, O]
         return shared_weight_roots(ctx, x, s, approx)  # positions the loss reaches
-
-
-def _gram(root: Tensor) -> Tensor:
-    """``R^T R`` of a root ``[r, size]`` (only the upper block triangle computed)."""
-    return symmetric_product(root.T)
