@@ -102,6 +102,7 @@ def measure_interleaved(
     warmup: int = 3,
     device: Device = "cpu",
     callback: Optional[Callable[[str], None]] = None,
+    record_errors: bool = False,
 ) -> Dict[str, Dict[str, Any]]:
     """:func:`measure` for several callables, interleaved round by round.
 
@@ -117,20 +118,35 @@ def measure_interleaved(
         warmup: untimed rounds before them.
         device: where the callables run.
         callback: called with the name after every call (e.g. to advance a progress bar).
+        record_errors: a callable that raises is left out of the later rounds and reported as
+            ``{"status": "n/a", "reason": "<type>: <message>"}`` (otherwise the error
+            propagates).
 
     Returns:
-        name -> the summary :func:`measure` returns.
+        name -> the summary :func:`measure` returns, with the process's CPU time of the
+        calls beside the wall time (``cpu_median_s``, ``cpu_times``).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = torch.device(device or "cpu")
     times: Dict[str, List[float]] = {name: [] for name in plan}
+    cpu: Dict[str, List[float]] = {name: [] for name in plan}
     usage: Dict[str, Optional[Dict[str, float]]] = {name: _ZERO_USAGE.copy() for name in plan}
+    errors: Dict[str, str] = {}
     for i in range(warmup + repeats):
         for name, (fn, setup) in plan.items():
-            elapsed, used = _timed_call(fn, setup, device)
+            if name in errors:
+                continue
+            try:
+                elapsed, cpu_elapsed, used = _timed_call(fn, setup, device)
+            except Exception as error:  # noqa: BLE001 - reported in the results
+                if not record_errors:
+                    raise
+                errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
+                continue
             if i >= warmup:
                 times[name].append(elapsed)
+                cpu[name].append(cpu_elapsed)
                 if used is None or usage[name] is None:
                     usage[name] = None
                 else:
@@ -139,8 +155,17 @@ def measure_interleaved(
                 callback(name)
     results = {}
     for name in plan:
+        if name in errors:
+            results[name] = {"status": "n/a", "reason": errors[name]}
+            continue
         summary = summarize(times[name])
-        summary.update(repeats=repeats, warmup=warmup, contention=contention_of(usage[name]))
+        summary.update(
+            repeats=repeats,
+            warmup=warmup,
+            contention=contention_of(usage[name]),
+            cpu_median_s=float(np.median(cpu[name])),
+            cpu_times=cpu[name],
+        )
         results[name] = summary
     return results
 
@@ -149,17 +174,20 @@ _ZERO_USAGE = {"busy_s": 0.0, "steal_s": 0.0, "own_s": 0.0, "wall_s": 0.0}
 
 
 def _timed_call(fn: Callable, setup: Optional[Callable], device: torch.device):
-    """``(seconds, CPU usage during the call)`` of one ``fn()`` or ``fn(setup())``."""
+    """``(seconds, CPU seconds of this process, CPU usage of the machine)`` of one call.
+
+    The call is ``fn()``, or ``fn(setup())`` with ``setup`` untimed.
+    """
     argument = setup() if setup is not None else None
     synchronize(device)
     collecting = gc.isenabled()
     gc.disable()
     try:
         before = cpu_snapshot()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn(argument) if setup is not None else fn()
         synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         after = cpu_snapshot()
     finally:
         if collecting:
@@ -168,7 +196,7 @@ def _timed_call(fn: Callable, setup: Optional[Callable], device: torch.device):
     used = None
     if before is not None and after is not None:
         used = {k: after[k] - before[k] for k in before}
-    return elapsed, used
+    return elapsed, cpu_elapsed, used
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (CI runs `python -m pytest` from
 from benchmarks import foundation, timing  # noqa: E402
 
 TIMING_KEYS = {"median_s", "q25_s", "q75_s", "min_s", "times", "repeats", "warmup", "contention"}
+TIMING_KEYS |= {"cpu_median_s", "cpu_times"}  # the process's CPU time beside the wall time
 MEMORY_KEYS = {"kind", "peak_bytes", "baseline_bytes", "delta_bytes"}
 PROBLEM_KEYS = {
     "title",
@@ -83,7 +84,7 @@ def test_json_schema(tiny_run):
         assert set(result["memory"]) == set(foundation.MEASUREMENTS)
         for stats in result["timings"].values():
             assert set(stats) == TIMING_KEYS
-            assert len(stats["times"]) == 1
+            assert len(stats["times"]) == len(stats["cpu_times"]) == 1
             assert all(t > 0 for t in stats["times"])
             assert stats["q25_s"] <= stats["median_s"] <= stats["q75_s"]
             if stats["contention"] is not None:

@@ -17,17 +17,12 @@ For every model of the preset (:data:`PRESETS`):
 
 from __future__ import annotations
 
-import gc
-import json
-import os
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from benchmarks.language_models.candidates import (
@@ -39,8 +34,9 @@ from benchmarks.language_models.candidates import (
     timing_plan,
 )
 from benchmarks.language_models.floors import operation_floors
+from benchmarks.language_models.measure import fresh_process, interleaved
 from benchmarks.language_models.models import MODELS, ModelSpec, build
-from benchmarks.machine import contention_of, cpu_snapshot, environment, load_average
+from benchmarks.machine import environment, load_average
 
 __all__ = ["PRESETS", "run", "run_model"]
 
@@ -84,110 +80,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(f"[language_models] {message}", file=sys.stderr, flush=True)
-
-
-def _worker(
-    spec: ModelSpec, method: str, threads: Optional[int], timeout: float, product: bool = True
-) -> Dict:
-    """One fresh-process measurement; ``{"status": "ok", ...}`` or the reason it failed."""
-    request = json.dumps(
-        {"spec": spec.to_dict(), "method": method, "threads": threads, "product": product}
-    )
-    env = dict(os.environ, PYTHONPATH=str(_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    available = _available_bytes()
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.language_models.worker", request],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=_ROOT,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "n/a", "reason": f"did not finish in {timeout:.0f} s (fresh process)"}
-    wall = time.perf_counter() - start
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT ") :])
-            result.update(status="ok", process_wall_s=wall, available_bytes=available)
-            return result
-    if done.returncode in (-9, 137):
-        reason = "killed (SIGKILL: out of memory?"
-        if available:
-            reason += f" {available / 1e9:.1f} GB were available when it started"
-        reason += ")"
-    else:
-        tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
-        reason = f"failed (exit {done.returncode}): {tail[0][:300]}"
-    return {"status": "n/a", "reason": reason, "process_wall_s": wall}
-
-
-def _available_bytes() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _interleaved(plan: Dict[str, Any], repeats: int, warmup: int, log) -> Dict[str, Dict]:
-    """Wall and CPU time of every ``(fn, setup)``, round by round; errors are recorded."""
-    wall: Dict[str, List[float]] = {k: [] for k in plan}
-    cpu: Dict[str, List[float]] = {k: [] for k in plan}
-    usage: Dict[str, Optional[Dict[str, float]]] = {
-        k: {"busy_s": 0.0, "steal_s": 0.0, "own_s": 0.0, "wall_s": 0.0} for k in plan
-    }
-    errors: Dict[str, str] = {}
-    for i in range(warmup + repeats):
-        for key, (fn, setup) in plan.items():
-            if key in errors:
-                continue
-            try:
-                argument = setup() if setup is not None else None
-                gc.collect()
-                gc.disable()
-                before = cpu_snapshot()
-                c0, w0 = time.process_time(), time.perf_counter()
-                result = fn(argument) if setup is not None else fn()
-                w1, c1 = time.perf_counter(), time.process_time()
-                after = cpu_snapshot()
-            except Exception as err:  # noqa: BLE001 - recorded in the table
-                errors[key] = f"{type(err).__name__}: {str(err)[:300]}"
-                continue
-            finally:
-                gc.enable()
-            del result, argument
-            if i >= warmup:
-                wall[key].append(w1 - w0)
-                cpu[key].append(c1 - c0)
-                if before is not None and after is not None and usage[key] is not None:
-                    for k in usage[key]:
-                        usage[key][k] += after[k] - before[k]
-                else:
-                    usage[key] = None
-            log(f"round {i + 1}/{warmup + repeats} {key}: {w1 - w0:.2f} s")
-    out = {}
-    for key in plan:
-        if key in errors or not wall[key]:
-            out[key] = {"status": "n/a", "reason": errors.get(key, "no timed call")}
-            continue
-        out[key] = {
-            "status": "ok",
-            "median_s": float(np.median(wall[key])),
-            "q25_s": float(np.percentile(wall[key], 25)),
-            "q75_s": float(np.percentile(wall[key], 75)),
-            "cpu_median_s": float(np.median(cpu[key])),
-            "times_s": wall[key],
-            "cpu_times_s": cpu[key],
-            "contention": contention_of(usage[key]),
-        }
-    return out
 
 
 def _floor_of(key: str, floors: Dict[str, Any]) -> Optional[float]:
@@ -252,13 +144,13 @@ def run_model(
             memory[method] = {"status": "not measured", "reason": "not in this preset"}
             continue
         log(f"memory of {method} in a fresh process ...")
-        memory[method] = _worker(spec, method, threads, preset["worker_timeout_s"], product)
+        memory[method] = fresh_process(spec, method, threads, preset["worker_timeout_s"], product)
         if method == "exact" and product and memory[method]["status"] != "ok":
             skipped["exact product"] = (
                 f"{memory[method]['reason']}; the memory is the preparation's"
             )
             log("exact with its product failed; the preparation alone ...")
-            memory[method] = _worker(spec, method, threads, preset["worker_timeout_s"], False)
+            memory[method] = fresh_process(spec, method, threads, preset["worker_timeout_s"], False)
         if memory[method]["status"] != "ok":
             unavailable[method] = memory[method]["reason"]
         else:
@@ -284,7 +176,7 @@ def run_model(
     ]
     repeats = preset["repeats"].get(spec.name, preset["repeats"]["default"])
     load_start = load_average()
-    timings = _interleaved(timing_plan(runner, keys), repeats, preset["warmup"], log)
+    timings = interleaved(timing_plan(runner, keys), repeats, preset["warmup"], log)
     load_end = load_average()
     runner.release()
     grad = timings["gradient"]
