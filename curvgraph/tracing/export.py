@@ -159,10 +159,8 @@ def _doubled(x: Any, batch: int) -> Any:
 
 def _export(root: nn.Module, args, kwargs, inputs: Inputs, name: str):
     batch = torch.export.Dim("batch")
-    flat, spec = _pytree.tree_flatten((tuple(args), dict(kwargs)))
     dims = [{0: batch} if b else None for b in inputs.batched]
-    dynamic = _pytree.tree_unflatten(dims, spec)
-    dynamic_args, dynamic_kwargs = dynamic
+    dynamic_args, dynamic_kwargs = _pytree.tree_unflatten(dims, inputs.spec)
     shapes = _dynamic_shapes(root, dynamic_args, dynamic_kwargs)
     try:
         with _refusing_custom_functions(name):
@@ -218,12 +216,7 @@ def _refusing_custom_functions(name: str) -> Iterator[None]:
 
 def _dynamic_shapes(root: nn.Module, dynamic_args: tuple, dynamic_kwargs: dict) -> Any:
     """``dynamic_shapes`` keyed like ``root.forward``'s parameters (as export requires)."""
-    signature = inspect.signature(root.forward)
-    bound = signature.bind(*dynamic_args, **dynamic_kwargs)
-    shapes = {}
-    for name, value in bound.arguments.items():
-        shapes[name] = value
-    return shapes
+    return dict(inspect.signature(root.forward).bind(*dynamic_args, **dynamic_kwargs).arguments)
 
 
 def _graph_module(program, model: nn.Module, name: str):
