@@ -7,11 +7,11 @@ curvature entry points; each dispatches through the method registry
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 from torch import Tensor, nn
 
-from curvgraph.curvature import BlockCurvature
+from curvgraph.curvature import BlockCurvature, CurvatureOperator
 from curvgraph.graph import TracedGraph
 from curvgraph.inspection import inspect_graph
 from curvgraph.methods import compute_curvature, lookup_method
@@ -58,24 +58,40 @@ class CurvGraph(TracedGraph):
         outputs: Tensor,
         curvature: str = "ggn",
         method: str = "hbp",
+        *,
+        structure: str = "blocks",
+        parameters: Optional[Iterable[Union[str, Tensor]]] = None,
         **options,
-    ) -> BlockCurvature:
-        """Block curvature of ``loss`` in one call.
+    ) -> Union[BlockCurvature, CurvatureOperator]:
+        """Curvature of ``loss`` in one call: blocks, per-module blocks or one operator.
 
         Args:
             loss: scalar loss computed from ``outputs``.
             outputs: the tensor this graph returned for the batch.
-            curvature: ``"hessian" | "ggn" | "pch-abs" | "pch-clip"``.
+            curvature: ``"hessian" | "ggn" | "pch-abs" | "pch-clip"``, and with
+                ``method="exact"`` the Fishers ``"fisher-mc"`` (``J^T S S^T J`` with
+                ``mc_samples`` sampled loss roots) and ``"fisher-empirical"``
+                (``c sum_n grad l_n grad l_n^T`` for ``L = c sum_n l_n``); docs/operators.md.
             method: a registered method (:func:`curvgraph.methods.registered_methods`):
                 ``"hbp"`` (the paper's batch-averaged backpropagation), ``"exact"``
                 (per-sample block products), ``"sqrt"``, ``"diag"``, ``"kflr"``, ``"kfac"``,
                 ``"kfra"`` (GGN approximations).
+            structure: ``"blocks"`` (one block per parameter tensor), ``"layers"`` (the
+                direct parameters of each module jointly, a :class:`BlockCurvature` of
+                :class:`CurvatureOperator` s keyed by module name) or ``"full"`` (one
+                :class:`CurvatureOperator` over all parameters, every cross term; its product
+                costs one forward-tangent and one backward walk). The latter two need
+                ``method="exact"`` and refuse the PCH (defined per block).
+            parameters: restrict the result to these parameters (names as in
+                ``model.named_parameters()``, or the tensors); ``method="exact"`` walks only
+                their columns, other methods drop the other blocks after their walk.
             **options: method options (``average_input_jac``, ``mc_samples``, ...), and for
                 every method ``process_group`` / ``loss_reduction`` (``"mean"`` or ``"sum"``):
                 combine a batch split over ranks, see :mod:`curvgraph.distributed`.
         """
         self.refuse_problems()
         self.record.check_curvature_call(type(self.model).__name__, loss, outputs)
+        options = {"structure": structure, "parameters": parameters, **options}
         return compute_curvature(self, loss, outputs, curvature, method, **options)
 
     def to_networkx(self, *example_args, **example_kwargs):

@@ -17,10 +17,12 @@ from curvgraph.curvature.factors import (
     factor_from_root,
 )
 from curvgraph.curvature.implicit import ImplicitBlock
+from curvgraph.curvature.operators import CurvatureOperator
 
 __all__ = [
     "Block",
     "BlockCurvature",
+    "CurvatureOperator",
     "DenseBlock",
     "DenseFactor",
     "DiagonalBlock",

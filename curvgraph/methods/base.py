@@ -22,6 +22,8 @@ from curvgraph.losses import LossModel
 
 __all__ = [
     "CURVATURES",
+    "FISHERS",
+    "STRUCTURES",
     "MODIFY_2ND_ORDER_TERMS",
     "Method",
     "Verdict",
@@ -35,6 +37,14 @@ __all__ = [
 
 #: residual modification of each curvature (``None``: residual dropped)
 CURVATURES = {"hessian": "none", "ggn": None, "pch-abs": "abs", "pch-clip": "clip"}
+#: the Fishers (no residual; the loss Hessian at the output replaced, see
+#: :mod:`curvgraph.methods.structures`): computed by methods with ``fisher = True``
+FISHERS = {
+    "fisher-mc": "J^T S S^T J, S sampled loss roots",
+    "fisher-empirical": "(1/c) sum_n J_n^T g_n g_n^T J_n",
+}
+#: ``structure=`` values: per parameter, per module, one operator over all parameters
+STRUCTURES = ("blocks", "layers", "full")
 #: the seed's spelling (bpexts ``modify_2nd_order_terms``) -> curvature
 MODIFY_2ND_ORDER_TERMS = {
     None: "hessian",
@@ -61,8 +71,9 @@ def resolve_curvature(curvature: Optional[str], modify=UNSET) -> str:
             )
         return implied
     curvature = "ggn" if curvature is None else curvature
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature={curvature!r}; expected one of {sorted(CURVATURES)}")
+    if curvature not in CURVATURES and curvature not in FISHERS:
+        known = sorted(CURVATURES) + sorted(FISHERS)
+        raise ValueError(f"curvature={curvature!r}; expected one of {known}")
     return curvature
 
 
@@ -98,6 +109,11 @@ class Method:
             accuracy grows with ``mc_samples``); otherwise, for one sample, every block
             equals the exact block of its curvature (a diagonal block its diagonal), the
             identity the registry's tests check for every method.
+        fisher: it also computes the curvatures of :data:`FISHERS`.
+        structures: the ``structure=`` values it computes (:data:`STRUCTURES`); with more
+            than ``"blocks"``, :meth:`run` takes ``structure`` and ``parameters`` and
+            restricts its walk to the parameters named (others: the dispatch drops the
+            blocks not asked for after the walk).
     """
 
     name: str = ""
@@ -105,11 +121,18 @@ class Method:
     curvatures: frozenset = frozenset(CURVATURES)
     per_sample: bool = True
     monte_carlo: bool = False
+    fisher: bool = False
+    structures: frozenset = frozenset({"blocks"})
 
     def resolve(self, curvature: Optional[str], modify=UNSET) -> str:
         """The curvature to compute; ``ValueError`` if this method does not compute it."""
         curvature = resolve_curvature(curvature, modify)
-        if curvature not in self.curvatures:
+        if curvature in FISHERS and not self.fisher:
+            raise ValueError(
+                f"method={self.name!r} does not compute the Fisher {curvature!r}; use "
+                "method='exact'"
+            )
+        if curvature not in self.curvatures and curvature not in FISHERS:
             if self.curvatures == {"ggn"}:
                 raise ValueError(f"method={self.name!r} approximates the GGN; pass curvature='ggn'")
             raise ValueError(

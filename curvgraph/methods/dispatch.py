@@ -1,17 +1,18 @@
-"""``cg.curvature(loss, outputs, curvature, method)``: one entry point, through the registry."""
+"""``cg.curvature(loss, outputs, curvature, method, structure, parameters)``: one entry point."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from torch import Tensor
 
-from curvgraph.curvature import BlockCurvature
+from curvgraph.curvature import BlockCurvature, CurvatureOperator
 from curvgraph.distributed import BatchShard
 from curvgraph.graph import TracedGraph
 from curvgraph.losses import recognise
-from curvgraph.methods.base import lookup_method
+from curvgraph.methods.base import STRUCTURES, Method, lookup_method
 from curvgraph.methods.pullback import check_distributed
+from curvgraph.methods.structures import restrict, select_parameters
 
 __all__ = ["compute_curvature"]
 
@@ -23,11 +24,13 @@ def compute_curvature(
     curvature: Optional[str] = "ggn",
     method: str = "hbp",
     *,
+    structure: str = "blocks",
+    parameters: Optional[Iterable[Union[str, Tensor]]] = None,
     process_group=None,
     loss_reduction: str = "mean",
     **options,
-) -> BlockCurvature:
-    """Block curvature of ``loss`` by the registered method ``method``.
+) -> Union[BlockCurvature, CurvatureOperator]:
+    """Curvature of ``loss`` by the registered method ``method``.
 
     The loss is recognised and the batch (with its split over the ranks of
     ``process_group``) is described once, here; the method gets both. A loss that is not
@@ -37,9 +40,16 @@ def compute_curvature(
     ``backward()`` freed a cross-entropy's targets, it says which were ignored. The
     method's :meth:`~curvgraph.methods.Method.precheck` runs first (HBP's sizes, before the
     loss's dense output Hessian would be formed).
+
+    ``structure`` (``"blocks"``, ``"layers"``, ``"full"``; the latter two for methods that
+    declare them, with the PCH refused: it is defined per block) and ``parameters`` (names
+    or tensors, validated here): see :mod:`curvgraph.methods.structures`. A method that
+    cannot restrict its walk gets the blocks not asked for dropped after it.
     """
     chosen = lookup_method(method)
     curvature = chosen.resolve(curvature)
+    _check_structure(chosen, structure, curvature)
+    selected = select_parameters(graph, parameters)
     chosen.precheck(graph, **options)
     loss_model = recognise(
         loss,
@@ -50,7 +60,27 @@ def compute_curvature(
     shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
     check_distributed(graph, shard)
     shard.check_loss(loss_model)
-    return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+    if len(chosen.structures) > 1:
+        options = {**options, "structure": structure, "parameters": selected}
+        return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+    return restrict(chosen.run(graph, loss_model, curvature, shard, loss=loss, **options), selected)
+
+
+def _check_structure(chosen: Method, structure: str, curvature: str) -> None:
+    """Refuse a structure the method does not compute, and the PCH beyond blocks."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r}; expected one of {list(STRUCTURES)}")
+    if structure not in chosen.structures:
+        raise ValueError(
+            f"method={chosen.name!r} computes structure='blocks' only, not {structure!r}; "
+            "use method='exact'"
+        )
+    if structure != "blocks" and curvature.startswith("pch"):
+        raise ValueError(
+            f"curvature={curvature!r} is defined per parameter block (the paper modifies each "
+            f"block's residual), so it has no structure={structure!r}; use structure='blocks', "
+            "or curvature='ggn' (positive semi-definite) or 'hessian' on the joint structure"
+        )
 
 
 def _recorded_gradient(graph: TracedGraph, outputs: Tensor) -> Optional[Tensor]:

@@ -26,7 +26,7 @@ raise :class:`~curvgraph.errors.CurvGraphError` instead of reading the new value
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,8 +35,16 @@ from curvgraph.curvature import BlockCurvature, ImplicitBlock
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import Plan, Record, gradients, plan, validate_call
 from curvgraph.losses import LossModel
-from curvgraph.methods.base import CURVATURES, Method, Verdict, register_method
+from curvgraph.methods.base import (
+    CURVATURES,
+    FISHERS,
+    STRUCTURES,
+    Method,
+    Verdict,
+    register_method,
+)
 from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
+from curvgraph.methods.structures import build_structure, fisher_output_curvature, restrict
 from curvgraph.rules import Context, groups_of
 
 __all__ = ["Exact", "ExactProducts"]
@@ -90,6 +98,9 @@ class ExactProducts:
         mode: residual modification (``None``: GGN, ``"none"``: Hessian, ``"abs"``/``"clip"``).
         grads: ``dL/dy`` per node name (Hessian and PCH only).
         model: the traced model, whose parameters and buffers are snapshotted.
+        output_curvature: ``t -> M_n t_n`` per sample at the output (default the loss
+            Hessian ``d2L/dz_n2``; the Fisher's ``S_n S_n^T`` or ``g_n g_n^T / c``:
+            :mod:`curvgraph.methods.structures`).
     """
 
     def __init__(
@@ -100,8 +111,10 @@ class ExactProducts:
         mode,
         grads,
         model: Optional[torch.nn.Module] = None,
+        output_curvature: Optional[Callable[[Tensor], Tensor]] = None,
     ):
         self.walk = walk
+        self.output_curvature = output_curvature or loss_model.hessian_product
         owned = list(walk.parameters.values())
         if model is not None:
             owned += list(model.parameters()) + list(model.buffers())
@@ -128,28 +141,42 @@ class ExactProducts:
                     "modify the batch and its activations in place while the curvature is used"
                 )
 
-    def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``C_bb V_b`` for columns ``[K_b, *shape]`` of any subset of the blocks."""
+    def matmat(
+        self, columns: Dict[str, Tensor], groups: Optional[Dict[str, str]] = None
+    ) -> Dict[str, Tensor]:
+        """``C V`` on the column groups of ``columns`` (parameter -> ``[K, *shape]``).
+
+        Args:
+            columns: columns of any subset of the walk's parameters.
+            groups: parameter -> column group. Parameters of one group share their ``K``
+                columns: a group's product is that of the curvature restricted to its
+                parameters, cross terms included (``structure="layers"`` / ``"full"``).
+                ``None``: every parameter its own group (the block diagonal).
+        """
         self._check_unchanged()
         order = tuple(n for n in self.walk.parameters if n in columns)
-        widths = {n: columns[n].shape[0] for n in order}
-        tangents, argument_tangents = self._forward(columns, order, widths)
-        output = tangents[self.walk.output]
-        adjoints = {
-            self.walk.output: _Stack(
-                self.loss_model.hessian_product(output.tensor), output.names, widths
-            )
-        }
+        group_of = {n: n for n in order} if groups is None else {n: groups[n] for n in order}
+        widths: Dict[str, int] = {}
+        for n in order:
+            if widths.setdefault(group_of[n], columns[n].shape[0]) != columns[n].shape[0]:
+                raise ValueError(f"the parameters of group {group_of[n]!r} need equal columns")
+        tangents, argument_tangents = self._forward(columns, group_of, widths)
         results: Dict[str, Tensor] = {}
+        output = tangents.get(self.walk.output)
+        adjoints = {}
+        if output is not None:
+            product = self.output_curvature(output.tensor)
+            adjoints[self.walk.output] = _Stack(product, output.names, widths)
         for info in reversed(self.walk.order):
             adjoint = adjoints.pop(info.node, None)
             if adjoint is None:
                 continue
-            self._backward(info, adjoint, argument_tangents[info.node], tangents, adjoints, results)
+            arguments = argument_tangents[info.node]
+            self._backward(info, adjoint, arguments, tangents, adjoints, results, group_of)
         # a block whose columns never reach the output (or are cut off) has a zero product
         return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
 
-    def _forward(self, columns, order: Names, widths):
+    def _forward(self, columns, group_of: Dict[str, str], widths):
         """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns)."""
         tangents: Dict = {}
         argument_tangents: Dict = {}
@@ -158,13 +185,13 @@ class ExactProducts:
             for slot, key in self.walk.active_slots(info).items():
                 if isinstance(key, str):
                     if key in columns:
-                        arguments[slot] = _Stack(columns[key], (key,), widths)
+                        arguments[slot] = _Stack(columns[key], (group_of[key],), widths)
                 elif key in tangents:
                     arguments[slot] = tangents[key]
             if not arguments:
                 continue
             present = {n for stack in arguments.values() for n in stack.names}
-            names = tuple(n for n in order if n in present)
+            names = tuple(n for n in widths if n in present)
             # J t = sum_s J_s t_s: one jvp per set of columns, no zero-padded columns
             groups: Dict[Names, Dict[str, Tensor]] = {}
             for slot, stack in arguments.items():
@@ -175,7 +202,9 @@ class ExactProducts:
             argument_tangents[info.node] = arguments
         return tangents, argument_tangents
 
-    def _backward(self, info, adjoint: _Stack, arguments, tangents, adjoints, results) -> None:
+    def _backward(
+        self, info, adjoint: _Stack, arguments, tangents, adjoints, results, group_of
+    ) -> None:
         ctx = self.contexts[info.node.name]
         names = tangents[info.node].names
         widths = adjoint.widths
@@ -185,8 +214,8 @@ class ExactProducts:
         destinations: Dict[Names, list] = {}
         for slot, key in self.walk.active_slots(info).items():
             if isinstance(key, str):
-                if key in widths:
-                    destinations.setdefault((key,), []).append((slot, key))
+                if key in group_of:
+                    destinations.setdefault((group_of[key],), []).append((slot, key))
             elif key in tangents:
                 destinations.setdefault(tangents[key].names, []).append((slot, key))
         residual = self._residual(info, ctx) if self.mode is not None else None
@@ -326,23 +355,65 @@ def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -
 
 @register_method
 class Exact(Method):
-    """Exact per-sample block products: implicit blocks (``matvec``, ``to_dense``)."""
+    """Exact per-sample products: implicit blocks, or operators over several parameters.
+
+    Options: ``structure`` (``"blocks"``, ``"layers"``, ``"full"``:
+    :mod:`curvgraph.methods.structures`), ``parameters`` (the names to restrict to; the
+    walks carry only their columns), and for ``curvature="fisher-mc"`` ``mc_samples``
+    (default 1) and ``generator``.
+    """
 
     name = "exact"
     description = "exact per-sample block products (implicit blocks)"
     per_sample = False  # exact with ops that mix samples (BatchNorm in training mode)
+    fisher = True
+    structures = frozenset(STRUCTURES)
 
-    def run(self, graph, loss_model, curvature, shard, loss=None, **options):  # noqa: D102
+    def run(  # noqa: D102
+        self,
+        graph,
+        loss_model,
+        curvature,
+        shard,
+        loss=None,
+        *,
+        structure: str = "blocks",
+        parameters=None,
+        mc_samples: int = 1,
+        generator=None,
+        **options,
+    ):
         if options:
-            raise TypeError(f"method={self.name!r} takes no options, got {sorted(options)}")
-        mode = CURVATURES[curvature]
+            raise TypeError(f"method={self.name!r} takes no options {sorted(options)}")
+        mode = CURVATURES.get(curvature)
         walk = plan(graph)
         grads = gradients(graph, walk.order, loss) if mode is not None else {}
-        products = ExactProducts(walk, graph.record, loss_model, mode, grads, model=graph.model)
+        output_curvature = None
+        if curvature in FISHERS:
+            output_grad = None
+            if curvature == "fisher-empirical":
+                output_grad = gradients(graph, [_info(walk, walk.output)], loss)[walk.output.name]
+            output_curvature = fisher_output_curvature(
+                curvature, loss_model, shard, output_grad, mc_samples, generator
+            )
+        products = ExactProducts(
+            walk, graph.record, loss_model, mode, grads, graph.model, output_curvature
+        )
+        if structure != "blocks":
+            structured_grads = grads if mode is not None else None
+            return build_structure(
+                graph, walk, products, structure, parameters, curvature, structured_grads, shard
+            )
         engine = shard.products(products)
         blocks = {n: ImplicitBlock(engine, n, p.shape, p) for n, p in walk.parameters.items()}
         result = BlockCurvature(blocks, walk.parameters, curvature=curvature, method="exact")
-        return pull_back_blocks(graph, result, mode, combined_gradients(graph, grads, shard))
+        result = pull_back_blocks(graph, result, mode, combined_gradients(graph, grads, shard))
+        return restrict(result, parameters)
 
     def verdict(self, graph, walk, **options):  # noqa: D102
         return Verdict(True, "per-sample products, no dense matrices")
+
+
+def _info(walk: Plan, node):
+    """The plan's info of ``node``."""
+    return next(info for info in walk.order if info.node is node)

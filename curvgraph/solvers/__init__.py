@@ -1,6 +1,7 @@
-"""Linear solvers on block curvature: lockstep (preconditioned) CG and Kronecker eig solves."""
+"""Linear solvers on curvature: lockstep (preconditioned) CG, damped solves, Kronecker eig solves."""
 
 from curvgraph.solvers.cg import CGInfo, cg
+from curvgraph.solvers.damped import damped_solve
 from curvgraph.solvers.kronecker import kronecker_eigen, kronecker_eigen_solve, kronecker_solve
 from curvgraph.solvers.preconditioners import (
     BlockPreconditioner,
@@ -12,6 +13,7 @@ __all__ = [
     "BlockPreconditioner",
     "CGInfo",
     "cg",
+    "damped_solve",
     "diagonal_preconditioner",
     "kronecker_eigen",
     "kronecker_eigen_solve",
