@@ -252,8 +252,10 @@ class DictInput(nn.Module):
 
 
 def test_a_dict_input_is_refused_at_its_key_or_served_by_the_fallback():
+    # the input is named, with its use and line (tests/test_trust_inputs_fx.py has more)
     with pytest.raises(
-        curvgraph.UnsupportedOpError, match=r"(?s)indexing with 'x'.*batch\[\"x\"\]"
+        curvgraph.TraceError,
+        match=r"(?s)input 'batch' is a dict \(used as batch\['x'\].*batch\[\"x\"\]",
     ):
         curvgraph.trace(DictInput())
     torch.manual_seed(0)

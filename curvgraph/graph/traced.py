@@ -54,7 +54,7 @@ def capture(
         graph_module = export_capture(model, args, kwargs, output)
     else:
         try:
-            graph_module = symbolic_trace(model, output)
+            graph_module = symbolic_trace(model, output, fallback)
         except TraceError as fx_error:
             if route == "fx" or not (args or kwargs or isinstance(fx_error, SymbolicTraceError)):
                 raise

@@ -9,6 +9,7 @@ rule registered for ``MyFunction.apply`` or refuses it.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import threading
@@ -114,11 +115,15 @@ def _functions_as_leaves() -> Iterator[None]:
             _CONTEXT.__init__ = own_init
 
 
-def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule:
+def symbolic_trace(
+    model: nn.Module, output: Any = None, fallback: bool = False
+) -> torch.fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its submodules and parameters.
 
     ``output`` selects the part of the model's output the graph returns
     (:func:`~curvgraph.tracing.selection.select_output`: a key, an index or a callable).
+    With ``fallback`` an input used as a container (``batch["x"]``) is traced as it is: the
+    autograd fallback serves its indexing; without, it is refused (see Raises).
 
     Raises:
         TraceError: ``torch.fx`` cannot trace the model: data-dependent Python control flow
@@ -127,6 +132,10 @@ def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule
             before tracing; or the model's forward raised an exception of its own while
             traced (``tracing Model failed: <type>: <message> at <file:line>``, the
             exception chained); or a node uses a traced value kept from another trace.
+        SymbolicTraceError: also for an input that is a dict, tuple, list or other container
+            of tensors (``batch["x"]``, ``x, mask = pair``, ``batch.items()``): symbolic
+            tracing has one traced value per input, so the message names the input and says
+            to pass an example batch (``torch.export`` captures containers).
     """
     tracer = _Tracer()
     name = type(model).__name__
@@ -136,6 +145,7 @@ def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule
     except _BoundApplyError as error:
         raise TraceError(f"torch.fx could not trace {name}: {error}") from None
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
+        _refuse_container_inputs(tracer.graph, name, error)  # ``for k, v in batch.items()``
         where = _raised_at(error)
         if not _symbolic_limit(error) and where != "<source unknown>":  # the forward's own
             raise TraceError(
@@ -150,6 +160,8 @@ def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule
             "it with @curvgraph.register_rule(MySubmodule), which makes it a leaf of the "
             "trace, or rewrite it without data-dependent branches."
         ) from error
+    if not fallback:
+        _refuse_container_inputs(graph, name)
     refuse_foreign_values(graph, name, source_line)
     if output is not None:  # the selector's submodule "model." is the model itself
         for node in graph.nodes:
@@ -158,6 +170,70 @@ def symbolic_trace(model: nn.Module, output: Any = None) -> torch.fx.GraphModule
     split_outputs(graph, served_per_output)  # chunk(...)[i], x.max(1).values -> OutputOf
     decompose(graph, model)  # MultiheadAttention, SDPA, dropout, sort -> primitive ops
     return torch.fx.GraphModule(model, graph, type(model).__name__)
+
+
+#: methods that only a container input (not a tensor) is used through
+_CONTAINER_METHODS = ("items", "keys", "values", "get")
+_FALLBACK_HINT = "or trace(model, fallback=True), whose autograd fallback serves the indexing; "
+
+
+def _container_uses(graph: torch.fx.Graph) -> dict:
+    """Input name -> ``(kind, use, node)`` for inputs that ``forward`` uses as containers.
+
+    An input indexed by a string (``batch["x"]``), read through ``items``/``keys``/``values``
+    /``get`` or an attribute a tensor does not have (a named tuple's field), or used only
+    through integer indices (``x, mask = pair``, ``pair[0]``): not a tensor.
+    """
+    found = {}
+    for placeholder in graph.find_nodes(op="placeholder"):
+        users = list(placeholder.users)
+        name = placeholder.target.lstrip("*")
+        keys = [
+            u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+            for u in users
+        ]
+        for user, key in zip(users, keys):
+            if isinstance(key, str) and user.args[0] is placeholder:
+                found.setdefault(name, ("a dict", f"{name}[{key!r}]", user))
+            elif user.op == "call_method" and user.target in _CONTAINER_METHODS:
+                found.setdefault(name, ("a dict", f"{name}.{user.target}()", user))
+            elif (
+                user.op == "call_function"
+                and user.target is getattr
+                and not hasattr(torch.Tensor, user.args[1])
+            ):
+                found.setdefault(
+                    name, ("an object holding tensors", f"{name}.{user.args[1]}", user)
+                )
+        if name not in found and users and all(type(k) is int for k in keys):
+            found[name] = ("a tuple or list", f"{name}[{keys[0]}]", users[0])
+    return found
+
+
+def _refuse_container_inputs(graph: torch.fx.Graph, name: str, error=None) -> None:
+    """Raise :class:`SymbolicTraceError` naming an input that is a dict, tuple or list.
+
+    Symbolic tracing gives each input of ``forward`` one traced value, as if it were a
+    tensor; indexing it then records ``getitem`` nodes that no rule can serve (the message
+    would blame the indexing), or iterating it fails (the message would blame control flow).
+    """
+    uses = _container_uses(graph)
+    if not uses:
+        return
+    name_of_input, (kind, use, node) = next(iter(uses.items()))
+    where = source_line(node)
+    where = _raised_at(error) if where == "<source unknown>" and error is not None else where
+    # indexing is served by the fallback's rules; an iteration failed while tracing
+    fallback = "" if error is not None else _FALLBACK_HINT
+    raise SymbolicTraceError(
+        f"torch.fx could not trace {name}: its input {name_of_input!r} is {kind} (used as "
+        f"{use} at {where}), and symbolic tracing sees each input of forward as a single "
+        "tensor. Pass an example batch to trace so that "
+        "curvgraph captures the model with torch.export: curvgraph.trace(model, batch) "
+        "(capture='auto' or capture='export'), with batch the input as the model gets it, "
+        f"e.g. {{'x': x, ...}} or (x, mask); {fallback}or give forward one tensor argument "
+        "per input."
+    ) from error
 
 
 def _symbolic_limit(error: Exception) -> bool:
