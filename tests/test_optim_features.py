@@ -124,10 +124,15 @@ def test_eig_step_equals_dense_solve(solver):
     if solver == "auto":  # the dense block went through CG
         assert opt.state[params["b"]]["cg_iterations"] >= 1
         assert "kron_eigen" not in opt.state[params["b"]]
-    with pytest.raises(
-        ValueError, match=r"solver='eig' needs Kronecker blocks.*'b' is a DenseBlock"
-    ):
-        CGNewton(params.values(), solver="eig").step(problem.curvature())
+    # eig on every block (issue 14): the dense block by eigh, exactly, no CG
+    problem = Quadratic(seed=1)
+    opt = CGNewton(problem.params.values(), lr=0.7, alpha=0.05, solver="eig", cg_maxiter=1)
+    opt.step(problem.curvature())
+    for n, p in problem.params.items():
+        expected = problem.start[n] - 0.7 * damped_solve(problem.blocks[n], p.grad, 0.05)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
+    assert opt.state[problem.params["b"]]["cg_iterations"] == 0
+    assert "block_eigen" in opt.state[problem.params["b"]]
 
 
 def test_update_every_reuses_cached_eigendecompositions():

@@ -2,11 +2,10 @@
 
 Issue 14. ``lr=0`` is accepted at construction (a frozen group, as in ``torch.optim``), and a
 group whose lr is 0 at step time (also after a scheduler's warm-up) is skipped by ``step``.
-``solver="eig"`` still needs every block of its group to be Kronecker
-(``test_optim_features.py`` asserts the refusal); its error now says which blocks are
-Kronecker and points to ``solver="auto"``, which solves the Kronecker blocks of a kflr
-curvature exactly and the biases by CG in the same step (checked here against dense
-float64 solves).
+``solver="auto"`` solves the Kronecker blocks of a kflr curvature exactly and the biases by
+CG in the same step (checked here against dense float64 solves); ``solver="eig"`` solves
+every block exactly, the biases through their own eigenpairs, with no refusal
+(``tests/test_trust_eig_solver.py``).
 """
 
 from __future__ import annotations
@@ -223,30 +222,23 @@ def test_kflr_weights_exact_biases_by_cg_in_one_step(layout):
             assert state["cg_iterations"] >= 1 and "kron_eigen" not in state
 
 
-def test_eig_on_kflr_with_biases_refused_pointing_to_auto():
+def test_eig_on_kflr_with_biases_solves_every_group_exactly():
     model, curv = _mlp_kflr(seed=1)
     named = dict(model.named_parameters())
     weights = [named["0.weight"], named["2.weight"]]
     biases = [named["0.bias"], named["2.bias"]]
     before = {n: p.detach().clone() for n, p in named.items()}
-    # the first group is all Kronecker; the second is refused before either is solved
-    opt = CGNewton([{"params": weights}, {"params": biases}], solver="eig")
-    with pytest.raises(ValueError) as info:
-        opt.step(curv)
-    message = str(info.value)
-    assert message.startswith(
-        "solver='eig' needs Kronecker blocks, but the block of '0.bias' is a LowRankBlock "
-        "(so are '2.bias' (LowRankBlock))"
-    )
-    assert "method='kflr' gives Kronecker blocks only for some parameters" in message
-    assert "solver='auto'" in message and "No parameter was changed" in message
-    assert "(kflr, kfac, hbp)" not in message  # no advice to use the method it already is
+    grads = {n: p.grad.clone() for n, p in named.items()}
+    # the first group is all Kronecker; the second (low-rank biases) was refused before
+    opt = CGNewton([{"params": weights}, {"params": biases}], lr=1.0, solver="eig")
+    opt.step(curv)
     for n, p in named.items():
-        assert torch.equal(p.detach(), before[n])
-        assert len(opt.state[p]) == 0  # no eig cache written for the first group either
+        expected = _dense_reference(curv[n], grads[n], 0.02)
+        torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-8, atol=1e-10)
+        assert opt.state[p]["cg_iterations"] == 0
 
 
-def test_eig_without_any_kronecker_block_says_so():
+def test_eig_without_any_kronecker_block_solves_the_diagonal_blocks():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
     cg = curvgraph.trace(model)
@@ -256,8 +248,10 @@ def test_eig_without_any_kronecker_block_says_so():
     loss.backward()
     curv = cg.curvature(loss, out, curvature="ggn", method="diag")
     assert not any(isinstance(b, KroneckerBlock) for b in curv.values())
-    with pytest.raises(ValueError) as info:
-        CGNewton(model.parameters(), solver="eig").step(curv)
-    message = str(info.value)
-    assert "None of this group's 4 blocks is Kronecker (method='diag' gives none)" in message
-    assert "solver='cg'" in message and "(kflr, kfac, hbp)" in message
+    named = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    grads = {n: p.grad.clone() for n, p in named.items()}
+    CGNewton(model.parameters(), lr=1.0, alpha=0.1, solver="eig").step(curv)
+    for n, p in named.items():
+        expected = _dense_reference(curv[n], grads[n], 0.1)
+        torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-10, atol=1e-12)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature
 from curvgraph.errors import CurvGraphError
-from curvgraph.optim.directions import GroupSolution, eig_names, solve_group
+from curvgraph.optim.directions import GroupSolution, solve_group
 from curvgraph.optim.levenberg_marquardt import adapted_alpha, model_change, reduction_ratio
 
 __all__ = ["CGNewton"]
@@ -37,10 +37,13 @@ class CGNewton(torch.optim.Optimizer):
 
     Beyond the seed (each off by default, so the defaults reproduce the seed's steps):
 
-    - ``solver="eig"``: Kronecker blocks ``G (x) A`` solved exactly through the factors'
-      eigendecompositions (:func:`curvgraph.solvers.kronecker_solve`), cached in the state
-      and recomputed every ``update_every`` steps; ``"auto"``: eig for Kronecker blocks, CG
-      for the rest.
+    - ``solver="eig"``: every block solved exactly by eigendecomposition, cached in the
+      state and recomputed every ``update_every`` steps: Kronecker blocks ``G (x) A``
+      through the factors' (:func:`curvgraph.solvers.kronecker_solve`), diagonal, low-rank
+      (e.g. kflr's biases) and dense blocks through their own
+      (:func:`curvgraph.solvers.kronecker.block_eigen`); only blocks known by products alone
+      with more than ``DENSE_SOLVE_LIMIT`` entries go through CG. ``"auto"``: eig for the
+      Kronecker blocks, CG for the rest.
     - ``preconditioner="diagonal" | "kronecker"``: preconditioned CG
       (:func:`curvgraph.solvers.diagonal_preconditioner`, ``kronecker_preconditioner``).
     - ``damping="lm"``: ``alpha`` adapted after every step from the reduction ratio
@@ -66,9 +69,9 @@ class CGNewton(torch.optim.Optimizer):
         cg_atol: absolute CG tolerance.
         cg_tol: CG tolerance relative to ``||g||``.
         cg_maxiter: CG iterations per step and block.
-        solver: ``"cg"``, ``"eig"`` (every block of the group must be Kronecker; a
-            refusal names the blocks that are not and points to ``"auto"``) or ``"auto"``
-            (Kronecker blocks by eig, the others by CG in the same step).
+        solver: ``"cg"``, ``"eig"`` (every block solved exactly where it can be
+            decomposed, see above) or ``"auto"`` (Kronecker blocks by eig, the others by CG
+            in the same step).
         update_every: recompute cached eigendecompositions every this many steps.
         preconditioner: ``None``, ``"diagonal"`` or ``"kronecker"`` (built each step).
         damping: ``"constant"`` or ``"lm"``.
@@ -78,7 +81,8 @@ class CGNewton(torch.optim.Optimizer):
         momentum: momentum of the direction, in ``[0, 1)``.
 
     ``state[p]`` holds ``cg_iterations``, ``cg_residual`` and ``nonpositive_curvature`` of
-    the last step, and, when the features are on, ``kron_eigen`` / ``kron_eigen_age`` (eig),
+    the last step, and, when the features are on, ``kron_eigen`` / ``kron_eigen_age`` (eig
+    on a Kronecker block), ``block_eigen`` / ``block_eigen_age`` (eig on any other block),
     ``cg_direction`` (warm start), ``momentum_buffer`` and ``reduction_ratio`` (LM); the
     current damping is the group's ``alpha``. All of it is in ``state_dict()``.
     """
@@ -169,8 +173,6 @@ class CGNewton(torch.optim.Optimizer):
         plan = [(g, params) for g, params in plan if g["lr"] != 0]
         plan = [(g, self._finite_gradients(params)) for g, params in plan]
         plan = [(g, params) for g, params in plan if params]
-        for g, params in plan:  # every group's solver checked before any group is solved
-            eig_names(g, params, curvature)
         solutions = [solve_group(self.state, g, params, curvature) for g, params in plan]
         self._record(plan, solutions)
         reevaluate = any(g["damping"] == "lm" or g["backtracking"] for g, _ in plan)

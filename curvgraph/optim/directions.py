@@ -1,9 +1,12 @@
-"""Newton directions of one parameter group: eig solves for Kronecker blocks, lockstep CG.
+"""Newton directions of one parameter group: exact eig solves, lockstep CG for the rest.
 
-Every block solves ``[(1 - alpha) C + alpha I] d = -g``: Kronecker blocks exactly through
-their factors' eigendecompositions when the group's ``solver`` asks for it (cached in the
-optimizer state and recomputed every ``update_every`` steps), all other blocks in one
-lockstep (preconditioned, warm-started) CG loop.
+Every block solves ``[(1 - alpha) C + alpha I] d = -g``. ``solver="auto"`` solves the
+Kronecker blocks exactly through their factors' eigendecompositions; ``solver="eig"`` solves
+every block it can decompose exactly (:func:`curvgraph.solvers.kronecker.block_eigen`:
+Kronecker blocks through their factors, diagonal, low-rank and dense blocks, and small
+blocks known by products, through their own eigenpairs). The eigendecompositions are cached
+in the optimizer state and recomputed every ``update_every`` steps. All other blocks go
+through one lockstep (preconditioned, warm-started) CG loop.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from curvgraph.curvature import BlockCurvature, KroneckerBlock
 from curvgraph.solvers import (
     cg,
     diagonal_preconditioner,
-    kronecker_eigen,
     kronecker_eigen_solve,
     kronecker_preconditioner,
 )
-from curvgraph.solvers.kronecker import eigen_matches, has_negative_eigenvalues
+from curvgraph.solvers.kronecker import (
+    block_eigen,
+    eigen_matches,
+    has_negative_eigenvalues,
+    solves_directly,
+)
 
 __all__ = ["GroupSolution", "solve_group", "eig_names", "BACKTRACKING_GROWTH"]
 
@@ -53,60 +60,31 @@ class GroupSolution:
 
 
 def eig_names(group: dict, params: Dict[str, Tensor], curvature: BlockCurvature) -> List[str]:
-    """The blocks of ``params`` that the group solves by eig (Kronecker blocks).
+    """The blocks of ``params`` that the group solves exactly (the others go through CG).
 
-    ``solver="eig"`` asks for every block to be Kronecker; otherwise this raises a
-    ``ValueError`` that names the blocks which are not, the ones which are, and the way out
-    (``solver="auto"`` when the curvature already has Kronecker blocks, a Kronecker method
-    when it has none). Called for every group before any group is solved, so a refused step
-    changes neither parameters nor state.
+    ``"cg"``: none; ``"auto"``: the Kronecker blocks; ``"eig"``: every block that
+    :func:`~curvgraph.solvers.kronecker.block_eigen` decomposes (all but large blocks known
+    only by their products), so a kflr curvature's weights are solved through their
+    Kronecker factors and its biases (low-rank blocks) through their own eigenpairs.
     """
     solver = group["solver"]
     if solver == "cg":
         return []
-    kron = [n for n in params if isinstance(curvature[n], KroneckerBlock)]
-    if solver == "eig" and len(kron) < len(params):
-        raise ValueError(_eig_refusal(params, kron, curvature))
-    return kron
+    if solver == "auto":
+        return [n for n in params if isinstance(curvature[n], KroneckerBlock)]
+    return [n for n in params if solves_directly(curvature[n])]
 
 
-def _eig_refusal(params: Dict[str, Tensor], kron: List[str], curvature: BlockCurvature) -> str:
-    others = [n for n in params if n not in kron]
-    first = others[0]
-    text = (
-        f"solver='eig' needs Kronecker blocks, but the block of {first!r} is a "
-        f"{type(curvature[first]).__name__}"
-    )
-    if len(others) > 1:
-        more = [f"{n!r} ({type(curvature[n]).__name__})" for n in others[1:6]]
-        rest = f" and {len(others) - 6} more" if len(others) > 6 else ""
-        text += f" (so are {', '.join(more)}{rest})"
-    method = f"method={curvature.method!r}" if curvature.method else "this curvature"
-    everywhere = sorted(n for n in curvature if isinstance(curvature[n], KroneckerBlock))
-    if kron or everywhere:
-        shown = kron or everywhere
-        listed = ", ".join(repr(n) for n in shown[:6]) + (" ..." if len(shown) > 6 else "")
-        return (
-            f"{text}. {method} gives Kronecker blocks only for some parameters ({listed}); "
-            "the others (e.g. biases) have no Kronecker form under any method. Use "
-            "solver='auto': it solves the Kronecker blocks exactly by eigendecomposition and "
-            "the others by CG (the group's cg_* settings) in the same step. No parameter "
-            "was changed."
-        )
-    return (
-        f"{text}. None of this group's {len(params)} blocks is Kronecker ({method} gives "
-        "none), so there is nothing for eig to solve: use solver='cg' (or 'auto', which is "
-        "CG here), or a method that gives Kronecker blocks for weights (kflr, kfac, hbp) "
-        "with solver='auto'. No parameter was changed."
-    )
+def _cached_eigen(state: dict, block, update_every: int):
+    """The block's eigendecomposition, recomputed when ``update_every`` steps old.
 
-
-def _cached_eigen(state: dict, block: KroneckerBlock, update_every: int):
-    """The factors' eigendecompositions, recomputed when ``update_every`` steps old."""
-    eigen, age = state.get("kron_eigen"), state.get("kron_eigen_age", 0)
+    Kept as ``kron_eigen`` for a Kronecker block, ``block_eigen`` for any other.
+    """
+    key = "kron_eigen" if isinstance(block, KroneckerBlock) else "block_eigen"
+    eigen, age = state.get(key), state.get(f"{key}_age", 0)
     if eigen is None or age >= update_every or not eigen_matches(eigen, block):
-        eigen, age = kronecker_eigen(block), 0
-    state["kron_eigen"], state["kron_eigen_age"] = eigen, age + 1
+        eigen, age = block_eigen(block), 0
+    state[key], state[f"{key}_age"] = eigen, age + 1
     return eigen
 
 

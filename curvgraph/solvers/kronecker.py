@@ -34,36 +34,85 @@ Factors not stored densely are never formed (:mod:`curvgraph.curvature.factors`)
   identity ``(alpha I + R^T L R)^{-1}`` written through the eigenpairs of the small Gram.
   Eigenvalues of the Gram at rounding level (``R`` of lower rank than ``r``) give zero
   columns: they belong to the complement.
+
+Any other block ``C`` (``numel x numel``) is solved the same way as ``C (x) 1``
+(:func:`block_eigen`): a diagonal block through its entries, a low-rank block ``U^T U``
+through the eigenpairs of the small Gram ``U U^T`` (as a root-only factor), a dense block, or
+a small block known only by its products, through ``eigh`` of its dense form.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
 from curvgraph.curvature import (
+    Block,
+    DenseBlock,
+    DiagonalBlock,
     DiagonalFactor,
     Factor,
     KroneckerBlock,
+    LowRankBlock,
     RankOneFactor,
     RootFactor,
 )
 
 __all__ = [
+    "DENSE_SOLVE_LIMIT",
+    "block_eigen",
     "check_alpha",
     "eigen_matches",
     "has_negative_eigenvalues",
     "kronecker_eigen",
     "kronecker_eigen_solve",
     "kronecker_solve",
+    "solves_directly",
 ]
 
 #: eigenvalues of the damped matrix below ``_ROUNDING * eps * max`` count as zero
 _ROUNDING = 100.0
 
 KroneckerEigen = Dict[str, Tensor]
+
+#: the largest block (parameter entries) without a structure of its own that
+#: :func:`block_eigen` forms densely and decomposes (``eigh`` of ``numel x numel``)
+DENSE_SOLVE_LIMIT = 2048
+
+
+def block_eigen(block: Block, dense_limit: int = DENSE_SOLVE_LIMIT) -> Optional[KroneckerEigen]:
+    """Eigenpairs for an exact damped solve of any block, or ``None`` (use CG).
+
+    A :class:`KroneckerBlock` gets :func:`kronecker_eigen`. Any other block ``C`` is written
+    as the Kronecker product ``C (x) 1`` (``rows = numel``, ``cols = 1``: ``second_values``
+    is ``[1]``), so :func:`kronecker_eigen_solve` solves it unchanged:
+
+    - a :class:`DiagonalBlock` ``diag(d)``: ``first_values = d``, no eigenvectors;
+    - a :class:`LowRankBlock` ``U^T U`` with fewer rows ``R`` than entries: the thin
+      eigenpairs from the ``R x R`` Gram ``U U^T`` (the root-only factor's, so the complement
+      gets ``r / alpha``: the Woodbury solve);
+    - a :class:`DenseBlock`, a low-rank block with ``R >= numel``, or any other block with
+      at most ``dense_limit`` entries (e.g. an implicit block of ``method="exact"``):
+      ``eigh`` of its dense form.
+
+    Larger blocks known only by their products give ``None``.
+    """
+    if isinstance(block, KroneckerBlock):
+        return kronecker_eigen(block)
+    if not solves_directly(block, dense_limit):
+        return None
+    if isinstance(block, DiagonalBlock):
+        values, vectors = block.diagonal, None
+    elif isinstance(block, LowRankBlock) and block.rows.shape[0] < block.numel:
+        values, vectors = _root_eigen(block.rows)
+    else:
+        values, vectors = _eigh(block.to_dense())
+    eigen = {"first_values": values, "second_values": values.new_ones(1)}
+    if vectors is not None:
+        eigen["first_vectors"] = vectors
+    return eigen
 
 
 def kronecker_eigen(block: KroneckerBlock) -> KroneckerEigen:
@@ -87,8 +136,27 @@ def kronecker_eigen(block: KroneckerBlock) -> KroneckerEigen:
     return eigen
 
 
-def eigen_matches(eigen: KroneckerEigen, block: KroneckerBlock) -> bool:
-    """Whether a (cached) ``eigen`` has the structure of ``block``'s factors."""
+def solves_directly(block: Block, dense_limit: int = DENSE_SOLVE_LIMIT) -> bool:
+    """Whether :func:`block_eigen` decomposes ``block`` (rather than returning ``None``)."""
+    structured = (KroneckerBlock, DiagonalBlock, LowRankBlock, DenseBlock)
+    return isinstance(block, structured) or block.numel <= dense_limit
+
+
+def eigen_matches(eigen: KroneckerEigen, block: Block) -> bool:
+    """Whether a (cached) ``eigen`` has the structure of ``block``'s factors.
+
+    For a block other than Kronecker: the structure :func:`block_eigen` gives it.
+    """
+    if not isinstance(block, KroneckerBlock):
+        vectors = eigen.get("first_vectors")
+        size = eigen["first_values"].shape[0] if vectors is None else vectors.shape[0]
+        diagonal = isinstance(block, DiagonalBlock)
+        return (
+            eigen["second_values"].shape == (1,)
+            and size == block.numel
+            and (vectors is None) == diagonal
+            and _dtype(block) in (None, eigen["first_values"].dtype)
+        )
     for side, factor in (("first", block.first_factor), ("second", block.second_factor)):
         vectors = eigen.get(f"{side}_vectors")
         if isinstance(factor, DiagonalFactor):
@@ -98,6 +166,15 @@ def eigen_matches(eigen: KroneckerEigen, block: KroneckerBlock) -> bool:
             return False
     values = eigen["first_values"]
     return values.dtype == block.first_factor.dtype and values.device == block.first_factor.device
+
+
+def _dtype(block: Block) -> Optional[torch.dtype]:
+    """The dtype of a block's stored numbers; ``None`` for a block known by products."""
+    for attribute in ("diagonal", "rows", "matrix"):
+        stored = getattr(block, attribute, None)
+        if isinstance(stored, Tensor):
+            return stored.dtype
+    return None
 
 
 def _width(factor: Factor) -> int:
