@@ -298,23 +298,55 @@ def _parameters_read(graph: TracedGraph) -> Dict[torch.fx.Node, Set[str]]:
 def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tensor]:
     """``dL/dy`` at every node of ``order`` and every derived parameter.
 
-    Recorded by ``loss.backward()``, or computed from ``loss``.
+    The hooks of the forward keep ``dL/dy`` only where the graph returns (and at derived
+    tensors); the others are computed here: with autograd from ``loss`` while its graph is
+    alive, else by one reverse walk of the rules' ``vjp`` from the recorded ``dL/dout`` (after
+    ``loss.backward()``): ``dL/dx = sum_(consumers y) J_(y,x)^T dL/dy``.
     """
     record = graph.record
     names = [i.node.name for i in order]
     names += [n for n in graph.derived if record.outputs[n].requires_grad]
     missing = [name for name in names if name not in record.grads]
-    if missing:
-        if loss is None:
-            raise CurvGraphError(
-                "the Hessian and PCH need the gradient of the loss at every node: call "
-                "loss.backward() after the forward pass, or use cg.curvature(loss, outputs, ...)"
-            )
+    if not missing:
+        return record.grads
+    if loss is not None:
         outputs = [record.outputs[name] for name in missing]
-        grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-        for name, g, out in zip(missing, grads, outputs):
-            record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
+        try:
+            grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # freed by loss.backward(): from the recorded dL/dout below
+            grads = None
+        if grads is not None:
+            for name, g, out in zip(missing, grads, outputs):
+                record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
+            return record.grads
+    walk = plan(graph, warn=False)
+    seed = record.grads.get(walk.output.name)
+    if seed is None:
+        raise CurvGraphError(
+            "the Hessian and PCH need the gradient of the loss at every node: call "
+            "loss.backward() after the forward pass, or use cg.curvature(loss, outputs, ...)"
+        )
+    _walk_gradients(graph, walk, seed)
+    for name in missing:
+        if name not in record.grads:  # nothing flows back to it: dL/dy = 0
+            record.grads[name] = torch.zeros_like(record.outputs[name])
     return record.grads
+
+
+def _walk_gradients(graph: TracedGraph, walk: Plan, seed: Tensor) -> None:
+    """Fill ``record.grads`` of the walk's nodes by the rules' ``vjp`` from ``dL/dout``."""
+    record = graph.record
+    adjoints: Dict = {walk.output: seed.unsqueeze(0)}  # one column: [1, N, *features]
+    for info, ctx in walk.reverse(record, adjoints.__contains__):
+        cotangent = adjoints.pop(info.node)
+        record.grads.setdefault(info.node.name, cotangent[0])
+        slots = {s: k for s, k in walk.active_slots(info).items() if not isinstance(k, str)}
+        if not slots:
+            continue
+        pulled = info.rule.vjp(ctx, cotangent, list(slots))
+        for slot, key in slots.items():
+            value = pulled[slot]
+            adjoints[key] = value if key not in adjoints else adjoints[key] + value
 
 
 def validate_call(info: NodeInfo, ctx) -> None:

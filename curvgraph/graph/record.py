@@ -46,7 +46,9 @@ class Record:
     Attributes:
         contexts: node name -> the rule's :class:`~curvgraph.rules.Context` of the call.
         outputs: node name -> output (attached to autograd) of ruled and derived nodes.
-        grads: node name -> ``dL/dy``, filled by hooks during ``loss.backward()``.
+        grads: node name -> ``dL/dy``: of the returned nodes and derived tensors, filled by
+            hooks during ``loss.backward()``; of the others, filled by
+            :func:`curvgraph.graph.plan.gradients` when a method needs them.
         result: what the model returned.
         shapes: node name -> output shape of every tensor (only with ``shapes=True``).
         grad_enabled: whether autograd recorded the forward (``False`` under
@@ -118,6 +120,13 @@ class Recorder(torch.fx.Interpreter):
         self.inputs: Optional[Dict[str, Any]] = None
         self._needed_sizes = {s for d in graph.derived.values() for s in d.sizes}
         self._sizes: Dict[str, Any] = {}
+        #: nodes whose ``dL/dy`` the hooks keep: what the graph returns, and derived tensors
+        #: (parameter-sized); the others are computed when a method needs them
+        #: (:func:`curvgraph.graph.plan.gradients`), not held through every backward
+        nodes = graph.graph_module.graph.nodes
+        returned = [n for n in nodes if n.op == "output"]
+        self._kept_grads = {a.name for n in returned for a in n.all_input_nodes}
+        self._kept_grads.update(graph.derived)
 
     def placeholder(self, target, args, kwargs) -> Any:  # noqa: D102
         if self.inputs is None:
@@ -252,9 +261,9 @@ class Recorder(torch.fx.Interpreter):
         )
 
     def _keep(self, name: str, output: Tensor) -> None:
-        """Record ``output`` and, during ``backward()``, its gradient."""
+        """Record ``output`` and, during ``backward()``, the gradient of a returned one."""
         self.record.outputs[name] = output
-        if output.requires_grad:
+        if output.requires_grad and name in self._kept_grads:
             grads = self.record.grads
             output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
 
