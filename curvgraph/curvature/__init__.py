@@ -8,6 +8,7 @@ from curvgraph.curvature.blocks import (
     KroneckerBlock,
     LowRankBlock,
 )
+from curvgraph.curvature.eigenbasis import EigenbasisBlock
 from curvgraph.curvature.factors import (
     DenseFactor,
     DiagonalFactor,
@@ -27,6 +28,7 @@ __all__ = [
     "DenseFactor",
     "DiagonalBlock",
     "DiagonalFactor",
+    "EigenbasisBlock",
     "Factor",
     "ImplicitBlock",
     "KroneckerBlock",

@@ -2,67 +2,33 @@
 
 A block acts on vectors shaped like its parameter; its dense form is indexed by the
 row-major flattening (``vec``) of the parameter. Public methods validate shapes; the
-private ``_matmat`` computes on columns ``[K, numel]``.
+private ``_matmat`` computes on columns ``[K, numel]``. Every block here has a damped
+inverse ``(C + lambda I)^{-1}`` (:meth:`Block.inverse`) and its product (:meth:`Block.solve`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from curvgraph.curvature.factors import DenseFactor, RankOneFactor, as_factor
+from curvgraph.curvature.block_base import Block, check_damping
+from curvgraph.curvature.eigenbasis import EigenbasisBlock
+from curvgraph.curvature.factors import (
+    DenseFactor,
+    Factor,
+    RankOneFactor,
+    as_factor,
+    check_positive,
+    damped_inverse,
+)
 
 __all__ = ["Block", "DenseBlock", "DiagonalBlock", "KroneckerBlock", "LowRankBlock"]
 
-
-class Block:
-    """Base class: a symmetric ``(numel, numel)`` matrix for a parameter of ``shape``."""
-
-    def __init__(self, shape: torch.Size):
-        self.shape = torch.Size(shape)
-
-    @property
-    def numel(self) -> int:
-        """Number of parameter entries (the block is ``numel x numel``)."""
-        return self.shape.numel()
-
-    def matvec(self, vector: Tensor) -> Tensor:
-        """``C v`` for ``v`` shaped like the parameter (or flat); result shaped like ``v``."""
-        if vector.shape != self.shape and vector.shape != (self.numel,):
-            raise ValueError(
-                f"matvec expects a tensor of shape {tuple(self.shape)} or ({self.numel},), "
-                f"got {tuple(vector.shape)}"
-            )
-        return self._matmat(vector.reshape(1, -1))[0].reshape(vector.shape)
-
-    def matmat(self, columns: Tensor) -> Tensor:
-        """``C V`` for ``K`` columns ``[K, *shape]`` or ``[K, numel]``; same shape back."""
-        if columns.shape[1:] != self.shape and columns.shape[1:] != (self.numel,):
-            raise ValueError(
-                f"matmat expects columns of shape [K, {', '.join(map(str, self.shape))}] or "
-                f"[K, {self.numel}], got {tuple(columns.shape)}"
-            )
-        return self._matmat(columns.reshape(columns.shape[0], -1)).reshape(columns.shape)
-
-    def to_dense(self) -> Tensor:
-        """The block as a dense ``(numel, numel)`` matrix."""
-        raise NotImplementedError
-
-    def diag(self) -> Tensor:
-        """The diagonal, shaped like the parameter."""
-        return self.to_dense().diagonal().reshape(self.shape)
-
-    def trace(self) -> Tensor:
-        """``tr C``."""
-        return self.diag().sum()
-
-    def _matmat(self, columns: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={tuple(self.shape)})"
+#: how :meth:`KroneckerBlock.inverse` damps: each factor, pi-heuristic, or the product
+DAMPING_SPLITS = ("factors", "heuristic", "exact")
 
 
 class DenseBlock(Block):
@@ -88,6 +54,11 @@ class DenseBlock(Block):
     def diag(self) -> Tensor:  # noqa: D102
         return self.matrix.diagonal().reshape(self.shape)
 
+    def inverse(self, damping: float) -> DenseBlock:
+        """``(C + damping I)^{-1}`` (``ValueError`` if singular or indefinite)."""
+        check_damping(damping, self)
+        return DenseBlock(damped_inverse(self.matrix, damping, repr(self)), self.shape)
+
 
 class KroneckerBlock(Block):
     """``C = A (x) B`` for a weight of shape ``[rows, *cols]`` (``vec`` row-major).
@@ -102,6 +73,22 @@ class KroneckerBlock(Block):
     instead of ``rows`` multiply-adds per entry of ``V``); a root given beside a dense factor
     is used only when thin (``2 r < size``, e.g. ``x_n / sqrt(N)`` of a linear layer with
     fewer samples than inputs).
+
+    **Public factors** (docs/methods.md, "Kronecker factors: public tensors and scaling"):
+    :attr:`input_factor` is ``A = (1/M) sum_m x_m x_m^T``, a mean over the ``M =``
+    :attr:`input_count` rows it was built from (``N`` samples, ``N T`` positions for
+    ``kfac_approx="expand"``, ``N`` position-averaged rows for ``"reduce"``);
+    :attr:`output_factor` is ``G = sum_{k,m} s_km s_km^T``, a plain sum of the propagated
+    loss-Hessian factors, which carry the loss reduction (``1/N`` for a mean loss). Their
+    damped inverse is :meth:`inverse` (damping split between the factors by default), its
+    product :meth:`solve`::
+
+        curv = cg.curvature(loss, out, method="kflr")
+        block = curv["fc.weight"]                        # G (x) A, weight [out, in]
+        A = block.input_factor.to_dense()                # [in, in], mean over samples
+        G = block.output_factor.to_dense()               # [out, out], carries 1/N
+        step = block.solve(grad, damping=1e-3)           # (G + l I)^-1 grad (A + l I)^-1
+        exact = block.solve(grad, 1e-3, split="exact")   # (G (x) A + l I)^-1 grad
 
     Args:
         first: ``A``: a :class:`Factor`, a matrix ``rows x rows`` or ``u`` (``rows``).
@@ -156,6 +143,74 @@ class KroneckerBlock(Block):
             for f in (self.first_factor, self.second_factor)
         )
 
+    @property
+    def input_factor(self) -> Factor:
+        """``A``, the factor of the layer's inputs: a mean over :attr:`input_count` rows."""
+        return self.first_factor if self.input_first else self.second_factor
+
+    @property
+    def output_factor(self) -> Factor:
+        """``G``, the factor of the propagated loss-Hessian factors (a sum; carries ``1/N``)."""
+        return self.second_factor if self.input_first else self.first_factor
+
+    def eigenbasis(self) -> EigenbasisBlock:
+        """The same matrix as :class:`EigenbasisBlock`: ``Q_1 (x) Q_2``, ``S = l_1 l_2^T``."""
+        (l1, q1), (l2, q2) = self.first_factor.eigen(), self.second_factor.eigen()
+        block = EigenbasisBlock(q1, q2, torch.outer(l1, l2), self.shape)
+        block.input_first = self.input_first
+        return block
+
+    def inverse(
+        self,
+        damping: Union[float, Tuple[float, float]],
+        split: str = "factors",
+        min_damping: float = 1e-8,
+    ) -> Block:
+        """The damped inverse, with ``damping`` split between the factors as ``split`` says.
+
+        - ``"factors"`` (default; curvlinops' ``KFACInverseLinearOperator`` default):
+          ``(G + l_G I)^{-1} (x) (A + l_A I)^{-1}``, a :class:`KroneckerBlock` of the inverted
+          factors; ``damping`` is one ``l`` added to both, or a pair ``(l_A, l_G)`` (input
+          factor first, as curvlinops takes it);
+        - ``"heuristic"`` (Martens & Grosse 2015, section 6.3): ``l_A = pi sqrt(l)``,
+          ``l_G = sqrt(l) / pi`` with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, each at
+          least ``min_damping``;
+        - ``"exact"``: ``(G (x) A + l I)^{-1}`` through the factors' eigendecompositions, an
+          :class:`EigenbasisBlock` with eigenvalues ``1 / (l_G l_A^T + l)``.
+
+        Raises:
+            ValueError: an unknown ``split``, a pair of dampings for another split, or a
+                damped matrix that is not positive definite.
+        """
+        if split not in DAMPING_SPLITS:
+            raise ValueError(f"split={split!r}; expected one of {DAMPING_SPLITS}")
+        if isinstance(damping, tuple):
+            if split != "factors" or len(damping) != 2:
+                raise ValueError("a pair of dampings (input, output) needs split='factors'")
+            input_damping, output_damping = damping
+        else:
+            check_damping(damping, self)
+            if split == "exact":
+                return self.eigenbasis().inverse(damping)
+            input_damping = output_damping = damping
+            if split == "heuristic":
+                input_damping, output_damping = self._heuristic(damping, min_damping)
+        a, g = self.input_factor, self.output_factor
+        a_inv, g_inv = a.damped_inverse(input_damping), g.damped_inverse(output_damping)
+        pair = (a_inv, g_inv) if self.input_first else (g_inv, a_inv)
+        block = KroneckerBlock(*pair, self.shape)
+        block.input_first, block.input_count = self.input_first, self.input_count
+        return block
+
+    def _heuristic(self, damping: float, min_damping: float) -> Tuple[float, float]:
+        """``(max(pi sqrt(l), m), max(sqrt(l) / pi, m))`` of :meth:`inverse`."""
+        a, g = self.input_factor, self.output_factor
+        mean_a, mean_g = float(a.trace()) / a.size, float(g.trace()) / g.size
+        if not (mean_a >= 0 and mean_g > 0):
+            return damping, damping
+        pi, root = math.sqrt(mean_a / mean_g), math.sqrt(damping)
+        return max(pi * root, min_damping), max(root / pi, min_damping)
+
     def _matmat(self, columns: Tensor) -> Tensor:
         matrices = columns.reshape(-1, self.rows, self.cols)
         a, b = self.first_factor, self.second_factor
@@ -207,6 +262,25 @@ class LowRankBlock(Block):
     def diag(self) -> Tensor:  # noqa: D102
         return (self.rows**2).sum(0).reshape(self.shape)
 
+    def inverse(self, damping: float) -> DenseBlock:
+        """``(U^T U + damping I)^{-1}`` as a dense block (``numel^2`` entries)."""
+        check_damping(damping, self)
+        return DenseBlock(damped_inverse(self.to_dense(), damping, repr(self)), self.shape)
+
+    def solve(self, value: Tensor, damping: float) -> Tensor:
+        """``(U^T U + damping I)^{-1} v``; by Woodbury when ``R < numel`` (``damping > 0``).
+
+        ``(U^T U + l I)^{-1} v = (v - U^T (l I + U U^T)^{-1} U v) / l``: an ``R x R`` solve,
+        no ``numel x numel`` matrix.
+        """
+        check_damping(damping, self)
+        if self.rows.shape[0] >= self.numel or damping == 0:
+            return super().solve(value, damping)
+        columns = self._columns(value, "solve")
+        gram = damped_inverse(self.rows @ self.rows.T, damping, repr(self))
+        inner = (columns @ self.rows.T) @ gram
+        return ((columns - inner @ self.rows) / damping).reshape(value.shape)
+
 
 class DiagonalBlock(Block):
     """``C = diag(d)`` with ``d`` shaped like the parameter."""
@@ -223,3 +297,9 @@ class DiagonalBlock(Block):
 
     def diag(self) -> Tensor:  # noqa: D102
         return self.diagonal.reshape(self.shape)
+
+    def inverse(self, damping: float) -> DiagonalBlock:
+        """``diag(1 / (d + damping))`` (``ValueError`` if an entry is ``<= 0``)."""
+        check_damping(damping, self)
+        damped = check_positive(self.diagonal + damping, repr(self), damping)
+        return DiagonalBlock(1 / damped, self.shape)

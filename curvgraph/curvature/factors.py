@@ -30,6 +30,8 @@ __all__ = [
     "RankOneFactor",
     "RootFactor",
     "as_factor",
+    "check_positive",
+    "damped_inverse",
     "factor_from_root",
 ]
 
@@ -88,6 +90,27 @@ class Factor:
     def to_dense(self) -> Tensor:
         """``F`` as a dense ``size x size`` matrix."""
         raise NotImplementedError
+
+    def trace(self) -> Tensor:
+        """``tr F`` (what the pi-heuristic of damping compares)."""
+        return self.diagonal().sum()
+
+    def eigen(self):
+        """``(l, Q)`` with ``F = Q diag(l) Q^T``, ``Q`` ``size x size`` orthogonal, ``l`` ascending.
+
+        ``Q`` is ``None`` for a diagonal factor (the unit vectors; ``l`` is then ``d`` in its
+        own order). Forms ``F`` (``size^2`` entries) for the other kinds.
+        """
+        return torch.linalg.eigh(self.to_dense())
+
+    def damped_inverse(self, damping: float) -> Factor:
+        """``(F + damping I)^{-1}`` as a factor (dense, or diagonal for a diagonal factor).
+
+        Raises:
+            ValueError: ``F + damping I`` is singular to rounding or indefinite
+                (``damping <= 0`` on a singular factor).
+        """
+        return DenseFactor(damped_inverse(self.to_dense(), damping, repr(self)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
@@ -192,6 +215,12 @@ class DiagonalFactor(Factor):
     def to_dense(self) -> Tensor:  # noqa: D102
         return torch.diag(self.data)
 
+    def eigen(self):  # noqa: D102
+        return self.data, None
+
+    def damped_inverse(self, damping: float) -> DiagonalFactor:  # noqa: D102
+        return DiagonalFactor(1 / check_positive(self.data + damping, repr(self), damping))
+
 
 class RootFactor(Factor):
     """``F = R^T R`` stored as ``R`` ``[r, size]`` alone (``r < size``: fewer entries).
@@ -225,6 +254,29 @@ class RootFactor(Factor):
 
     def to_dense(self) -> Tensor:  # noqa: D102
         return self.data.T @ self.data
+
+
+def check_positive(values: Tensor, who: str, damping: float) -> Tensor:
+    """``values`` (eigenvalues of a damped matrix) if all exceed rounding, else ``ValueError``.
+
+    Rounding: ``100 eps max|l|``; below it the inverse would be noise (an undamped singular
+    factor has eigenvalues of order ``eps``, not zero).
+    """
+    floor = 100 * torch.finfo(values.dtype).eps * values.abs().max().clamp_min(1e-300)
+    if not bool((values > floor).all()):
+        smallest = float(values.min())
+        raise ValueError(
+            f"{who} + {damping} I is singular or indefinite (smallest eigenvalue {smallest:.3g});"
+            " pass a larger damping"
+        )
+    return values
+
+
+def damped_inverse(matrix: Tensor, damping: float, who: str) -> Tensor:
+    """``(M + damping I)^{-1}`` of a symmetric ``M`` by ``eigh``, refusing singular results."""
+    values, vectors = torch.linalg.eigh(matrix)
+    inverse = 1 / check_positive(values + damping, who, damping)
+    return (vectors * inverse) @ vectors.T
 
 
 def as_factor(value, size: int, root: Optional[Tensor] = None) -> Factor:
