@@ -1,7 +1,7 @@
 """Curvature methods as registered objects; importing this package registers the built-ins.
 
-One module per method (``exact``, ``hbp``, ``kfra``, ``sqrt``, ``diag``, ``kflr``, ``kfac``),
-each a :class:`Method` registered with :func:`register_method`; shared machinery in
+One module per method (``exact``, ``hbp``, ``kfra``, ``sqrt``, ``diag``, ``kflr``, ``kfac``,
+``ekfac``), each a :class:`Method` registered with :func:`register_method`; shared machinery in
 :mod:`~curvgraph.methods.frontier` (HBP's joint matrix), :mod:`~curvgraph.methods.factors`
 (symmetric-factor propagation) and :mod:`~curvgraph.methods.pullback` (derived parameters).
 Every module of this package is imported here (the built-ins first, in the order
@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 
 # isort: split
-from curvgraph.methods import exact, hbp, kfra, sqrt, diag, kflr, kfac  # noqa: F401, I001
+from curvgraph.methods import exact, hbp, kfra, sqrt, diag, kflr, kfac, ekfac  # noqa: F401, I001
 
 # isort: split
 from curvgraph.methods.base import (

@@ -1,0 +1,213 @@
+"""``method="ekfac"``: the eigenbasis of the Kronecker factors, the diagonal refitted in it.
+
+References, float64: ``torch.func`` (the exact GGN block from dense per-sample Jacobians,
+``tests/reference.py``, rotated into the block's eigenbasis: EK-FAC's eigenvalues are its
+diagonal there), curvlinops 3.0.1 ``EKFACLinearOperator`` (``fisher_type="type-2"`` and
+``"mc"`` from the same generator state; its inverse with exact damping), and curvgraph's
+``sqrt`` rows for Monte-Carlo columns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import ggn_blocks
+from torch import nn
+
+import curvgraph
+from curvgraph.curvature import EigenbasisBlock, LowRankBlock
+from curvgraph.errors import CurvGraphError
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+
+DTYPE = torch.float64
+EXACT = {"rtol": 1e-9, "atol": 1e-12}
+N, SEED = 6, 2147483647  # curvlinops' default seed
+
+
+@pytest.fixture(scope="module")
+def cl():
+    """The curvlinops package (skips the tests that use it when it is missing)."""
+    return pytest.importorskip("curvlinops")
+
+
+class Pooled(nn.Module):
+    """Linear on ``[N, T, D]``, tanh, mean over ``T``, linear head: one loss term per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+class TokenModel(nn.Module):
+    """Embedding -> Linear -> tanh -> Linear on token ids ``[N, T]``: logits ``[N, T, V]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(7, 4), nn.Linear(4, 5), nn.Linear(5, 7)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(self.emb(x))))
+
+
+def problem(kind: str):
+    """``(model, x, y, weights)``: model, batch, and the names of its Kronecker weights."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        x, weights = torch.randn(N, 5), ["0.weight", "2.weight"]
+    elif kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
+        )
+        x, weights = torch.randn(N, 2, 4, 4), ["0.weight", "3.weight"]
+    elif kind == "pooled":
+        model, x, weights = Pooled(), torch.randn(N, 4, 4), ["fc.weight", "head.weight"]
+    else:
+        model, x = TokenModel(), torch.randint(7, (N, 3))
+        return (
+            model.to(DTYPE),
+            x,
+            torch.randint(7, (N, 3)),
+            ["emb.weight", "fc.weight", "head.weight"],
+        )
+    return model.to(DTYPE), x.to(DTYPE), torch.randint(3, (N,)), weights
+
+
+def cross_entropy(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def ekfac(model, x, y, **options):
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    return cg.curvature(cross_entropy(out, y), out, method="ekfac", **options)
+
+
+def basis(block: EigenbasisBlock) -> torch.Tensor:
+    """``Q_1 (x) Q_2`` (the identity for a side without vectors)."""
+    eye = lambda n: torch.eye(n, dtype=DTYPE)  # noqa: E731
+    q1 = eye(block.rows) if block.first_vectors is None else block.first_vectors
+    q2 = eye(block.cols) if block.second_vectors is None else block.second_vectors
+    return torch.kron(q1, q2)
+
+
+CASES = [
+    ("mlp", "expand"),
+    ("cnn", "expand"),
+    ("cnn", "reduce"),
+    ("pooled", "expand"),
+    ("pooled", "reduce"),
+    ("tokens", "expand"),
+    ("tokens", "reduce"),
+]
+
+
+@pytest.mark.parametrize("kind, approx", CASES)
+def test_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_eigenbasis(kind, approx):
+    """``S = diag(Q^T GGN Q)`` with ``Q`` the eigenvectors of ``kflr``'s factors."""
+    model, x, y, weights = problem(kind)
+    curv = ekfac(model, x, y, kfac_approx=approx)
+    kflr = curvgraph.trace(model)
+    out = kflr(x)
+    factors = kflr.curvature(cross_entropy(out, y), out, method="kflr", kfac_approx=approx)
+    reference = ggn_blocks(model, x, y, cross_entropy)
+    for name in weights:
+        block = curv[name]
+        assert isinstance(block, EigenbasisBlock), name
+        q = basis(block)
+        torch.testing.assert_close(q.T @ q, torch.eye(block.numel, dtype=DTYPE), **EXACT)
+        rotated_kfac = q.T @ factors[name].to_dense() @ q  # the factors' eigenbasis
+        torch.testing.assert_close(rotated_kfac, torch.diag(rotated_kfac.diagonal()), **EXACT)
+        expected = (q.T @ reference[name] @ q).diagonal().reshape(block.rows, block.cols)
+        torch.testing.assert_close(block.values, expected, **EXACT)
+        torch.testing.assert_close(block.trace(), reference[name].trace(), **EXACT)
+    for name, block in curv.items():  # biases: the exact GGN block (kflr's low-rank)
+        if name not in weights:
+            assert isinstance(block, LowRankBlock)
+            torch.testing.assert_close(block.to_dense(), reference[name], **EXACT)
+
+
+def test_monte_carlo_eigenvalues_are_the_diagonal_of_the_sampled_ggn():
+    """``mc_samples``: ``S = diag(Q^T (sum u u^T) Q)`` with the rows of the same draws."""
+    model, x, y, weights = problem("pooled")
+    draws = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    curv = ekfac(model, x, y, mc_samples=4, generator=draws())
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    rows = cg.curvature(cross_entropy(out, y), out, method="sqrt", mc_samples=4, generator=draws())
+    for name in weights:
+        q = basis(curv[name])
+        expected = (q.T @ rows[name].to_dense() @ q).diagonal()
+        torch.testing.assert_close(curv[name].values.reshape(-1), expected, **EXACT)
+
+
+def peer(cl, model, x, y, weights, approx, fisher_type):
+    """curvlinops' EK-FAC of the weights and its exactly damped inverse, dense."""
+    parameters = dict(model.named_parameters())
+    op = cl.EKFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        [parameters[name] for name in weights],
+        [(x, y)],
+        fisher_type=fisher_type,
+        kfac_approx=approx,
+        check_deterministic=False,
+        seed=SEED,
+    )
+    inverse = cl.KFACInverseLinearOperator(op, damping=0.1, use_exact_damping=True)
+    dense = {}
+    for key, operator in (("ekfac", op), ("inverse", inverse)):
+        matrix = operator @ torch.eye(operator.shape[0], dtype=DTYPE)
+        start = 0
+        for name in weights:
+            size = parameters[name].numel()
+            dense[key, name] = matrix[start : start + size, start : start + size]
+            start += size
+    return dense
+
+
+@pytest.mark.parametrize("kind, approx", CASES[:5])
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_equals_curvlinops_ekfac(cl, kind, approx, fisher_type):
+    model, x, y, weights = problem(kind)
+    options = {"kfac_approx": approx}
+    if fisher_type == "mc":  # the same labels, drawn from the same generator state
+        options.update(mc_samples=1, generator=torch.Generator().manual_seed(SEED))
+    curv = ekfac(model, x, y, **options)
+    reference = peer(cl, model, x, y, weights, approx, fisher_type)
+    for name in weights:
+        torch.testing.assert_close(curv[name].to_dense(), reference["ekfac", name], **EXACT)
+        inverse = curv[name].inverse(0.1).to_dense()
+        torch.testing.assert_close(inverse, reference["inverse", name], **EXACT)
+
+
+def test_products_diag_and_solve_equal_the_dense_matrix():
+    model, x, y, _ = problem("cnn")
+    block = ekfac(model, x, y)["0.weight"]
+    dense = block.to_dense()
+    v = torch.randn(2, *block.shape, dtype=DTYPE)
+    flat = v.reshape(2, -1)
+    torch.testing.assert_close(block.matmat(v).reshape(2, -1), flat @ dense, **EXACT)
+    torch.testing.assert_close(block.diag().reshape(-1), dense.diagonal(), **EXACT)
+    eye = torch.eye(block.numel, dtype=DTYPE)
+    expected = torch.linalg.solve(dense + 0.05 * eye, flat.T).T
+    torch.testing.assert_close(block.solve(v, 0.05).reshape(2, -1), expected, **EXACT)
+    torch.testing.assert_close(block.solve(v[0], 0.05).reshape(-1), expected[0], **EXACT)
+
+
+def test_blocks_without_factors_are_refused_when_asked():
+    model, x, y, _ = problem("mlp")
+    with pytest.raises(CurvGraphError, match=r"0\.bias .*no Kronecker factors"):
+        ekfac(model, x, y, fallback="error")
+    with pytest.raises(ValueError, match="fallback="):
+        ekfac(model, x, y, fallback="diag")
+    with pytest.raises(ValueError, match="needs Kronecker factors"):
+        ekfac(model, x, y, kfac_approx="low-rank")
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    curv = ekfac(model.to(DTYPE), x, y, fallback="error")  # every parameter has factors
+    assert all(isinstance(block, EigenbasisBlock) for block in curv.values())
