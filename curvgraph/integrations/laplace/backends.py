@@ -97,6 +97,37 @@ class CurvgraphInterface(CurvatureInterface):
         self.kron_fallback = kron_fallback
         self._graph: Optional[curvgraph.CurvGraph] = None
 
+    def jacobians(self, x, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """laplace-torch's Jacobians (``torch.func``); logits ``[B, T, C]`` as ``B T`` rows.
+
+        The GLM predictive of a sequence model is then one predictive per token (row
+        ``n T + t``), the shapes laplace-torch's predictive takes (``[rows, C, P]``).
+        """
+        jacobians, outputs = super().jacobians(x, enable_backprop)
+        if outputs.ndim == 3:
+            return jacobians.flatten(0, 1), outputs.flatten(0, 1)
+        return jacobians, outputs
+
+    functorch_jacobians = jacobians
+
+    def last_layer_jacobians(self, x, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """Jacobians of a linear last layer ``f = W phi + b``: ``e_c phi^T`` and ``e_c``.
+
+        As laplace-torch's, with features ``[B, T, D]`` (logits ``[B, T, C]``) as ``B T`` rows.
+        """
+        outputs, features = self.model.forward_with_features(x)
+        if outputs.ndim == 3:
+            outputs, features = outputs.flatten(0, 1), features.flatten(0, 1)
+        rows, classes = features.shape[0], outputs.shape[-1]
+        identity = torch.eye(classes, device=features.device, dtype=features.dtype)
+        identity = identity.expand(rows, classes, classes)
+        jacobians = torch.einsum("kp,kij->kijp", features, identity).reshape(rows, classes, -1)
+        if self.model.last_layer.bias is not None:
+            jacobians = torch.cat([jacobians, identity], dim=2)
+        if enable_backprop:
+            return jacobians, outputs
+        return jacobians.detach(), outputs.detach()
+
     def full(self, x, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         """``(loss, C)`` with ``C`` the ``P x P`` curvature (subnetwork: ``S x S``)."""
         loss, curvature = self._curvature(x, y, "sqrt", **self._sample_options())
@@ -158,6 +189,8 @@ class CurvgraphInterface(CurvatureInterface):
                 _, features = self.model.forward_with_features(x)
             graph = self._traced(self._model, features)
             return graph, graph(features)
+        if isinstance(x, MutableMapping):  # a BatchEncoding or UserDict: a dict for torch.export
+            x = dict(x)
         graph = self._traced(self.model, x)
         return graph, graph(x)
 
