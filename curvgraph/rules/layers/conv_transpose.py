@@ -149,6 +149,18 @@ class ConvTransposeRule(ConvFamilyRule):
         the weight's row-major order. expand: ``A = (1/(N P)) sum_{n,p} x x^T``,
         ``G = sum_{k,n,p} C C^T``; reduce: ``A = (1/N) sum_n xbar_n xbar_n^T`` with
         ``xbar_n = (1/P) sum_p x_np``, ``G = sum_{k,n} (sum_p C)(sum_p C)^T``.
+
+        **Convention.** Positions are *input* positions (the transposed convolution stamps
+        ``x_np`` times the kernel into the output, ``J_W^T c = sum_p x_p C_p^T``), so the
+        block is exact for one sample with one input position (``J_W^T s_k = x (x) C_k``),
+        whatever the number of output positions. BackPACK's KFLR counts *output* positions
+        (the convolution view: ``G`` over ``C_out``, ``A`` over ``C_in * prod(kernel)``
+        unfolded input patches) and is exact for one sample with one output position instead;
+        each is off where the other is exact (``tests/test_trust_conv_transpose_kflr.py``).
+        BackPACK's split is not a Kronecker product in the weight's row-major order
+        ``[C_in, C_out/g, *kernel]`` (its ``A`` couples ``C_in`` with the kernel axes, which
+        ``C_out`` separates), so a :class:`~curvgraph.curvature.KroneckerBlock` cannot hold
+        it. ``kfac_approx="low-rank"`` gives the exact block (``kflr``) in every case.
         """
         if slot != "weight" or ctx.groups != 1:
             return None
