@@ -23,6 +23,7 @@ from torch import nn
 
 import curvgraph
 from curvgraph.curvature import KroneckerBlock, LowRankBlock
+from curvgraph.curvature.sums import SumBlock
 from curvgraph.graph import plan
 from curvgraph.losses import LossModel
 from curvgraph.methods import lookup_method
@@ -340,22 +341,65 @@ class TiedLanguageModel(nn.Module):
         return F.linear(torch.tanh(self.fc(self.emb(x))), self.emb.weight)
 
 
-@pytest.mark.parametrize("approx", ["expand", "reduce", "low-rank"])
-def test_tied_weight_gets_one_low_rank_block_of_both_uses(approx):
-    """``u_kn = (J_emb + J_head)^T s_kn``: the exact block (kflr), whatever ``kfac_approx``."""
+def test_tied_weight_low_rank_gets_one_low_rank_block_of_both_uses():
+    """``kfac_approx="low-rank"``: ``u_kn = (J_emb + J_head)^T s_kn``, the exact block (kflr)."""
     torch.manual_seed(3)
     model = TiedLanguageModel().to(DTYPE)
     x, y = torch.randint(V, (N, T)), torch.randint(V, (N, T))
-    kflr = ours(model, x, y, "ce", kfac_approx=approx)
+    kflr = ours(model, x, y, "ce", kfac_approx="low-rank")
     exact = ours(model, x, y, "ce", method="exact")
     assert isinstance(kflr["emb.weight"], LowRankBlock)
     torch.testing.assert_close(
         kflr["emb.weight"].to_dense(), exact["emb.weight"].to_dense(), **EXACT
     )
     target = torch.randn(N, T, V, dtype=DTYPE)
-    kfac = ours(model, x, target, "mse", method="kfac", kfac_approx=approx)
+    kfac = ours(model, x, target, "mse", method="kfac", kfac_approx="low-rank")
     assert isinstance(kfac["emb.weight"], LowRankBlock)
     assert kfac["emb.weight"].rows.shape[0] == N  # one Monte-Carlo column per sample
+
+
+class UntiedLanguageModel(nn.Module):
+    """:class:`TiedLanguageModel` with the head's weight a separate copy of the embedding's."""
+
+    def __init__(self, tied: TiedLanguageModel):
+        super().__init__()
+        self.emb, self.fc = tied.emb, tied.fc
+        self.head = nn.Parameter(tied.emb.weight.detach().clone())
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc(self.emb(x))), self.head)
+
+
+@pytest.mark.parametrize("method", ["kflr", "kfac"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_tied_weight_block_is_the_sum_of_its_uses_kronecker_blocks(approx, method):
+    """expand/reduce: ``G_emb (x) A_emb + G_head (x) A_head``, each use's own Kronecker block.
+
+    The reference is the same model with the head's weight untied (a copy): its embedding
+    and head blocks, added. Each term keeps its smallest form: the head's ``V x V`` output
+    factor as a thin root.
+    """
+    torch.manual_seed(3)
+    model = TiedLanguageModel().to(DTYPE)
+    x, y = torch.randint(V, (N, T)), torch.randint(V, (N, T))
+    options = dict(kfac_approx=approx, method=method)
+    tied = ours(model, x, y, "ce", generator=torch.Generator().manual_seed(0), **options)
+    untied = ours(
+        UntiedLanguageModel(model),
+        x,
+        y,
+        "ce",
+        generator=torch.Generator().manual_seed(0),
+        **options,
+    )
+    block = tied["emb.weight"]
+    assert isinstance(block, SumBlock) and len(block.terms) == 2
+    assert all(isinstance(term, KroneckerBlock) for term in block.terms)
+    expected = untied["emb.weight"].to_dense() + untied["head"].to_dense()
+    torch.testing.assert_close(block.to_dense(), expected, **EXACT)
+    vector = torch.randn(V, D, dtype=DTYPE)
+    torch.testing.assert_close(block.matvec(vector), (expected @ vector.reshape(-1)).reshape(V, D))
+    torch.testing.assert_close(block.diag(), torch.diagonal(expected).reshape(V, D))
 
 
 def cnn():

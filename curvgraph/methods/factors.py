@@ -7,8 +7,10 @@ tensor feeds several arguments, its factors add. At a parameter, ``u_nk = J_n^T 
 each method turns these rows into its block (:class:`FactorMethod`): a
 :class:`~curvgraph.curvature.LowRankBlock` ``sum_{n,k} u_nk u_nk^T`` (``sqrt``; exact GGN with
 exact factors, on any DAG), its diagonal (``diag``), or Kronecker blocks from the rule's
-``kronecker_factors`` capability (``kflr``, ``kfac``). Tied parameters and derived tensors
-always collect rows (the rows of every use add, sample by sample).
+``kronecker_factors`` capability (``kflr``, ``kfac``). Derived tensors, and tied parameters
+under ``sqrt``/``diag``/``kfac_approx="low-rank"``, collect rows (the rows of every use add,
+sample by sample); under ``kfac_approx="expand"``/``"reduce"`` a tied parameter's block is
+the sum of its uses' Kronecker blocks (:func:`summed_uses`).
 
 Ops that mix samples (BatchNorm in training mode) have no per-sample factors: use
 ``method="exact"``.
@@ -16,17 +18,18 @@ Ops that mix samples (BatchNorm in training mode) have no per-sample factors: us
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from curvgraph.curvature import Block, BlockCurvature, LowRankBlock
+from curvgraph.curvature.sums import SumBlock
 from curvgraph.graph import TracedGraph, plan
 from curvgraph.methods.base import Method
 from curvgraph.methods.pullback import pull_back_rows
 
-__all__ = ["FactorMethod", "factor_blocks"]
+__all__ = ["FactorMethod", "factor_blocks", "summed_uses"]
 
 
 class FactorMethod(Method):
@@ -87,6 +90,18 @@ class FactorMethod(Method):
         return shard.combine_factor_blocks(blocks)
 
 
+def summed_uses(options: dict) -> bool:
+    """Whether a tied weight's block is the sum of its uses' blocks (``kfac_approx``).
+
+    With ``kfac_approx="expand"`` or ``"reduce"`` each use of a tied weight (GPT-2's embedding
+    and head) gets its own Kronecker approximation and the block is their sum
+    (:class:`~curvgraph.curvature.SumBlock`, cross-use terms dropped as KFAC drops
+    cross-layer terms); otherwise (``sqrt``, ``diag``, ``kfac_approx="low-rank"``) the
+    per-sample rows of every use add before the block is formed: exact for the factors.
+    """
+    return options.get("kfac_approx") in ("expand", "reduce")
+
+
 def factor_blocks(
     graph: TracedGraph, walk, factors: Tensor, method: FactorMethod, **options
 ) -> BlockCurvature:
@@ -101,12 +116,21 @@ def factor_blocks(
     adjoints: Dict = {walk.output: factors}
     rows: Dict[str, Tensor] = {}
     direct: Dict[str, Block] = {}
+    uses: Dict[str, List[Block]] = {}  # a tied weight's per-use blocks (summed_uses)
     for info, ctx in walk.reverse(graph.record, adjoints.__contains__, mixing):
         factors = adjoints.pop(info.node)
         for slot, key in walk.active_slots(info).items():
-            if isinstance(key, str) and key not in graph.derived and not walk.tied(key):
+            tied = isinstance(key, str) and walk.tied(key)
+            if (
+                isinstance(key, str)
+                and key not in graph.derived
+                and (not tied or summed_uses(options))
+            ):
                 shape = walk.parameters[key].shape
                 block = method.direct_block(info.rule, ctx, slot, factors, shape, **options)
+                if block is not None and tied:
+                    uses.setdefault(key, []).append(block)
+                    continue
                 if block is not None:
                     direct[key] = block
                     continue
@@ -119,8 +143,13 @@ def factor_blocks(
     rows, parameters = pull_back_rows(graph, rows, walk.parameters)
     blocks = {}
     for name, parameter in parameters.items():
+        terms = list(uses.get(name, ()))
+        if name in rows:  # uses without a direct block: their own (low-rank) term
+            terms.append(method.rows_block(rows[name], parameter.shape))
         if name in direct:
             blocks[name] = direct[name]
-        elif name in rows:
-            blocks[name] = method.rows_block(rows[name], parameter.shape)
+        elif len(terms) > 1:
+            blocks[name] = SumBlock(terms[::-1], parameter.shape)  # in the order of the uses
+        elif terms:
+            blocks[name] = terms[0]
     return BlockCurvature(blocks, parameters, curvature="ggn", method=method.name)
