@@ -1,0 +1,447 @@
+"""laplace-torch backends computed by curvgraph (curvgraph.integrations.laplace).
+
+Float64 parity with laplace-torch's own backends on the kinds of models laplace-torch tests
+them with (an MLP 3-20-2 with tanh, a small conv net; classification and regression):
+``full`` against curvlinops (and BackPACK), ``kron`` against BackPACK's KFLR and curvlinops'
+KFAC where they define the factors the same way, ``diag`` against BackPACK's exact diagonal
+and a ``torch.func`` GGN; the marginal likelihood, the optimised prior precision and the
+predictives (GLM probit and MC, NN sampling) of whole ``Laplace`` objects; then models
+laplace-torch's backends cannot handle (a ResNet with BatchNorm, a ViT with LayerNorm, a
+GPT-2 tiny config with ``[B, T, C]`` logits), and the structures a backend refuses.
+"""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+laplace = pytest.importorskip("laplace")
+from laplace import Laplace  # noqa: E402
+from laplace.curvature import (  # noqa: E402
+    BackPackEF,
+    BackPackGGN,
+    CurvlinopsEF,
+    CurvlinopsGGN,
+    CurvlinopsHessian,
+)
+
+from curvgraph.integrations.laplace import (  # noqa: E402
+    CurvgraphEF,
+    CurvgraphGGN,
+    CurvgraphHessian,
+    kronecker_factors,
+)
+
+SLOW = pytest.mark.skipif(
+    os.environ.get("CURVGRAPH_SLOW_TESTS") != "1", reason="slow: set CURVGRAPH_SLOW_TESTS=1"
+)
+TOL = {"atol": 1e-10, "rtol": 1e-9}
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+    torch.set_default_dtype(default)
+
+
+def mlp(outputs):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, outputs))
+
+
+def cnn(outputs):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, outputs))
+
+
+def data(model_name, likelihood, n=12):
+    torch.manual_seed(1)
+    x = torch.randn(n, 3) if model_name == "mlp" else torch.randn(n, 3, 6, 6)
+    y = torch.randint(0, 2, (n,)) if likelihood == "classification" else torch.randn(n, 2)
+    return x, y
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+CASES = [(m, lik) for m in MODELS for lik in ("classification", "regression")]
+
+
+def backend(cls, model, likelihood, **kwargs):
+    """A backend on its own copy of the model (BackPACK extends the modules it is given)."""
+    copied = copy.deepcopy(model)
+    copied.output_size = 2
+    return cls(copied, likelihood, **kwargs)
+
+
+def jacobian_ggn(model, x, likelihood):
+    """``sum_n J_n^T Lambda_n J_n`` of the summed loss (1/2 MSE) with torch.func."""
+    params = dict(model.named_parameters())
+
+    def f(p):
+        return torch.func.functional_call(model, p, (x,))
+
+    jac = torch.func.jacrev(f)(params)
+    J = torch.cat([j.flatten(2) for j in jac.values()], dim=2)  # [N, C, P]
+    if likelihood == "regression":
+        return torch.einsum("ncp,ncq->pq", J, J)
+    p = torch.softmax(f(params), -1)
+    lam = torch.diag_embed(p) - torch.einsum("nc,nk->nck", p, p)
+    return torch.einsum("ncp,nck,nkq->pq", J, lam, J)
+
+
+@pytest.mark.parametrize("model_name,likelihood", CASES)
+def test_full_ggn_equals_curvlinops_and_torch_func(model_name, likelihood):
+    model = MODELS[model_name](2)
+    x, y = data(model_name, likelihood)
+    loss, H = backend(CurvgraphGGN, model, likelihood).full(x, y)
+    peer_loss, peer = backend(CurvlinopsGGN, model, likelihood).full(x, y)
+    torch.testing.assert_close(H, peer, **TOL)
+    torch.testing.assert_close(H, jacobian_ggn(model, x, likelihood), **TOL)
+    torch.testing.assert_close(loss, peer_loss, **TOL)
+
+
+@pytest.mark.parametrize("model_name,likelihood", CASES)
+def test_diag_ggn_equals_backpack(model_name, likelihood):
+    model = MODELS[model_name](2)
+    x, y = data(model_name, likelihood)
+    loss, d = backend(CurvgraphGGN, model, likelihood).diag(x, y)
+    peer_loss, peer = backend(BackPackGGN, model, likelihood).diag(x, y)
+    torch.testing.assert_close(d, peer, **TOL)
+    torch.testing.assert_close(d, jacobian_ggn(model, x, likelihood).diagonal(), **TOL)
+    torch.testing.assert_close(loss, peer_loss, **TOL)
+
+
+def kron_blocks(kron):
+    return [torch.kron(*F) if len(F) == 2 else F[0] for F in kron.kfacs]
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_of_the_mlp_equals_backpack_and_curvlinops(likelihood):
+    model = mlp(2)
+    x, y = data("mlp", likelihood)
+    loss, kron = backend(CurvgraphGGN, model, likelihood).kron(x, y, N=30)
+    for peer_cls in (BackPackGGN, CurvlinopsGGN):
+        peer_loss, peer = backend(peer_cls, model, likelihood).kron(x, y, N=30)
+        for block, expected in zip(kron_blocks(kron), kron_blocks(peer)):
+            torch.testing.assert_close(block, expected, **TOL)
+        torch.testing.assert_close(loss, peer_loss, **TOL)
+    # the scaling: the input factor carries M / N (a batch of 12 of 30 samples), biases not
+    _, whole = backend(CurvgraphGGN, model, likelihood).kron(x, y, N=12)
+    for factors, part, full in zip(kron.kfacs, kron_blocks(kron), kron_blocks(whole)):
+        torch.testing.assert_close(part, (12 / 30 if len(factors) == 2 else 1.0) * full, **TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_of_the_cnn_equals_curvlinops_weights_and_backpack_biases(likelihood):
+    """Convolution weights: curvlinops' KFAC-expand (A a mean over N T positions, G a sum);
+    BackPACK scales the conv factors differently. Biases: the exact GGN block, as BackPACK."""
+    model = cnn(2)
+    x, y = data("cnn", likelihood)
+    _, kron = backend(CurvgraphGGN, model, likelihood).kron(x, y, N=12)
+    _, curvlinops_kron = backend(CurvlinopsGGN, model, likelihood).kron(x, y, N=12)
+    _, backpack_kron = backend(BackPackGGN, model, likelihood).kron(x, y, N=12)
+    ours, theirs, packs = (kron_blocks(k) for k in (kron, curvlinops_kron, backpack_kron))
+    for index in (0, 2, 3):  # conv weight, linear weight, linear bias
+        torch.testing.assert_close(ours[index], theirs[index], **TOL)
+    torch.testing.assert_close(ours[1], packs[1], **TOL)  # conv bias
+    torch.testing.assert_close(ours[2], packs[2], **TOL)
+
+
+@pytest.mark.parametrize("model_name,likelihood", CASES)
+def test_empirical_fisher_equals_curvlinops_and_backpack(model_name, likelihood):
+    model = MODELS[model_name](2)
+    x, y = data(model_name, likelihood)
+    ours = backend(CurvgraphEF, model, likelihood)
+    _, H = ours.full(x, y)
+    _, expected = backend(CurvlinopsEF, model, likelihood).full(x, y)
+    torch.testing.assert_close(H, expected, **TOL)
+    _, d = ours.diag(x, y)
+    _, expected_diag = backend(BackPackEF, model, likelihood).diag(x, y)
+    torch.testing.assert_close(d, expected_diag, **TOL)
+    if model_name == "mlp":  # KFAC of the empirical Fisher: curvlinops' fisher_type="empirical"
+        _, kron = ours.kron(x, y, N=12)
+        _, peer = backend(CurvlinopsEF, model, likelihood).kron(x, y, N=12)
+        for block, expected_block in zip(kron_blocks(kron), kron_blocks(peer)):
+            torch.testing.assert_close(block, expected_block, **TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_hessian_diagonal_equals_curvlinops_hessian(likelihood):
+    model = mlp(2)
+    x, y = data("mlp", likelihood)
+    _, d = backend(CurvgraphHessian, model, likelihood).diag(x, y)
+    _, H = backend(CurvlinopsHessian, model, likelihood).full(x, y)
+    torch.testing.assert_close(d, H.diagonal(), **TOL)
+    _, ggn = backend(CurvgraphGGN, model, likelihood).diag(x, y)
+    assert (d - ggn).abs().max() > 1e-3  # tanh: the Hessian is not the GGN
+
+
+def test_stochastic_ggn_is_the_fisher_in_expectation():
+    model = mlp(2)
+    x, y = data("mlp", "classification")
+    exact = backend(CurvgraphGGN, model, "classification").diag(x, y)[1]
+    torch.manual_seed(3)
+    sampled = backend(CurvgraphGGN, model, "classification", stochastic=True, num_samples=4000)
+    estimate = sampled.diag(x, y)[1]
+    assert (estimate - exact).norm() / exact.norm() < 0.05
+    _, kron = sampled.kron(x, y, N=12)  # KFAC from the same Monte-Carlo columns
+    _, kflr = backend(CurvgraphGGN, model, "classification").kron(x, y, N=12)
+    for block, expected in zip(kron_blocks(kron), kron_blocks(kflr)):
+        assert (block - expected).norm() / expected.norm() < 0.1
+
+
+def fitted(model, likelihood, structure, backend_cls, subset="all", **kwargs):
+    x, y = data("mlp", likelihood, n=30)
+    loader = DataLoader(TensorDataset(x, y), batch_size=12)  # batches of 12, 12, 6
+    la = Laplace(
+        copy.deepcopy(model),
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        backend=backend_cls,
+        **kwargs,
+    )
+    la.fit(loader)
+    return la, x
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_laplace_marglik_and_predictive_equal_backpack(subset, structure, likelihood):
+    model = mlp(2)
+    ours, x = fitted(model, likelihood, structure, CurvgraphGGN, subset)
+    peer, _ = fitted(model, likelihood, structure, BackPackGGN, subset)
+    for precision in (0.1, 1.0, 10.0):
+        prior = torch.tensor(precision)
+        torch.testing.assert_close(
+            ours.log_marginal_likelihood(prior), peer.log_marginal_likelihood(prior), **TOL
+        )
+    ours.optimize_prior_precision(method="marglik", n_steps=30)
+    peer.optimize_prior_precision(method="marglik", n_steps=30)
+    torch.testing.assert_close(ours.prior_precision, peer.prior_precision, atol=1e-8, rtol=1e-7)
+    if likelihood == "classification":
+        links = [("glm", "probit"), ("glm", "mc"), ("nn", "mc")]
+        for pred_type, link in links:
+            outputs = []
+            for la in (ours, peer):
+                torch.manual_seed(0)  # the MC link draws from the global generator
+                generator = torch.Generator().manual_seed(0)
+                outputs.append(
+                    la(x[:5], pred_type=pred_type, link_approx=link, generator=generator)
+                )
+            torch.testing.assert_close(outputs[0], outputs[1], atol=1e-7, rtol=1e-6)
+    else:
+        mean, var = ours(x[:5], pred_type="glm")
+        peer_mean, peer_var = peer(x[:5], pred_type="glm")
+        torch.testing.assert_close(mean, peer_mean, **TOL)
+        torch.testing.assert_close(var, peer_var, atol=1e-8, rtol=1e-7)
+
+
+def test_subnetwork_laplace_equals_curvlinops():
+    model = mlp(2)
+    indices = torch.tensor([0, 5, 17, 60, 61, 70, 100, 101, 121])
+    args = {"subset": "subnetwork", "subnetwork_indices": indices}
+    for structure in ("full", "diag"):
+        ours, x = fitted(model, "classification", structure, CurvgraphGGN, **args)
+        peer, _ = fitted(model, "classification", structure, CurvlinopsGGN, **args)
+        torch.testing.assert_close(ours.H, peer.H, **TOL)
+        prior = torch.tensor(0.5)
+        torch.testing.assert_close(
+            ours.log_marginal_likelihood(prior), peer.log_marginal_likelihood(prior), **TOL
+        )
+        torch.testing.assert_close(ours(x[:4]), peer(x[:4]), **TOL)
+
+
+def test_structures_a_backend_cannot_give_are_refused():
+    model = mlp(2)
+    x, y = data("mlp", "classification")
+    hessian = backend(CurvgraphHessian, model, "classification")
+    with pytest.raises(NotImplementedError, match="'kron' is not defined.*GGN"):
+        hessian.kron(x, y, N=12)
+    with pytest.raises(NotImplementedError, match="'full' needs the Hessian's cross-block"):
+        hessian.full(x, y)
+    with pytest.raises(NotImplementedError, match="Hessian"):
+        Laplace(model, "classification", "all", "kron", backend=CurvgraphHessian).fit(
+            DataLoader(TensorDataset(x, y), batch_size=6)
+        )
+    subnet = backend(CurvgraphGGN, model, "classification", subnetwork_indices=torch.arange(4))
+    with pytest.raises(NotImplementedError, match="subnetwork has no Kronecker"):
+        subnet.kron(x, y, N=12)
+    with pytest.raises(ValueError, match="kron_fallback must be one of"):
+        backend(CurvgraphGGN, model, "classification", kron_fallback="closest")
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        backend(CurvgraphGGN, model, "classification", stochastic=True, num_samples=0)
+
+
+class TiedOutput(nn.Module):
+    """A weight used twice (an input layer and, transposed, the output): no Kronecker block."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Parameter(torch.randn(4, 3))
+        self.token = nn.Parameter(torch.randn(1, 4))  # one row: exact as [M/N] (x) C
+
+    def forward(self, x):
+        hidden = torch.tanh(nn.functional.linear(x, self.shared) + self.token)
+        return hidden @ self.shared
+
+
+def test_kron_without_kronecker_factors_refuses_or_falls_back_to_diagonal_factors():
+    model = TiedOutput()
+    x, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    refuse = backend(CurvgraphGGN, model, "classification", kron_fallback="refuse")
+    with pytest.raises(ValueError, match="'shared' \\(4, 3\\) is a .*not a Kronecker product"):
+        refuse.kron(x, y, N=10)
+    ours = backend(CurvgraphGGN, model, "classification")
+    with pytest.warns(UserWarning, match="no Kronecker factors for shared"):
+        _, kron = ours.kron(x, y, N=20)
+    exact = backend(CurvgraphGGN, model, "classification").full(x, y)[1]
+    shared, token = kron.kfacs
+    # the one-row parameter: [M/N] (x) C, exact up to the batch's share M/N = 1/2
+    torch.testing.assert_close(torch.kron(*token), 0.5 * exact[12:, 12:], **TOL)
+    # the shared weight: diag(a) (x) diag(b), a b^T the best rank-one approximation of diag C
+    product = torch.kron(*shared)
+    assert torch.count_nonzero(product - torch.diag(product.diagonal())) == 0
+    u, s, vh = torch.linalg.svd(exact.diagonal()[:12].reshape(4, 3))
+    rank_one = s[0] * torch.outer(u[:, 0], vh[0])
+    torch.testing.assert_close(2 * product.diagonal(), rank_one.reshape(-1), **TOL)
+
+
+def test_kronecker_factors_validates_its_fallback():
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        kronecker_factors({}, {}, fallback="nearest")
+
+
+# ---- models laplace-torch's own backends cannot handle --------------------------------------
+
+
+class SmallResNet(nn.Module):
+    """conv-BN-ReLU, a residual block with BatchNorm (eval), pooling, a linear head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)
+        )
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.head(h.mean((2, 3)))
+
+
+def small_vit():
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    )
+
+
+def with_statistics(model):
+    """Random BatchNorm statistics, so that eval BatchNorm is not the identity."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("make", [SmallResNet, small_vit], ids=["resnet_bn", "vit_ln"])
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_resnet_and_vit_fit_optimise_and_predict(make, structure):
+    torch.manual_seed(0)
+    model = with_statistics(make())
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 3, (10,))
+    la = Laplace(model, "classification", "all", structure, backend=CurvgraphGGN)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=5))
+    la.optimize_prior_precision(method="marglik", n_steps=10)
+    assert torch.isfinite(la.log_marginal_likelihood())
+    probs = la(x[:3], pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3), **TOL)
+    if structure == "diag":  # the fitted diagonal is the exact GGN's (torch.func)
+        expected = jacobian_ggn(model, x, "classification").diagonal()
+        torch.testing.assert_close(la.H, expected, **TOL)
+
+
+class LanguageModel(nn.Module):
+    """A Hugging Face GPT-2 tiny config behind a dict input, logits [B, T, V]."""
+
+    def __init__(self, vocabulary=11):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(
+            n_layer=1, n_embd=8, n_head=2, vocab_size=vocabulary, n_positions=16
+        )
+        torch.manual_seed(0)
+        self.hf = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, data):
+        return self.hf(input_ids=data["input_ids"]).logits
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_gpt2_tiny_fits_with_sequence_logits(structure):
+    model = LanguageModel().double().eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 11, (6, 5))
+    loader = DataLoader(Tokens(ids), batch_size=3)
+    la = Laplace(model, "classification", "all", structure, backend=CurvgraphGGN)
+    la.fit(loader)
+    la.optimize_prior_precision(method="marglik", n_steps=5)
+    assert torch.isfinite(la.log_marginal_likelihood())
+    batch = next(iter(loader))
+    probs = la(batch, pred_type="glm", link_approx="probit")  # one predictive per token
+    assert probs.shape == (3 * 5, 11)
+    if structure == "diag":  # the summed token cross-entropy's GGN diagonal, from torch.func
+        params = dict(model.named_parameters())
+
+        def logits(p):
+            return torch.func.functional_call(model, p, ({"input_ids": ids},)).flatten(0, 1)
+
+        J = torch.cat([j.flatten(2) for j in torch.func.jacrev(logits)(params).values()], 2)
+        p = torch.softmax(logits(params), -1)
+        lam = torch.diag_embed(p) - torch.einsum("nc,nk->nck", p, p)
+        expected = torch.einsum("ncp,nck,nkp->p", J, lam, J)
+        torch.testing.assert_close(la.H, expected, **TOL)
+
+
+@SLOW
+def test_resnet18_kron_fits():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float32), torch.randint(0, 10, (8,))
+    torch.set_default_dtype(torch.float32)
+    la = Laplace(model, "classification", "all", "kron", backend=CurvgraphGGN)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    la.optimize_prior_precision(method="marglik", n_steps=5)
+    assert torch.isfinite(la.log_marginal_likelihood())
