@@ -211,3 +211,74 @@ def test_blocks_without_factors_are_refused_when_asked():
     model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False))
     curv = ekfac(model.to(DTYPE), x, y, fallback="error")  # every parameter has factors
     assert all(isinstance(block, EigenbasisBlock) for block in curv.values())
+
+
+def _influence(curv, test_gradients, train_gradients, damping):
+    scores = 0
+    for name, block in curv.items():
+        solved = block.solve(test_gradients[name], damping).flatten(1)
+        scores = scores - solved @ train_gradients[name].flatten(1).T
+    return scores
+
+
+def _per_sample(model, loss, x, y):
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+
+    def one(parameters, x, y):
+        return loss(torch.func.functional_call(model, parameters, (x[None],)), y[None])
+
+    return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(parameters, x, y)
+
+
+def _ranks(scores):
+    return scores.flatten().argsort().argsort().double()
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_influence_against_the_exact_damped_inverse_ggn(loss):
+    """MSE on a linear map (GGN one Kronecker product): equal; cross-entropy MLP: correlated.
+
+    The reference is ``-g'^T (GGN + l I)^{-1} g`` with the dense GGN of all parameters
+    (cross-block terms included) from ``torch.func``.
+    """
+    torch.manual_seed(0)
+    x, xt = torch.randn(40, 6, dtype=DTYPE), torch.randn(5, 6, dtype=DTYPE)
+    if loss == "mse":
+        model, loss_fn = nn.Linear(6, 3, bias=False).to(DTYPE), F.mse_loss
+        y, yt = torch.randn(40, 3, dtype=DTYPE), torch.randn(5, 3, dtype=DTYPE)
+    else:
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+        loss_fn, y, yt = F.cross_entropy, torch.randint(3, (40,)), torch.randint(3, (5,))
+    reference_blocks = ggn_blocks(model, x, y, loss_fn)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    curv = cg.curvature(loss_fn(out, y), out, method="ekfac")
+    diagonal = cg.curvature(loss_fn(out, y), out, method="diag")
+    names = list(reference_blocks)
+    ggn = _dense_ggn(model, x, y, loss_fn)
+    g, gt = _per_sample(model, loss_fn, x, y), _per_sample(model, loss_fn, xt, yt)
+    flat = lambda grads: torch.cat([grads[n].flatten(1) for n in names], 1)  # noqa: E731
+    damping = 0.1 * float(ggn.trace()) / len(ggn)
+    eye = torch.eye(len(ggn), dtype=DTYPE)
+    exact = -flat(gt) @ torch.linalg.solve(ggn + damping * eye, flat(g).T)
+    ours = _influence(curv, gt, g, damping)
+    error = float((ours - exact).norm() / exact.norm())
+    correlation = float(torch.corrcoef(torch.stack([_ranks(ours), _ranks(exact)]))[0, 1])
+    if loss == "mse":
+        assert error < 1e-10 and correlation > 1 - 1e-12
+    else:
+        baseline = _influence(diagonal, gt, g, damping)
+        base_error = float((baseline - exact).norm() / exact.norm())
+        base_corr = float(torch.corrcoef(torch.stack([_ranks(baseline), _ranks(exact)]))[0, 1])
+        assert correlation > 0.5 and correlation > base_corr, (correlation, base_corr)
+        assert error < base_error, (error, base_error)
+
+
+def _dense_ggn(model, x, y, loss_fn):
+    """The GGN over all parameters, cross-block terms included (``torch.func``)."""
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+    out = model(x).detach()
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x,)))(parameters)
+    j = torch.cat([jac[n].flatten(2) for n in parameters], 2)  # [N, C, D]
+    hessian = torch.func.hessian(lambda z: loss_fn(z, y))(out)  # [N, C, N, C]
+    return torch.einsum("naq,nasb,sbr->qr", j, hessian, j)
