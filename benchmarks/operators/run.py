@@ -1,0 +1,137 @@
+"""Run the operators section: interleaved timings, fresh-process memory, JSON + Markdown + PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from benchmarks.machine import environment, load_average
+from benchmarks.operators.candidates import CANDIDATES, PROBLEMS, candidates
+from benchmarks.timing import measure_interleaved
+
+__all__ = ["main"]
+
+_ROOT = Path(__file__).resolve().parents[2]
+RESULTS = _ROOT / "benchmarks" / "results"
+
+
+def fresh_peak(problem: str, candidate: str, timeout: float = 600) -> Dict:
+    """``VmHWM`` of a fresh process that sets up ``candidate`` and calls it once."""
+    env = dict(os.environ, PYTHONPATH=str(_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.operators.worker", problem, candidate],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=_ROOT,
+        env=env,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
+    return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+
+
+def main(repeats: int = 7, warmup: int = 2) -> Dict:
+    """Measure every problem; write ``benchmarks/results/operators.{json,md,png}``."""
+    torch.set_num_threads(1)
+    results = {"environment": environment("cpu"), "load_before": load_average(), "problems": {}}
+    for problem in PROBLEMS:
+        plan = {name: (fn, None) for name, fn in candidates(problem).items()}
+        timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
+        base = timed["gradient"]["median_s"]
+        rows = {}
+        for name in CANDIDATES:
+            t = timed.get(name, {"status": "n/a", "reason": "not installed"})
+            if t.get("status") == "n/a":
+                rows[name] = t
+                continue
+            rows[name] = {
+                "median_s": t["median_s"],
+                "cpu_median_s": t["cpu_median_s"],
+                "ratio_to_gradient": t["median_s"] / base,
+                "cpu_ratio_to_gradient": t["cpu_median_s"] / timed["gradient"]["cpu_median_s"],
+            }
+            rows[name]["memory"] = fresh_peak(problem, name)
+        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "rows": rows}
+        print(f"[operators] {problem} done", file=sys.stderr)
+    results["load_after"] = load_average()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "operators.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "operators.md").write_text(markdown(results))
+    plot(results, RESULTS / "operators.png")
+    return results
+
+
+def markdown(results: Dict) -> str:
+    """The section's table: time ratios to a gradient, peak memory, ratio to curvlinops."""
+    lines = [
+        "# operators: full-network GGN and Hessian products",
+        "",
+        "One product `C v` of `cg.curvature(..., method='exact', structure='full')` beside "
+        "curvlinops' `GGNLinearOperator` / `HessianLinearOperator` `@ v` and a gradient "
+        "(forward + backward), interleaved in one process, one thread, float32, eval mode; "
+        "peak memory `VmHWM` of a fresh process that sets up and calls it once. `cg_*`: the "
+        "product of a built operator (the forward recorded by the loss's call); "
+        "`*_with_forward`: forward, recording, set-up and product. Floor: one jvp + one "
+        "backward walk ~ one gradient.",
+        "",
+        f"Load average before / after: {results['load_before']} / {results['load_after']}; "
+        f"commit {results['environment'].get('git_commit', '?')}.",
+        "",
+        "| problem | N | candidate | median s | CPU s | x gradient | x curvlinops | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for problem, entry in results["problems"].items():
+        rows = entry["rows"]
+        for name, row in rows.items():
+            if "median_s" not in row:
+                lines.append(f"| {problem} | | {name} | n/a: {row.get('reason', '')} | | | | |")
+                continue
+            kind = "hessian" if "hessian" in name else "ggn"
+            peer = rows.get(f"curvlinops_{kind}", {})
+            versus = (
+                f"{row['median_s'] / peer['median_s']:.2f}"
+                if "median_s" in peer and name.startswith("cg")
+                else ""
+            )
+            memory = row["memory"]
+            peak = f"{memory['peak_bytes'] / 1e6:.0f}" if memory.get("status") == "ok" else "n/a"
+            lines.append(
+                f"| {problem} | {entry['batch_size']} | {name} | {row['median_s']:.4f} | "
+                f"{row['cpu_median_s']:.4f} | {row['ratio_to_gradient']:.2f} | {versus} | {peak} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Dict, path: Path) -> None:
+    """Bars: time / gradient per candidate and problem."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(results["problems"])
+    names = [n for n in CANDIDATES if n != "gradient"]
+    figure, axis = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [
+            results["problems"][p]["rows"].get(name, {}).get("ratio_to_gradient", 0.0)
+            for p in problems
+        ]
+        axis.bar([j + i * width for j in range(len(problems))], values, width, label=name)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(problems))], problems)
+    axis.set_ylabel("time / gradient")
+    axis.set_yscale("log")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
