@@ -5,7 +5,8 @@ targets equal to ``ignore_index`` used to be read as if none were ignored (a wro
 0.6 off). Now ``cg.curvature`` reads the counted samples from the output gradient that
 ``backward()`` recorded (zero rows are ignored samples, checked to be this loss's
 gradient), and ``loss_hessian`` without a gradient refuses. Cross-entropy over tokens after
-``backward()`` is refused. References: ``torch.func`` in float64 (``tests/reference.py``).
+``backward()`` reads its class axis and counted tokens from that gradient too. References:
+``torch.func`` in float64 (``tests/reference.py``).
 """
 
 from __future__ import annotations
@@ -175,29 +176,52 @@ def test_float32_with_large_logits_is_not_refused():
     torch.testing.assert_close(after, before)
 
 
-#: cross-entropy spellings that need their targets after backward: refused, never guessed
-REFUSED = {
+#: cross-entropy over tokens: backward() frees the targets and the shapes log_softmax saw
+TOKENS = {
     "tokens, [N, V, T] layout": lambda out, y: F.cross_entropy(out.transpose(1, 2), y),
     "tokens, flattened": lambda out, y: F.cross_entropy(out.reshape(-1, 5), y.reshape(-1)),
     "tokens, shifted": lambda out, y: F.cross_entropy(
         out[:, :-1].reshape(-1, 5), y[:, 1:].reshape(-1)
     ),
+    "tokens, flattened, sum": lambda out, y: F.cross_entropy(
+        out.reshape(-1, 5), y.reshape(-1), reduction="sum"
+    ),
 }
 
 
-@pytest.mark.parametrize("spelling", sorted(REFUSED))
+@pytest.mark.parametrize("spelling", sorted(TOKENS))
 @pytest.mark.parametrize("method", ["exact", "hbp", "sqrt", "kfac"])
-def test_token_cross_entropy_after_backward_is_refused(spelling, method):
+def test_token_cross_entropy_after_backward_equals_before(spelling, method):
+    """The class axis and the counted tokens are read from the recorded ``dL/dout``.
+
+    (Was refused: the targets and the layout are freed.) Ignored and sliced-off positions
+    are zero rows of the gradient; the blocks equal those computed before backward().
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5)).to(DTYPE)
     cg = curvgraph.trace(model)
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     y[0, 1] = -100
+
+    def loss_of(out):
+        return TOKENS[spelling](out, y)
+
+    before = _curvature(cg, x, loss_of, method, False)
+    after = _curvature(cg, x, loss_of, method, True)
+    torch.testing.assert_close(after, before, **TIGHT)
+
+
+def test_token_cross_entropy_after_backward_of_another_loss_is_refused():
+    """A gradient that is not this loss's (backward of twice the loss): never guessed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5)).to(DTYPE)
+    cg = curvgraph.trace(model)
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     out = cg(x)
-    loss = REFUSED[spelling](out, y)
-    loss.backward()
+    loss = F.cross_entropy(out.reshape(-1, 5), y.reshape(-1))
+    (2 * loss).backward()
     with pytest.raises(CurvGraphError, match="before loss.backward"):
-        cg.curvature(loss, out, method=method)
+        cg.curvature(loss, out, method="exact")
 
 
 def test_label_smoothing_after_backward_is_refused():

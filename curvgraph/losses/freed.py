@@ -1,4 +1,4 @@
-"""Cross-entropy on logits ``[N, C]`` after ``loss.backward()``: which samples count.
+"""Cross-entropy after ``loss.backward()``: which samples (or tokens) count.
 
 ``loss.backward()`` frees the targets ``F.cross_entropy`` saved, so the loss's own graph no
 longer says which samples have the target ``ignore_index`` (they are left out of the loss,
@@ -11,7 +11,11 @@ of its Hessian and of the count ``M`` a mean divides by). The output gradient th
 never zero unless ``p_n`` is exactly one-hot, and then its Hessian ``diag p_n - p_n p_n^T``
 is zero too. The gradient is used only if every nonzero row has exactly that form with the
 scale that the count of nonzero rows implies (the gradient of another loss, or of a
-multiple of this one, is refused): the blocks are then exact, or not given.
+multiple of this one, is refused): the blocks are then exact, or not given. Logits of tokens
+``[N, T, V]`` reshaped, transposed or sliced before the loss lose their layout too (the
+shapes ``log_softmax`` saw are freed); their class axis is the axis of ``out`` along which
+the recorded gradient has that form (:func:`class_axis_from_gradient`), and positions a
+slice dropped have zero rows like ignored ones.
 """
 
 from __future__ import annotations
@@ -24,46 +28,82 @@ from torch import Tensor
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses.autograd_nodes import LossCall
 
-__all__ = ["counted_from_gradient"]
+__all__ = ["class_axis_from_gradient", "counted_from_gradient"]
 
 #: tolerance of the gradient check, in units of the dtype's eps times the largest |logit|
 _ULPS = 256
 
 
 def counted_from_gradient(
-    call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor], axis: int = 1
 ) -> Tuple[Tensor, float]:
-    """The counted samples and the loss scale of a freed ``cross_entropy`` of ``outputs``.
+    """The counted positions and the loss scale of a freed ``cross_entropy`` of ``outputs``.
 
     Args:
         call: the loss call (reduction ``"mean"`` or ``"sum"``; targets freed).
-        outputs: the logits ``[N, C]`` (class axis ``1``).
-        gradient: ``dL/dz`` ``[N, C]`` recorded by ``loss.backward()``, or ``None``.
+        outputs: the logits, class axis ``axis`` (``[N, C]``: ``1``; tokens ``[N, T, V]``
+            read through a reshape to ``[N T, V]``: ``2``).
+        gradient: ``dL/dz`` shaped like ``outputs``, recorded by ``loss.backward()``, or
+            ``None``.
+        axis: the class axis of ``outputs``.
 
     Returns:
-        ``(counted, scale)``: a bool ``[N]`` (rows of ``gradient`` that are not zero) and
-        ``1/M`` (mean over the ``M`` counted samples) or ``1`` (sum).
+        ``(counted, scale)``: a bool tensor of ``outputs``' shape without ``axis`` (the
+        positions whose gradient along ``axis`` is not zero) and ``1/M`` (mean over the
+        ``M`` counted positions) or ``1`` (sum).
 
     Raises:
-        CurvGraphError: no gradient (the ignored samples cannot be known), or a gradient
-            that is not ``scale (p_n - e_y)`` on its nonzero rows (another loss's, a scaled
-            loss's, or a counted sample whose softmax is exactly one-hot under a mean).
+        CurvGraphError: no gradient (the ignored positions cannot be known), or a gradient
+            that is not ``scale (p - e_y)`` on its nonzero rows (another loss's, a scaled
+            loss's, or a counted position whose softmax is exactly one-hot under a mean).
     """
     if gradient is None or tuple(gradient.shape) != tuple(outputs.shape):
         raise CurvGraphError(_unknown_message(call))
-    g = gradient.detach().to(outputs.dtype)
-    counted = (g != 0).any(1)
+    error, counted, scale = _deviation(call, outputs, gradient, axis)
+    if not error <= _tolerance(outputs, gradient):
+        count, samples = int(counted.sum()), counted.numel()
+        raise CurvGraphError(_mismatch_message(call, count, samples, error))
+    return counted, scale
+
+
+def class_axis_from_gradient(
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
+) -> Optional[int]:
+    """The axis of ``outputs`` along which ``gradient`` is ``scale (softmax - e_y)``, if any.
+
+    For a token cross-entropy whose layout ``loss.backward()`` freed (logits ``[N, T, V]``
+    reshaped, transposed or sliced before the loss): the first non-batch axis on which every
+    nonzero row of the gradient has the cross-entropy's form; ``None`` if no axis has it.
+    """
+    if gradient is None or tuple(gradient.shape) != tuple(outputs.shape):
+        return None
+    for axis in range(1, outputs.dim()):
+        if outputs.shape[axis] < 2:
+            continue
+        error = _deviation(call, outputs, gradient, axis)[0]
+        if error <= _tolerance(outputs, gradient):
+            return axis
+    return None
+
+
+def _deviation(call: LossCall, outputs: Tensor, gradient: Tensor, axis: int):
+    """``(max |g / scale - (p - e_y)|, counted, scale)`` on the nonzero rows along ``axis``."""
+    g = gradient.detach().to(outputs.dtype).movedim(axis, -1)
+    logits = outputs.detach().movedim(axis, -1)
+    counted = (g != 0).any(-1)
     count = int(counted.sum())
     scale = 1.0 if call.reduction == "sum" else 1.0 / max(count, 1)
-    logits = outputs.detach()[counted]
-    residual = g[counted] / scale - torch.softmax(logits, dim=1)  # -e_y on a counted row
-    if count:
-        residual[torch.arange(count), residual.argmin(1)] += 1
-        error = float(residual.abs().amax())
-        tolerance = _ULPS * torch.finfo(g.dtype).eps * max(1.0, float(logits.abs().amax()))
-        if not error <= tolerance:
-            raise CurvGraphError(_mismatch_message(call, count, outputs.shape[0], error))
-    return counted, scale
+    if not count:
+        return 0.0, counted, scale
+    rows = logits[counted]
+    residual = g[counted] / scale - torch.softmax(rows, dim=-1)  # -e_y on a counted row
+    residual[torch.arange(count), residual.argmin(-1)] += 1
+    return float(residual.abs().amax()), counted, scale
+
+
+def _tolerance(outputs: Tensor, gradient: Tensor) -> float:
+    eps = torch.finfo(gradient.dtype).eps
+    return _ULPS * eps * max(1.0, float(outputs.detach().abs().amax()))
 
 
 def _unknown_message(call: LossCall) -> str:

@@ -258,9 +258,9 @@ def freed_graph_message(name: str) -> str:
         "loss.backward(), or call loss.backward(retain_graph=True). Closed forms (work in "
         "either order): cross_entropy, mse_loss, binary_cross_entropy_with_logits and "
         "nll_loss of the outputs themselves, reduction 'mean' or 'sum', no weights. "
-        "cross_entropy over tokens ([N, T, V] logits read transposed, flattened or sliced), "
-        "with ignored targets or with label smoothing is in closed form only before "
-        "loss.backward(), which frees the targets (which tokens count)"
+        "cross_entropy over tokens ([N, T, V] logits read transposed, flattened or sliced) "
+        "and with ignored targets also after loss.backward(), from the output gradient it "
+        "recorded (if that is this loss's gradient); with label smoothing only before"
     )
 
 

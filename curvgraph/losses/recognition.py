@@ -26,7 +26,7 @@ from torch import Tensor
 
 from curvgraph.errors import CurvGraphError
 from curvgraph.losses.autograd_nodes import LossCall, describe_loss_node, leaves_beside, node_of
-from curvgraph.losses.freed import counted_from_gradient
+from curvgraph.losses.freed import class_axis_from_gradient, counted_from_gradient
 from curvgraph.losses.models import (
     AutogradLoss,
     BinaryCrossEntropyLoss,
@@ -270,8 +270,11 @@ def _cross_entropy(
     if call.weighted:
         return None  # class weights: the autograd path handles them
     if call.freed:
-        plain = not steps and _over_classes(call, outputs) and not call.label_smoothing
-        return _freed_cross_entropy(call, outputs, gradient) if plain else None
+        if call.label_smoothing:
+            return None
+        if not steps and _over_classes(call, outputs):
+            return _freed_cross_entropy(call, outputs, gradient)
+        return _freed_token_cross_entropy(call, outputs, gradient)
     layout = token_layout(call, steps, outputs)
     if layout is None:
         return None
@@ -300,6 +303,23 @@ def _freed_cross_entropy(
     if bool(counted.all()):
         return CrossEntropyLoss(outputs, scale)
     return TokenCrossEntropyLoss(outputs, 1, counted.to(outputs.device), scale)
+
+
+def _freed_token_cross_entropy(
+    call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
+) -> Optional[LossModel]:
+    """Token logits after ``loss.backward()``: class axis and counted tokens from ``gradient``.
+
+    ``None`` (then: the autograd path, which says the graph was freed) when no axis of the
+    recorded ``dL/dout`` has the cross-entropy's form.
+    """
+    if call.reduction not in ("mean", "sum") or outputs.dim() < 3:
+        return None
+    axis = class_axis_from_gradient(call, outputs, gradient)
+    if axis is None:
+        return None
+    counted, scale = counted_from_gradient(call, outputs, gradient, axis)
+    return TokenCrossEntropyLoss(outputs, axis, counted.to(outputs.device), scale)
 
 
 def _check_targets(call: LossCall, classes: int) -> None:
