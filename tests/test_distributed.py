@@ -9,8 +9,9 @@ equal the single-process results for the same seed.
 Monte-Carlo KFAC is compared in distribution: its ``A`` factor exactly, its ``G`` factor
 against KFLR's within the Monte-Carlo error (4000 samples per input).
 
-All ranks' work runs in one ``torch.multiprocessing.spawn`` (a module-scoped fixture); the
-single-process references run in the test process.
+All ranks' work runs in one ``torch.multiprocessing.spawn`` (a module-scoped fixture; spawn,
+not fork, as autograd may have run in the test process); the single-process references run
+in the test process.
 """
 
 from __future__ import annotations
@@ -214,13 +215,12 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, single):
-    # fork (where available) after `single` has run: the ranks start warm, no re-imports
-    methods = torch.multiprocessing.get_all_start_methods()
-    start_method = "fork" if "fork" in methods else "spawn"
+def ranks(tmp_path_factory):
+    # spawn, never fork: autograd may already have run in this process (earlier tests or
+    # `single`), and a forked child inherits its threads in a state it cannot use
     directory = tmp_path_factory.mktemp("ranks")
     torch.multiprocessing.start_processes(
-        _worker, args=(2, free_port(), str(directory)), nprocs=2, start_method=start_method
+        _worker, args=(2, free_port(), str(directory)), nprocs=2, start_method="spawn"
     )
     return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
 
