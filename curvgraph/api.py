@@ -48,8 +48,6 @@ class CurvGraph(TracedGraph):
         ``max_features``, and ``process_group`` / ``loss_reduction`` for a batch split over
         ranks: ``docs/distributed.md``).
         """
-        self.refuse_problems()
-        self.record.check_curvature_call(type(self.model).__name__)
         return lookup_method("hbp").backward_hessian(self, output_hessian, curvature, **options)
 
     def curvature(
@@ -89,8 +87,6 @@ class CurvGraph(TracedGraph):
                 every method ``process_group`` / ``loss_reduction`` (``"mean"`` or ``"sum"``):
                 combine a batch split over ranks, see :mod:`curvgraph.distributed`.
         """
-        self.refuse_problems()
-        self.record.check_curvature_call(type(self.model).__name__, loss, outputs)
         options = {"structure": structure, "parameters": parameters, **options}
         return compute_curvature(self, loss, outputs, curvature, method, **options)
 

@@ -24,13 +24,18 @@ same blocks *in distribution*: each rank samples its own labels, so pass each ra
 
 All ranks must make the same calls in the same order: each combination is a collective
 (``torch.distributed.all_reduce`` / ``all_gather``), and so is every product of an exact
-(implicit) block.
+(implicit) block. A check that fails on one rank must therefore fail on all: each rank
+states its :class:`RankState` (a failed check, its batch size, fingerprints of its call and
+graph, checksums of its parameters) in the first collective of a call, one ``all_gather``
+of a small vector, and every rank raises the same :class:`RankError` if one rank failed or
+differs (instead of one rank raising while the others wait in a collective).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,11 +43,108 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.errors import CurvGraphError
-from curvgraph.losses import CrossEntropyLoss, MSELoss, TokenCrossEntropyLoss
 
-__all__ = ["BatchShard", "all_reduce_gradients"]
+__all__ = [
+    "BatchShard",
+    "RankError",
+    "RankFloatingPointError",
+    "RankState",
+    "RankValueError",
+    "all_reduce_gradients",
+]
 
 REDUCTIONS = ("mean", "sum")
+#: why a rank cannot take part in a call (``index + 1`` is the status code it sends)
+CAUSES = (
+    "its batch is empty",
+    "its outputs contain NaN or inf",
+    "its loss (or the loss's Hessian) is not finite",
+    "its loss is not a sum of per-sample terms of the outputs",
+    "it refused the call",
+)
+#: the relative difference of two checksums above which the ranks' tensors differ
+CHECKSUM_RTOL = 1e-10
+
+
+class RankError(CurvGraphError):
+    """Raised on every rank, with one message, when a rank failed a check or differs.
+
+    Attributes:
+        ranks: the ranks at fault.
+        cause: what is wrong with them (a :data:`CAUSES` entry or a mismatch).
+    """
+
+    def __init__(self, message: str, ranks: Sequence[int] = (), cause: str = ""):
+        super().__init__(message)
+        self.ranks, self.cause = tuple(ranks), cause
+
+
+class RankValueError(RankError, ValueError):
+    """A :class:`RankError` where the failing rank raised a ``ValueError`` (a bad argument)."""
+
+
+class RankFloatingPointError(RankError, FloatingPointError):
+    """A :class:`RankError` where the failing rank raised a ``FloatingPointError`` (NaN/inf)."""
+
+
+#: where a stated vector (:meth:`RankState.vector`) holds the checksums
+PARAMETERS, DERIVED = slice(7, 11), slice(11, 15)
+#: (entries, tolerance, cause) of the mismatches every rank checks, in this order
+_MISMATCHES = (
+    (slice(3, 4), 0.0, "it makes another call than rank 0 (another method, curvature, "
+     "loss_reduction or option): all ranks must make the same calls in the same order"),
+    (slice(4, 6), 0.0, "its traced graph differs from rank 0's (another model, or another "
+     "trace): every rank must trace the same model"),
+    (PARAMETERS, CHECKSUM_RTOL, "its parameters differ from rank 0's (checksums): every rank "
+     "must hold the same model (DistributedDataParallel broadcasts rank 0's; otherwise seed "
+     "the initialisation and load the same weights on every rank)"),
+)  # fmt: skip
+#: the error every rank raises, by what the first failing rank raised (its index is sent)
+_CATEGORIES = ((FloatingPointError, RankFloatingPointError), (ValueError, RankValueError))
+
+
+@dataclass
+class RankState:
+    """What one rank states in the first collective of a call (one ``all_gather``).
+
+    Attributes:
+        batch_size: ``N_r``.
+        failure: ``(cause, error)`` of a check that failed on this rank (cause from
+            :data:`CAUSES`), or ``None``.
+        call: a fingerprint of the call (method, curvature, options), ``< 2^48``.
+        graph: a fingerprint of the traced graph and its number of nodes.
+        parameters: a checksum of the model's parameters
+            (:func:`curvgraph.methods.ranks.checksum`).
+        derived: a checksum of the tensors computed from parameters alone.
+        counted: the tokens a mean over counted tokens divides by (``-1``: no such loss).
+    """
+
+    batch_size: int
+    failure: Optional[Tuple[str, BaseException]] = None
+    call: int = 0
+    graph: Tuple[int, int] = (0, 0)
+    parameters: Optional[Tensor] = None
+    derived: Optional[Tensor] = None
+    counted: int = -1
+
+    def vector(self, like: Tensor) -> Tensor:
+        """``[code, category, N_r, call, graph, nodes, counted, *parameters, *derived]``.
+
+        ``code``: ``0``, or ``1 +`` the index of the failure's cause in :data:`CAUSES`;
+        ``category``: ``0``, or ``1 +`` the index in ``_CATEGORIES`` of what it raised.
+        """
+        code = category = 0
+        if self.failure is not None:
+            cause, error = self.failure
+            code = CAUSES.index(cause) + 1
+            kinds = [i + 1 for i, (kind, _) in enumerate(_CATEGORIES) if isinstance(error, kind)]
+            category = kinds[0] if kinds else 0
+        head = [code, category, self.batch_size, self.call, *self.graph, self.counted]
+        zeros = torch.zeros(4, dtype=torch.float64, device=like.device)
+        checksums = [
+            zeros if c is None else c.to(like.device) for c in (self.parameters, self.derived)
+        ]
+        return torch.cat([torch.tensor(head, dtype=torch.float64, device=like.device), *checksums])
 
 
 class BatchShard:
@@ -62,24 +164,82 @@ class BatchShard:
         sizes: ``[N_1, ..., N_R]``.
     """
 
-    def __init__(self, process_group, batch_size: int, like: Tensor, loss_reduction="mean"):
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'")
+    def __init__(
+        self,
+        process_group,
+        batch_size: int,
+        like: Tensor,
+        loss_reduction="mean",
+        state: Optional[RankState] = None,
+    ):
         self.group, self.like = process_group, like
         self.loss_reduction = loss_reduction
         self.sizes = [batch_size]
         self.batch_weight = self.loss_weight = 1.0
+        self.states: List[List[float]] = []
+        reduction_error = None
+        if loss_reduction not in REDUCTIONS:
+            reduction_error = ValueError(
+                f"loss_reduction={loss_reduction!r}; expected 'mean' or 'sum'"
+            )
         if process_group is None:
+            if reduction_error is not None:
+                raise reduction_error
             return
         dist = _initialized()
-        size = torch.tensor([batch_size], dtype=torch.int64, device=like.device)
-        sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(process_group))]
-        dist.all_gather(sizes, size, group=process_group)
-        self.sizes = [int(s) for s in sizes]
-        if min(self.sizes) < 1:
-            raise CurvGraphError(f"every rank needs samples; batch sizes per rank: {self.sizes}")
+        state = state if state is not None else RankState(batch_size)
+        if state.failure is None and reduction_error is not None:
+            state.failure = (CAUSES[-1], reduction_error)
+        if state.failure is None and batch_size < 1:
+            state.failure = (CAUSES[0], CurvGraphError(f"this rank has {batch_size} samples"))
+        local = state.vector(like)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(gathered, local, group=process_group)
+        self.states = torch.stack(gathered).tolist()
+        self._agree(state)
+        self.sizes = [int(row[2]) for row in self.states]
         self.batch_weight = batch_size / sum(self.sizes)
         self.loss_weight = self.batch_weight if loss_reduction == "mean" else 1.0
+        counted = [row[6] for row in self.states]
+        if loss_reduction == "mean" and min(counted) >= 0:  # a mean over counted tokens
+            self.loss_weight = state.counted / sum(counted) if sum(counted) else 0.0
+
+    def _agree(self, state: RankState) -> None:
+        """Raise the same :class:`RankError` on every rank if a rank failed or differs."""
+        failed = [r for r, row in enumerate(self.states) if row[0] > 0]
+        if failed:
+            error = self._failure(failed, state)
+            raise error from (state.failure[1] if state.failure is not None else None)
+        count = len(self.states)
+        for where, rtol, cause in _MISMATCHES:
+            ranks = [r for r in range(count) if not self.agrees(r, where, rtol)]
+            if ranks:
+                message = f"{_ranks(ranks)} of {count} cannot take part in this curvature call: "
+                raise RankError(message + cause, ranks, cause)
+
+    def agrees(self, rank: int, where: slice, rtol: float = 0.0) -> bool:
+        """Whether ``rank``'s entries ``where`` equal rank 0's (to ``rtol`` of their size)."""
+        values, reference = self.states[rank][where], self.states[0][where]
+        scale = max([abs(v) for v in values + reference] + [0.0])
+        return all(abs(a - b) <= rtol * scale for a, b in zip(values, reference))
+
+    def _failure(self, failed: List[int], state: RankState) -> RankError:
+        """The error of failed ranks, their messages gathered (a second collective)."""
+        detail = ""
+        if state.failure is not None:
+            detail = f"{type(state.failure[1]).__name__}: {state.failure[1]}"
+        details: List[Optional[str]] = [None] * len(self.states)
+        _initialized().all_gather_object(details, detail, group=self.group)
+        causes = [CAUSES[int(self.states[r][0]) - 1] for r in failed]
+        lines = [f"rank {r}: {c} ({details[r]})" for r, c in zip(failed, causes)]
+        category = int(self.states[failed[0]][1])
+        kind = _CATEGORIES[category - 1][1] if category else RankError
+        message = (
+            f"{_ranks(failed)} of {len(self.states)} cannot take part in this curvature call, "
+            "so no rank computes it (the ranks agree before their first collective):\n  "
+            + "\n  ".join(lines)
+        )
+        return kind(message, failed, causes[0])
 
     @property
     def distributed(self) -> bool:
@@ -133,68 +293,12 @@ class BatchShard:
         total = sum(self._gathered(count))
         return lambda value: self._weighted_sum(value, count / total if total else 0.0)
 
-    def same_on_every_rank(self, value: Tensor) -> bool:
-        """Whether ``value`` has the same shape and entries on every rank (a checksum)."""
-        if not self.distributed:
-            return True
-        flat = value.reshape(-1).to(torch.float64)
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-        summary = torch.stack(
-            [torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
-             flat.sum(), (flat * flat).sum(), (flat * weights.sqrt()).sum()]
-        )  # fmt: skip
-        gathered = [torch.empty_like(summary) for _ in self.sizes]
-        _initialized().all_gather(gathered, summary, group=self.group)
-        return all(torch.allclose(g, gathered[0], rtol=1e-12, atol=0) for g in gathered)
-
     def _weighted_sum(self, value, weight: float):
         if not self.distributed or not isinstance(value, Tensor):
             return value
         return _all_reduce_many([value * weight], self.group)[0]
 
     # -- methods --------------------------------------------------------------------------
-    def check_loss(self, loss_model) -> None:
-        """Refuse a recognised loss whose reduction contradicts ``loss_reduction``.
-
-        A mean over counted tokens (:class:`~curvgraph.losses.TokenCrossEntropyLoss`) is
-        combined with the ranks' counted tokens: ``w_r = M_r / M`` (``M_r`` the tokens rank
-        ``r``'s loss counts), since ``L = (1/M) sum_r M_r L_r``.
-        """
-        if not self.distributed:
-            return
-        if isinstance(loss_model, TokenCrossEntropyLoss):
-            self._count_tokens(loss_model)
-            return
-        if isinstance(loss_model, CrossEntropyLoss):
-            count = loss_model.p.shape[0]
-        elif isinstance(loss_model, MSELoss):
-            count = loss_model.outputs.numel()
-        else:
-            return  # a loss seen through autograd: trust loss_reduction
-        self._check_reduction(loss_model.scale, count)
-
-    def _check_reduction(self, scale: float, count: int) -> None:
-        """Refuse a loss whose reduction contradicts ``loss_reduction``.
-
-        ``scale`` is the loss's factor over its ``count`` terms: ``1 / count`` a mean, ``1`` a sum.
-        """
-        mean = count > 0 and math.isclose(scale, 1.0 / count)
-        total = math.isclose(scale, 1.0)
-        if (self.loss_reduction == "mean" and not mean) or (
-            self.loss_reduction == "sum" and not total
-        ):
-            actual = "sum" if total else "mean"
-            raise ValueError(
-                f"the loss uses reduction={actual!r} but loss_reduction={self.loss_reduction!r}; "
-                f"pass loss_reduction={actual!r} so that the ranks' losses combine correctly"
-            )
-
-    def _count_tokens(self, loss_model) -> None:
-        counted = int(loss_model.counted.sum())
-        self._check_reduction(loss_model.scale, counted)
-        if self.loss_reduction == "mean":
-            self.loss_weight = counted / sum(self._gathered(counted))
-
     def _gathered(self, number: float) -> List[float]:
         """``number`` of every rank, in rank order (one ``all_gather``)."""
         value = torch.tensor([float(number)], dtype=torch.float64, device=self.like.device)
@@ -279,6 +383,10 @@ def all_reduce_gradients(
     combined = _all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
     for p, grad in zip(parameters, combined):
         p.grad.copy_(grad)
+
+
+def _ranks(ranks: List[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 def _square(factor: Tensor) -> Tensor:

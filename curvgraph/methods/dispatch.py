@@ -7,11 +7,10 @@ from typing import Iterable, Optional, Union
 from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, CurvatureOperator
-from curvgraph.distributed import BatchShard
 from curvgraph.graph import TracedGraph
 from curvgraph.losses import recognise
 from curvgraph.methods.base import STRUCTURES, Method, lookup_method
-from curvgraph.methods.pullback import check_distributed
+from curvgraph.methods.ranks import RankAgreement
 from curvgraph.methods.structures import restrict, select_parameters
 
 __all__ = ["compute_curvature"]
@@ -46,20 +45,23 @@ def compute_curvature(
     or tensors, validated here): see :mod:`curvgraph.methods.structures`. A method that
     cannot restrict its walk gets the blocks not asked for dropped after it.
     """
-    chosen = lookup_method(method)
-    curvature = chosen.resolve(curvature)
-    _check_structure(chosen, structure, curvature)
-    selected = select_parameters(graph, parameters)
-    chosen.precheck(graph, **options)
-    loss_model = recognise(
-        loss,
-        outputs,
-        parameters=graph.model.named_parameters(),
-        output_grad=_recorded_gradient(graph, outputs),
-    )
-    shard = BatchShard(process_group, outputs.shape[0], outputs, loss_reduction)
-    check_distributed(graph, shard)
-    shard.check_loss(loss_model)
+    call = {"method": method, "curvature": curvature, "structure": structure, **options}
+    with RankAgreement(graph, outputs, process_group, loss_reduction, call) as ranks:
+        graph.refuse_problems()
+        graph.record.check_curvature_call(type(graph.model).__name__, loss, outputs)
+        chosen = lookup_method(method)
+        curvature = chosen.resolve(curvature)
+        _check_structure(chosen, structure, curvature)
+        selected = select_parameters(graph, parameters)
+        chosen.precheck(graph, **options)
+        loss_model = recognise(
+            loss,
+            outputs,
+            parameters=graph.model.named_parameters(),
+            output_grad=_recorded_gradient(graph, outputs),
+        )
+        ranks.loss(loss_model)
+    shard = ranks.shard
     if len(chosen.structures) > 1:
         options = {**options, "structure": structure, "parameters": selected}
         return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)

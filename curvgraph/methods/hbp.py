@@ -48,7 +48,8 @@ from curvgraph.methods.frontier import (
     slot_size,
     symmetric,
 )
-from curvgraph.methods.pullback import check_distributed, combined_gradients, pull_back_blocks
+from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
+from curvgraph.methods.ranks import RankAgreement
 from curvgraph.rules import CHUNK_ELEMENTS, Context, modify_symmetric
 
 __all__ = ["HBP", "backward_hessian", "hbp_blocks"]
@@ -88,11 +89,14 @@ def backward_hessian(
     Returns:
         One block per trainable parameter, by name.
     """
-    curvature = resolve_curvature(curvature, modify_2nd_order_terms)
-    output = graph.record.contexts[graph.output_node().name].output
-    shard = BatchShard(process_group, output.shape[0], output, loss_reduction)
-    check_distributed(graph, shard)
-    return hbp_blocks(graph, output_hessian, curvature, shard, **options)
+    call = {"method": "backward_hessian", "curvature": curvature, **options}
+    with RankAgreement(graph, None, process_group, loss_reduction, call) as ranks:
+        graph.refuse_problems()
+        graph.record.check_curvature_call(type(graph.model).__name__)
+        curvature = resolve_curvature(curvature, modify_2nd_order_terms)
+        output = graph.record.contexts[graph.output_node().name].output
+        _check_output_hessian(output_hessian, output)
+    return hbp_blocks(graph, output_hessian, curvature, ranks.shard, **options)
 
 
 def hbp_blocks(

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from curvgraph.curvature import Block, BlockCurvature
 from curvgraph.curvature.implicit import dense_from_products
-from curvgraph.errors import CurvatureSizeError, CurvGraphError
+from curvgraph.distributed import CHECKSUM_RTOL, DERIVED, RankError
+from curvgraph.errors import CurvatureSizeError
 from curvgraph.graph import DerivedParameter, TracedGraph
 from curvgraph.rules import modify_symmetric
 
@@ -118,20 +119,24 @@ def check_distributed(graph: TracedGraph, shard) -> None:
     A derived tensor ``b = g(theta)`` (GPT-2's position embeddings of ``0 .. T-1``) is the
     same on every rank when the ranks' inputs have the same sizes; then its block combines
     over the ranks like a parameter's and is pulled back once. Ranks with other sizes (a
-    sequence length per rank) have different ``b`` and ``J``: refused.
+    sequence length per rank) have different ``b`` and ``J``: refused, on every rank alike
+    (the ranks stated checksums of their derived tensors in ``shard``'s first collective,
+    :func:`curvgraph.methods.ranks.derived_checksum`).
     """
     if not graph.derived or not shard.distributed:
         return
-    record = graph.record
-    for name in sorted(graph.derived):
-        value = record.outputs.get(name)
-        if value is not None and not shard.same_on_every_rank(value.detach()):
-            raise CurvGraphError(
-                f"the parameter-only computation {name!r} (at {graph.derived[name].where}) "
-                "differs between the ranks (inputs of other sizes, such as another sequence "
-                "length): its block cannot be combined over the ranks. Give every rank "
-                "inputs of the same sizes (pad to one length)"
-            )
+    ranks = [r for r in range(len(shard.states)) if not shard.agrees(r, DERIVED, CHECKSUM_RTOL)]
+    if ranks:
+        where = ", ".join(f"{n!r} (at {d.where})" for n, d in sorted(graph.derived.items()))
+        raise RankError(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of "
+            f"{len(shard.states)} cannot take part in this curvature call: the parameter-only "
+            f"computation {where} differs between the ranks (inputs of other sizes, such as "
+            "another sequence length): its block cannot be combined over the ranks. Give "
+            "every rank inputs of the same sizes (pad to one length)",
+            ranks,
+            "its parameter-only computations differ from rank 0's",
+        )
 
 
 def combined_gradients(graph: TracedGraph, grads: Dict[str, Tensor], shard) -> Dict[str, Tensor]:
