@@ -1,0 +1,148 @@
+"""Run the ekfac section: interleaved timings, fresh-process memory, JSON + Markdown + PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from benchmarks.ekfac.candidates import CANDIDATES, DAMPING, PROBLEMS, candidates
+from benchmarks.machine import environment, load_average
+from benchmarks.timing import measure_interleaved
+
+__all__ = ["main", "markdown", "plot"]
+
+_ROOT = Path(__file__).resolve().parents[2]
+RESULTS = _ROOT / "benchmarks" / "results"
+
+
+def fresh_peak(problem: str, candidate: str, timeout: float = 900) -> Dict:
+    """``VmHWM`` of a fresh process that sets up ``candidate`` and calls it once."""
+    env = dict(os.environ, PYTHONPATH=str(_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ekfac.worker", problem, candidate],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=_ROOT,
+        env=env,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
+    return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+
+
+def main(repeats: int = 5, warmup: int = 1) -> Dict:
+    """Measure every problem; write ``benchmarks/results/ekfac.{json,md,png}``."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    results = {"environment": environment("cpu"), "load_before": load_average(), "problems": {}}
+    for problem in PROBLEMS:
+        plan = {name: (fn, None) for name, fn in candidates(problem).items()}
+        timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
+        base = timed["gradient"]
+        rows = {}
+        for name in CANDIDATES:
+            t = timed.get(name, {"status": "n/a", "reason": "not installed"})
+            if t.get("status") == "n/a":
+                rows[name] = t
+                continue
+            rows[name] = {
+                "median_s": t["median_s"],
+                "q25_s": t["q25_s"],
+                "q75_s": t["q75_s"],
+                "cpu_median_s": t["cpu_median_s"],
+                "ratio_to_gradient": t["median_s"] / base["median_s"],
+                "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
+                "memory": fresh_peak(problem, name),
+            }
+        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "rows": rows}
+        print(f"[ekfac] {problem} done", file=sys.stderr)
+    results["load_after"] = load_average()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ekfac.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "ekfac.md").write_text(markdown(results))
+    plot(results, RESULTS / "ekfac.png")
+    print(markdown(results))
+    return results
+
+
+def _peer(name: str) -> str:
+    """The curvlinops candidate a curvgraph candidate is compared with."""
+    return "curvlinops" + name[len("cg") :]
+
+
+def markdown(results: Dict) -> str:
+    """The section's table: time ratios to a gradient and to curvlinops, peak memory."""
+    lines = [
+        "# ekfac: EK-FAC fit and inverse product beside curvlinops",
+        "",
+        "`*_fit_mc` / `*_fit_type-2`: the EK-FAC of one batch from scratch (forward, backward "
+        "or factor propagation, Kronecker factors, eigendecompositions, the refitted "
+        "diagonal) with one Monte-Carlo column / the exact loss-Hessian columns; curvgraph "
+        "`cg(x)` + `cg.curvature(..., method='ekfac')`, curvlinops `EKFACLinearOperator` + "
+        "`compute_kronecker_factors()` + `compute_eigenvalue_correction()`. `*_solve`: one "
+        f"product `(C + {DAMPING:g} I)^-1 v` over all parameters of a fitted EK-FAC "
+        "(`block.solve` per block; `KFACInverseLinearOperator(use_exact_damping=True) @ v`). "
+        "Interleaved in one process, one thread, float32, medians of the timed calls; peak "
+        "memory `VmHWM` of a fresh process that sets up and calls the candidate once.",
+        "",
+        f"Load average before / after: {results['load_before']} / {results['load_after']}; "
+        f"commit {results['environment'].get('git_commit', '?')}.",
+        "",
+        "| problem | N | candidate | median s (q25-q75) | CPU s | x gradient | "
+        "CPU x gradient | x curvlinops | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for problem, entry in results["problems"].items():
+        rows = entry["rows"]
+        for name, row in rows.items():
+            if "median_s" not in row:
+                reason = row.get("reason", "")
+                lines.append(f"| {problem} | | {name} | n/a: {reason} | | | | | |")
+                continue
+            peer = rows.get(_peer(name), {}) if name.startswith("cg") else {}
+            versus = f"{row['median_s'] / peer['median_s']:.2f}" if "median_s" in peer else ""
+            memory = row["memory"]
+            peak = f"{memory['peak_bytes'] / 1e6:.0f}" if memory.get("status") == "ok" else "n/a"
+            spread = f"{row['median_s']:.4f} ({row['q25_s']:.4f}-{row['q75_s']:.4f})"
+            lines.append(
+                f"| {problem} | {entry['batch_size']} | {name} | {spread} | "
+                f"{row['cpu_median_s']:.4f} | {row['ratio_to_gradient']:.2f} | "
+                f"{row['cpu_ratio_to_gradient']:.2f} | {versus} | {peak} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Dict, path: Path) -> None:
+    """Bars: time / gradient per candidate and problem (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(results["problems"])
+    names = [n for n in CANDIDATES if n != "gradient"]
+    figure, axis = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [
+            results["problems"][p]["rows"].get(name, {}).get("ratio_to_gradient", 0.0)
+            for p in problems
+        ]
+        axis.bar([j + i * width for j in range(len(problems))], values, width, label=name)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(problems))], problems)
+    axis.set_ylabel("time / gradient")
+    axis.set_yscale("log")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
