@@ -16,6 +16,7 @@ in the test process.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import socket
 
@@ -35,6 +36,8 @@ DTYPE = torch.float64
 SPLIT = (3, 5)
 EVEN_SPLIT = (4, 4)
 MC_SAMPLES = 4000
+#: a rank left waiting in a collective fails after this (gloo's default: 30 minutes)
+TIMEOUT = datetime.timedelta(seconds=120)
 
 # (model, loss, loss_reduction)
 CASES = {
@@ -196,7 +199,11 @@ def contradicting_reduction(group):
 def _worker(rank, world_size, port, directory):
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=TIMEOUT,
     )
     try:
         group = dist.group.WORLD

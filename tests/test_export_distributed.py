@@ -9,6 +9,7 @@ position embeddings) are refused.
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -20,6 +21,8 @@ import curvgraph
 
 transformers = pytest.importorskip("transformers")
 V = 50
+#: a rank left waiting in a collective fails after this (gloo's default: 30 minutes)
+TIMEOUT = datetime.timedelta(seconds=120)
 #: a linear weight (Kronecker G (x) A) and the embedding (A (x) G, the input factor first)
 NAMES = ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight")
 
@@ -86,7 +89,8 @@ def gpt2_products(group=None, rank=None, length=6):
 
 def _worker(rank, port, directory):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    address = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2, timeout=TIMEOUT)
     try:
         results = products(dist.group.WORLD, rank)
         results.update(gpt2_products(dist.group.WORLD, rank))
