@@ -65,6 +65,15 @@ def problem(kind: str):
             nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
         )
         x, weights = torch.randn(N, 2, 4, 4), ["0.weight", "3.weight"]
+    elif kind == "conv1d":  # Conv1d and ConvTranspose1d (its input factor first)
+        model = nn.Sequential(
+            nn.Conv1d(2, 3, 3),
+            nn.Tanh(),
+            nn.ConvTranspose1d(3, 2, 2),
+            nn.Flatten(),
+            nn.Linear(12, 3),
+        )
+        x, weights = torch.randn(N, 2, 7), ["0.weight", "2.weight", "4.weight"]
     elif kind == "pooled":
         model, x, weights = Pooled(), torch.randn(N, 4, 4), ["fc.weight", "head.weight"]
     else:
@@ -101,6 +110,7 @@ CASES = [
     ("cnn", "expand"),
     ("cnn", "reduce"),
     ("pooled", "expand"),
+    ("conv1d", "expand"),
     ("pooled", "reduce"),
     ("tokens", "expand"),
     ("tokens", "reduce"),
@@ -171,7 +181,7 @@ def peer(cl, model, x, y, weights, approx, fisher_type):
     return dense
 
 
-@pytest.mark.parametrize("kind, approx", CASES[:5])
+@pytest.mark.parametrize("kind, approx", CASES[:4] + CASES[5:6])
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
 def test_equals_curvlinops_ekfac(cl, kind, approx, fisher_type):
     model, x, y, weights = problem(kind)
