@@ -229,12 +229,11 @@ class ExactProducts:
                     for slot, stack in arguments.items()
                     if set(stack.names) & set(wanted)
                 }
-                extra = residual.apply(perturbed, wanted=slots) if perturbed else {}
-                for slot, key in targets:
+                parameters = {slot for slot, key in targets if isinstance(key, str)}
+                extra = residual.apply_summed(perturbed, slots, parameters) if perturbed else {}
+                for slot, _ in targets:
                     if slot in extra:
-                        part = extra[slot]
-                        part = part.sum(1) if isinstance(key, str) else part
-                        cotangents[slot] = cotangents[slot] + part
+                        cotangents[slot] = cotangents[slot] + extra[slot]
             for slot, key in targets:
                 cotangent = cotangents[slot]
                 if isinstance(key, str):

@@ -32,7 +32,7 @@ method each sample's (:meth:`Residual.modified`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -108,6 +108,18 @@ class Residual:
             that receives a non-zero contribution.
         """
         raise NotImplementedError
+
+    def apply_summed(
+        self, tangents: Tensors, wanted: Optional[Sequence[str]], summed: Collection[str]
+    ) -> Tensors:
+        """:meth:`apply`, the products of the arguments in ``summed`` summed over the batch.
+
+        Those (parameters) come back as ``[K, *shape]``. The default forms the per-sample
+        products and sums them; a residual that can contract the batch axis at once (a
+        layer's weight-input cross term) overrides it and never forms ``[K, N, *shape]``.
+        """
+        result = self.apply(tangents, wanted)
+        return {s: r.sum(1) if s in summed else r for s, r in result.items()}
 
     def summed_block(self, slot: str) -> Optional[Tensor]:
         """Fast path: ``sum_n R_n`` on one argument, if known without ``ctx``.
@@ -198,11 +210,19 @@ class CrossTerms(Residual):
     argument if ``wanted`` is ``None``; products of other arguments are dropped).
     """
 
-    def __init__(self, product: Product):
+    def __init__(self, product: Product, summed_product: Optional[Callable] = None):
         self.product = product
+        #: ``summed_product(tangents, wanted, summed)``: :meth:`apply_summed` in one step
+        self.summed_product = summed_product
 
     def apply(self, tangents: Tensors, wanted=None) -> Tensors:  # noqa: D102
         return restricted(self.product(tangents, wanted), wanted)
+
+    def apply_summed(self, tangents: Tensors, wanted, summed) -> Tensors:  # noqa: D102
+        summed_product = getattr(self, "summed_product", None)
+        if summed_product is None:
+            return Residual.apply_summed(self, tangents, wanted, summed)
+        return restricted(summed_product(tangents, wanted, summed), wanted)
 
     def summed_block(self, slot: str) -> Optional[Tensor]:  # noqa: D102
         return None

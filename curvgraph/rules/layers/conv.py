@@ -286,7 +286,7 @@ class ConvRule(ConvFamilyRule):
         return gradient_factor, input_factor
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
-        def product(t, wanted):
+        def product(t, wanted, summed=()):
             result = {}
             if "weight" in t and (wanted is None or "input" in wanted):
                 per_column = [self._input_transpose(ctx, grad_output, w) for w in t["weight"]]
@@ -294,11 +294,15 @@ class ConvRule(ConvFamilyRule):
             if "input" in t and (wanted is None or "weight" in wanted):
                 unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]
                 g = self._positions(grad_output, ctx)
-                w = torch.einsum("ngop,kngip->kngoi", g, unfolded)
-                result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
+                if "weight" in summed:  # a parameter's product: the batch summed at once
+                    w = torch.einsum("ngop,kngip->kgoi", g, unfolded)
+                    result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
+                else:
+                    w = torch.einsum("ngop,kngip->kngoi", g, unfolded)
+                    result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
             return result
 
-        return CrossTerms(product)
+        return CrossTerms(product, summed_product=product)
 
 
 for _dims in (1, 2, 3):

@@ -97,17 +97,19 @@ class LinearRule(PullbackRule):
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         g = self._positions(grad_output)
 
-        def product(t, wanted):
+        def product(t, wanted, summed=()):
             result = {}
             if "weight" in t and (wanted is None or "input" in wanted):
                 r = torch.einsum("nso,koi->knsi", g, t["weight"])
                 result["input"] = r.reshape(r.shape[:2] + ctx.input.shape[1:])
             if "input" in t and (wanted is None or "weight" in wanted):
                 x_t = t["input"].reshape(*t["input"].shape[:2], -1, ctx.input.shape[-1])
-                result["weight"] = torch.einsum("nso,knsi->knoi", g, x_t)
+                # batch-summed for a parameter's product: no [K, N, O, I] per-sample terms
+                out = "koi" if "weight" in summed else "knoi"
+                result["weight"] = torch.einsum(f"nso,knsi->{out}", g, x_t)
             return result
 
-        return CrossTerms(product)
+        return CrossTerms(product, summed_product=product)
 
     def kronecker_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
