@@ -9,11 +9,13 @@ blocks included.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_derived_parameters import BiasMLP, InputSizes, LogScale, PositionBias, WeightNorm
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvgraph
+import curvgraph.errors
 from curvgraph.curvature import CurvatureOperator
 from curvgraph.losses import recognise
 from curvgraph.methods import exact as exact_module
@@ -338,3 +340,33 @@ def test_refusals():
     op = cg.curvature(loss, out, "ggn", "exact", structure="full")
     with pytest.raises(ValueError, match="missing"):
         op.matvec({"0.weight": torch.zeros(5, 4, dtype=DT)})
+
+
+DERIVED = {  # model, input shape, whether the Hessian is offered (one parameter per g)
+    "log-scale": (LogScale, (5, 4), True),
+    "position-bias": (PositionBias, (5, 3, 4), True),
+    "input-sizes": (InputSizes, (5, 5, 4), True),
+    "bias-mlp": (BiasMLP, (5, 4), False),
+    "weight-norm": (WeightNorm, (5, 4), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DERIVED))
+def test_full_operator_through_derived_parameters(case):
+    """Parameters used through parameter-only computations: tangents J_g v, products J_g^T."""
+    build, shape, hessian_offered = DERIVED[case]
+    torch.manual_seed(0)
+    model = build().to(DT)
+    x, y = torch.randn(*shape, dtype=DT), torch.randint(0, 3, (shape[0],))
+    cg, out, loss = _curvature(model, x, y)
+    names = [n for n, p in model.named_parameters()]
+    dense = _dense(model, x, y, names)
+    full = cg.curvature(loss, out, "ggn", "exact", structure="full")
+    assert full.names == tuple(names)
+    _close(full.to_dense(), dense["ggn"])
+    if not hessian_offered:
+        with pytest.raises(curvgraph.errors.CurvGraphError, match="cross residual"):
+            cg.curvature(loss, out, "hessian", "exact", structure="full")
+        return
+    hessian_op = cg.curvature(loss, out, "hessian", "exact", structure="full")
+    _close(hessian_op.to_dense(), dense["hessian"])
