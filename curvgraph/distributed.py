@@ -33,6 +33,7 @@ differs (instead of one rank raising while the others wait in a collective).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -92,7 +93,8 @@ PARAMETERS, DERIVED = slice(7, 11), slice(11, 15)
 #: (entries, tolerance, cause) of the mismatches every rank checks, in this order
 _MISMATCHES = (
     (slice(3, 4), 0.0, "it makes another call than rank 0 (another method, curvature, "
-     "loss_reduction or option): all ranks must make the same calls in the same order"),
+     "loss_reduction or option; for all_reduce_gradients: gradients of other parameters): "
+     "all ranks must make the same calls in the same order"),
     (slice(4, 6), 0.0, "its traced graph differs from rank 0's (another model, or another "
      "trace): every rank must trace the same model"),
     (PARAMETERS, CHECKSUM_RTOL, "its parameters differ from rank 0's (checksums): every rank "
@@ -366,23 +368,41 @@ def all_reduce_gradients(
     losses) run the backward pass under ``ddp.no_sync()`` and call this instead.
 
     Args:
-        parameters: the parameters (those without a gradient are skipped).
+        parameters: the parameters (those without a gradient are skipped; every rank must
+            have gradients for the same ones, which is checked).
         batch_size: ``N_r`` of this rank.
         process_group: the process group.
         loss_reduction: ``"mean"`` or ``"sum"`` (each rank's loss over its samples).
+
+    Raises:
+        RankError: on every rank, if a rank has no samples, no gradients, or gradients of
+            other parameters than rank 0 (before any gradient crosses the ranks).
     """
     if process_group is None:
         raise ValueError(
             "all_reduce_gradients needs a process group (torch.distributed.group.WORLD for "
             "all ranks)"
         )
-    parameters = [p for p in parameters if p.grad is not None]
-    if not parameters:
+    everything = list(parameters)
+    if not everything:
         return
-    shard = BatchShard(process_group, batch_size, parameters[0].grad, loss_reduction)
+    parameters = [p for p in everything if p.grad is not None]
+    layout = [(i, tuple(p.shape)) for i, p in enumerate(everything) if p.grad is not None]
+    state = RankState(batch_size, call=fingerprint(layout))
+    if not parameters:
+        message = "none of its parameters has a gradient: call loss.backward() first"
+        state.failure = (CAUSES[-1], CurvGraphError(message))
+    like = parameters[0].grad if parameters else everything[0].detach()
+    shard = BatchShard(process_group, batch_size, like, loss_reduction, state)
     combined = _all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
     for p, grad in zip(parameters, combined):
         p.grad.copy_(grad)
+
+
+def fingerprint(items) -> int:
+    """A 48-bit hash of ``repr(items)`` (exact in the float64 vector the ranks gather)."""
+    digest = hashlib.blake2b(repr(items).encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _ranks(ranks: List[int]) -> str:

@@ -22,7 +22,12 @@ from torch import nn
 
 import curvgraph
 from curvgraph import CurvGraphError
-from curvgraph.distributed import RankError, RankFloatingPointError, RankValueError
+from curvgraph.distributed import (
+    RankError,
+    RankFloatingPointError,
+    RankValueError,
+    all_reduce_gradients,
+)
 from curvgraph.losses import LossStructureError
 
 dist = pytest.importorskip("torch.distributed")
@@ -128,6 +133,31 @@ def other_reduction(rank, group):
     return cg.curvature(loss, out, method="diag", process_group=group, loss_reduction=reduction)
 
 
+def empty_gradients(rank, group):
+    model = make_model()
+    x, y = make_batch(rank, size=4 if rank == 0 else 0)
+    F.cross_entropy(model(x), y, reduction="sum").backward()  # rank 1: zero gradients
+    all_reduce_gradients(model.parameters(), x.shape[0], group, loss_reduction="sum")
+
+
+def missing_gradients(rank, group):
+    model = make_model()
+    x, y = make_batch(rank)
+    if rank == 0:  # rank 1 forgot its backward pass
+        F.cross_entropy(model(x), y).backward()
+    all_reduce_gradients(model.parameters(), x.shape[0], group)
+
+
+def both_fail(rank, group):
+    """Rank 0: NaN outputs; rank 1: an empty shard."""
+    cg = curvgraph.trace(make_model())
+    x, y = make_batch(rank, size=4 if rank == 0 else 0)
+    if rank == 0:
+        x[0, 0] = float("nan")
+    out = cg(x)
+    return cg.curvature(F.cross_entropy(out, y), out, method="kflr", process_group=group)
+
+
 CASES = {
     "empty shard, hbp": empty_shard,
     "empty shard, sqrt": lambda rank, group: empty_shard(rank, group, "sqrt"),
@@ -139,6 +169,9 @@ CASES = {
     "other graph": other_graph,
     "other method": other_method,
     "other loss_reduction": other_reduction,
+    "empty shard, all_reduce_gradients": empty_gradients,
+    "no gradients, all_reduce_gradients": missing_gradients,
+    "ranks 0 and 1": both_fail,
 }
 
 
@@ -200,6 +233,8 @@ EXPECTED = [
     ("other graph", RankError, "traced graph differs", ["same model"], None),
     ("other method", RankError, "another call", ["same calls in the same order"], None),
     ("other loss_reduction", RankError, "another call", ["loss_reduction"], None),
+    ("empty shard, all_reduce_gradients", RankError, "batch is empty", ["0 samples"], None),
+    ("no gradients, all_reduce_gradients", RankError, "refused", ["loss.backward()"], None),
 ]
 
 
@@ -226,6 +261,18 @@ def test_every_rank_raises_the_same_error(ranks, case, kind, cause, words, origi
     assert first["original"] is None  # rank 0 had no error of its own
     if original is not None:
         assert issubclass(second["original"], original), (case, second)
+
+
+def test_failures_on_several_ranks_are_listed_on_every_rank(ranks):
+    first, second = (results["ranks 0 and 1"] for results in ranks)
+    assert first["message"] == second["message"]
+    lines = first["message"].splitlines()
+    assert lines[0].startswith("ranks 0, 1 of 2 cannot take part in this curvature call")
+    assert lines[1].startswith("  rank 0: its outputs contain NaN or inf")
+    assert lines[2].startswith("  rank 1: its batch is empty")
+    for result in (first, second):  # the type of the first failing rank's error
+        assert result["type"] is RankFloatingPointError and result["ranks"] == (0, 1)
+    assert first["original"] is FloatingPointError and second["original"] is CurvGraphError
 
 
 def test_ranks_stay_in_lockstep_after_the_errors(ranks):

@@ -17,7 +17,6 @@ differs. Without a process group the checks raise as they are. ::
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Iterable, Optional, Tuple
 
@@ -25,7 +24,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from curvgraph.distributed import CAUSES, BatchShard, RankState
+from curvgraph.distributed import CAUSES, BatchShard, RankState, fingerprint
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import TracedGraph
 from curvgraph.losses import CrossEntropyLoss, LossStructureError, MSELoss, TokenCrossEntropyLoss
@@ -117,10 +116,10 @@ class RankAgreement:
         """This rank's statement: the failure, the fingerprints and the checksums."""
         state = RankState(outputs.shape[0], self.failure, counted=self.counted)
         try:
-            state.call = _fingerprint(sorted((k, _spelling(v)) for k, v in self.call.items()))
+            state.call = fingerprint(sorted((k, _spelling(v)) for k, v in self.call.items()))
             module = self.graph.graph_module
             nodes = [_node(module, n) for n in module.graph.nodes]
-            state.graph = (_fingerprint(nodes), len(nodes))
+            state.graph = (fingerprint(nodes), len(nodes))
             device = outputs.device
             state.parameters = checksum((p for _, p in self.graph.model.named_parameters()), device)
             state.derived = derived_checksum(self.graph, device)
@@ -221,9 +220,3 @@ def _spelling(value) -> str:
     if type(value).__name__.startswith("OpOverload"):
         return str(value)
     return type(value).__qualname__
-
-
-def _fingerprint(items) -> int:
-    """A 48-bit hash of ``repr(items)`` (exact in the float64 vector the ranks gather)."""
-    digest = hashlib.blake2b(repr(items).encode(), digest_size=6).digest()
-    return int.from_bytes(digest, "big")
