@@ -66,7 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     inspect_parser.add_argument("--train", action="store_true", help="inspect in training mode")
     inspect_parser.add_argument("--max-features", type=int, default=8192, help="HBP size limit")
-    inspect_parser.add_argument("--plot", help="draw the graph into this PNG file")
+    inspect_parser.add_argument(
+        "--plot",
+        help="draw the graph into this PNG file (top-down; chains in one box, repeated blocks "
+        "once with x N)",
+    )
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)

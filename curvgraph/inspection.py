@@ -20,6 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from curvgraph.drawing import DrawNode, draw, layout
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import TracedGraph, plan, record_forward
 from curvgraph.graph.plan import cut_off_reason, describe_cut_off, parameters_without_blocks
@@ -177,46 +178,34 @@ class InspectionReport:
                 graph.add_edge(source, n.name)
         return graph
 
+    def figure(self):
+        """The drawing of the graph as a matplotlib ``Figure`` (:mod:`curvgraph.drawing`).
+
+        Top-down layers, one box per chain of nodes coloured by rule kind, repeated blocks
+        (consecutive residual or transformer blocks of the same structure) drawn once with
+        ``x N``; one point of the layout is one point of the figure.
+        """
+        nodes = [
+            DrawNode(
+                n.name,
+                n.op,
+                n.kind,
+                tuple(n.inputs),
+                (tuple(self.parameters[p].shape for p in n.parameters), n.output_shape),
+                bool(n.parameters) or n.kind == "attribute",
+            )
+            for n in self.nodes
+        ]
+        graph = layout(nodes)
+        used = [k for k in KINDS if any(box.kind == k for box in graph.boxes)]
+        return draw(graph, f"{self.model}: rules per node", KINDS, used)
+
     def plot(self, path) -> None:
-        """Draw the graph into ``path``: layers by depth, colour by rule kind."""
-        import matplotlib
-
-        matplotlib.use("Agg")
+        """Draw the graph into ``path`` (a PNG): :meth:`figure`, saved."""
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
 
-        depth: Dict[str, int] = {}
-        for n in self.nodes:  # topological order
-            depth[n.name] = 1 + max((depth[s] for s in n.inputs if s in depth), default=-1)
-        layers: Dict[int, List[str]] = {}
-        for name, d in depth.items():
-            layers.setdefault(d, []).append(name)
-        position = {
-            name: (d, i - (len(names) - 1) / 2)
-            for d, names in layers.items()
-            for i, name in enumerate(names)
-        }
-        width = max(6.0, min(60.0, 0.5 * len(layers)))
-        height = max(3.0, min(30.0, 0.6 * max(len(v) for v in layers.values())))
-        figure, axes = plt.subplots(figsize=(width, height))
-        for n in self.nodes:
-            for source in n.inputs:
-                (x0, y0), (x1, y1) = position[source], position[n.name]
-                axes.plot([x0, x1], [y0, y1], color="0.75", lw=0.6, zorder=1)
-        kinds = {n.name: n.kind for n in self.nodes}
-        xs, ys = zip(*(position[n.name] for n in self.nodes))
-        colours = [KINDS[kinds[n.name]] for n in self.nodes]
-        axes.scatter(xs, ys, c=colours, s=40, zorder=2)
-        if len(self.nodes) <= 120:
-            for n in self.nodes:
-                x, y = position[n.name]
-                axes.annotate(n.name, (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
-        used = sorted(set(kinds.values()), key=list(KINDS).index)
-        axes.legend(handles=[Patch(color=KINDS[k], label=k) for k in used], loc="best")
-        axes.set_title(f"{self.model}: rules per node")
-        axes.set_axis_off()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
+        figure = self.figure()
+        figure.savefig(path)
         plt.close(figure)
 
 
