@@ -68,21 +68,30 @@ def counted_from_gradient(
 
 def class_axis_from_gradient(
     call: LossCall, outputs: Tensor, gradient: Optional[Tensor]
-) -> Optional[int]:
-    """The axis of ``outputs`` along which ``gradient`` is ``scale (softmax - e_y)``, if any.
+) -> Optional[Tuple[int, Tensor, float]]:
+    """The class axis of a freed token cross-entropy, with its counted tokens and scale.
 
-    For a token cross-entropy whose layout ``loss.backward()`` freed (logits ``[N, T, V]``
-    reshaped, transposed or sliced before the loss): the first non-batch axis on which every
-    nonzero row of the gradient has the cross-entropy's form; ``None`` if no axis has it.
+    ``(axis, counted, scale)`` for the axis of ``outputs`` along which ``gradient`` has the
+    form ``scale (softmax - e_y)``, or ``None`` if no axis has it. For a token
+    cross-entropy whose layout ``loss.backward()`` freed (logits ``[N, T, V]``
+    reshaped, transposed or sliced before the loss): the last axis is tried first (the
+    usual ``[N, T, V]``), then the others after the batch axis; an axis along which the
+    gradient's rows do not sum to zero (``sum_v (p_v - e_y,v) = 0``) is passed over
+    without the softmax. ``counted`` and ``scale`` as :func:`counted_from_gradient`.
     """
     if gradient is None or tuple(gradient.shape) != tuple(outputs.shape):
         return None
-    for axis in range(1, outputs.dim()):
+    tolerance = _tolerance(outputs, gradient)
+    g = gradient.detach()
+    for axis in [outputs.dim() - 1, *range(1, outputs.dim() - 1)]:
         if outputs.shape[axis] < 2:
             continue
-        error = _deviation(call, outputs, gradient, axis)[0]
-        if error <= _tolerance(outputs, gradient):
-            return axis
+        sums = g.sum(axis).abs().amax() / g.abs().amax().clamp(min=torch.finfo(g.dtype).tiny)
+        if float(sums) > tolerance * outputs.shape[axis]:
+            continue
+        error, counted, scale = _deviation(call, outputs, gradient, axis)
+        if error <= tolerance:
+            return axis, counted, scale
     return None
 
 

@@ -315,10 +315,10 @@ def _freed_token_cross_entropy(
     """
     if call.reduction not in ("mean", "sum") or outputs.dim() < 3:
         return None
-    axis = class_axis_from_gradient(call, outputs, gradient)
-    if axis is None:
+    found = class_axis_from_gradient(call, outputs, gradient)
+    if found is None:
         return None
-    counted, scale = counted_from_gradient(call, outputs, gradient, axis)
+    axis, counted, scale = found
     return TokenCrossEntropyLoss(outputs, axis, counted.to(outputs.device), scale)
 
 

@@ -66,6 +66,7 @@ class MatmulRule(Rule):
         return [
             Sample((randn(3, 4), randn(4, 5, seed=1))),
             Sample((randn(2, 3, 4), randn(4, 5, seed=1))),
+            Sample((randn(2, 2, 3, 4), randn(4, 5, seed=1))),
             Sample((randn(2, 3, 4), randn(4, seed=1))),
             Sample((randn(3, 4), randn(4, seed=1))),
             Sample((randn(2, 3, 4), randn(1, 4, 5, seed=1))),
@@ -143,8 +144,38 @@ class MatmulRule(Rule):
         c = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
         return dict(zip(OPERANDS, torch.vmap(pull)(c)))
 
+    @staticmethod
+    def _weight_right(ctx) -> bool:
+        """``x @ W``: a per-sample input ``[N, ..., d]`` times a 2-D parameter ``[d, m]``."""
+        x, w = ctx.args["input"], ctx.args["other"]
+        return (
+            "input" in ctx.batched
+            and "other" not in ctx.batched
+            and isinstance(x, Tensor)
+            and isinstance(w, Tensor)
+            and w.dim() == 2
+            and x.dim() >= 2
+        )
+
+    def _weight_right_vjp(self, ctx, cotangent, slots) -> dict:
+        """``x @ W`` by two matrix products: ``c W^T`` and ``x_n^T c_kn`` per sample.
+
+        ``[K, N, ..., d]`` for the input, ``[K, N, d, m]`` for the weight (summed over the
+        positions ``...`` of each sample).
+        """
+        x, w, result = ctx.input, ctx.other, {}
+        if "input" in slots:
+            result["input"] = torch.matmul(cotangent, w.T)
+        if "other" in slots:
+            k, n = cotangent.shape[:2]
+            rows = x.reshape(n, -1, x.shape[-1]).transpose(1, 2)  # [N, d, P]
+            result["other"] = torch.matmul(rows, cotangent.reshape(k, n, -1, w.shape[1]))
+        return result
+
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
+        if self._weight_right(ctx):
+            return self._weight_right_vjp(ctx, cotangent, slots)
         whole = self._batch_pullback(ctx, cotangent)
         per_sample = (None, None, 0)
         return {
