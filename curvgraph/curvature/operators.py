@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Tuple, Union
 import torch
 from torch import Tensor
 
-from curvgraph.curvature import analysis
+from curvgraph.curvature import analysis, spectral
 from curvgraph.curvature.implicit import ImplicitBlock, ProductEngine, dense_from_products
 
 __all__ = ["CurvatureOperator"]
@@ -141,9 +141,9 @@ class CurvatureOperator(ImplicitBlock):
         """Hutchinson / Hutch++ estimate of ``tr C`` (:func:`analysis.trace_estimate`)."""
         return analysis.trace_estimate(_One(self), matvecs, **options).total
 
-    def spectral_density(self, **options) -> analysis.SpectralDensity:
-        """Stochastic Lanczos quadrature (:func:`analysis.spectral_density`)."""
-        return analysis.spectral_density(_One(self), **options)[self.name]
+    def spectral_density(self, **options) -> spectral.SpectralDensity:
+        """Stochastic Lanczos quadrature (:func:`spectral.spectral_density`)."""
+        return spectral.spectral_density(_One(self), **options)[self.name]
 
     def as_linear_operator(self):
         """``C`` as a ``scipy.sparse.linalg.LinearOperator`` on flat float64 vectors."""
