@@ -25,8 +25,7 @@ raise :class:`~curvgraph.errors.CurvGraphError` instead of reading the new value
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,8 +43,9 @@ from curvgraph.methods.base import (
     register_method,
 )
 from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
+from curvgraph.methods.snapshots import recorded_versions, snapshot_contexts
 from curvgraph.methods.structures import build_structure, fisher_output_curvature, restrict
-from curvgraph.rules import Context, groups_of
+from curvgraph.rules import groups_of
 
 __all__ = ["Exact", "ExactProducts"]
 
@@ -120,12 +120,12 @@ class ExactProducts:
             owned += list(model.parameters()) + list(model.buffers())
         names = [info.node.name for info in walk.order]
         self.contexts = dict(record.contexts)
-        self.contexts.update(_snapshot({n: self.contexts[n] for n in names}, owned))
+        self.contexts.update(snapshot_contexts({n: self.contexts[n] for n in names}, owned))
         self.loss_model = loss_model
         self.mode = mode
         self.grads = dict(grads)
         self.infos = {info.node: info for info in walk.order}
-        self._versions = _versions(self.infos, self.contexts, self.grads)
+        self._versions = recorded_versions(self.infos, self.contexts, self.grads)
         for info in walk.order:
             validate_call(info, self.contexts[info.node.name])
 
@@ -255,74 +255,6 @@ class ExactProducts:
                 f"the PCH modifies each sample's residual, which {info.describe()} does "
                 f"not have ({error}); use curvature='hessian' or 'ggn'"
             ) from error
-
-
-def _storage_key(tensor: Tensor):
-    """What identifies a tensor's memory (``None``: not a plain strided tensor)."""
-    if tensor.layout != torch.strided or tensor.device.type == "meta":
-        return None
-    try:
-        return tensor.device, tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-        return None
-
-
-def _snapshot(contexts: Dict[str, Context], owned: Iterable[Tensor]) -> Dict[str, Context]:
-    """Contexts whose tensors sharing storage with ``owned`` (parameters) read copies.
-
-    Each shared storage is copied once and the recorded views are rebuilt on the copy with
-    their offsets and strides, so tied and viewed parameters stay consistent.
-    """
-    shared = {_storage_key(t) for t in owned} - {None}
-    copies: Dict = {}
-
-    def snap(value):
-        if isinstance(value, Tensor):
-            key = _storage_key(value)
-            if key is None or key not in shared:
-                return value
-            if key not in copies:
-                copies[key] = value.untyped_storage().clone()
-            return value.new_empty(0).set_(
-                copies[key], value.storage_offset(), value.size(), value.stride()
-            )
-        if type(value) in (list, tuple):
-            return type(value)(snap(v) for v in value)
-        return value
-
-    result = {}
-    for name, ctx in contexts.items():
-        args = {k: snap(v) for k, v in ctx.args.items()}
-        output = snap(ctx.output)
-        changed = output is not ctx.output or any(_differs(args[k], ctx.args[k]) for k in args)
-        # a fresh cache: the old one may hold quantities derived from the live parameters
-        result[name] = (
-            dataclasses.replace(ctx, args=args, output=output, cache={}) if changed else ctx
-        )
-    return result
-
-
-def _differs(new, old) -> bool:
-    if type(new) in (list, tuple):
-        return any(a is not b for a, b in zip(new, old))
-    return new is not old
-
-
-def _versions(infos, contexts: Dict[str, Context], grads: Dict[str, Tensor]) -> List[tuple]:
-    """``(info, what, tensor, version)`` for every recorded tensor the products read."""
-    versions = []
-    for info in infos.values():
-        ctx = contexts[info.node.name]
-        for key, value in ctx.args.items():
-            values = value if type(value) in (list, tuple) else (value,)
-            for v in values:
-                if isinstance(v, Tensor):
-                    versions.append((info, f"argument {key!r}", v, v._version))
-        versions.append((info, "output", ctx.output, ctx.output._version))
-        grad = grads.get(info.node.name)
-        if isinstance(grad, Tensor):
-            versions.append((info, "output gradient", grad, grad._version))
-    return versions
 
 
 def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -> Tensor:
