@@ -63,6 +63,8 @@ class Record:
     #: derived parameter name -> the input sizes it was computed at (``DerivedParameter.at``)
     derived_arguments: Dict[str, tuple] = field(default_factory=dict)
     grad_enabled: bool = True
+    #: parameter name -> ``(parameter, _version, data_ptr)`` when the forward ended
+    parameters: Dict[str, Tuple[Tensor, int, int]] = field(default_factory=dict)
 
     def check_curvature_call(
         self, model: str, loss: Optional[Tensor] = None, outputs: Optional[Tensor] = None
@@ -72,7 +74,9 @@ class Record:
         The checks, in order: the model returned a single tensor (not a tuple, list or
         dict); ``outputs`` is that tensor; with a ``loss``: the forward ran with gradients
         enabled and the loss is attached to the outputs; the batch (dimension 0 of the
-        output) is not empty. ``model`` names the model in the messages.
+        output) is not empty; no parameter was modified in place since the forward (the
+        recorded activations belong to the old values: the blocks would mix two points).
+        ``model`` names the model in the messages.
         """
         result = self.result
         if not isinstance(result, Tensor):
@@ -101,6 +105,19 @@ class Record:
             raise CurvGraphError(
                 f"the batch is empty: {model} returned shape {tuple(result.shape)} (dimension "
                 "0 is the batch axis): curvature needs at least one sample"
+            )
+        modified = [
+            name
+            for name, (p, version, pointer) in self.parameters.items()
+            if p._version != version or p.data_ptr() != pointer
+        ]
+        if modified:
+            raise CurvGraphError(
+                f"parameters {', '.join(map(repr, modified))} of {model} were modified in "
+                "place after the forward pass (out = cg(x)) this curvature would come from "
+                "(an optimizer step?): its recorded activations belong to the old values, "
+                "the blocks would mix two points. Run out = cg(x) and the loss again after "
+                "the update, then ask for curvature"
             )
 
 
@@ -357,6 +374,9 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     recorder = Recorder(graph, record, shapes)
     recorder.inputs = bind_inputs(graph, args, kwargs)
     record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
+    record.parameters = {
+        name: (p, p._version, p.data_ptr()) for name, p in graph.model.named_parameters()
+    }
     return record
 
 

@@ -25,6 +25,7 @@ from curvgraph.losses.models import (
     LinearLoss,
     LossModel,
     MSELoss,
+    UnknownLikelihoodError,
 )
 from curvgraph.losses.recognition import LossStructureError, loss_hessian, recognise
 from curvgraph.losses.tokens import TokenCrossEntropyLoss
@@ -38,6 +39,7 @@ __all__ = [
     "LossStructureError",
     "MSELoss",
     "TokenCrossEntropyLoss",
+    "UnknownLikelihoodError",
     "loss_hessian",
     "recognise",
 ]

@@ -24,7 +24,16 @@ __all__ = [
     "LinearLoss",
     "LossModel",
     "MSELoss",
+    "UnknownLikelihoodError",
 ]
+
+
+class UnknownLikelihoodError(CurvGraphError, NotImplementedError):
+    """Monte-Carlo factors asked of a loss that is not a known likelihood.
+
+    A :class:`~curvgraph.errors.CurvGraphError` (what a refused curvature call raises) and a
+    ``NotImplementedError`` (what it raised before).
+    """
 
 
 class LossModel:
@@ -240,7 +249,7 @@ class AutogradLoss(LossModel):
 
     def sqrt(self, mc_samples: int = 0, generator=None) -> Tensor:  # noqa: D102
         if mc_samples:
-            raise NotImplementedError(
+            raise UnknownLikelihoodError(
                 "Monte-Carlo factors need a known likelihood (cross-entropy or MSE); use exact "
                 "factors (mc_samples=0) for this loss"
             )
