@@ -59,7 +59,8 @@ def pch_blocks_graph(gm: torch.fx.GraphModule, x: Tensor, loss_fn, mode: str) ->
 
     # gradients dL/dy at every node: rerun the graph on the detached leaves, node by node
     grads = _node_gradients(gm, params, x, loss_fn, output_node)
-    depends = _depends_on_parameters(gm)
+    # a tensor reached only through ops without a derivative (a comparison's mask) is a constant
+    depends = {node for node in _depends_on_parameters(gm) if node.name in grads}
     out = values[output_node.name]
     blocks = {}
     for name, theta in params.items():
@@ -85,6 +86,8 @@ def pch_blocks_graph(gm: torch.fx.GraphModule, x: Tensor, loss_fn, mode: str) ->
         # residuals, node by node and group by group
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            if node.name not in grads:  # no derivative (a comparison, argmax): no residual
                 continue
             groups = _groups(gm, node, depends)
             for group in groups:

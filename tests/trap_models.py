@@ -1,0 +1,185 @@
+"""Small random models with the traps of issue 14, for ``test_trust_traps_hypothesis.py``.
+
+A :class:`TrapNet` is an optional conv stem, a stem linear layer, random steps (linear layers,
+residual adds, concatenations, a weight used directly, ops without a derivative on the main
+path or a branch, a threshold read only by a comparison, a custom autograd Function) and a
+linear head. A :class:`Case` holds one drawn model, its traps and loss, and computes the
+references of its blocks with ``torch.func`` only (``tests/reference.py``,
+``tests/reference_graph.py``), in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+try:
+    import reference as ref
+    import reference_graph as ref_graph
+except ImportError:  # tests/ imported as a package
+    from tests import reference as ref
+    from tests import reference_graph as ref_graph
+
+DTYPE = torch.float64
+WIDTH, CLASSES = 4, 3
+ACTIVATIONS = [torch.tanh, torch.sigmoid, F.softplus, torch.relu]
+CUTS = [
+    torch.sign,
+    lambda h: (h > 0).to(h.dtype),
+    lambda h: F.one_hot(h.argmax(-1), WIDTH).to(h.dtype),
+]
+STEPS = ["linear", "residual", "concat", "direct", "cut_chain", "cut_branch", "threshold"]
+#: traps around the model (``Case.traps``)
+TRAPS = ["replace_param", "swap_module", "step_after", "step_between", "replace_late"]
+TRAPS += ["penalty", "coupled", "custom_function"]
+
+
+class STE(Function):
+    """Straight-through estimator: ``sign`` forward, the identity's gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.sign()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Direct(nn.Module):
+    """Holds a weight the model uses directly (``F.linear(h, self.w)``), not by a call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(WIDTH, WIDTH))
+
+
+class Threshold(nn.Module):
+    """Holds a threshold the model reads only through a comparison ``h > t``."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(0.1 * torch.randn(WIDTH))
+
+
+def _block(kind):
+    if kind == "concat":
+        return nn.Linear(2 * WIDTH, WIDTH)
+    return {"direct": Direct, "threshold": Threshold}.get(kind, lambda: nn.Linear(WIDTH, WIDTH))()
+
+
+class TrapNet(nn.Module):
+    """An optional conv stem, a stem linear layer, random steps and a linear head."""
+
+    def __init__(self, steps, conv, custom):
+        super().__init__()
+        self.steps, self.custom = steps, custom
+        self.conv = nn.Conv2d(1, 2, 2) if conv else None
+        self.stem = nn.Linear(8 if conv else WIDTH, WIDTH)
+        self.blocks = nn.ModuleList(_block(kind) for kind, _ in steps)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1) if self.conv is not None else x
+        h = self.stem(h)
+        for block, (kind, choice) in zip(self.blocks, self.steps):
+            act, cut = ACTIVATIONS[choice % 4], CUTS[choice % 3]
+            if kind == "linear":
+                h = act(block(h))
+            elif kind == "residual":
+                h = h + act(block(h))
+            elif kind == "concat":
+                h = block(torch.cat([h, act(h)], dim=1))
+            elif kind == "direct":
+                h = act(F.linear(h, block.w))
+            elif kind == "cut_chain":
+                h = block(cut(h))
+            elif kind == "cut_branch":
+                h = h + block(cut(h))
+            else:
+                h = h * (h > block.t).to(h.dtype)
+        if self.custom:
+            h = h + STE.apply(h)
+        return self.head(h)
+
+
+def _owner(model, name):
+    *path, leaf = name.split(".")
+    return model.get_submodule(".".join(path)), leaf
+
+
+def replace_parameter(model, index):
+    names = [name for name, _ in model.named_parameters()]
+    owner, leaf = _owner(model, names[index % len(names)])
+    setattr(owner, leaf, nn.Parameter(torch.randn_like(getattr(owner, leaf))))
+
+
+def swap_module(model, index):
+    linears = [i for i, block in enumerate(model.blocks) if isinstance(block, nn.Linear)]
+    if not linears:
+        model.head = nn.Linear(WIDTH, CLASSES).to(DTYPE)
+        return
+    old = model.blocks[linears[index % len(linears)]]
+    model.blocks[linears[index % len(linears)]] = nn.Linear(old.in_features, WIDTH).to(DTYPE)
+
+
+def step_parameters(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+class Case:
+    """One drawn example: the model, its traps, data for one batch size and its references."""
+
+    def __init__(self, steps, conv, traps, index, loss_kind, seed, pch):
+        torch.manual_seed(seed)
+        self.curvatures = {"hessian", "ggn", pch}  # one PCH per example: its reference is slow
+        self.traps, self.index, self.loss_kind, self.conv = traps, index, loss_kind, conv
+        self.model = TrapNet(steps, conv, "custom_function" in traps).to(DTYPE)
+        self.penalty = 0.05 if "penalty" in traps else 0.0
+
+    def data(self, n):
+        shape = (1, 3, 3) if self.conv else (WIDTH,)
+        generator = torch.Generator().manual_seed(n)
+        x = torch.randn(n, *shape, dtype=DTYPE, generator=generator)
+        y = torch.randint(0, CLASSES, (n,), generator=generator)
+        target = torch.randn(n, CLASSES, dtype=DTYPE, generator=generator)
+        return x, y, target
+
+    def output_loss(self, out, y, target):
+        """The loss as a function of the outputs alone (the penalty is added separately)."""
+        if self.loss_kind == "cross_entropy":
+            loss = F.cross_entropy(out, y)
+        else:
+            loss = F.mse_loss(out, target, reduction="sum")
+        if "coupled" in self.traps:
+            loss = loss + 0.1 * out.sum() ** 2
+        return loss
+
+    def loss(self, out, y, target):
+        loss = self.output_loss(out, y, target)
+        if self.penalty:
+            loss = loss + self.penalty * sum(p.pow(2).sum() for p in self.model.parameters())
+        return loss
+
+    def references(self, cg, x, y, target, curvature):
+        """``name -> dense block`` by torch.func in float64 at the model's current point."""
+
+        def of(out, labels):
+            return self.output_loss(out, labels, target)
+
+        if curvature == "hessian":
+            blocks = ref.hessian_blocks(self.model, x, y, of)
+        elif curvature == "ggn":
+            blocks = ref.ggn_blocks(self.model, x, y, of)
+        else:
+            mode = curvature.split("-")[1]
+            blocks = ref_graph.pch_blocks_graph(cg.graph_module, x, lambda o: of(o, y), mode)
+        # a penalty's Hessian 2 c I (convex: also its GGN and PCH term) if a method adds it
+        return {
+            name: block + 2 * self.penalty * torch.eye(len(block), dtype=DTYPE)
+            for name, block in blocks.items()
+        }
