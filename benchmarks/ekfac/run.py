@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.ekfac.candidates import CANDIDATES, DAMPING, PROBLEMS, candidates
 from benchmarks.machine import environment, load_average
+from benchmarks.problems import get
 from benchmarks.timing import measure_interleaved
 
 __all__ = ["main", "markdown", "plot"]
@@ -63,7 +64,8 @@ def main(repeats: int = 5, warmup: int = 1) -> Dict:
                 "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
                 "memory": fresh_peak(problem, name),
             }
-        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "rows": rows}
+        data = get(problem).data()
+        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "data": data, "rows": rows}
         print(f"[ekfac] {problem} done", file=sys.stderr)
     results["load_after"] = load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,8 @@ def markdown(results: Dict) -> str:
         "",
         f"Load average before / after: {results['load_before']} / {results['load_after']}; "
         f"commit {results['environment'].get('git_commit', '?')}.",
+        "",
+        "Data: " + "; ".join(f"{p}: {e.get('data', {})}" for p, e in results["problems"].items()),
         "",
         "| problem | N | candidate | median s (q25-q75) | CPU s | x gradient | "
         "CPU x gradient | x curvlinops | peak MB |",

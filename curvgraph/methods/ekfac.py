@@ -125,7 +125,7 @@ def refit_eigenvalues(
         for columns in factors.split(chunk):
             rows = rule.vjp(ctx, columns, [slot])[slot]  # [k, N, *shape]
             rotated = eigen.rotate(rows.reshape(-1, block.rows, block.cols))
-            values += rotated.square().sum(0)
+            values += rotated.square_().sum(0)
     refitted = EigenbasisBlock(eigen.first_vectors, eigen.second_vectors, values, block.shape)
     refitted.input_first = block.input_first
     return refitted
