@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
+import curvgraph.methods.ranks as ranks_module
 from curvgraph import CurvGraphError
 from curvgraph.distributed import (
+    CHECKSUM_RTOL,
     RankError,
     RankFloatingPointError,
     RankValueError,
@@ -287,3 +289,27 @@ def correct_single():
     x, y = (torch.cat(parts) for parts in zip(make_batch(0), make_batch(1)))
     out = cg(x)
     return cg.curvature(F.cross_entropy(out, y), out, method="exact").to_dense()
+
+
+def test_checksum_equals_float64_sums_chunked_or_not(monkeypatch):
+    torch.manual_seed(0)
+    tensors = [torch.randn(1000), torch.randn(37, 3, dtype=torch.float32), torch.randn(1)]
+    flats = [t.reshape(-1).double() for t in tensors]
+    expected = torch.tensor(
+        [
+            sum(f.numel() for f in flats),
+            sum(float(f.sum()) for f in flats),
+            sum(float(f @ f) for f in flats),
+            sum((i + 1) * float(f[:-1] @ f[1:]) for i, f in enumerate(flats)),
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(ranks_module.checksum(tensors, "cpu"), expected, rtol=1e-13, atol=0)
+    monkeypatch.setattr(ranks_module, "CHECKSUM_CHUNK", 7)  # pairs across chunk borders
+    torch.testing.assert_close(ranks_module.checksum(tensors, "cpu"), expected, rtol=1e-13, atol=0)
+    swapped = tensors[0].clone()
+    swapped[[3, 500]] = swapped[[500, 3]]  # same sum and squares, other neighbours
+    changed = ranks_module.checksum([swapped, *tensors[1:]], "cpu")
+    assert abs(float(changed[3] - expected[3])) > 1e3 * CHECKSUM_RTOL * float(expected.abs().max())
+    reordered = ranks_module.checksum([tensors[1], tensors[0], tensors[2]], "cpu")
+    assert not torch.allclose(reordered, expected, rtol=1e-6)

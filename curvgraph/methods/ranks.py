@@ -32,6 +32,9 @@ from curvgraph.methods.pullback import check_distributed
 
 __all__ = ["RankAgreement", "checksum", "derived_checksum", "loss_count"]
 
+#: entries of a tensor converted to float64 at a time by :func:`checksum`
+CHECKSUM_CHUNK = 1 << 22
+
 
 class RankAgreement:
     """A context whose body runs the checks of one call; on exit, every rank agrees.
@@ -174,12 +177,14 @@ def checksum(tensors: Iterable[Tensor], device) -> Tensor:
     total = torch.zeros(4, dtype=torch.float64, device=device)
     for i, tensor in enumerate(tensors):
         flat = tensor.detach().reshape(-1)
-        if not flat.is_floating_point():
-            flat = flat.to(torch.float64)
-        pairs = (flat[:-1] * flat[1:]).sum(dtype=torch.float64)
-        parts = [flat.sum(dtype=torch.float64), (flat * flat).sum(dtype=torch.float64)]
-        summary = torch.stack([parts[0].new_tensor(float(flat.numel())), *parts, (i + 1) * pairs])
-        total = total + summary.to(device)
+        for start in range(0, flat.numel(), CHECKSUM_CHUNK):  # float64 copies of a chunk only
+            part = flat[start : start + CHECKSUM_CHUNK + 1].to(torch.float64)  # + the next entry
+            own = part[:CHECKSUM_CHUNK]
+            summary = torch.stack(
+                [own.new_tensor(float(own.numel())), own.sum(), torch.dot(own, own),
+                 (i + 1) * torch.dot(part[:-1], part[1:])]
+            )  # fmt: skip
+            total = total + summary.to(device)
     return total
 
 
