@@ -159,11 +159,19 @@ class BatchShard:
         like: a tensor on the device the collectives use (CUDA for NCCL).
         loss_reduction: ``"mean"`` if each rank's loss averages over its samples,
             ``"sum"`` if it sums them.
+        state: what this rank states in the one ``all_gather`` of the constructor (a failed
+            check, fingerprints, checksums, counted tokens); default: its batch size only.
 
     Attributes:
         batch_weight: ``N_r / N``.
-        loss_weight: ``w_r`` (``N_r / N`` for ``"mean"``, ``1`` for ``"sum"``).
+        loss_weight: ``w_r`` (``N_r / N`` for ``"mean"``, ``1`` for ``"sum"``, ``M_r / M``
+            for a mean over counted tokens).
         sizes: ``[N_1, ..., N_R]``.
+        states: every rank's stated vector (:meth:`RankState.vector`), in rank order.
+
+    Raises:
+        RankError: on every rank alike, if a rank stated a failure (an empty batch, a
+            check of the call) or differs from rank 0 (its call, graph or parameters).
     """
 
     def __init__(
