@@ -135,7 +135,7 @@ class Runner:
         b.model.zero_grad(set_to_none=True)
         out = b.traced_logits(self.cg)
         loss = b.loss(out)
-        loss.backward(retain_graph=True)
+        loss.backward()  # a training step's order: the curvature after backward()
         return loss, out
 
     def gradient_traced(self, _=None):

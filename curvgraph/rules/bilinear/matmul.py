@@ -172,10 +172,30 @@ class MatmulRule(Rule):
             result["other"] = torch.matmul(rows, cotangent.reshape(k, n, -1, w.shape[1]))
         return result
 
+    @staticmethod
+    def _both_batched(ctx) -> bool:
+        """Two per-sample operands ``[N, ..., r, k] @ [N, ..., k, m]``, same leading axes."""
+        a, b = ctx.args["input"], ctx.args["other"]
+        return (
+            "input" in ctx.batched
+            and "other" in ctx.batched
+            and isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dim() == b.dim() >= 3
+            and a.shape[:-2] == b.shape[:-2]
+        )
+
     def vjp(self, ctx, cotangent, slots):  # noqa: D102
         cotangent = cotangent.expand(cotangent.shape[0], *ctx.output.shape)
         if self._weight_right(ctx):
             return self._weight_right_vjp(ctx, cotangent, slots)
+        if self._both_batched(ctx):  # attention's scores and mixing: c b^T and a^T c
+            result = {}
+            if "input" in slots:
+                result["input"] = torch.matmul(cotangent, ctx.other.transpose(-1, -2))
+            if "other" in slots:
+                result["other"] = torch.matmul(ctx.input.transpose(-1, -2), cotangent)
+            return result
         whole = self._batch_pullback(ctx, cotangent)
         per_sample = (None, None, 0)
         return {
