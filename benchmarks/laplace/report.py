@@ -1,0 +1,103 @@
+"""The section's Markdown tables and its plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from benchmarks.common import fmt_number
+
+__all__ = ["markdown", "plot"]
+
+
+def _cell(value: Optional[float], unit: str = "") -> str:
+    return "-" if value is None else fmt_number(value) + unit
+
+
+def _rows(entry: Dict[str, Any]) -> List[str]:
+    lines = [
+        "| structure | backend | fresh process: fit s | curvature s | peak MiB | "
+        "interleaved: fit s (CPU s) | / curvgraph wall (CPU) | diag vs curvgraph |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    timed = entry.get("interleaved", {})
+    for key, row in entry["fresh"].items():
+        structure, backend = key.split("/")
+        if row["status"] != "ok":
+            lines.append(f"| {structure} | {backend} | fails: {row['reason']} | | | | | |")
+            continue
+        mine, ours = timed.get(key, {}), timed.get(f"{structure}/CurvgraphGGN", {})
+        interleaved, ratio = "-", "-"
+        if mine.get("median_s") is not None:
+            interleaved = f"{_cell(mine['median_s'])} ({_cell(mine['cpu_median_s'])})"
+            if ours.get("median_s"):
+                ratio = (
+                    f"{_cell(mine['median_s'] / ours['median_s'], 'x')} "
+                    f"({_cell(mine['cpu_median_s'] / ours['cpu_median_s'], 'x')})"
+                )
+        elif mine.get("reason"):
+            interleaved = f"fails: {mine['reason'][:80]}"
+        difference = row.get("relative_difference")
+        lines.append(
+            f"| {structure} | {backend} | {_cell(row['fit_s'])} | {_cell(row['curvature_s'])} "
+            f"| {_cell(row['peak_bytes'] / 2**20)} | {interleaved} | {ratio} "
+            f"| {_cell(difference)} |"
+        )
+    return lines
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The report: configuration, environment, one table per problem."""
+    config, env = result["config"], result["environment"]
+    lines = [
+        "# laplace: Laplace.fit with curvgraph's and laplace-torch's backends",
+        "",
+        f"Preset `{config['preset']}`: {config['samples']} samples per fit, float32, "
+        f'{config["threads"]} torch thread(s), `subset_of_weights="all"`, classification. '
+        "Fresh process: one fit per process (its time, the backend's curvature calls' time, "
+        "the peak resident set size `VmHWM`). Interleaved: the candidates that ran and took "
+        f"at most {config['interleave_cap_s']} s, {config['repeats']} round(s) in one process "
+        "(median wall, CPU time), and their ratio to curvgraph's fit. `diag vs curvgraph`: "
+        "relative difference of the fitted curvature's diagonal to CurvgraphGGN's.",
+        "",
+        f"torch {env.get('torch')}, commit {env.get('git_commit')} "
+        f"(local changes: {env.get('git_dirty')}), load average "
+        f"{env.get('load_average')} at the start, {env.get('load_average_end')} at the end.",
+    ]
+    for name, entry in result["problems"].items():
+        lines += [
+            "",
+            f"## {name}: {entry['title']}",
+            "",
+            f"Data: {entry['data']}; {entry['samples']} samples in batches of {entry['batch']}.",
+            "",
+        ]
+        lines += _rows(entry)
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: Dict[str, Any], out: Path, name: str = "laplace.png") -> List[Path]:
+    """Fresh-process fit time per candidate (failed candidates marked), one panel a problem."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = result["problems"]
+    figure, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4), squeeze=False)
+    for axis, (problem, entry) in zip(axes[0], problems.items()):
+        keys = list(entry["fresh"])
+        times = [entry["fresh"][k].get("fit_s") or 0.0 for k in keys]
+        colours = ["tab:blue" if "Curvgraph" in k else "tab:gray" for k in keys]
+        axis.barh(range(len(keys)), times, color=colours)
+        for i, key in enumerate(keys):
+            if entry["fresh"][key]["status"] != "ok":
+                axis.text(0, i, " fails", va="center", color="tab:red")
+        axis.set_yticks(range(len(keys)), keys, fontsize=8)
+        axis.set_xlabel("Laplace.fit, fresh process (s)")
+        axis.set_title(problem)
+    figure.tight_layout()
+    path = out / name
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return [path]
