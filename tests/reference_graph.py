@@ -61,6 +61,10 @@ def pch_blocks_graph(gm: torch.fx.GraphModule, x: Tensor, loss_fn, mode: str) ->
     grads = _node_gradients(gm, params, x, loss_fn, output_node)
     # a tensor reached only through ops without a derivative (a comparison's mask) is a constant
     depends = {node for node in _depends_on_parameters(gm) if node.name in grads}
+    # a tensor computed from parameters alone (no batch axis) is a parameter of its users: a
+    # group of its own there, and its own residual is that of the batch, not per sample
+    batched = _depends_on_inputs(gm)
+    param_only = {n for n in depends if n not in batched and n.op != "get_attr"}
     out = values[output_node.name]
     blocks = {}
     for name, theta in params.items():
@@ -89,13 +93,15 @@ def pch_blocks_graph(gm: torch.fx.GraphModule, x: Tensor, loss_fn, mode: str) ->
                 continue
             if node.name not in grads:  # no derivative (a comparison, argmax): no residual
                 continue
-            groups = _groups(gm, node, depends)
+            groups = _groups(gm, node, depends, param_only)
             for group in groups:
-                for n in range(out.shape[0]):
+                for n in range(out.shape[0]) if node in batched else [None]:
                     d = []
                     for kind, key in group:
                         if kind == "node":
                             d.append(jac[key.name][n].reshape(-1, size))
+                        elif kind == "derived":
+                            d.append(jac[key.name].reshape(-1, size))
                         else:
                             eye = torch.eye(size, dtype=theta.dtype) if key == name else None
                             numel = params[key].numel()
@@ -111,6 +117,14 @@ def pch_blocks_graph(gm: torch.fx.GraphModule, x: Tensor, loss_fn, mode: str) ->
                     block += d.T @ _modify(r, mode) @ d
         blocks[name] = block
     return blocks
+
+
+def _depends_on_inputs(gm) -> set:
+    batched = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in batched for a in node.all_input_nodes):
+            batched.add(node)
+    return batched
 
 
 def _depends_on_parameters(gm) -> set:
@@ -136,10 +150,15 @@ def _attr(gm, target):
     return obj
 
 
-def _groups(gm, node, depends) -> list:
-    """``[[("node", arg), ...], [("param", name)], ...]`` for a call node."""
-    activations = [("node", a) for a in node.all_input_nodes if a in depends and a.op != "get_attr"]
+def _groups(gm, node, depends, param_only) -> list:
+    """``[[("node", arg), ...], [("param", name)], [("derived", arg)], ...]`` for a call node."""
+    activations = [
+        ("node", a)
+        for a in node.all_input_nodes
+        if a in depends and a.op != "get_attr" and a not in param_only
+    ]
     groups = [activations] if activations else []
+    groups += [[("derived", a)] for a in node.all_input_nodes if a in param_only]
     if node.op == "call_module":
         prefix = node.target
         for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
@@ -177,14 +196,18 @@ def _call(gm, node, values, params, overrides):
 
 
 def _sample_residual(gm, node, group, values, params, grads, n) -> Tensor:
-    """Hessian of ``<g_n, f(...)_n>`` w.r.t. the group's arguments of sample ``n``."""
+    """Hessian of ``<g_n, f(...)_n>`` w.r.t. the group's arguments of sample ``n``.
+
+    ``n=None``: of ``<g, f(...)>`` for a node computed from parameters alone (no batch axis).
+    """
     pieces, shapes = [], []
     for kind, key in group:
-        value = values[key.name][n] if kind == "node" else params[key]
+        value = params[key] if kind == "param" else values[key.name]
+        value = value[n] if kind == "node" else value
         pieces.append(value.reshape(-1))
         shapes.append(value.shape)
     flat = torch.cat(pieces)
-    g = grads[node.name][n]
+    g = grads[node.name] if n is None else grads[node.name][n]
 
     def contracted(flat):
         overrides, offset = {}, 0
@@ -196,7 +219,8 @@ def _sample_residual(gm, node, group, values, params, grads, n) -> Tensor:
                 overrides[key] = torch.cat([full[:n], piece[None], full[n + 1 :]])
             else:
                 overrides[key] = piece
-        return (g * _call(gm, node, values, params, overrides)[n]).sum()
+        y = _call(gm, node, values, params, overrides)
+        return (g * (y if n is None else y[n])).sum()
 
     return hessian(contracted)(flat)
 

@@ -218,6 +218,8 @@ def _run_example(steps, conv, traps, index, loss_kind, seed, fallback, pch="pch-
             return
         if "replace_param" in traps:  # before the first forward
             tm.replace_parameter(case.model, index)
+        if "freeze" in traps:
+            tm.freeze_parameter(case.model, index + 1)
         for i, n in enumerate(sorted({batch for batch, _ in DEFINITIONS.values()} | {1})):
             if i == 1 and "swap_module" in traps:  # between two forwards
                 tm.swap_module(case.model, index)

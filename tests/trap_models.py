@@ -30,10 +30,17 @@ CUTS = [
     lambda h: (h > 0).to(h.dtype),
     lambda h: F.one_hot(h.argmax(-1), WIDTH).to(h.dtype),
 ]
-STEPS = ["linear", "residual", "concat", "direct", "cut_chain", "cut_branch", "threshold"]
+STEPS = ["linear", "residual", "concat", "direct", "derived", "tied"]
+STEPS += ["cut_chain", "cut_branch", "threshold"]
 #: traps around the model (``Case.traps``)
 TRAPS = ["replace_param", "swap_module", "step_after", "step_between", "replace_late"]
-TRAPS += ["penalty", "coupled", "custom_function"]
+TRAPS += ["penalty", "coupled", "custom_function", "freeze"]
+#: losses that couple the samples, added to the per-sample loss
+COUPLINGS = [
+    lambda out: 0.1 * out.sum() ** 2,
+    lambda out: F.cross_entropy(out.T, torch.arange(CLASSES) % out.shape[0]),
+    lambda out: (out[0] * out[-1]).sum(),
+]
 
 
 class STE(Function):
@@ -67,7 +74,8 @@ class Threshold(nn.Module):
 def _block(kind):
     if kind == "concat":
         return nn.Linear(2 * WIDTH, WIDTH)
-    return {"direct": Direct, "threshold": Threshold}.get(kind, lambda: nn.Linear(WIDTH, WIDTH))()
+    blocks = {"direct": Direct, "derived": Direct, "threshold": Threshold}
+    return blocks.get(kind, lambda: nn.Linear(WIDTH, WIDTH))()
 
 
 class TrapNet(nn.Module):
@@ -94,6 +102,10 @@ class TrapNet(nn.Module):
                 h = block(torch.cat([h, act(h)], dim=1))
             elif kind == "direct":
                 h = act(F.linear(h, block.w))
+            elif kind == "derived":  # a weight computed from a parameter alone
+                h = act(F.linear(h, torch.tanh(block.w)))
+            elif kind == "tied":
+                h = block(act(block(h)))
             elif kind == "cut_chain":
                 h = block(cut(h))
             elif kind == "cut_branch":
@@ -125,6 +137,11 @@ def swap_module(model, index):
     model.blocks[linears[index % len(linears)]] = nn.Linear(old.in_features, WIDTH).to(DTYPE)
 
 
+def freeze_parameter(model, index):
+    parameters = list(model.parameters())
+    parameters[index % len(parameters)].requires_grad_(False)
+
+
 def step_parameters(model):
     with torch.no_grad():
         for p in model.parameters():
@@ -141,6 +158,11 @@ class Case:
         self.model = TrapNet(steps, conv, "custom_function" in traps).to(DTYPE)
         self.penalty = 0.05 if "penalty" in traps else 0.0
 
+    def penalised(self):
+        """The names of the parameters the penalty reaches: every other one."""
+        names = [name for name, _ in self.model.named_parameters()]
+        return names[self.index % 2 :: 2]
+
     def data(self, n):
         shape = (1, 3, 3) if self.conv else (WIDTH,)
         generator = torch.Generator().manual_seed(n)
@@ -156,13 +178,14 @@ class Case:
         else:
             loss = F.mse_loss(out, target, reduction="sum")
         if "coupled" in self.traps:
-            loss = loss + 0.1 * out.sum() ** 2
+            loss = loss + COUPLINGS[self.index % len(COUPLINGS)](out)
         return loss
 
     def loss(self, out, y, target):
         loss = self.output_loss(out, y, target)
         if self.penalty:
-            loss = loss + self.penalty * sum(p.pow(2).sum() for p in self.model.parameters())
+            parameters = dict(self.model.named_parameters())
+            loss = loss + self.penalty * sum(parameters[n].pow(2).sum() for n in self.penalised())
         return loss
 
     def references(self, cg, x, y, target, curvature):
@@ -179,7 +202,7 @@ class Case:
             mode = curvature.split("-")[1]
             blocks = ref_graph.pch_blocks_graph(cg.graph_module, x, lambda o: of(o, y), mode)
         # a penalty's Hessian 2 c I (convex: also its GGN and PCH term) if a method adds it
-        return {
-            name: block + 2 * self.penalty * torch.eye(len(block), dtype=DTYPE)
-            for name, block in blocks.items()
-        }
+        for name in self.penalised() if self.penalty else ():
+            blocks[name] = blocks[name] + 2 * self.penalty * torch.eye(len(blocks[name]))
+        frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad]
+        return {name: block for name, block in blocks.items() if name not in frozen}
