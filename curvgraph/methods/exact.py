@@ -171,15 +171,22 @@ class ExactProducts:
             adjoint = adjoints.pop(info.node, None)
             if adjoint is None:
                 continue
-            arguments = argument_tangents[info.node]
+            arguments = argument_tangents.get(info.node, {})
             self._backward(info, adjoint, arguments, tangents, adjoints, results, group_of)
         # a block whose columns never reach the output (or are cut off) has a zero product
         return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
 
     def _forward(self, columns, group_of: Dict[str, str], widths):
-        """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns)."""
+        """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns).
+
+        Without a residual (GGN, Fishers) the backward walk needs only the tangents' column
+        sets, so each tangent is released after its last use (the walk holds the live
+        ones, as a forward pass holds its activations) and no argument tangents are kept.
+        """
         tangents: Dict = {}
         argument_tangents: Dict = {}
+        release = self.mode is None
+        remaining = {key: len(uses) for key, uses in self.walk.uses.items()}
         for info in self.walk.order:
             arguments: Dict[str, _Stack] = {}
             for slot, key in self.walk.active_slots(info).items():
@@ -199,7 +206,14 @@ class ExactProducts:
             ctx = self.contexts[info.node.name]
             parts = {names_: info.rule.jvp(ctx, group) for names_, group in groups.items()}
             tangents[info.node] = _Stack(_combine(parts, names, widths), names, widths)
-            argument_tangents[info.node] = arguments
+            if not release:
+                argument_tangents[info.node] = arguments
+                continue
+            for key in self.walk.active_slots(info).values():
+                if not isinstance(key, str) and key in tangents:
+                    remaining[key] -= 1
+                    if remaining[key] == 0 and key is not self.walk.output:
+                        tangents[key] = _Stack(None, tangents[key].names, widths)
         return tangents, argument_tangents
 
     def _backward(
