@@ -13,3 +13,7 @@ forward recorded by the call that computed the loss, curvlinops runs its own. Bo
 are reported: the product alone (an operator already built, as in Lanczos or CG) and the
 product with the forward, the recording and the operator's set-up.
 """
+
+from benchmarks.operators.run import main, markdown, plot, run
+
+__all__ = ["main", "markdown", "plot", "run"]

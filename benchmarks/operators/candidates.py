@@ -22,6 +22,7 @@ CANDIDATES = (
     "cg_hessian",
     "cg_hessian_with_forward",
     "curvlinops_hessian",
+    "cg_ggn_last_weight",
 )
 
 
@@ -59,6 +60,13 @@ def candidates(problem: str, only=None) -> Dict[str, Callable[[], object]]:
         op = operator(curvature)
         return lambda: op.matvec(v)
 
+    def last_weight():  # parameters=: the product walks from this parameter only
+        name = [n for n, p in model.named_parameters() if n.endswith("weight")][-1]
+        out = cg(x)
+        op = cg.curvature(loss_fn(out, y), out, "ggn", "exact", structure="full", parameters=[name])
+        w = torch.randn(op.numel)
+        return lambda: op.matvec(w)
+
     def peer(kind):
         import curvlinops
 
@@ -75,5 +83,6 @@ def candidates(problem: str, only=None) -> Dict[str, Callable[[], object]]:
         "cg_hessian": lambda: built("hessian"),
         "cg_hessian_with_forward": lambda: lambda: operator("hessian").matvec(v),
         "curvlinops_hessian": lambda: peer("hessian"),
+        "cg_ggn_last_weight": last_weight,
     }
     return {name: factories[name]() for name in (only or CANDIDATES)}

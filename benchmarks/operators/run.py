@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -15,7 +15,7 @@ from benchmarks.machine import environment, load_average
 from benchmarks.operators.candidates import CANDIDATES, PROBLEMS, candidates
 from benchmarks.timing import measure_interleaved
 
-__all__ = ["main"]
+__all__ = ["main", "markdown", "plot", "run"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 RESULTS = _ROOT / "benchmarks" / "results"
@@ -38,34 +38,48 @@ def fresh_peak(problem: str, candidate: str, timeout: float = 600) -> Dict:
     return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
 
 
-def main(repeats: int = 7, warmup: int = 2) -> Dict:
-    """Measure every problem; write ``benchmarks/results/operators.{json,md,png}``."""
+def run(repeats: int = 7, warmup: int = 2, problems=None, memory: bool = True) -> Dict:
+    """Measure every problem (or those named): the section's result."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     results = {"environment": environment("cpu"), "load_before": load_average(), "problems": {}}
-    for problem in PROBLEMS:
-        plan = {name: (fn, None) for name, fn in candidates(problem).items()}
-        timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
-        base = timed["gradient"]["median_s"]
-        rows = {}
-        for name in CANDIDATES:
-            t = timed.get(name, {"status": "n/a", "reason": "not installed"})
-            if t.get("status") == "n/a":
-                rows[name] = t
-                continue
-            rows[name] = {
-                "median_s": t["median_s"],
-                "cpu_median_s": t["cpu_median_s"],
-                "ratio_to_gradient": t["median_s"] / base,
-                "cpu_ratio_to_gradient": t["cpu_median_s"] / timed["gradient"]["cpu_median_s"],
-            }
-            rows[name]["memory"] = fresh_peak(problem, name)
-        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "rows": rows}
-        print(f"[operators] {problem} done", file=sys.stderr)
+    try:
+        for problem in problems or PROBLEMS:
+            results["problems"][problem] = _problem(problem, repeats, warmup, memory)
+            print(f"[operators] {problem} done", file=sys.stderr)
+    finally:
+        torch.set_num_threads(previous)
     results["load_after"] = load_average()
+    return results
+
+
+def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
+    plan = {name: (fn, None) for name, fn in candidates(problem).items()}
+    timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
+    base = timed["gradient"]
+    rows = {}
+    for name in CANDIDATES:
+        t = timed.get(name, {"status": "n/a", "reason": "not installed"})
+        if t.get("status") == "n/a":
+            rows[name] = t
+            continue
+        rows[name] = {
+            "median_s": t["median_s"],
+            "cpu_median_s": t["cpu_median_s"],
+            "ratio_to_gradient": t["median_s"] / base["median_s"],
+            "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
+            "memory": fresh_peak(problem, name) if memory else {"status": "not measured"},
+        }
+    return {"batch_size": PROBLEMS[problem], "rows": rows}
+
+
+def main() -> Dict:
+    """Run the section; write ``benchmarks/results/operators.{json,md,png}``."""
+    results = run()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "operators.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "operators.md").write_text(markdown(results))
-    plot(results, RESULTS / "operators.png")
+    plot(results, RESULTS)
     return results
 
 
@@ -77,22 +91,25 @@ def markdown(results: Dict) -> str:
         "One product `C v` of `cg.curvature(..., method='exact', structure='full')` beside "
         "curvlinops' `GGNLinearOperator` / `HessianLinearOperator` `@ v` and a gradient "
         "(forward + backward), interleaved in one process, one thread, float32, eval mode; "
-        "peak memory `VmHWM` of a fresh process that sets up and calls it once. `cg_*`: the "
+        "peak memory `VmHWM` of a fresh process that sets up and calls it once, minus its "
+        "level after the imports (model, batch, set-up and call). `cg_*`: the "
         "product of a built operator (the forward recorded by the loss's call); "
         "`*_with_forward`: forward, recording, set-up and product. Floor: one jvp + one "
-        "backward walk ~ one gradient.",
+        "backward walk ~ one gradient. `cg_ggn_last_weight`: the operator restricted by "
+        "`parameters=` to the last weight (the walk starts there).",
         "",
         f"Load average before / after: {results['load_before']} / {results['load_after']}; "
         f"commit {results['environment'].get('git_commit', '?')}.",
         "",
-        "| problem | N | candidate | median s | CPU s | x gradient | x curvlinops | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| problem | N | candidate | median s | CPU s | x gradient | x curvlinops "
+        "| peak MB over imports | x curvlinops |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for problem, entry in results["problems"].items():
         rows = entry["rows"]
         for name, row in rows.items():
             if "median_s" not in row:
-                lines.append(f"| {problem} | | {name} | n/a: {row.get('reason', '')} | | | | |")
+                lines.append(f"| {problem} | | {name} | n/a: {row.get('reason', '')} | | | | | |")
                 continue
             kind = "hessian" if "hessian" in name else "ggn"
             peer = rows.get(f"curvlinops_{kind}", {})
@@ -101,17 +118,27 @@ def markdown(results: Dict) -> str:
                 if "median_s" in peer and name.startswith("cg")
                 else ""
             )
-            memory = row["memory"]
-            peak = f"{memory['peak_bytes'] / 1e6:.0f}" if memory.get("status") == "ok" else "n/a"
+            peak = _over_imports(row)
+            peer_peak = _over_imports(peer) if name.startswith("cg") else None
+            memory_versus = f"{peak / peer_peak:.2f}" if peak and peer_peak else ""
             lines.append(
                 f"| {problem} | {entry['batch_size']} | {name} | {row['median_s']:.4f} | "
-                f"{row['cpu_median_s']:.4f} | {row['ratio_to_gradient']:.2f} | {versus} | {peak} |"
+                f"{row['cpu_median_s']:.4f} | {row['ratio_to_gradient']:.2f} | {versus} | "
+                f"{f'{peak / 1e6:.0f}' if peak else 'n/a'} | {memory_versus} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Dict, path: Path) -> None:
-    """Bars: time / gradient per candidate and problem."""
+def _over_imports(row: Dict):
+    """Peak ``VmHWM`` minus the level after the imports (bytes), or ``None``."""
+    memory = row.get("memory", {})
+    if memory.get("status") != "ok":
+        return None
+    return memory["peak_bytes"] - memory["baseline_bytes"]
+
+
+def plot(results: Dict, out: Path) -> List[Path]:
+    """Bars: time / gradient per candidate and problem, into ``out/operators.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,5 +160,7 @@ def plot(results: Dict, path: Path) -> None:
     axis.set_yscale("log")
     axis.legend(fontsize=7)
     figure.tight_layout()
+    path = Path(out) / "operators.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return [path]

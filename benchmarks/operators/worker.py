@@ -1,7 +1,8 @@
 """One candidate of the operators section in a fresh process: ``RESULT {json}`` with ``VmHWM``.
 
 ``python -m benchmarks.operators.worker <problem> <candidate>``; the peak resident memory of
-the whole process (model, batch, set-up and one call) and of the set-up alone.
+the process after the imports (every candidate imports the same libraries), after the
+set-up (model, batch, operator) and after one call.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from benchmarks.memory import _proc_status_bytes
 def main(problem: str, candidate: str) -> None:
     """Set up, record ``VmHWM``, call once, record it again."""
     torch.set_num_threads(1)
+    import curvlinops  # noqa: F401
+    import torchvision  # noqa: F401
+
     from benchmarks.operators.candidates import candidates
 
+    baseline = _proc_status_bytes("VmHWM")
     plan = candidates(problem, only=[candidate])
     setup = _proc_status_bytes("VmHWM")
     plan[candidate]()
     peak = _proc_status_bytes("VmHWM")
-    print("RESULT " + json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup}))
+    result = {"peak_bytes": peak, "setup_peak_bytes": setup, "baseline_bytes": baseline}
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ Sections (``--sections``, default all):
   memory on GPT-2 small and nanoGPT beside curvlinops; not in the quick or full suite's
   default sections (tens of minutes): ``--suite language_models`` runs it alone (GPT-2
   small), ``--sections language_models`` runs it at the suite's size (quick: tiny models).
+- ``operators`` (:mod:`benchmarks.operators`): one full-network GGN / Hessian product beside
+  curvlinops and a gradient on mnist_mlp, 3c3d and resnet18 (CIFAR size); opt-in like
+  ``language_models`` (``--sections operators``; quick: mnist_mlp only, no memory).
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every

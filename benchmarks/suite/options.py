@@ -15,7 +15,7 @@ import torch
 
 from benchmarks import cost
 from benchmarks.problems import PROBLEMS
-from benchmarks.suite.sections import DEFAULT_SECTIONS, SECTIONS
+from benchmarks.suite.sections import DEFAULT_SECTIONS, OPT_IN, SECTIONS
 
 __all__ = ["SUITES", "parse_args"]
 
@@ -33,7 +33,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line options of ``python -m benchmarks``."""
     parser = _parser()
     args = parser.parse_args(argv)
-    default = DEFAULT_SECTIONS.get(args.suite, tuple(s for s in SECTIONS if s != "language_models"))
+    default = DEFAULT_SECTIONS.get(args.suite, tuple(s for s in SECTIONS if s not in OPT_IN))
     args.sections = _split(args.sections) or list(default)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:

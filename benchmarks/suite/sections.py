@@ -16,12 +16,30 @@ from typing import Any, Callable, Dict, List
 
 from benchmarks import cost
 
-__all__ = ["DEFAULT_SECTIONS", "RUNNERS", "SECTIONS", "section_markdown", "section_plots"]
+__all__ = [
+    "DEFAULT_SECTIONS",
+    "OPT_IN",
+    "RUNNERS",
+    "SECTIONS",
+    "section_markdown",
+    "section_plots",
+]
 
-SECTIONS = ("cost", "accuracy", "convergence", "seed", "solvers", "fallback", "language_models")
+SECTIONS = (
+    "cost",
+    "accuracy",
+    "convergence",
+    "seed",
+    "solvers",
+    "fallback",
+    "language_models",
+    "operators",
+)
 #: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
 #: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
 DEFAULT_SECTIONS = {"language_models": ("language_models",)}
+#: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products)
+OPT_IN = ("language_models", "operators")
 
 
 def _module(name: str):
@@ -59,6 +77,12 @@ def _run_language_models(args, out: Path) -> Dict[str, Any]:
     )
 
 
+def _run_operators(args, out: Path) -> Dict[str, Any]:
+    if args.suite == "full":
+        return _module("operators").run()
+    return _module("operators").run(repeats=3, warmup=1, problems=["mnist_mlp"], memory=False)
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -67,6 +91,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "solvers": _run_solvers,
     "fallback": _run_fallback,
     "language_models": _run_language_models,
+    "operators": _run_operators,
 }
 
 
