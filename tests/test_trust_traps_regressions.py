@@ -1,10 +1,12 @@
 """Issue 14: the defects ``test_trust_traps_hypothesis.py`` found, each as its reproducer.
 
 1. A parameter modified in place between ``out = cg(x)`` and ``cg.curvature(loss, out)``
-   (an optimizer step before the curvature call, or ``p.data = ...``) gave blocks that mix
-   the two points for every method (``exact`` GGN of a 4-5-3 MLP at one sample: relative
-   error 4.6 from the recorded point, 0.18 from the new one). Now refused, naming the
-   parameters; a new forward gives the curvature at the new point (torch.func, float64).
+   (an optimizer step before the curvature call, or ``p.data = ...``), or the input batch
+   modified in place (a reused buffer), gave blocks that mix the two points for every
+   method (``exact`` GGN of a 4-5-3 MLP at one sample after a step: relative error 4.6 from
+   the recorded point, 0.18 from the new one; ``x.mul_(2)``: 3.0 and 0.12; ``kflr`` after
+   ``p.data = 1.5 * p.data``: 0.35 and 0.59). Now refused, naming the parameter or the
+   recorded argument; a new forward gives the curvature at the new point (torch.func).
 2. ``method="kfac"`` on a loss that is not a known likelihood raised a bare
    ``NotImplementedError``; it is a ``CurvGraphError`` now (and still a
    ``NotImplementedError``), whose message names the cause.
@@ -49,7 +51,17 @@ def test_a_parameter_modified_between_forward_and_curvature_is_refused(method, h
             model[2].weight.sub_(0.1 * model[2].weight.grad)
         else:
             model[2].weight.data = model[2].weight.data - 0.1 * model[2].weight.grad
-    with pytest.raises(CurvGraphError, match=r"parameters '2\.weight' of Sequential were modified"):
+    with pytest.raises(CurvGraphError, match=r"^parameter '2\.weight' of Sequential modified"):
+        cg.curvature(loss, out, method=method)
+
+
+@pytest.mark.parametrize("method", sorted(registered_methods()))
+def test_an_input_modified_in_place_after_the_forward_is_refused(method):
+    _, cg, x, y = _setup()
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    x.mul_(2.0)  # a reused input buffer filled with the next batch
+    with pytest.raises(CurvGraphError, match="argument 'input' of node '_0' .*modified in place"):
         cg.curvature(loss, out, method=method)
 
 

@@ -34,7 +34,7 @@ STEPS = ["linear", "residual", "concat", "direct", "derived", "tied"]
 STEPS += ["cut_chain", "cut_branch", "threshold"]
 #: traps around the model (``Case.traps``)
 TRAPS = ["replace_param", "swap_module", "step_after", "step_between", "replace_late"]
-TRAPS += ["penalty", "coupled", "custom_function", "freeze"]
+TRAPS += ["penalty", "coupled", "custom_function", "freeze", "input_modified"]
 #: losses that couple the samples, added to the per-sample loss
 COUPLINGS = [
     lambda out: 0.1 * out.sum() ** 2,
@@ -157,6 +157,15 @@ class Case:
         self.traps, self.index, self.loss_kind, self.conv = traps, index, loss_kind, conv
         self.model = TrapNet(steps, conv, "custom_function" in traps).to(DTYPE)
         self.penalty = 0.05 if "penalty" in traps else 0.0
+
+    def approximate(self, check):
+        """Blocks that Kronecker factors (``check``) approximate already for one sample."""
+        if check not in ("kronecker", "eigenbasis"):
+            return set()
+        names = {"conv.weight", "conv.bias"}
+        # a tied weight: the sum of its uses' Kronecker blocks (EK-FAC keeps it)
+        kinds = dict(enumerate(kind for kind, _ in self.model.steps))
+        return names | {f"blocks.{i}.weight" for i, kind in kinds.items() if kind == "tied"}
 
     def penalised(self):
         """The names of the parameters the penalty reaches: every other one."""

@@ -18,7 +18,7 @@ import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch.fx
 from torch import Tensor, nn
@@ -63,8 +63,9 @@ class Record:
     #: derived parameter name -> the input sizes it was computed at (``DerivedParameter.at``)
     derived_arguments: Dict[str, tuple] = field(default_factory=dict)
     grad_enabled: bool = True
-    #: parameter name -> ``(parameter, _version, data_ptr)`` when the forward ended
-    parameters: Dict[str, Tuple[Tensor, int, int]] = field(default_factory=dict)
+    #: ``(what, tensor, _version, data_ptr)`` of the parameters and the recorded arguments
+    #: and outputs when the forward ended (:func:`_versions`)
+    versions: List[Tuple[str, Tensor, int, int]] = field(default_factory=list)
 
     def check_curvature_call(
         self, model: str, loss: Optional[Tensor] = None, outputs: Optional[Tensor] = None
@@ -74,8 +75,8 @@ class Record:
         The checks, in order: the model returned a single tensor (not a tuple, list or
         dict); ``outputs`` is that tensor; with a ``loss``: the forward ran with gradients
         enabled and the loss is attached to the outputs; the batch (dimension 0 of the
-        output) is not empty; no parameter was modified in place since the forward (the
-        recorded activations belong to the old values: the blocks would mix two points).
+        output) is not empty; no parameter, input or recorded activation was modified in
+        place since the forward (the blocks would mix two points).
         ``model`` names the model in the messages.
         """
         result = self.result
@@ -107,15 +108,17 @@ class Record:
                 "0 is the batch axis): curvature needs at least one sample"
             )
         modified = [
-            name
-            for name, (p, version, pointer) in self.parameters.items()
-            if p._version != version or p.data_ptr() != pointer
+            what
+            for what, tensor, version, pointer in self.versions
+            if tensor._version != version or (pointer and tensor.data_ptr() != pointer)
         ]
         if modified:
+            listed = ", ".join(modified[:6]) + (
+                f" and {len(modified) - 6} more" * (len(modified) > 6)
+            )
             raise CurvGraphError(
-                f"parameters {', '.join(map(repr, modified))} of {model} were modified in "
-                "place after the forward pass (out = cg(x)) this curvature would come from "
-                "(an optimizer step?): its recorded activations belong to the old values, "
+                f"{listed} of {model} modified in place after the forward pass (out = cg(x)) "
+                "this curvature would come from (an optimizer step, a reused input buffer?): "
                 "the blocks would mix two points. Run out = cg(x) and the loss again after "
                 "the update, then ask for curvature"
             )
@@ -374,10 +377,36 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     recorder = Recorder(graph, record, shapes)
     recorder.inputs = bind_inputs(graph, args, kwargs)
     record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
-    record.parameters = {
-        name: (p, p._version, p.data_ptr()) for name, p in graph.model.named_parameters()
-    }
+    record.versions = _versions(graph.model, record.contexts)
     return record
+
+
+def _versions(model: nn.Module, contexts: Dict[str, Context]) -> List[tuple]:
+    """``(what, tensor, _version, data_ptr)`` for the parameters and the recorded tensors.
+
+    An in-place update (``_version``, shared by a tensor's detached views) or a new ``.data``
+    of a parameter (``data_ptr``) after the forward would make a curvature mix the recorded
+    point with the new one. Recorded tensors are compared by version only (``data_ptr`` 0);
+    those in a parameter's storage are named as the parameter.
+    """
+    found = [(f"parameter {n!r}", p, p._version, p.data_ptr()) for n, p in model.named_parameters()]
+    owned = {_storage(p) for _, p, _, _ in found} - {None}
+    for node, ctx in contexts.items():
+        for key, value in ctx.args.items():
+            for item in value if type(value) in (list, tuple) else (value,):
+                if isinstance(item, Tensor) and _storage(item) not in owned:
+                    found.append((f"argument {key!r} of node {node!r}", item, item._version, 0))
+        if isinstance(ctx.output, Tensor):
+            found.append((f"output of node {node!r}", ctx.output, ctx.output._version, 0))
+    return found
+
+
+def _storage(tensor: Tensor) -> Optional[int]:
+    """The address of the storage ``tensor`` views, ``None`` where it has none (sparse)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
