@@ -76,6 +76,11 @@ def main(repeats: int = 5, warmup: int = 1) -> Dict:
     return results
 
 
+def _dataset(entry: Dict) -> str:
+    """Which data a problem used, as one phrase (synthetic data says so)."""
+    return entry.get("data", {}).get("dataset", "?")
+
+
 def _peer(name: str) -> str:
     """The curvlinops candidate a curvgraph candidate is compared with."""
     return "curvlinops" + name[len("cg") :]
@@ -99,7 +104,7 @@ def markdown(results: Dict) -> str:
         f"Load average before / after: {results['load_before']} / {results['load_after']}; "
         f"commit {results['environment'].get('git_commit', '?')}.",
         "",
-        "Data: " + "; ".join(f"{p}: {e.get('data', {})}" for p, e in results["problems"].items()),
+        "Data: " + "; ".join(f"{p}: {_dataset(e)}" for p, e in results["problems"].items()),
         "",
         "| problem | N | candidate | median s (q25-q75) | CPU s | x gradient | "
         "CPU x gradient | x curvlinops | peak MB |",
