@@ -251,7 +251,10 @@ def _line(node: DrawNode) -> str:
     if node.kind in ("input", "output"):
         return node.name if node.name == node.kind else f"{node.name}: {node.kind}"
     base = node.name.rstrip("0123456789").rstrip("_")
-    op = node.op.split("::")[-1].split(".")[-1] if not node.op.startswith("Tensor.") else node.op
+    if "::" in node.op:  # an ATen spelling, aten::le.Tensor: the name without overload
+        op = node.op.split("::")[-1].split(".")[0]
+    else:
+        op = node.op if node.op.startswith("Tensor.") else node.op.split(".")[-1]
     if base.lower() == op.lower().split("[")[0] or not op:
         return node.name
     return f"{node.name}: {op}"
@@ -331,7 +334,7 @@ def _route(result: Layout, edges) -> None:
         targets = sorted(long[s], key=lambda t: boxes[t].rank)
         top = a.y + a.height + GAP_Y / 3
         bottom = boxes[targets[-1]].y - GAP_Y / 3
-        passed = [box.x + box.width for box in boxes if a.rank <= box.rank <= reach[s]]
+        passed = [box.x + box.width for box in boxes if a.rank < box.rank < reach[s]]
         x = max(passed) + LANE
         while any(abs(x - lx) < LANE / 2 and top < lb and lt < bottom for lx, lt, lb in lanes):
             x += LANE
