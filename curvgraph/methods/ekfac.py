@@ -35,7 +35,7 @@ from torch import Tensor
 from curvgraph.curvature import EigenbasisBlock, KroneckerBlock
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import plan
-from curvgraph.methods.base import register_method
+from curvgraph.methods.base import Verdict, register_method
 from curvgraph.methods.kflr import KroneckerFactorMethod
 
 __all__ = ["EKFAC", "FALLBACKS", "refit_eigenvalues"]
@@ -66,6 +66,12 @@ class EKFAC(KroneckerFactorMethod):
                 "method='ekfac' needs Kronecker factors: kfac_approx='expand' or 'reduce'"
             )
         return super().block_options(kfac_approx=kfac_approx, **options)
+
+    def verdict(self, graph, walk, **options) -> Verdict:
+        """How many blocks get an eigenbasis, how many keep a low-rank block."""
+        verdict = super().verdict(graph, walk, **options)
+        detail = verdict.detail.replace("Kronecker block(s)", "Kronecker-eigenbasis block(s)")
+        return Verdict(verdict.ok, detail)
 
     def direct_block(self, rule, ctx, slot, factors, shape, kfac_approx="expand"):
         """The refitted :class:`EigenbasisBlock` where the rule has Kronecker factors."""
