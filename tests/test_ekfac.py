@@ -292,3 +292,22 @@ def _dense_ggn(model, x, y, loss_fn):
     j = torch.cat([jac[n].flatten(2) for n in parameters], 2)  # [N, C, D]
     hessian = torch.func.hessian(lambda z: loss_fn(z, y))(out)  # [N, C, N, C]
     return torch.einsum("naq,nasb,sbr->qr", j, hessian, j)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mse_and_the_loss_reduction_scale_the_eigenvalues(reduction):
+    """MSE with sum and mean reduction: ``S = diag(Q^T GGN Q)`` with the loss's own scale."""
+    model, x, _, weights = problem("pooled")
+    target = torch.randn(N, 3, dtype=DTYPE)
+
+    def loss_fn(out, y):
+        return F.mse_loss(out, y, reduction=reduction)
+
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    curv = cg.curvature(loss_fn(out, target), out, method="ekfac", kfac_approx="reduce")
+    reference = ggn_blocks(model, x, target, loss_fn)
+    for name in weights:
+        q = basis(curv[name])
+        expected = (q.T @ reference[name] @ q).diagonal()
+        torch.testing.assert_close(curv[name].values.reshape(-1), expected, **EXACT)
