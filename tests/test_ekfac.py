@@ -17,7 +17,7 @@ from torch import nn
 
 import curvgraph
 from curvgraph.curvature import EigenbasisBlock, LowRankBlock
-from curvgraph.errors import CurvGraphError
+from curvgraph.errors import CurvatureSizeError, CurvGraphError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 
@@ -311,3 +311,16 @@ def test_mse_and_the_loss_reduction_scale_the_eigenvalues(reduction):
         q = basis(curv[name])
         expected = (q.T @ reference[name] @ q).diagonal()
         torch.testing.assert_close(curv[name].values.reshape(-1), expected, **EXACT)
+
+
+def test_a_factor_above_max_factor_size_is_refused_naming_the_node():
+    """A dense eigenbasis above the limit is refused; a diagonal factor needs none."""
+    model, x, y, _ = problem("tokens")  # emb [7, 4] (A diagonal for expand), fc [5, 4], head
+    with pytest.raises(CurvatureSizeError) as caught:
+        ekfac(model, x, y, max_factor_size=6)  # the head's 7 x 7 output factor
+    message = str(caught.value)
+    assert "head" in message and "7 x 7" in message and "max_factor_size=6" in message, message
+    curv = ekfac(model, x, y, max_factor_size=7)  # the embedding's 7-wide side is diagonal
+    assert curv["emb.weight"].first_vectors is None
+    with pytest.raises(ValueError, match="max_factor_size"):
+        ekfac(model, x, y, max_factor_size=0)

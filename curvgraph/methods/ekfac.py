@@ -32,16 +32,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvgraph.curvature import EigenbasisBlock, KroneckerBlock
-from curvgraph.errors import CurvGraphError
+from curvgraph.curvature import DiagonalFactor, EigenbasisBlock, KroneckerBlock
+from curvgraph.errors import CurvatureSizeError, CurvGraphError
 from curvgraph.graph import plan
 from curvgraph.methods.base import Verdict, register_method
 from curvgraph.methods.kflr import KroneckerFactorMethod
 
-__all__ = ["EKFAC", "FALLBACKS", "refit_eigenvalues"]
+__all__ = ["EKFAC", "FALLBACKS", "MAX_FACTOR_SIZE", "refit_eigenvalues"]
 
 #: what parameters without Kronecker factors get
 FALLBACKS = ("low-rank", "error")
+#: the largest factor whose dense eigenbasis is formed by default (1 GB in float32)
+MAX_FACTOR_SIZE = 16384
 #: per-sample gradient entries formed at once by the generic refit (columns in chunks)
 _CHUNK_ENTRIES = 1 << 24
 
@@ -54,18 +56,28 @@ class EKFAC(KroneckerFactorMethod):
         mc_samples: 0 (default): exact loss-Hessian columns; ``>= 1``: Monte-Carlo columns.
         generator: random generator for the Monte-Carlo labels.
         fallback: ``"low-rank"`` (default) or ``"error"`` for parameters without factors.
+        max_factor_size: the largest factor whose eigenbasis is formed (dense,
+            ``size^2`` entries; default 16384); larger ones (a head over a big vocabulary)
+            are refused with :class:`~curvgraph.errors.CurvatureSizeError`. A diagonal
+            factor (an embedding's expand input factor) needs no eigenbasis and any size.
     """
 
     name = "ekfac"
     description = "Kronecker-factored eigenbasis with the diagonal refitted (EK-FAC)"
     low_rank = "low-rank (no Kronecker factors)"
 
-    def block_options(self, kfac_approx: str = "expand", **options) -> dict:  # noqa: D102
+    def block_options(
+        self, kfac_approx: str = "expand", max_factor_size: int = MAX_FACTOR_SIZE, **options
+    ) -> dict:
+        """``kfac_approx`` (not ``"low-rank"``) and ``max_factor_size`` after checking them."""
         if kfac_approx == "low-rank":
             raise ValueError(
                 "method='ekfac' needs Kronecker factors: kfac_approx='expand' or 'reduce'"
             )
-        return super().block_options(kfac_approx=kfac_approx, **options)
+        if not isinstance(max_factor_size, int) or max_factor_size < 1:
+            raise ValueError(f"max_factor_size must be a positive int, got {max_factor_size!r}")
+        chosen = super().block_options(kfac_approx=kfac_approx, **options)
+        return {**chosen, "max_factor_size": max_factor_size}
 
     def verdict(self, graph, walk, **options) -> Verdict:
         """How many blocks get an eigenbasis, how many keep a low-rank block."""
@@ -73,11 +85,16 @@ class EKFAC(KroneckerFactorMethod):
         detail = verdict.detail.replace("Kronecker block(s)", "Kronecker-eigenbasis block(s)")
         return Verdict(verdict.ok, detail)
 
-    def direct_block(self, rule, ctx, slot, factors, shape, kfac_approx="expand"):
+    def direct_block(
+        self, rule, ctx, slot, factors, shape, kfac_approx="expand", max_factor_size=None
+    ):
         """The refitted :class:`EigenbasisBlock` where the rule has Kronecker factors."""
         block = super().direct_block(rule, ctx, slot, factors, shape, kfac_approx=kfac_approx)
         if not isinstance(block, KroneckerBlock):
             return block
+        for factor in (block.first_factor, block.second_factor):
+            if not isinstance(factor, DiagonalFactor) and factor.size > (max_factor_size or 0):
+                raise _FactorTooLarge(ctx, factor.size, max_factor_size)
         return refit_eigenvalues(block, rule, ctx, slot, factors)
 
     def run(
@@ -99,10 +116,33 @@ class EKFAC(KroneckerFactorMethod):
                 "method='ekfac' over several ranks is not implemented (the eigenbasis needs the "
                 "combined factors before the refit); use kflr or kfac with process_group"
             )
-        curv = super().run(graph, loss_model, curvature, shard, loss, **options)
+        try:
+            curv = super().run(graph, loss_model, curvature, shard, loss, **options)
+        except _FactorTooLarge as error:
+            raise error.explained(graph) from None
         if fallback == "error":
             _refuse_blocks_without_factors(graph, curv)
         return curv
+
+
+class _FactorTooLarge(Exception):
+    """A factor whose eigenbasis would be formed densely above ``max_factor_size``."""
+
+    def __init__(self, ctx, size: int, limit: int):
+        super().__init__(size)
+        self.ctx, self.size, self.limit = ctx, size, limit
+
+    def explained(self, graph) -> CurvatureSizeError:
+        """The error for the user, naming the node of the recorded call (its context)."""
+        names = [name for name, ctx in graph.record.contexts.items() if ctx is self.ctx]
+        infos = [info for info in plan(graph).order if info.node.name in names]
+        where = infos[0].describe() if infos else "a node"
+        return CurvatureSizeError(
+            f"method='ekfac': {where} has a {self.size} x {self.size} Kronecker factor; its "
+            f"eigenbasis is a dense {self.size} x {self.size} matrix, above max_factor_size="
+            f"{self.limit}. Pass a larger max_factor_size, or use method='kfac' / 'kflr', "
+            "whose factors stay compact (roots, diagonals)"
+        )
 
 
 def refit_eigenvalues(
