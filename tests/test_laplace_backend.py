@@ -29,6 +29,7 @@ from laplace.curvature import (  # noqa: E402
     CurvlinopsHessian,
 )
 
+import curvgraph  # noqa: E402
 from curvgraph.integrations.laplace import (  # noqa: E402
     CurvgraphEF,
     CurvgraphGGN,
@@ -172,27 +173,32 @@ def test_empirical_fisher_equals_curvlinops_and_backpack(model_name, likelihood)
             torch.testing.assert_close(block, expected_block, **TOL)
 
 
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_hessian_diagonal_equals_curvlinops_hessian(likelihood):
-    model = mlp(2)
-    x, y = data("mlp", likelihood)
-    _, d = backend(CurvgraphHessian, model, likelihood).diag(x, y)
-    _, H = backend(CurvlinopsHessian, model, likelihood).full(x, y)
-    torch.testing.assert_close(d, H.diagonal(), **TOL)
-    _, ggn = backend(CurvgraphGGN, model, likelihood).diag(x, y)
-    assert (d - ggn).abs().max() > 1e-3  # tanh: the Hessian is not the GGN
+@pytest.mark.parametrize("model_name,likelihood", CASES)
+def test_hessian_full_and_diagonal_equal_curvlinops_hessian(model_name, likelihood):
+    model = MODELS[model_name](2)
+    x, y = data(model_name, likelihood)
+    ours = backend(CurvgraphHessian, model, likelihood)
+    _, H = ours.full(x, y)
+    _, expected = backend(CurvlinopsHessian, model, likelihood).full(x, y)
+    torch.testing.assert_close(H, expected, **TOL)
+    _, d = ours.diag(x, y)
+    torch.testing.assert_close(d, expected.diagonal(), **TOL)
+    _, ggn = backend(CurvgraphGGN, model, likelihood).full(x, y)
+    assert (H - ggn).abs().max() > 1e-3  # tanh: the Hessian is not the GGN
 
 
 def test_stochastic_ggn_is_the_fisher_in_expectation():
     model = mlp(2)
     x, y = data("mlp", "classification")
-    exact = backend(CurvgraphGGN, model, "classification").diag(x, y)[1]
+    ggn = backend(CurvgraphGGN, model, "classification")
     torch.manual_seed(3)
     sampled = backend(CurvgraphGGN, model, "classification", stochastic=True, num_samples=4000)
-    estimate = sampled.diag(x, y)[1]
-    assert (estimate - exact).norm() / exact.norm() < 0.05
+    for structure in ("diag", "full"):
+        exact = getattr(ggn, structure)(x, y)[1]
+        estimate = getattr(sampled, structure)(x, y)[1]
+        assert (estimate - exact).norm() / exact.norm() < 0.05
     _, kron = sampled.kron(x, y, N=12)  # KFAC from the same Monte-Carlo columns
-    _, kflr = backend(CurvgraphGGN, model, "classification").kron(x, y, N=12)
+    _, kflr = ggn.kron(x, y, N=12)
     for block, expected in zip(kron_blocks(kron), kron_blocks(kflr)):
         assert (block - expected).norm() / expected.norm() < 0.1
 
@@ -245,13 +251,16 @@ def test_laplace_marglik_and_predictive_equal_backpack(subset, structure, likeli
         torch.testing.assert_close(var, peer_var, atol=1e-8, rtol=1e-7)
 
 
-def test_subnetwork_laplace_equals_curvlinops():
+@pytest.mark.parametrize(
+    "ours_cls,peer_cls", [(CurvgraphGGN, CurvlinopsGGN), (CurvgraphEF, CurvlinopsEF)]
+)
+def test_subnetwork_laplace_equals_curvlinops(ours_cls, peer_cls):
     model = mlp(2)
     indices = torch.tensor([0, 5, 17, 60, 61, 70, 100, 101, 121])
     args = {"subset": "subnetwork", "subnetwork_indices": indices}
     for structure in ("full", "diag"):
-        ours, x = fitted(model, "classification", structure, CurvgraphGGN, **args)
-        peer, _ = fitted(model, "classification", structure, CurvlinopsGGN, **args)
+        ours, x = fitted(model, "classification", structure, ours_cls, **args)
+        peer, _ = fitted(model, "classification", structure, peer_cls, **args)
         torch.testing.assert_close(ours.H, peer.H, **TOL)
         prior = torch.tensor(0.5)
         torch.testing.assert_close(
@@ -266,8 +275,6 @@ def test_structures_a_backend_cannot_give_are_refused():
     hessian = backend(CurvgraphHessian, model, "classification")
     with pytest.raises(NotImplementedError, match="'kron' is not defined.*GGN"):
         hessian.kron(x, y, N=12)
-    with pytest.raises(NotImplementedError, match="'full' needs the Hessian's cross-block"):
-        hessian.full(x, y)
     with pytest.raises(NotImplementedError, match="Hessian"):
         Laplace(model, "classification", "all", "kron", backend=CurvgraphHessian).fit(
             DataLoader(TensorDataset(x, y), batch_size=6)
@@ -308,10 +315,15 @@ def test_kron_without_kronecker_factors_refuses_or_falls_back_to_diagonal_factor
     shared, token = kron.kfacs
     # the one-row parameter: [M/N] (x) C, exact up to the batch's share M/N = 1/2
     torch.testing.assert_close(torch.kron(*token), 0.5 * exact[12:, 12:], **TOL)
-    # the shared weight: diag(a) (x) diag(b), a b^T the best rank-one approximation of diag C
+    # the shared weight: diag(a) (x) diag(b), a b^T the best rank-one approximation of the
+    # diagonal of its block (two uses: a sum of two Kronecker products)
     product = torch.kron(*shared)
     assert torch.count_nonzero(product - torch.diag(product.diagonal())) == 0
-    u, s, vh = torch.linalg.svd(exact.diagonal()[:12].reshape(4, 3))
+    graph = curvgraph.trace(model)  # the block kron falls back from: KFLR's for `shared`
+    out = graph(x)
+    loss = nn.functional.cross_entropy(out, y, reduction="sum")
+    block_diagonal = graph.curvature(loss, out, method="kflr")["shared"].diag()
+    u, s, vh = torch.linalg.svd(block_diagonal)
     rank_one = s[0] * torch.outer(u[:, 0], vh[0])
     torch.testing.assert_close(2 * product.diagonal(), rank_one.reshape(-1), **TOL)
 
@@ -388,7 +400,13 @@ class LanguageModel(nn.Module):
         super().__init__()
         transformers = pytest.importorskip("transformers")
         config = transformers.GPT2Config(
-            n_layer=1, n_embd=8, n_head=2, vocab_size=vocabulary, n_positions=16
+            n_layer=1,
+            n_embd=8,
+            n_head=2,
+            vocab_size=vocabulary,
+            n_positions=16,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         torch.manual_seed(0)
         self.hf = transformers.GPT2LMHeadModel(config)

@@ -19,9 +19,10 @@ from curvgraph.integrations.laplace.backends import (
     CurvgraphInterface,
 )
 from curvgraph.integrations.laplace.conversion import (
-    dense_from_rows,
+    dense_full,
     flat_diagonal,
     kronecker_factors,
+    parameters_holding,
 )
 
 __all__ = [
@@ -29,7 +30,8 @@ __all__ = [
     "CurvgraphGGN",
     "CurvgraphHessian",
     "CurvgraphInterface",
-    "dense_from_rows",
+    "dense_full",
     "flat_diagonal",
     "kronecker_factors",
+    "parameters_holding",
 ]

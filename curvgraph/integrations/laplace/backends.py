@@ -12,14 +12,16 @@ Hugging Face models, dict inputs) and compute:
 
 - :class:`CurvgraphGGN`: the GGN ``sum_n J_n^T (d2 l_n / df_n2) J_n`` (``stochastic=True``:
   the Monte-Carlo Fisher with ``num_samples`` sampled labels per sample, unbiased); ``full``
-  from the exact factor rows (``method="sqrt"``), ``kron`` from KFLR / KFAC
-  (``method="kflr" | "kfac"``), ``diag`` from ``method="diag"``;
+  from the full-network operator (``method="exact"``, ``structure="full"``, curvature
+  ``"ggn"`` or ``"fisher-mc"``), ``kron`` from KFLR / KFAC (``method="kflr" | "kfac"``),
+  ``diag`` from ``method="diag"``;
 - :class:`CurvgraphEF`: the empirical Fisher ``sum_n J_n^T g_n g_n^T J_n``,
-  ``g_n = d lossfunc / d f_n``: the GGN of the per-sample loss ``(g_n^T f_n)^2 / 2`` with
-  ``g_n`` held fixed, whose Hessian is ``g_n g_n^T``; the same three structures;
-- :class:`CurvgraphHessian`: the Hessian's diagonal from exact block products
-  (``method="exact"``); it has no Kronecker factors, and ``full`` needs cross-block Hessian
-  products that curvgraph does not offer yet: both refuse with ``NotImplementedError``.
+  ``g_n = d lossfunc / d f_n``: ``full`` from the operator's ``"fisher-empirical"``;
+  ``kron`` and ``diag`` (the factor methods compute the GGN only) as the GGN of the
+  per-sample loss ``(g_n^T f_n)^2 / 2`` with ``g_n`` held fixed, whose Hessian is
+  ``g_n g_n^T``;
+- :class:`CurvgraphHessian`: the Hessian, ``full`` from the operator and ``diag`` from exact
+  block products; it has no Kronecker factors: ``kron`` refuses with ``NotImplementedError``.
 
 Last-layer Laplace traces the last layer alone on the features (the block of the last
 layer depends on nothing else); a subnetwork takes the entries ``subnetwork_indices`` of
@@ -41,9 +43,10 @@ from torch import Tensor, nn
 import curvgraph
 from curvgraph.integrations.laplace.conversion import (
     KRON_FALLBACKS,
-    dense_from_rows,
+    dense_full,
     flat_diagonal,
     kronecker_factors,
+    parameters_holding,
 )
 
 __all__ = ["CurvgraphEF", "CurvgraphGGN", "CurvgraphHessian", "CurvgraphInterface"]
@@ -70,8 +73,13 @@ class CurvgraphInterface(CurvatureInterface):
             (:func:`~curvgraph.integrations.laplace.conversion.kronecker_factors`).
     """
 
-    #: the curvature curvgraph is asked for
+    #: the curvature curvgraph is asked for (of :meth:`_curvature_loss`)
     curvature_name = "ggn"
+
+    @property
+    def full_curvature(self) -> str:
+        """The curvature of the full operator: ``"ggn"``, ``"fisher-mc"``, ... of the loss."""
+        return "fisher-mc" if getattr(self, "stochastic", False) else self.curvature_name
 
     def __init__(
         self,
@@ -129,9 +137,15 @@ class CurvgraphInterface(CurvatureInterface):
         return jacobians.detach(), outputs.detach()
 
     def full(self, x, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """``(loss, C)`` with ``C`` the ``P x P`` curvature (subnetwork: ``S x S``)."""
-        loss, curvature = self._curvature(x, y, "sqrt", **self._sample_options())
-        matrix = dense_from_rows(curvature, self.params_dict, self.subnetwork_indices)
+        """``(loss, C)``: the ``P x P`` curvature (subnetwork: ``S x S``), cross terms included.
+
+        From curvgraph's full-network operator (``method="exact"``, ``structure="full"``,
+        restricted to the parameters a subnetwork touches), ``D`` products.
+        """
+        names = parameters_holding(self.params_dict, self.subnetwork_indices)
+        options = dict(self._sample_options(), structure="full", parameters=names)
+        loss, operator = self._curvature(x, y, "exact", self.full_curvature, **options)
+        matrix = dense_full(operator, self.params_dict, self.subnetwork_indices)
         return loss, self.factor * matrix
 
     def diag(self, x, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
@@ -171,16 +185,20 @@ class CurvgraphInterface(CurvatureInterface):
             return {"mc_samples": self.num_samples}
         return {}
 
-    def _curvature(self, x, y: Tensor, method: str, **options):
-        """``(factor * lossfunc(f, y), blocks)`` of the batch with one ``method``."""
+    def _curvature(self, x, y: Tensor, method: str, curvature: Optional[str] = None, **options):
+        """``(factor * lossfunc(f, y), result)`` of the batch: ``cg.curvature(...)``.
+
+        ``curvature`` names a curvature of the real loss (the full operators' Fishers); without
+        it, :attr:`curvature_name` of :meth:`_curvature_loss`.
+        """
         with torch.enable_grad():
             graph, out = self._forward(x)
             loss = self._batch_loss(out, y)
-            target = self._curvature_loss(out, loss)
-            curvature = graph.curvature(
-                target, out, curvature=self.curvature_name, method=method, **options
+            target = loss if curvature is not None else self._curvature_loss(out, loss)
+            result = graph.curvature(
+                target, out, curvature=curvature or self.curvature_name, method=method, **options
             )
-        return self.factor * loss.detach(), curvature
+        return self.factor * loss.detach(), result
 
     def _forward(self, x):
         """The traced graph and its output: the model's, or the last layer's on features."""
@@ -252,6 +270,8 @@ class CurvgraphGGN(CurvgraphInterface, GGNInterface):
 class CurvgraphEF(CurvgraphInterface, EFInterface):
     """The empirical Fisher ``sum_n J_n^T g_n g_n^T J_n`` computed by curvgraph."""
 
+    full_curvature = "fisher-empirical"
+
     def _curvature_loss(self, out: Tensor, loss: Tensor) -> Tensor:
         """``sum_n (g_n^T f_n)^2 / 2`` with ``g_n = d loss / d f_n`` fixed: its GGN is the EF."""
         (gradient,) = torch.autograd.grad(loss, out, retain_graph=True)
@@ -259,30 +279,23 @@ class CurvgraphEF(CurvgraphInterface, EFInterface):
 
 
 class CurvgraphHessian(CurvgraphInterface):
-    """The Hessian of the negative log likelihood: its diagonal, from exact block products."""
+    """The Hessian of the negative log likelihood: ``full`` and ``diag``, no ``kron``."""
 
     curvature_name = "hessian"
 
     def diag(self, x, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """``(loss, diag H)`` from ``method="exact"`` (one tangent column per entry)."""
-        loss, curvature = self._curvature(x, y, "exact")
+        """``(loss, diag H)`` from exact block products (one tangent column per entry)."""
+        names = parameters_holding(self.params_dict, self.subnetwork_indices)
+        loss, curvature = self._curvature(x, y, "exact", parameters=names)
         diagonal = flat_diagonal(curvature, self.params_dict)
         if self.subnetwork_indices is not None:
             diagonal = diagonal[self.subnetwork_indices]
         return loss, self.factor * diagonal
-
-    def full(self, x, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Refused: the full Hessian needs cross-block products (not offered yet)."""
-        raise NotImplementedError(
-            "CurvgraphHessian: hessian_structure='full' needs the Hessian's cross-block terms, "
-            "which curvgraph's block methods do not compute; use hessian_structure='diag', or "
-            "backend=CurvgraphGGN for a full GGN"
-        )
 
     def kron(self, x, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
         """Refused: Kronecker factors (KFLR, KFAC) approximate the GGN, not the Hessian."""
         raise NotImplementedError(
             "CurvgraphHessian: hessian_structure='kron' is not defined: Kronecker factors "
             "(KFLR, KFAC) approximate the GGN, not the Hessian; use backend=CurvgraphGGN for "
-            "'kron', or hessian_structure='diag'"
+            "'kron', or hessian_structure='full' or 'diag'"
         )

@@ -5,7 +5,8 @@ laplace-torch flattens the parameters it approximates (``parameters_to_vector`` 
 a batch as
 
 - ``diag``: the vector ``diag C`` over that flattening;
-- ``full``: the dense ``P x P`` matrix ``C`` (cross terms between parameters included);
+- ``full``: the dense ``P x P`` matrix ``C`` (cross terms between parameters included), from
+  a full-network operator (``structure="full"``);
 - ``kron``: per parameter a list of factors as ``laplace.utils.Kron.init_from_model`` lays
   them out: ``[Q, H]`` with ``C_p = Q (x) H`` for a 2-D to 4-D parameter ``[rows, *cols]``
   (``Q`` ``rows x rows``, ``H`` ``cols x cols``), ``[C_p]`` for a 1-D one. Batches are
@@ -14,8 +15,9 @@ a batch as
   ``N`` samples is then the mean over all of them, and the other factor a plain sum.
 
 The functions here take a :class:`~curvgraph.BlockCurvature` (blocks named like
-``model.named_parameters()``) and the parameters laplace-torch approximates, by name; a
-parameter without a block (cut off from the output) gets zero curvature.
+``model.named_parameters()``) or a full operator and the parameters laplace-torch
+approximates, by name; a parameter without a block (cut off from the output) gets zero
+curvature.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from curvgraph.curvature import BlockCurvature, KroneckerBlock, LowRankBlock
+from curvgraph.curvature import BlockCurvature, KroneckerBlock
 
-__all__ = ["KRON_FALLBACKS", "dense_from_rows", "flat_diagonal", "kronecker_factors"]
+__all__ = [
+    "KRON_FALLBACKS",
+    "dense_full",
+    "flat_diagonal",
+    "kronecker_factors",
+    "parameters_holding",
+]
 
 #: what :func:`kronecker_factors` does with a block of a matrix parameter that is no product
 KRON_FALLBACKS = ("diagonal", "refuse")
@@ -43,39 +51,38 @@ def flat_diagonal(curvature: BlockCurvature, params: Dict[str, Tensor]) -> Tenso
     return torch.cat(parts)
 
 
-def dense_from_rows(
-    curvature: BlockCurvature, params: Dict[str, Tensor], indices: Optional[Tensor] = None
-) -> Tensor:
-    """The full matrix ``C = U^T U`` from the per-sample factor rows of every block.
+def dense_full(operator, params: Dict[str, Tensor], indices: Optional[Tensor] = None) -> Tensor:
+    """The ``P x P`` matrix of a full :class:`~curvgraph.curvature.CurvatureOperator`.
 
-    The factor methods (``method="sqrt"``) give each parameter the rows
-    ``u_kn = J_n^T s_kn`` ``[K N, numel]`` of one walk: row ``r`` of every block comes from
-    the same loss-Hessian factor column, so the rows side by side, ``U = [U_1, ..., U_B]``,
-    give every cross block ``C_ij = U_i^T U_j`` too. ``indices`` (a subnetwork) selects
-    columns of ``U`` before the product.
+    ``operator`` (``structure="full"``) acts on the concatenation of its parameters
+    (``operator.names``, the model's order); its dense form is placed at the offsets of
+    ``params`` (zeros for parameters it does not hold). ``indices`` (a subnetwork) selects
+    rows and columns of the result.
     """
-    rows = []
-    for name in params:
-        block = curvature[name] if name in curvature else None
-        if block is not None and not isinstance(block, LowRankBlock):
-            raise ValueError(
-                f"full curvature from factor rows needs a LowRankBlock for every parameter; "
-                f"{name!r} has a {type(block).__name__}"
-            )
-        rows.append(None if block is None else block.rows)
-    count = {r.shape[0] for r in rows if r is not None}
-    if len(count) > 1:
-        raise ValueError(f"the blocks' factor rows disagree in number ({sorted(count)})")
-    height = count.pop() if count else 0
+    offsets, start = {}, 0
+    for name, p in params.items():
+        offsets[name] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    position = torch.cat([offsets[name] for name in operator.names])
     like = next(iter(params.values()))
-    columns = [
-        r if r is not None else like.new_zeros(height, p.numel())
-        for r, p in zip(rows, params.values())
-    ]
-    factor = torch.cat(columns, dim=1)
+    matrix = like.new_zeros(start, start)
+    matrix[position[:, None], position[None, :]] = operator.to_dense().to(like)
     if indices is not None:
-        factor = factor[:, indices.to(factor.device)]
-    return factor.T @ factor
+        indices = indices.to(matrix.device)
+        matrix = matrix[indices[:, None], indices[None, :]]
+    return matrix
+
+
+def parameters_holding(params: Dict[str, Tensor], indices: Optional[Tensor]) -> List[str]:
+    """The names of ``params`` whose flattened entries include one of ``indices`` (all if None)."""
+    if indices is None:
+        return list(params)
+    chosen, start = [], 0
+    for name, p in params.items():
+        if ((indices >= start) & (indices < start + p.numel())).any():
+            chosen.append(name)
+        start += p.numel()
+    return chosen
 
 
 def kronecker_factors(
@@ -137,11 +144,15 @@ def kronecker_factors(
 
 
 def _kronecker_pair(block: KroneckerBlock, input_scale: float, scale: float) -> List[Tensor]:
-    """``[first, second]`` dense: the input factor times ``input_scale``, the other ``scale``."""
-    first, second = block.first_factor.to_dense(), block.second_factor.to_dense()
-    if block.input_first:
-        return [input_scale * first, scale * second]
-    return [scale * first, input_scale * second]
+    """``[G, A]`` (``[A, G]`` where the input factor comes first), dense and scaled.
+
+    ``A`` (:attr:`~curvgraph.KroneckerBlock.input_factor`, a mean over its rows) times
+    ``input_scale``, ``G`` (:attr:`~curvgraph.KroneckerBlock.output_factor`, a sum) times
+    ``scale``.
+    """
+    inputs = input_scale * block.input_factor.to_dense()
+    outputs = scale * block.output_factor.to_dense()
+    return [inputs, outputs] if block.input_first else [outputs, inputs]
 
 
 def _one_sided(block, p: Tensor, input_scale: float, scale: float) -> Optional[List[Tensor]]:
