@@ -49,8 +49,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--stem", default="laplace", help="file name stem")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per fresh fit")
     args = parser.parse_args(argv)
-    result = run(args.suite, "cpu", progress=True, threads=args.threads, problems=args.problems)
+    result = run(
+        args.suite,
+        "cpu",
+        progress=True,
+        threads=args.threads,
+        problems=args.problems,
+        timeout=args.timeout,
+    )
     paths = write(result, args.out, args.stem)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -66,11 +66,17 @@ def run(
     progress: bool = True,
     threads: Optional[int] = 1,
     problems: Optional[list] = None,
+    timeout: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """The section's result: configuration, environment, per problem its candidates."""
+    """The section's result: configuration, environment, per problem its candidates.
+
+    ``timeout`` replaces the preset's limit on one fresh-process fit (``timeout_s``).
+    """
     if device != "cpu":
         raise ValueError("the laplace section runs on the CPU (laplace-torch's CPU path)")
     config = dict(PRESETS[preset], preset=preset, threads=threads)
+    if timeout is not None:
+        config["timeout_s"] = timeout
     torch.set_num_threads(threads or 1)
     log: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: 0)
     result: Dict[str, Any] = {"config": config, "environment": environment(device)}
