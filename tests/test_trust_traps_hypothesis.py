@@ -146,8 +146,8 @@ def _refusal_patterns(case, n, method):
     """``(must refuse, pattern a refusal's message must match)`` for this example."""
     must = {"replace_late", "custom_function", "input_modified"} | ({"coupled"} if n > 1 else set())
     causes = [REFUSALS[trap] for trap in case.traps if trap in REFUSALS]
-    if "coupled" in case.traps and DEFINITIONS[method][1] == "sampled":
-        causes.append("need a known likelihood")  # a sum of one sample's terms: no sampling
+    if DEFINITIONS[method][1] == "sampled":  # a loss without a likelihood to sample from
+        causes.append("need a known likelihood")
     return bool(must & set(case.traps)), "|".join(causes) or None
 
 
@@ -244,56 +244,33 @@ EXAMPLES = dict(
     conv=st.booleans(),
     traps=st.sets(st.sampled_from(tm.TRAPS), max_size=2),
     index=st.integers(0, 50),
-    loss_kind=st.sampled_from(["cross_entropy", "mse_sum"]),
+    loss_kind=st.sampled_from(sorted(tm.LOSSES)),
     seed=st.integers(0, 1000),
     fallback=st.booleans(),
     pch=st.sampled_from(["pch-abs", "pch-clip"]),
 )
-#: every trap at least once in the default run: (steps, conv, traps, loss_kind, fallback, pch)
+#: every trap at least once in the default run: "steps | traps | loss | options", a step is
+#: kind:choice, options among conv (a conv stem), fallback and clip (pch-clip, else pch-abs)
 EXPLICIT = [
-    ([("cut_chain", 0), ("residual", 1)], True, {"step_after"}, "cross_entropy", False, "abs"),
-    (
-        [("direct", 2), ("cut_branch", 1), ("concat", 3)],
-        False,
-        {"replace_param", "penalty"},
-        "mse_sum",
-        True,
-        "clip",
-    ),
-    (
-        [("threshold", 5), ("linear", 2)],
-        False,
-        {"swap_module", "coupled"},
-        "cross_entropy",
-        False,
-        "abs",
-    ),
-    ([("concat", 0), ("cut_chain", 2)], True, {"step_between"}, "mse_sum", False, "clip"),
-    ([("residual", 3), ("direct", 1)], False, {"replace_late"}, "cross_entropy", False, "abs"),
-    ([("linear", 1)], False, {"custom_function"}, "cross_entropy", True, "abs"),
-    (
-        [("linear", 1), ("cut_branch", 2)],
-        True,
-        {"replace_param", "step_after"},
-        "mse_sum",
-        False,
-        "abs",
-    ),
-    (
-        [("residual", 0), ("concat", 1), ("direct", 2), ("threshold", 3)],
-        False,
-        set(),
-        "cross_entropy",
-        False,
-        "clip",
-    ),
+    "cut_chain:0 residual:1 | step_after | cross_entropy | conv",
+    "direct:2 cut_branch:1 concat:3 | replace_param penalty | mse_sum | fallback clip",
+    "threshold:5 tied:2 | swap_module coupled | nll_of_log_softmax |",
+    "concat:0 cut_chain:2 | step_between | mse_mean | conv clip",
+    "residual:3 derived:1 | replace_late freeze | cross_entropy_smoothed_sum |",
+    "linear:1 | custom_function | cross_entropy | fallback",
+    "linear:1 cut_branch:2 | replace_param step_after | bce_with_logits | conv",
+    "residual:0 concat:1 direct:2 threshold:3 | input_modified | cross_entropy | clip",
+    "tied:1 derived:2 threshold:3 | swap_module freeze | mse_sum | conv",
 ]
 
 
 def _with_explicit_examples(test):
-    for steps, conv, traps, loss_kind, fallback, pch in EXPLICIT:
-        drawn = dict(steps=steps, conv=conv, traps=traps, index=7, loss_kind=loss_kind, seed=0)
-        test = example(**drawn, fallback=fallback, pch=f"pch-{pch}")(test)
+    for spec in EXPLICIT:
+        steps, traps, loss_kind, options = (part.split() for part in spec.split("|"))
+        steps = [(kind, int(choice)) for kind, choice in (s.split(":") for s in steps)]
+        drawn = dict(steps=steps, conv="conv" in options, traps=set(traps), index=7, seed=0)
+        drawn.update(loss_kind=loss_kind[0], fallback="fallback" in options)
+        test = example(**drawn, pch="pch-clip" if "clip" in options else "pch-abs")(test)
     return test
 
 

@@ -35,6 +35,17 @@ STEPS += ["cut_chain", "cut_branch", "threshold"]
 #: traps around the model (``Case.traps``)
 TRAPS = ["replace_param", "swap_module", "step_after", "step_between", "replace_late"]
 TRAPS += ["penalty", "coupled", "custom_function", "freeze", "input_modified"]
+#: per-sample losses ``(out, labels, targets) -> loss``
+LOSSES = {
+    "cross_entropy": lambda out, y, t: F.cross_entropy(out, y),
+    "cross_entropy_smoothed_sum": lambda out, y, t: F.cross_entropy(
+        out, y, reduction="sum", label_smoothing=0.1
+    ),
+    "nll_of_log_softmax": lambda out, y, t: F.nll_loss(F.log_softmax(out, -1), y),
+    "mse_sum": lambda out, y, t: F.mse_loss(out, t, reduction="sum"),
+    "mse_mean": lambda out, y, t: F.mse_loss(out, t),
+    "bce_with_logits": lambda out, y, t: F.binary_cross_entropy_with_logits(out, t.sigmoid()),
+}
 #: losses that couple the samples, added to the per-sample loss
 COUPLINGS = [
     lambda out: 0.1 * out.sum() ** 2,
@@ -134,7 +145,10 @@ def swap_module(model, index):
         model.head = nn.Linear(WIDTH, CLASSES).to(DTYPE)
         return
     old = model.blocks[linears[index % len(linears)]]
-    model.blocks[linears[index % len(linears)]] = nn.Linear(old.in_features, WIDTH).to(DTYPE)
+    new = nn.Linear(old.in_features, WIDTH)
+    if index % 2:  # another kind of module: the graph changes shape
+        new = nn.Sequential(new, nn.Tanh())
+    model.blocks[linears[index % len(linears)]] = new.to(DTYPE)
 
 
 def freeze_parameter(model, index):
@@ -162,10 +176,13 @@ class Case:
         """Blocks that Kronecker factors (``check``) approximate already for one sample."""
         if check not in ("kronecker", "eigenbasis"):
             return set()
-        names = {"conv.weight", "conv.bias"}
         # a tied weight: the sum of its uses' Kronecker blocks (EK-FAC keeps it)
-        kinds = dict(enumerate(kind for kind, _ in self.model.steps))
-        return names | {f"blocks.{i}.weight" for i, kind in kinds.items() if kind == "tied"}
+        tied = [f"blocks.{i}." for i, (kind, _) in enumerate(self.model.steps) if kind == "tied"]
+        return {"conv.weight", "conv.bias"} | {
+            name
+            for name, _ in self.model.named_parameters()
+            if name.endswith("weight") and name.startswith(tuple(tied))
+        }
 
     def penalised(self):
         """The names of the parameters the penalty reaches: every other one."""
@@ -182,10 +199,7 @@ class Case:
 
     def output_loss(self, out, y, target):
         """The loss as a function of the outputs alone (the penalty is added separately)."""
-        if self.loss_kind == "cross_entropy":
-            loss = F.cross_entropy(out, y)
-        else:
-            loss = F.mse_loss(out, target, reduction="sum")
+        loss = LOSSES[self.loss_kind](out, y, target)
         if "coupled" in self.traps:
             loss = loss + COUPLINGS[self.index % len(COUPLINGS)](out)
         return loss

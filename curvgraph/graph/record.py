@@ -389,16 +389,20 @@ def _versions(model: nn.Module, contexts: Dict[str, Context]) -> List[tuple]:
     point with the new one. Recorded tensors are compared by version only (``data_ptr`` 0);
     those in a parameter's storage are named as the parameter.
     """
-    found = [(f"parameter {n!r}", p, p._version, p.data_ptr()) for n, p in model.named_parameters()]
+    found = [(f"parameter {n!r}", p, 0, p.data_ptr()) for n, p in model.named_parameters()]
     owned = {_storage(p) for _, p, _, _ in found} - {None}
     for node, ctx in contexts.items():
         for key, value in ctx.args.items():
             for item in value if type(value) in (list, tuple) else (value,):
                 if isinstance(item, Tensor) and _storage(item) not in owned:
-                    found.append((f"argument {key!r} of node {node!r}", item, item._version, 0))
-        if isinstance(ctx.output, Tensor):
-            found.append((f"output of node {node!r}", ctx.output, ctx.output._version, 0))
-    return found
+                    found.append((f"argument {key!r} of node {node!r}", item, 0, 0))
+        found.append((f"output of node {node!r}", ctx.output, 0, 0))
+    # inference tensors (torch.inference_mode()) have no version and cannot change in place
+    return [
+        (what, t, t._version, pointer)
+        for what, t, _, pointer in found
+        if isinstance(t, Tensor) and not t.is_inference()
+    ]
 
 
 def _storage(tensor: Tensor) -> Optional[int]:
