@@ -13,5 +13,11 @@ float32, one thread, interleaved in one process (wall and CPU time):
   use_exact_damping=True) @ v``;
 
 each as a ratio to a gradient (forward + backward) of the same batch, and the peak memory
-(``VmHWM``) of each in a fresh process. Results: ``benchmarks/results/ekfac.{json,md,png}``.
+(``VmHWM`` over the level after the imports) of each in a fresh process. In the suite:
+``python -m benchmarks --sections ekfac`` (opt-in; quick: mnist_mlp, no memory).
+Results: ``benchmarks/results/ekfac.{json,md,png}``.
 """
+
+from benchmarks.ekfac.run import main, markdown, plot, run
+
+__all__ = ["main", "markdown", "plot", "run"]

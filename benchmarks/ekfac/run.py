@@ -8,7 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -17,7 +17,7 @@ from benchmarks.machine import environment, load_average
 from benchmarks.problems import get
 from benchmarks.timing import measure_interleaved
 
-__all__ = ["main", "markdown", "plot"]
+__all__ = ["main", "markdown", "plot", "run"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 RESULTS = _ROOT / "benchmarks" / "results"
@@ -40,38 +40,53 @@ def fresh_peak(problem: str, candidate: str, timeout: float = 900) -> Dict:
     return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
 
 
-def main(repeats: int = 5, warmup: int = 1) -> Dict:
-    """Measure every problem; write ``benchmarks/results/ekfac.{json,md,png}``."""
+def run(repeats: int = 5, warmup: int = 1, problems=None, memory: bool = True) -> Dict:
+    """Measure every problem (or those named): the section's result."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     results = {"environment": environment("cpu"), "load_before": load_average(), "problems": {}}
-    for problem in PROBLEMS:
-        plan = {name: (fn, None) for name, fn in candidates(problem).items()}
-        timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
-        base = timed["gradient"]
-        rows = {}
-        for name in CANDIDATES:
-            t = timed.get(name, {"status": "n/a", "reason": "not installed"})
-            if t.get("status") == "n/a":
-                rows[name] = t
-                continue
-            rows[name] = {
-                "median_s": t["median_s"],
-                "q25_s": t["q25_s"],
-                "q75_s": t["q75_s"],
-                "cpu_median_s": t["cpu_median_s"],
-                "ratio_to_gradient": t["median_s"] / base["median_s"],
-                "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
-                "memory": fresh_peak(problem, name),
-            }
-        data = get(problem).data()
-        results["problems"][problem] = {"batch_size": PROBLEMS[problem], "data": data, "rows": rows}
-        print(f"[ekfac] {problem} done", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # curvlinops' torch.jit.script
+            for problem in problems or PROBLEMS:
+                results["problems"][problem] = _problem(problem, repeats, warmup, memory)
+                print(f"[ekfac] {problem} done", file=sys.stderr)
+    finally:
+        torch.set_num_threads(previous)
     results["load_after"] = load_average()
+    return results
+
+
+def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
+    plan = {name: (fn, None) for name, fn in candidates(problem).items()}
+    timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
+    base = timed["gradient"]
+    rows = {}
+    for name in CANDIDATES:
+        t = timed.get(name, {"status": "n/a", "reason": "not installed"})
+        if t.get("status") == "n/a":
+            rows[name] = t
+            continue
+        rows[name] = {
+            "median_s": t["median_s"],
+            "q25_s": t["q25_s"],
+            "q75_s": t["q75_s"],
+            "cpu_median_s": t["cpu_median_s"],
+            "ratio_to_gradient": t["median_s"] / base["median_s"],
+            "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
+            "memory": fresh_peak(problem, name) if memory else {"status": "not measured"},
+        }
+    data = get(problem).data()
+    return {"batch_size": PROBLEMS[problem], "data": data, "rows": rows}
+
+
+def main() -> Dict:
+    """Run the section; write ``benchmarks/results/ekfac.{json,md,png}``."""
+    results = run()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ekfac.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "ekfac.md").write_text(markdown(results))
-    plot(results, RESULTS / "ekfac.png")
+    plot(results, RESULTS)
     print(markdown(results))
     return results
 
@@ -99,7 +114,8 @@ def markdown(results: Dict) -> str:
         f"product `(C + {DAMPING:g} I)^-1 v` over all parameters of a fitted EK-FAC "
         "(`block.solve` per block; `KFACInverseLinearOperator(use_exact_damping=True) @ v`). "
         "Interleaved in one process, one thread, float32, medians of the timed calls; peak "
-        "memory `VmHWM` of a fresh process that sets up and calls the candidate once.",
+        "memory `VmHWM` of a fresh process that sets up and calls the candidate once, minus its "
+        "level after the imports (model, batch, set-up and call).",
         "",
         f"Load average before / after: {results['load_before']} / {results['load_after']}; "
         f"commit {results['environment'].get('git_commit', '?')}.",
@@ -107,31 +123,41 @@ def markdown(results: Dict) -> str:
         "Data: " + "; ".join(f"{p}: {_dataset(e)}" for p, e in results["problems"].items()),
         "",
         "| problem | N | candidate | median s (q25-q75) | CPU s | x gradient | "
-        "CPU x gradient | x curvlinops | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU x gradient | x curvlinops | peak MB over imports | x curvlinops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for problem, entry in results["problems"].items():
         rows = entry["rows"]
         for name, row in rows.items():
             if "median_s" not in row:
                 reason = row.get("reason", "")
-                lines.append(f"| {problem} | | {name} | n/a: {reason} | | | | | |")
+                lines.append(f"| {problem} | | {name} | n/a: {reason} | | | | | | |")
                 continue
             peer = rows.get(_peer(name), {}) if name.startswith("cg") else {}
             versus = f"{row['median_s'] / peer['median_s']:.2f}" if "median_s" in peer else ""
-            memory = row["memory"]
-            peak = f"{memory['peak_bytes'] / 1e6:.0f}" if memory.get("status") == "ok" else "n/a"
+            peak = _over_imports(row)
+            peer_peak = _over_imports(peer) if peer else None
+            memory_versus = f"{peak / peer_peak:.2f}" if peak and peer_peak else ""
             spread = f"{row['median_s']:.4f} ({row['q25_s']:.4f}-{row['q75_s']:.4f})"
             lines.append(
                 f"| {problem} | {entry['batch_size']} | {name} | {spread} | "
                 f"{row['cpu_median_s']:.4f} | {row['ratio_to_gradient']:.2f} | "
-                f"{row['cpu_ratio_to_gradient']:.2f} | {versus} | {peak} |"
+                f"{row['cpu_ratio_to_gradient']:.2f} | {versus} | "
+                f"{f'{peak / 1e6:.0f}' if peak else 'n/a'} | {memory_versus} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Dict, path: Path) -> None:
-    """Bars: time / gradient per candidate and problem (log scale)."""
+def _over_imports(row: Dict):
+    """Peak ``VmHWM`` minus the level after the imports (bytes), or ``None``."""
+    memory = row.get("memory", {})
+    if memory.get("status") != "ok" or "baseline_bytes" not in memory:
+        return None
+    return memory["peak_bytes"] - memory["baseline_bytes"]
+
+
+def plot(results: Dict, out: Path) -> List[Path]:
+    """Bars: time / gradient per candidate and problem (log scale), into ``out/ekfac.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,5 +179,7 @@ def plot(results: Dict, path: Path) -> None:
     axis.set_yscale("log")
     axis.legend(fontsize=7)
     figure.tight_layout()
+    path = Path(out) / "ekfac.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return [path]

@@ -1,7 +1,8 @@
 """One candidate of the ekfac section in a fresh process: ``RESULT {json}`` with ``VmHWM``.
 
 ``python -m benchmarks.ekfac.worker <problem> <candidate>``; the peak resident memory of
-the whole process (model, batch, set-up and one call) and of the set-up alone.
+the whole process (model, batch, set-up and one call), of the set-up alone, and the level
+after the imports (``baseline_bytes``, subtracted in the report).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from benchmarks.memory import _proc_status_bytes
 def main(problem: str, candidate: str) -> None:
     """Set up, record ``VmHWM``, call once, record it again."""
     torch.set_num_threads(1)
+    import curvlinops  # noqa: F401  (imported by every candidate's process alike)
+
     from benchmarks.ekfac.candidates import candidates
 
+    baseline = _proc_status_bytes("VmHWM")
     plan = candidates(problem, only=[candidate])
     setup = _proc_status_bytes("VmHWM")
     plan[candidate]()
     peak = _proc_status_bytes("VmHWM")
-    print("RESULT " + json.dumps({"peak_bytes": peak, "setup_peak_bytes": setup}))
+    result = {"peak_bytes": peak, "setup_peak_bytes": setup, "baseline_bytes": baseline}
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ Sections (``--sections``, default all):
 - ``operators`` (:mod:`benchmarks.operators`): one full-network GGN / Hessian product beside
   curvlinops and a gradient on mnist_mlp, 3c3d and resnet18 (CIFAR size); opt-in like
   ``language_models`` (``--sections operators``; quick: mnist_mlp only, no memory).
+- ``ekfac`` (:mod:`benchmarks.ekfac`): the EK-FAC fit and damped inverse product beside
+  curvlinops' EK-FAC on mnist_mlp and 3c3d; opt-in (``--sections ekfac``; quick: mnist_mlp
+  only, no memory).
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every

@@ -34,12 +34,13 @@ SECTIONS = (
     "fallback",
     "language_models",
     "operators",
+    "ekfac",
 )
 #: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
 #: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
 DEFAULT_SECTIONS = {"language_models": ("language_models",)}
 #: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products)
-OPT_IN = ("language_models", "operators")
+OPT_IN = ("language_models", "operators", "ekfac")
 
 
 def _module(name: str):
@@ -83,6 +84,12 @@ def _run_operators(args, out: Path) -> Dict[str, Any]:
     return _module("operators").run(repeats=3, warmup=1, problems=["mnist_mlp"], memory=False)
 
 
+def _run_ekfac(args, out: Path) -> Dict[str, Any]:
+    if args.suite == "full":
+        return _module("ekfac").run()
+    return _module("ekfac").run(repeats=2, warmup=1, problems=["mnist_mlp"], memory=False)
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -92,6 +99,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "fallback": _run_fallback,
     "language_models": _run_language_models,
     "operators": _run_operators,
+    "ekfac": _run_ekfac,
 }
 
 
