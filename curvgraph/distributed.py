@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
+from curvgraph.curvature.sums import SumBlock
 from curvgraph.errors import CurvGraphError
 
 __all__ = [
@@ -325,30 +326,35 @@ class BatchShard:
 
         Diagonal: loss sum. Low-rank: rows gathered (the block stays low-rank, ``K N``
         rows on every rank). Kronecker ``G (x) A`` (or ``A (x) G``, ``block.input_first``):
-        ``G`` a loss sum, ``A`` a batch mean.
+        ``G`` a loss sum, ``A`` a batch mean. A sum of blocks (a tied weight's uses): each
+        term combined alone.
         """
         if not self.distributed:
             return curvature
-        blocks = {}
-        for name, block in curvature.items():
-            if isinstance(block, DiagonalBlock):
-                blocks[name] = DiagonalBlock(self.loss_sum(block.diagonal), block.shape)
-            elif isinstance(block, LowRankBlock):
-                blocks[name] = LowRankBlock(self.gather_rows(block.rows), block.shape)
-            elif isinstance(block, KroneckerBlock):
-                first, second = (_square(f) for f in (block.first, block.second))
-                mean = self._input_mean(block.input_count)
-                if block.input_first:
-                    first, second = mean(first), self.loss_sum(second)
-                else:
-                    first, second = self.loss_sum(first), mean(second)
-                blocks[name] = KroneckerBlock(first, second, block.shape)
-                blocks[name].input_first = block.input_first
-            else:
-                raise CurvGraphError(f"cannot combine a {type(block).__name__} over ranks")
+        blocks = {name: self._combined(block) for name, block in curvature.items()}
         return BlockCurvature(
             blocks, curvature.parameters, curvature=curvature.curvature, method=curvature.method
         )
+
+    def _combined(self, block):
+        """One block of :meth:`combine_factor_blocks` over all ranks (a sum: term by term)."""
+        if isinstance(block, DiagonalBlock):
+            return DiagonalBlock(self.loss_sum(block.diagonal), block.shape)
+        if isinstance(block, LowRankBlock):
+            return LowRankBlock(self.gather_rows(block.rows), block.shape)
+        if isinstance(block, SumBlock):  # a tied weight: each use's block combines alone
+            return SumBlock([self._combined(term) for term in block.terms], block.shape)
+        if isinstance(block, KroneckerBlock):
+            first, second = (_square(f) for f in (block.first, block.second))
+            mean = self._input_mean(block.input_count)
+            if block.input_first:
+                first, second = mean(first), self.loss_sum(second)
+            else:
+                first, second = self.loss_sum(first), mean(second)
+            combined = KroneckerBlock(first, second, block.shape)
+            combined.input_first = block.input_first
+            return combined
+        raise CurvGraphError(f"cannot combine a {type(block).__name__} over ranks")
 
 
 class _CombinedProducts:
