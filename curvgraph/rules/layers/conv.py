@@ -37,6 +37,9 @@ from curvgraph.rules.residuals import CrossTerms, Residual
 __all__ = ["ConvRule", "patches", "resolve_padding"]
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: weight products of at most this many columns use native convolutions per column (no
+#: unfolded patches: products of exact curvature); more columns, einsums over the patches
+NATIVE_COLUMNS = 8
 _CONV_INPUT = {
     1: torch.nn.grad.conv1d_input,
     2: torch.nn.grad.conv2d_input,
@@ -242,7 +245,14 @@ class ConvRule(ConvFamilyRule):
                 t.flatten(0, 1), ctx.weight, None, groups=ctx.groups, **self._geometry(ctx)
             )
             out = out + y.unflatten(0, t.shape[:2])
-        if "weight" in tangents:
+        if "weight" in tangents and tangents["weight"].shape[0] <= NATIVE_COLUMNS:
+            conv = CONV_FUNCTIONS[self.dims]
+            geometry = self._geometry(ctx)
+            y = [
+                conv(ctx.input, w, None, groups=ctx.groups, **geometry) for w in tangents["weight"]
+            ]
+            out = out + torch.stack(y)
+        elif "weight" in tangents:
             w = self._grouped_weight(tangents["weight"], ctx.groups)
             y = torch.einsum("kgoi,ngip->kngop", w, self._unfolded(ctx))
             out = out + y.reshape(y.shape[:2] + ctx.output.shape[1:])
@@ -250,7 +260,27 @@ class ConvRule(ConvFamilyRule):
             out = out + self._bias(tangents["bias"])
         return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
 
+    def _summed_weight_products(self, ctx, inputs, cotangents: Tensor) -> Tensor:
+        """``sum_n`` of the weight products of ``inputs`` and ``cotangents`` ``[K, N, *out]``.
+
+        Per column one native weight gradient (``convolution_backward``), without the
+        unfolded patches; ``inputs`` is ``[N, *in]`` (shared) or ``[K, N, *in]``.
+        """
+        geometry = self._geometry(ctx)
+        products = []
+        for k, c in enumerate(cotangents):
+            x = (inputs if inputs.dim() == ctx.input.dim() else inputs[k]).expand(ctx.input.shape)
+            _, w, _ = torch.ops.aten.convolution_backward(
+                c.contiguous(), x.contiguous(), ctx.weight, None, geometry["stride"],
+                geometry["padding"], geometry["dilation"], False, (0,) * self.dims, ctx.groups,
+                (False, True, False),
+            )  # fmt: skip
+            products.append(w)
+        return torch.stack(products)
+
     def _weight_pullback(self, ctx, cotangent, summed):
+        if summed and cotangent.shape[0] <= NATIVE_COLUMNS:
+            return self._summed_weight_products(ctx, ctx.input, cotangent)
         c = self._positions(cotangent, ctx)
         weight = "kngop,ngip->kgoi" if summed else "kngop,ngip->kngoi"
         w = torch.einsum(weight, c, self._unfolded(ctx))
@@ -292,12 +322,18 @@ class ConvRule(ConvFamilyRule):
                 per_column = [self._input_transpose(ctx, grad_output, w) for w in t["weight"]]
                 result["input"] = torch.stack(per_column)
             if "input" in t and (wanted is None or "weight" in wanted):
-                unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]
-                g = self._positions(grad_output, ctx)
-                if "weight" in summed:  # a parameter's product: the batch summed at once
+                k = t["input"].shape[0]
+                if "weight" in summed and k <= NATIVE_COLUMNS:  # the batch summed at once
+                    g = grad_output.expand(k, *grad_output.shape)
+                    result["weight"] = self._summed_weight_products(ctx, t["input"], g)
+                elif "weight" in summed:
+                    unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]
+                    g = self._positions(grad_output, ctx)
                     w = torch.einsum("ngop,kngip->kgoi", g, unfolded)
                     result["weight"] = w.reshape(w.shape[:1] + ctx.weight.shape)
                 else:
+                    unfolded = self._patches(t["input"], ctx)  # [K, N, g, i, p]
+                    g = self._positions(grad_output, ctx)
                     w = torch.einsum("ngop,kngip->kngoi", g, unfolded)
                     result["weight"] = w.reshape(w.shape[:2] + ctx.weight.shape)
             return result
