@@ -73,9 +73,10 @@ def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
     return {"batch_size": PROBLEMS[problem], "rows": rows}
 
 
-def main() -> Dict:
+def main(repeats: int = 5, warmup: int = 1) -> Dict:
     """Run the section; write ``benchmarks/results/operators.{json,md,png}``."""
-    results = run()
+    results = run(repeats, warmup)
+    results["repeats"], results["warmup"] = repeats, warmup
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "operators.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "operators.md").write_text(markdown(results))
