@@ -370,3 +370,21 @@ def test_full_operator_through_derived_parameters(case):
         return
     hessian_op = cg.curvature(loss, out, "hessian", "exact", structure="full")
     _close(hessian_op.to_dense(), dense["hessian"])
+
+
+@pytest.mark.parametrize("curvature", ["fisher-empirical", "fisher-mc"])
+def test_fishers_on_blocks_are_the_diagonal_blocks(curvature):
+    model, x, y = _setup("cnn_bn_eval")
+    cg, out, loss = _curvature(model, x, y)
+    options = {}
+    if curvature == "fisher-mc":
+        options = {"mc_samples": 2, "generator": torch.Generator().manual_seed(3)}
+    full = cg.curvature(loss, out, curvature, "exact", structure="full", **options)
+    if curvature == "fisher-mc":
+        options["generator"] = torch.Generator().manual_seed(3)  # the same roots
+    blocks = cg.curvature(loss, out, curvature, "exact", **options)
+    dense, start = full.to_dense(), 0
+    for block in blocks.values():  # the last layer's bias: a broadcast-shaped tangent
+        size = block.numel
+        _close(block.to_dense(), dense[start : start + size, start : start + size])
+        start += size

@@ -103,11 +103,13 @@ def fisher_output_curvature(curvature: str, loss_model, shard, output_grad, mc_s
     if curvature == "fisher-mc":
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"fisher-mc needs an integer mc_samples >= 1, got {mc_samples!r}")
-        roots = loss_model.sqrt(mc_samples, generator).flatten(2)  # [M, N, F]
+        roots = loss_model.sqrt(mc_samples, generator)  # [M, N, *out]
+        shape, roots = roots.shape[1:], roots.flatten(2)
 
         def product(tangents: Tensor) -> Tensor:
-            weights = torch.einsum("knf,mnf->kmn", tangents.flatten(2), roots)
-            return torch.einsum("kmn,mnf->knf", weights, roots).reshape(tangents.shape)
+            t = tangents.expand(tangents.shape[0], *shape)  # a bias alone: broadcast-shaped
+            weights = torch.einsum("knf,mnf->kmn", t.flatten(2), roots)
+            return torch.einsum("kmn,mnf->knf", weights, roots).reshape(t.shape)
 
         return product
     if output_grad is None:
@@ -117,11 +119,12 @@ def fisher_output_curvature(curvature: str, loss_model, shard, output_grad, mc_s
     scale = getattr(loss_model, "scale", None)
     if scale is None:  # a loss differentiated by autograd: the reduction the user declared
         scale = 1.0 / output_grad.shape[0] if shard.loss_reduction == "mean" else 1.0
-    grad = output_grad.detach().flatten(1)  # [N, F]
+    shape, grad = output_grad.shape, output_grad.detach().flatten(1)  # [N, F]
 
     def empirical(tangents: Tensor) -> Tensor:
-        weights = (tangents.flatten(2) * grad).sum(-1, keepdim=True)  # [K, N, 1]
-        return (weights * grad / scale).reshape(tangents.shape)
+        t = tangents.expand(tangents.shape[0], *shape)  # a bias alone: broadcast-shaped
+        weights = (t.flatten(2) * grad).sum(-1, keepdim=True)  # [K, N, 1]
+        return (weights * grad / scale).reshape(t.shape)
 
     return empirical
 
