@@ -463,3 +463,22 @@ def test_resnet18_kron_fits():
     la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
     la.optimize_prior_precision(method="marglik", n_steps=5)
     assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_last_layer_empirical_fisher_equals_per_sample_gradients():
+    """Last-layer EF ``diag`` and ``full``: sum of squared per-sample gradients of the head.
+
+    BackPACK's agrees; laplace-torch's torch.func ``gradients`` path (CurvlinopsEF's ``diag``,
+    laplace-torch 0.3) does not on last-layer Laplace, so it is no reference here.
+    """
+    model = mlp(2)
+    x, y = data("mlp", "classification", n=30)
+    features = torch.tanh(model[0](x))
+    p = torch.softmax(model[2](features), -1)
+    g = p - nn.functional.one_hot(y, 2)
+    grads = torch.cat([torch.einsum("nc,ni->nci", g, features).flatten(1), g], 1)
+    for structure, expected in (("diag", (grads**2).sum(0)), ("full", grads.T @ grads)):
+        ours, _ = fitted(model, "classification", structure, CurvgraphEF, "last_layer")
+        torch.testing.assert_close(ours.H, expected, **TOL)
+    peer, _ = fitted(model, "classification", "diag", BackPackEF, "last_layer")
+    torch.testing.assert_close(peer.H, (grads**2).sum(0), **TOL)
