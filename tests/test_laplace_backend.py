@@ -5,13 +5,12 @@ them with (an MLP 3-20-2 with tanh, a small conv net; classification and regress
 ``full`` against curvlinops (and BackPACK), ``kron`` against BackPACK's KFLR and curvlinops'
 KFAC where they define the factors the same way, ``diag`` against BackPACK's exact diagonal
 and a ``torch.func`` GGN; the marginal likelihood, the optimised prior precision and the
-predictives (GLM probit and MC, NN sampling) of whole ``Laplace`` objects; then models
-laplace-torch's backends cannot handle (a ResNet with BatchNorm, a ViT with LayerNorm, a
-GPT-2 tiny config with ``[B, T, C]`` logits), and the structures a backend refuses.
+predictives (GLM probit and MC, NN sampling) of whole ``Laplace`` objects; and the
+structures a backend refuses. Models laplace-torch's backends cannot handle:
+tests/test_laplace_models.py.
 """
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -37,9 +36,6 @@ from curvgraph.integrations.laplace import (  # noqa: E402
     kronecker_factors,
 )
 
-SLOW = pytest.mark.skipif(
-    os.environ.get("CURVGRAPH_SLOW_TESTS") != "1", reason="slow: set CURVGRAPH_SLOW_TESTS=1"
-)
 TOL = {"atol": 1e-10, "rtol": 1e-9}
 
 
@@ -331,138 +327,6 @@ def test_kron_without_kronecker_factors_refuses_or_falls_back_to_diagonal_factor
 def test_kronecker_factors_validates_its_fallback():
     with pytest.raises(ValueError, match="fallback must be one of"):
         kronecker_factors({}, {}, fallback="nearest")
-
-
-# ---- models laplace-torch's own backends cannot handle --------------------------------------
-
-
-class SmallResNet(nn.Module):
-    """conv-BN-ReLU, a residual block with BatchNorm (eval), pooling, a linear head."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = nn.Sequential(
-            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)
-        )
-        self.head = nn.Linear(4, classes)
-
-    def forward(self, x):
-        h = self.stem(x)
-        h = torch.relu(h + self.block(h))
-        return self.head(h.mean((2, 3)))
-
-
-def small_vit():
-    import torchvision
-
-    return torchvision.models.VisionTransformer(
-        image_size=8,
-        patch_size=4,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        mlp_dim=16,
-        num_classes=3,
-    )
-
-
-def with_statistics(model):
-    """Random BatchNorm statistics, so that eval BatchNorm is not the identity."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.double().eval()
-
-
-@pytest.mark.parametrize("make", [SmallResNet, small_vit], ids=["resnet_bn", "vit_ln"])
-@pytest.mark.parametrize("structure", ["kron", "diag"])
-def test_resnet_and_vit_fit_optimise_and_predict(make, structure):
-    torch.manual_seed(0)
-    model = with_statistics(make())
-    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 3, (10,))
-    la = Laplace(model, "classification", "all", structure, backend=CurvgraphGGN)
-    la.fit(DataLoader(TensorDataset(x, y), batch_size=5))
-    la.optimize_prior_precision(method="marglik", n_steps=10)
-    assert torch.isfinite(la.log_marginal_likelihood())
-    probs = la(x[:3], pred_type="glm", link_approx="probit")
-    torch.testing.assert_close(probs.sum(-1), torch.ones(3), **TOL)
-    if structure == "diag":  # the fitted diagonal is the exact GGN's (torch.func)
-        expected = jacobian_ggn(model, x, "classification").diagonal()
-        torch.testing.assert_close(la.H, expected, **TOL)
-
-
-class LanguageModel(nn.Module):
-    """A Hugging Face GPT-2 tiny config behind a dict input, logits [B, T, V]."""
-
-    def __init__(self, vocabulary=11):
-        super().__init__()
-        transformers = pytest.importorskip("transformers")
-        config = transformers.GPT2Config(
-            n_layer=1,
-            n_embd=8,
-            n_head=2,
-            vocab_size=vocabulary,
-            n_positions=16,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        torch.manual_seed(0)
-        self.hf = transformers.GPT2LMHeadModel(config)
-
-    def forward(self, data):
-        return self.hf(input_ids=data["input_ids"]).logits
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-@pytest.mark.parametrize("structure", ["kron", "diag"])
-def test_gpt2_tiny_fits_with_sequence_logits(structure):
-    model = LanguageModel().double().eval()
-    torch.manual_seed(1)
-    ids = torch.randint(0, 11, (6, 5))
-    loader = DataLoader(Tokens(ids), batch_size=3)
-    la = Laplace(model, "classification", "all", structure, backend=CurvgraphGGN)
-    la.fit(loader)
-    la.optimize_prior_precision(method="marglik", n_steps=5)
-    assert torch.isfinite(la.log_marginal_likelihood())
-    batch = next(iter(loader))
-    probs = la(batch, pred_type="glm", link_approx="probit")  # one predictive per token
-    assert probs.shape == (3 * 5, 11)
-    if structure == "diag":  # the summed token cross-entropy's GGN diagonal, from torch.func
-        params = dict(model.named_parameters())
-
-        def logits(p):
-            return torch.func.functional_call(model, p, ({"input_ids": ids},)).flatten(0, 1)
-
-        J = torch.cat([j.flatten(2) for j in torch.func.jacrev(logits)(params).values()], 2)
-        p = torch.softmax(logits(params), -1)
-        lam = torch.diag_embed(p) - torch.einsum("nc,nk->nck", p, p)
-        expected = torch.einsum("ncp,nck,nkp->p", J, lam, J)
-        torch.testing.assert_close(la.H, expected, **TOL)
-
-
-@SLOW
-def test_resnet18_kron_fits():
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float32), torch.randint(0, 10, (8,))
-    torch.set_default_dtype(torch.float32)
-    la = Laplace(model, "classification", "all", "kron", backend=CurvgraphGGN)
-    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
-    la.optimize_prior_precision(method="marglik", n_steps=5)
-    assert torch.isfinite(la.log_marginal_likelihood())
 
 
 def test_last_layer_empirical_fisher_equals_per_sample_gradients():
