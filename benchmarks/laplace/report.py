@@ -73,7 +73,23 @@ def markdown(result: Dict[str, Any]) -> str:
             "",
         ]
         lines += _rows(entry)
+        lines += _busy(entry)
     return "\n".join(lines) + "\n"
+
+
+def _busy(entry: Dict[str, Any]) -> List[str]:
+    """A warning when the interleaved fits got less than half a core: compare CPU times."""
+    timed = [v for v in entry.get("interleaved", {}).values() if v.get("cpu_median_s")]
+    wall = sum(v["median_s"] for v in timed)
+    cpu = sum(v["cpu_median_s"] for v in timed)
+    if not timed or wall <= 2 * cpu:
+        return []
+    return [
+        "",
+        f"The machine was busy: the interleaved fits took {fmt_number(wall / cpu)}x their CPU "
+        "time in wall time (other processes held the cores), so their CPU times and CPU "
+        "ratios are the comparison; ratios above 1 are slower than curvgraph.",
+    ]
 
 
 def plot(result: Dict[str, Any], out: Path, name: str = "laplace.png") -> List[Path]:
