@@ -189,8 +189,8 @@ def _check_batch(case, cg, n, caught):
         tm.step_parameters(model)
         for c in curvatures:
             references[c].append(case.references(cg, x, y, target, c))
-    if "replace_late" in case.traps:
-        tm.replace_parameter(model, case.index)
+    if "replace_late" in case.traps:  # a parameter or a submodule
+        (tm.swap_module if case.index % 3 == 0 else tm.replace_parameter)(model, case.index)
     if "input_modified" in case.traps:  # a reused input buffer
         x.mul_(2.0)
     kept = []
