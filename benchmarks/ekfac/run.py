@@ -123,7 +123,7 @@ def markdown(results: Dict) -> str:
         "Data: " + "; ".join(f"{p}: {_dataset(e)}" for p, e in results["problems"].items()),
         "",
         "| problem | N | candidate | median s (q25-q75) | CPU s | x gradient | "
-        "CPU x gradient | x curvlinops | peak MB over imports | x curvlinops |",
+        "CPU x gradient | x curvlinops (CPU) | peak MB over imports | x curvlinops |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for problem, entry in results["problems"].items():
@@ -135,6 +135,8 @@ def markdown(results: Dict) -> str:
                 continue
             peer = rows.get(_peer(name), {}) if name.startswith("cg") else {}
             versus = f"{row['median_s'] / peer['median_s']:.2f}" if "median_s" in peer else ""
+            if "cpu_median_s" in peer:
+                versus += f" (CPU {row['cpu_median_s'] / peer['cpu_median_s']:.2f})"
             peak = _over_imports(row)
             peer_peak = _over_imports(peer) if peer else None
             memory_versus = f"{peak / peer_peak:.2f}" if peak and peer_peak else ""
