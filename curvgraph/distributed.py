@@ -33,10 +33,8 @@ differs (instead of one rank raising while the others wait in a collective).
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,6 +43,17 @@ from torch import Tensor
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
 from curvgraph.curvature.sums import SumBlock
 from curvgraph.errors import CurvGraphError
+from curvgraph.rank_state import (
+    CATEGORIES,
+    CAUSES,
+    MISMATCHES,
+    RankError,
+    RankFloatingPointError,
+    RankState,
+    RankValueError,
+    describe_ranks,
+    fingerprint,
+)
 
 __all__ = [
     "BatchShard",
@@ -56,98 +65,6 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum")
-#: why a rank cannot take part in a call (``index + 1`` is the status code it sends)
-CAUSES = (
-    "its batch is empty",
-    "its outputs contain NaN or inf",
-    "its loss (or the loss's Hessian) is not finite",
-    "its loss is not a sum of per-sample terms of the outputs",
-    "it refused the call",
-)
-#: the relative difference of two checksums above which the ranks' tensors differ
-CHECKSUM_RTOL = 1e-10
-
-
-class RankError(CurvGraphError):
-    """Raised on every rank, with one message, when a rank failed a check or differs.
-
-    Attributes:
-        ranks: the ranks at fault.
-        cause: what is wrong with them (a :data:`CAUSES` entry or a mismatch).
-    """
-
-    def __init__(self, message: str, ranks: Sequence[int] = (), cause: str = ""):
-        super().__init__(message)
-        self.ranks, self.cause = tuple(ranks), cause
-
-
-class RankValueError(RankError, ValueError):
-    """A :class:`RankError` where the failing rank raised a ``ValueError`` (a bad argument)."""
-
-
-class RankFloatingPointError(RankError, FloatingPointError):
-    """A :class:`RankError` where the failing rank raised a ``FloatingPointError`` (NaN/inf)."""
-
-
-#: where a stated vector (:meth:`RankState.vector`) holds the checksums
-PARAMETERS, DERIVED = slice(7, 11), slice(11, 15)
-#: (entries, tolerance, cause) of the mismatches every rank checks, in this order
-_MISMATCHES = (
-    (slice(3, 4), 0.0, "it makes another call than rank 0 (another method, curvature, "
-     "loss_reduction or option; for all_reduce_gradients: gradients of other parameters): "
-     "all ranks must make the same calls in the same order"),
-    (slice(4, 6), 0.0, "its traced graph differs from rank 0's (another model, or another "
-     "trace): every rank must trace the same model"),
-    (PARAMETERS, CHECKSUM_RTOL, "its parameters differ from rank 0's (checksums): every rank "
-     "must hold the same model (DistributedDataParallel broadcasts rank 0's; otherwise seed "
-     "the initialisation and load the same weights on every rank)"),
-)  # fmt: skip
-#: the error every rank raises, by what the first failing rank raised (its index is sent)
-_CATEGORIES = ((FloatingPointError, RankFloatingPointError), (ValueError, RankValueError))
-
-
-@dataclass
-class RankState:
-    """What one rank states in the first collective of a call (one ``all_gather``).
-
-    Attributes:
-        batch_size: ``N_r``.
-        failure: ``(cause, error)`` of a check that failed on this rank (cause from
-            :data:`CAUSES`), or ``None``.
-        call: a fingerprint of the call (method, curvature, options), ``< 2^48``.
-        graph: a fingerprint of the traced graph and its number of nodes.
-        parameters: a checksum of the model's parameters
-            (:func:`curvgraph.methods.ranks.checksum`).
-        derived: a checksum of the tensors computed from parameters alone.
-        counted: the tokens a mean over counted tokens divides by (``-1``: no such loss).
-    """
-
-    batch_size: int
-    failure: Optional[Tuple[str, BaseException]] = None
-    call: int = 0
-    graph: Tuple[int, int] = (0, 0)
-    parameters: Optional[Tensor] = None
-    derived: Optional[Tensor] = None
-    counted: int = -1
-
-    def vector(self, like: Tensor) -> Tensor:
-        """``[code, category, N_r, call, graph, nodes, counted, *parameters, *derived]``.
-
-        ``code``: ``0``, or ``1 +`` the index of the failure's cause in :data:`CAUSES`;
-        ``category``: ``0``, or ``1 +`` the index in ``_CATEGORIES`` of what it raised.
-        """
-        code = category = 0
-        if self.failure is not None:
-            cause, error = self.failure
-            code = CAUSES.index(cause) + 1
-            kinds = [i + 1 for i, (kind, _) in enumerate(_CATEGORIES) if isinstance(error, kind)]
-            category = kinds[0] if kinds else 0
-        head = [code, category, self.batch_size, self.call, *self.graph, self.counted]
-        zeros = torch.zeros(4, dtype=torch.float64, device=like.device)
-        checksums = [
-            zeros if c is None else c.to(like.device) for c in (self.parameters, self.derived)
-        ]
-        return torch.cat([torch.tensor(head, dtype=torch.float64, device=like.device), *checksums])
 
 
 class BatchShard:
@@ -222,10 +139,12 @@ class BatchShard:
             error = self._failure(failed, state)
             raise error from (state.failure[1] if state.failure is not None else None)
         count = len(self.states)
-        for where, rtol, cause in _MISMATCHES:
+        for where, rtol, cause in MISMATCHES:
             ranks = [r for r in range(count) if not self.agrees(r, where, rtol)]
             if ranks:
-                message = f"{_ranks(ranks)} of {count} cannot take part in this curvature call: "
+                message = (
+                    f"{describe_ranks(ranks)} of {count} cannot take part in this curvature call: "
+                )
                 raise RankError(message + cause, ranks, cause)
 
     def agrees(self, rank: int, where: slice, rtol: float = 0.0) -> bool:
@@ -244,10 +163,10 @@ class BatchShard:
         causes = [CAUSES[int(self.states[r][0]) - 1] for r in failed]
         lines = [f"rank {r}: {c} ({details[r]})" for r, c in zip(failed, causes)]
         category = int(self.states[failed[0]][1])
-        kind = _CATEGORIES[category - 1][1] if category else RankError
+        kind = CATEGORIES[category - 1][1] if category else RankError
         message = (
-            f"{_ranks(failed)} of {len(self.states)} cannot take part in this curvature call, "
-            "so no rank computes it (the ranks agree before their first collective):\n  "
+            f"{describe_ranks(failed)} of {len(self.states)} cannot take part in this curvature "
+            "call, so no rank computes it (the ranks agree before their first collective):\n  "
             + "\n  ".join(lines)
         )
         return kind(message, failed, causes[0])
@@ -411,16 +330,6 @@ def all_reduce_gradients(
     combined = _all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
     for p, grad in zip(parameters, combined):
         p.grad.copy_(grad)
-
-
-def fingerprint(items) -> int:
-    """A 48-bit hash of ``repr(items)`` (exact in the float64 vector the ranks gather)."""
-    digest = hashlib.blake2b(repr(items).encode(), digest_size=6).digest()
-    return int.from_bytes(digest, "big")
-
-
-def _ranks(ranks: List[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 def _square(factor: Tensor) -> Tensor:

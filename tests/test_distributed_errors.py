@@ -24,13 +24,13 @@ import curvgraph
 import curvgraph.methods.ranks as ranks_module
 from curvgraph import CurvGraphError
 from curvgraph.distributed import (
-    CHECKSUM_RTOL,
     RankError,
     RankFloatingPointError,
     RankValueError,
     all_reduce_gradients,
 )
 from curvgraph.losses import LossStructureError
+from curvgraph.rank_state import CHECKSUM_RTOL
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():

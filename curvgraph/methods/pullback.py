@@ -22,9 +22,9 @@ from torch import Tensor
 
 from curvgraph.curvature import Block, BlockCurvature
 from curvgraph.curvature.implicit import dense_from_products
-from curvgraph.distributed import CHECKSUM_RTOL, DERIVED, RankError
 from curvgraph.errors import CurvatureSizeError
 from curvgraph.graph import DerivedParameter, TracedGraph
+from curvgraph.rank_state import CHECKSUM_RTOL, DERIVED, RankError
 from curvgraph.rules import modify_symmetric
 
 __all__ = [

@@ -24,11 +24,12 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from curvgraph.distributed import CAUSES, BatchShard, RankState, fingerprint
+from curvgraph.distributed import BatchShard
 from curvgraph.errors import CurvGraphError
 from curvgraph.graph import TracedGraph
 from curvgraph.losses import CrossEntropyLoss, LossStructureError, MSELoss, TokenCrossEntropyLoss
 from curvgraph.methods.pullback import check_distributed
+from curvgraph.rank_state import CAUSES, RankState, fingerprint
 
 __all__ = ["RankAgreement", "checksum", "derived_checksum", "loss_count"]
 
