@@ -324,3 +324,36 @@ def test_a_factor_above_max_factor_size_is_refused_naming_the_node():
     assert curv["emb.weight"].first_vectors is None
     with pytest.raises(ValueError, match="max_factor_size"):
         ekfac(model, x, y, max_factor_size=0)
+
+
+class _TiedModel(nn.Module):
+    """GPT-2's tying: the embedding's weight is also the output head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(7, 5), nn.Linear(5, 5, bias=False)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc(self.emb(x))), self.emb.weight)
+
+
+def test_a_tied_weight_gets_the_sum_of_its_uses_refitted_blocks():
+    """Each use in the eigenbasis of its own ``kflr`` term; ``fallback="error"`` accepts it."""
+    torch.manual_seed(0)
+    model = _TiedModel().to(DTYPE)
+    x, y = torch.randint(7, (N, 3)), torch.randint(7, (N, 3))
+    curv = ekfac(model, x, y, fallback="error")
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    kflr = cg.curvature(cross_entropy(out, y), out, method="kflr")
+    ours, theirs = curv["emb.weight"].terms, kflr["emb.weight"].terms
+    assert len(ours) == len(theirs) == 2
+    for term, kronecker in zip(ours, theirs):
+        assert isinstance(term, EigenbasisBlock)
+        q = basis(term)
+        rotated = q.T @ kronecker.to_dense() @ q  # kflr's term is diagonal in the basis
+        torch.testing.assert_close(rotated, torch.diag(rotated.diagonal()), **EXACT)
+    v = torch.randn(7, 5, dtype=DTYPE)
+    dense = curv["emb.weight"].to_dense() + 0.1 * torch.eye(35, dtype=DTYPE)
+    expected = torch.linalg.solve(dense, v.reshape(-1)).reshape(7, 5)
+    torch.testing.assert_close(curv["emb.weight"].solve(v, 0.1), expected, **EXACT)

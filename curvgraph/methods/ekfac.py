@@ -18,11 +18,14 @@ columns build the factors (as curvlinops draws the same labels for both). Blocks
 :class:`~curvgraph.curvature.EigenbasisBlock`: products, ``diag``, ``trace``, the damped
 inverse ``Q diag(1 / (S + lambda)) Q^T`` and its product ``block.solve(v, lambda)``.
 
-Parameters without Kronecker factors (biases, normalisation weights, tied weights, weights
-used through derived tensors) keep ``kflr``'s / ``kfac``'s block, the low-rank block
-``sum_{k,n} u_kn u_kn^T`` of the same columns (the exact GGN block for exact columns: EK-FAC
-in the block's own eigenbasis); ``fallback="error"`` refuses them instead, naming each
-parameter, its node, op and source line and why it has no factors.
+A tied weight (used by several ops with factors, GPT-2's embedding and head) gets, as
+under ``kflr``, the sum of its uses' blocks (:class:`~curvgraph.curvature.sums.SumBlock`, each
+use refitted from its own per-sample gradients, cross-use terms dropped). Parameters without
+Kronecker factors (biases, normalisation weights, weights used through derived tensors) keep
+``kflr``'s / ``kfac``'s block, the low-rank block ``sum_{k,n} u_kn u_kn^T`` of the same
+columns (the exact GGN block for exact columns: EK-FAC in the block's own eigenbasis);
+``fallback="error"`` refuses them instead, naming each parameter, its node, op and source
+line and why it has no factors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.curvature import DiagonalFactor, EigenbasisBlock, KroneckerBlock
+from curvgraph.curvature.sums import SumBlock
 from curvgraph.errors import CurvatureSizeError, CurvGraphError
 from curvgraph.graph import plan
 from curvgraph.methods.base import Verdict, register_method
@@ -202,7 +206,8 @@ def _refuse_blocks_without_factors(graph, curv) -> None:
     uses = walk.first_uses()
     problems = []
     for name, block in curv.items():
-        if isinstance(block, EigenbasisBlock):
+        terms = block.terms if isinstance(block, SumBlock) else [block]
+        if all(isinstance(term, EigenbasisBlock) for term in terms):  # a tied weight: per use
             continue
         info, slot = uses.get(name, (None, None))
         if info is None or name in graph.derived or walk.tied(name):
