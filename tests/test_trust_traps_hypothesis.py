@@ -55,6 +55,7 @@ SLOW = os.environ.get("CURVGRAPH_SLOW_TESTS") == "1"
 REFUSALS = {
     "replace_late": "changed after it was traced",
     "step_between": "modified in place after the forward pass",
+    "data_replaced": "modified in place after the forward pass",
     "input_modified": "argument 'input' of node '(conv|stem)' .*modified in place after",
     "penalty": "other than through the outputs",
     "coupled": "not a sum of per-sample terms",
@@ -185,8 +186,8 @@ def _check_batch(case, cg, n, caught):
     ]
     curvatures = sorted({curvature for _, curvature in calls})
     references = {c: [case.references(cg, x, y, target, c)] for c in curvatures}
-    if "step_between" in case.traps:  # the recorded point or the stepped one, never a mixture
-        tm.step_parameters(model)
+    if {"step_between", "data_replaced"} & case.traps:  # the recorded point or the new one
+        tm.step_parameters(model, in_place="step_between" in case.traps)
         for c in curvatures:
             references[c].append(case.references(cg, x, y, target, c))
     if "replace_late" in case.traps:  # a parameter or a submodule

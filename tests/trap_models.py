@@ -34,7 +34,7 @@ STEPS = ["linear", "residual", "concat", "direct", "derived", "tied"]
 STEPS += ["cut_chain", "cut_branch", "threshold"]
 #: traps around the model (``Case.traps``)
 TRAPS = ["replace_param", "swap_module", "step_after", "step_between", "replace_late"]
-TRAPS += ["penalty", "coupled", "custom_function", "freeze", "input_modified"]
+TRAPS += ["penalty", "coupled", "custom_function", "freeze", "input_modified", "data_replaced"]
 #: per-sample losses ``(out, labels, targets) -> loss``
 LOSSES = {
     "cross_entropy": lambda out, y, t: F.cross_entropy(out, y),
@@ -156,10 +156,13 @@ def freeze_parameter(model, index):
     parameters[index % len(parameters)].requires_grad_(False)
 
 
-def step_parameters(model):
+def step_parameters(model, in_place=True):
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            if in_place:
+                p.add_(0.3 * torch.randn_like(p))
+            else:  # a new tensor behind the same parameter
+                p.data = p.data + 0.3 * torch.randn_like(p)
 
 
 class Case:

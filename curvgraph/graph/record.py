@@ -280,23 +280,24 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
 def _versions(model: nn.Module, contexts: Dict[str, Context]) -> List[tuple]:
     """``(what, tensor, _version, data_ptr)`` for the parameters and the recorded tensors.
 
-    An in-place update (``_version``, shared by a tensor's detached views) or a new ``.data``
-    of a parameter (``data_ptr``) after the forward would make a curvature mix the recorded
-    point with the new one. Recorded tensors are compared by version only (``data_ptr`` 0);
-    those in a parameter's storage are named as the parameter.
+    An in-place update after the forward (``_version``, shared by a tensor's detached views)
+    or a new ``p.data`` (``data_ptr``: the recorded tensors keep the old values, blocks pulled
+    back through a parameter-only computation read the new ones) would make a curvature mix
+    the recorded point with the new one. Recorded tensors in a parameter's storage are named
+    as the parameter; their ``data_ptr`` is not compared (0).
     """
-    found = [(f"parameter {n!r}", p, 0, p.data_ptr()) for n, p in model.named_parameters()]
-    owned = {_storage(p) for _, p, _, _ in found} - {None}
+    found = [(f"parameter {n!r}", p) for n, p in model.named_parameters()]
+    owned = {_storage(p) for _, p in found} - {None}
     for node, ctx in contexts.items():
         for key, value in ctx.args.items():
             for item in value if type(value) in (list, tuple) else (value,):
                 if isinstance(item, Tensor) and _storage(item) not in owned:
-                    found.append((f"argument {key!r} of node {node!r}", item, 0, 0))
-        found.append((f"output of node {node!r}", ctx.output, 0, 0))
+                    found.append((f"argument {key!r} of node {node!r}", item))
+        found.append((f"output of node {node!r}", ctx.output))
     # inference tensors (torch.inference_mode()) have no version and cannot change in place
     return [
-        (what, t, t._version, pointer)
-        for what, t, _, pointer in found
+        (what, t, t._version, t.data_ptr() if what.startswith("parameter") else 0)
+        for what, t in found
         if isinstance(t, Tensor) and not t.is_inference()
     ]
 
