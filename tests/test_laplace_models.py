@@ -156,10 +156,15 @@ def test_gpt2_tiny_fits_with_sequence_logits(structure):
 def test_resnet18_kron_fits():
     import torchvision
 
+    torch.set_default_dtype(torch.float32)  # the fixture's float64 is restored after
     model = torchvision.models.resnet18(num_classes=10).eval()
-    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float32), torch.randint(0, 10, (8,))
-    torch.set_default_dtype(torch.float32)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     la = Laplace(model, "classification", "all", "kron", backend=CurvgraphGGN)
     la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
     la.optimize_prior_precision(method="marglik", n_steps=5)
     assert torch.isfinite(la.log_marginal_likelihood())
+    params = [p for p in model.parameters()]  # every parameter, BatchNorm's included
+    assert len(la.H_facs.kfacs) == len(params) == 62
+    for factors, p in zip(la.H_facs.kfacs, params):
+        assert all(f.ndim == 2 for f in factors)
+        assert torch.prod(torch.tensor([f.shape[0] for f in factors])) == p.numel()
