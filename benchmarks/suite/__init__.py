@@ -35,6 +35,9 @@ Sections (``--sections``, default all):
 - ``ekfac`` (:mod:`benchmarks.ekfac`): the EK-FAC fit and damped inverse product beside
   curvlinops' EK-FAC on mnist_mlp and 3c3d; opt-in (``--sections ekfac``; quick: mnist_mlp
   only, no memory).
+- ``laplace`` (:mod:`benchmarks.laplace`): ``Laplace.fit`` (kron, diag) with the curvgraph
+  backend beside laplace-torch's BackPACK, ASDL and curvlinops backends on mnist_mlp and
+  resnet18; opt-in (``--sections laplace``; quick: 200 samples).
 
 A section that raises is recorded as failed (with the error and traceback) and the run goes
 on. The quick suite takes under 10 minutes on 2 CPU cores; ``--suite full`` runs every

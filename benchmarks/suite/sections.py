@@ -35,12 +35,14 @@ SECTIONS = (
     "language_models",
     "operators",
     "ekfac",
+    "laplace",
 )
 #: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
 #: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
 DEFAULT_SECTIONS = {"language_models": ("language_models",)}
-#: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products)
-OPT_IN = ("language_models", "operators", "ekfac")
+#: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products,
+#: ``laplace`` fits resnet18 with laplace-torch's backends)
+OPT_IN = ("language_models", "operators", "ekfac", "laplace")
 
 
 def _module(name: str):
@@ -90,6 +92,10 @@ def _run_ekfac(args, out: Path) -> Dict[str, Any]:
     return _module("ekfac").run(repeats=2, warmup=1, problems=["mnist_mlp"], memory=False)
 
 
+def _run_laplace(args, out: Path) -> Dict[str, Any]:
+    return _module("laplace").run("full" if args.suite == "full" else "quick")
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -100,6 +106,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "language_models": _run_language_models,
     "operators": _run_operators,
     "ekfac": _run_ekfac,
+    "laplace": _run_laplace,
 }
 
 
