@@ -1,4 +1,4 @@
-"""Linear solvers on curvature: lockstep (preconditioned) CG, damped solves, Kronecker eig solves."""
+"""Linear solvers on curvature: lockstep (preconditioned) CG, damped and Kronecker eig solves."""
 
 from curvgraph.solvers.cg import CGInfo, cg
 from curvgraph.solvers.damped import damped_solve
