@@ -283,12 +283,43 @@ class _CombinedProducts:
         self.engine, self.shard = engine, shard
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Local products, then one ``all_reduce``: every rank must call this in lockstep."""
-        products = self.engine.matmat(columns)
+        """Local products, then one ``all_reduce``: every rank must call this in lockstep.
+
+        Before the products cross, the ranks agree that each computed its own (one small
+        ``all_reduce`` of a flag per rank): a product refused on one rank (a parameter
+        modified in place there since the curvature was computed) raises the same
+        :class:`RankError` on every rank instead of leaving the others waiting.
+        """
+        device = next(iter(columns.values())).device
+        try:
+            products, error = self.engine.matmat(columns), None
+        except Exception as raised:  # agreed on below, then raised on every rank
+            products, error = None, raised
+        self._agree_on(error, device)
         names = list(products)
         weight = self.shard.loss_weight
         combined = _all_reduce_many([products[n] * weight for n in names], self.shard.group)
         return dict(zip(names, combined))
+
+    def _agree_on(self, error: Optional[BaseException], device: torch.device) -> None:
+        """Raise one :class:`RankError` on every rank if any rank's product raised."""
+        dist, group = _initialized(), self.shard.group
+        flags = torch.zeros(dist.get_world_size(group), dtype=torch.float64, device=device)
+        flags[dist.get_rank(group)] = float(error is not None)
+        dist.all_reduce(flags, group=group)
+        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+        if not failed:
+            return
+        detail = "" if error is None else f"{type(error).__name__}: {error}"
+        details: List[Optional[str]] = [None] * len(flags)
+        dist.all_gather_object(details, detail, group=group)
+        lines = "\n  ".join(f"rank {r}: {details[r]}" for r in failed)
+        raise RankError(
+            f"{describe_ranks(failed)} of {len(flags)} could not compute its product of the "
+            f"curvature, so no rank combines it:\n  {lines}",
+            failed,
+            "its product raised",
+        ) from error
 
 
 def all_reduce_gradients(

@@ -160,6 +160,17 @@ def both_fail(rank, group):
     return cg.curvature(F.cross_entropy(out, y), out, method="kflr", process_group=group)
 
 
+def product_after_update(rank, group):
+    """Exact blocks computed together; rank 1 then reuses its input buffer in place."""
+    cg = curvgraph.trace(make_model())
+    x, y = make_batch(rank)
+    out = cg(x)
+    curv = cg.curvature(F.cross_entropy(out, y), out, method="exact", process_group=group)
+    if rank == 1:
+        x.mul_(2.0)  # the next batch loaded into the same buffer, on one rank only
+    return curv.matvec({n: torch.ones_like(p) for n, p in cg.model.named_parameters()})
+
+
 CASES = {
     "empty shard, hbp": empty_shard,
     "empty shard, sqrt": lambda rank, group: empty_shard(rank, group, "sqrt"),
@@ -174,6 +185,7 @@ CASES = {
     "empty shard, all_reduce_gradients": empty_gradients,
     "no gradients, all_reduce_gradients": missing_gradients,
     "ranks 0 and 1": both_fail,
+    "product after an in-place input on one rank": product_after_update,
 }
 
 
@@ -313,3 +325,14 @@ def test_checksum_equals_float64_sums_chunked_or_not(monkeypatch):
     assert abs(float(changed[3] - expected[3])) > 1e3 * CHECKSUM_RTOL * float(expected.abs().max())
     reordered = ranks_module.checksum([tensors[1], tensors[0], tensors[2]], "cpu")
     assert not torch.allclose(reordered, expected, rtol=1e-6)
+
+
+def test_a_product_refused_on_one_rank_raises_on_every_rank(ranks):
+    """The products of exact blocks are collectives: a refusal on one rank is agreed on."""
+    first, second = (results["product after an in-place input on one rank"] for results in ranks)
+    for result in (first, second):
+        assert result is not None and result["type"] is RankError, result
+        assert result["ranks"] == (1,), result
+        assert result["message"].startswith("rank 1 of 2 could not compute its product")
+        assert "modified in place" in result["message"], result["message"]
+    assert second["original"] is not None and issubclass(second["original"], CurvGraphError)
