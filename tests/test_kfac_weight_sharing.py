@@ -400,6 +400,10 @@ def test_tied_weight_block_is_the_sum_of_its_uses_kronecker_blocks(approx, metho
     vector = torch.randn(V, D, dtype=DTYPE)
     torch.testing.assert_close(block.matvec(vector), (expected @ vector.reshape(-1)).reshape(V, D))
     torch.testing.assert_close(block.diag(), torch.diagonal(expected).reshape(V, D))
+    cg = curvgraph.trace(model)
+    cg(x)
+    verdict = str(lookup_method(method).check(cg, plan(cg), kfac_approx=approx))
+    assert "1 sum(s) of Kronecker blocks (tied weights)" in verdict, verdict
 
 
 def cnn():

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from curvgraph.curvature import Block, Factor, KroneckerBlock
 from curvgraph.methods.base import Verdict, register_method
-from curvgraph.methods.factors import FactorMethod
+from curvgraph.methods.factors import FactorMethod, summed_uses
 
 __all__ = ["KFAC_APPROX", "KFLR", "KroneckerFactorMethod"]
 
@@ -93,21 +93,28 @@ class KroneckerFactorMethod(FactorMethod):
         return _sided(KroneckerBlock(*pair, shape, roots=roots), rule, ctx)
 
     def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
-        """How many blocks are Kronecker, how many low-rank."""
-        uses = walk.first_uses()
+        """How many blocks are Kronecker (or sums of them, for tied weights), how many low-rank."""
         contexts = graph.record.contexts
-        kron = 0
+        kron = sums = 0
+        uses = walk.first_uses()
+
+        def kronecker(node, slot: str) -> bool:
+            rule, ctx = graph.infos[node].rule, contexts[node.name]
+            return ctx.value(slot).dim() >= 2 and rule.capability("kronecker_factors") is not None
+
         for name, (info, slot) in uses.items():
-            ctx = contexts[info.node.name]
-            if (
-                name not in graph.derived
-                and not walk.tied(name)
-                and ctx.value(slot).dim() >= 2
-                and info.rule.capability("kronecker_factors") is not None
-                and (kfac_approx != "low-rank" or _exact_kronecker(info.rule, ctx, slot))
-            ):
-                kron += 1
-        return Verdict(True, f"{kron} Kronecker block(s), {len(uses) - kron} {self.low_rank}")
+            if name in graph.derived:
+                continue
+            calls = walk.uses.get(name, [])
+            if not walk.tied(name):
+                ctx = contexts[info.node.name]
+                exact = kfac_approx != "low-rank" or _exact_kronecker(info.rule, ctx, slot)
+                kron += kronecker(info.node, slot) and exact
+            elif summed_uses({"kfac_approx": kfac_approx}):
+                sums += all(kronecker(node, s) for node, s in calls)
+        tied = f", {sums} sum(s) of Kronecker blocks (tied weights)" if sums else ""
+        low = len(uses) - kron - sums
+        return Verdict(True, f"{kron} Kronecker block(s){tied}, {low} {self.low_rank}")
 
 
 def _takes(function, name: str) -> bool:
