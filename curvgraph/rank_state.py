@@ -70,7 +70,8 @@ PARAMETERS, DERIVED = slice(7, 11), slice(11, 15)
 #: (entries, tolerance, cause) of the mismatches every rank checks, in this order
 MISMATCHES = (
     (slice(3, 4), 0.0, "it makes another call than rank 0 (another method, curvature, "
-     "loss_reduction or option; for all_reduce_gradients: gradients of other parameters): "
+     "loss_reduction or option; for hbp/kfra: outputs of another size per sample; for "
+     "all_reduce_gradients: gradients of other parameters): "
      "all ranks must make the same calls in the same order"),
     (slice(4, 6), 0.0, "its traced graph differs from rank 0's (another model, or another "
      "trace): every rank must trace the same model"),

@@ -160,6 +160,15 @@ def both_fail(rank, group):
     return cg.curvature(F.cross_entropy(out, y), out, method="kflr", process_group=group)
 
 
+def other_sequence_length(rank, group, method="hbp"):
+    """Outputs [N, T, 3] with T = 2 on rank 0, 3 on rank 1: HBP's output Hessians differ."""
+    cg = curvgraph.trace(make_model())
+    x = make_batch(rank)[0].unsqueeze(1).expand(-1, 2 + rank, -1)
+    out = cg(x)
+    loss = F.mse_loss(out, torch.zeros_like(out), reduction="sum")
+    return cg.curvature(loss, out, method=method, process_group=group, loss_reduction="sum")
+
+
 def product_after_update(rank, group):
     """Exact blocks computed together; rank 1 then reuses its input buffer in place."""
     cg = curvgraph.trace(make_model())
@@ -185,6 +194,8 @@ CASES = {
     "empty shard, all_reduce_gradients": empty_gradients,
     "no gradients, all_reduce_gradients": missing_gradients,
     "ranks 0 and 1": both_fail,
+    "other sequence length, hbp": other_sequence_length,
+    "other sequence length, kfra": lambda rank, group: other_sequence_length(rank, group, "kfra"),
     "product after an in-place input on one rank": product_after_update,
 }
 
@@ -247,6 +258,8 @@ EXPECTED = [
     ("other graph", RankError, "traced graph differs", ["same model"], None),
     ("other method", RankError, "another call", ["same calls in the same order"], None),
     ("other loss_reduction", RankError, "another call", ["loss_reduction"], None),
+    ("other sequence length, hbp", RankError, "another call", ["size per sample"], None),
+    ("other sequence length, kfra", RankError, "another call", ["size per sample"], None),
     ("empty shard, all_reduce_gradients", RankError, "batch is empty", ["0 samples"], None),
     ("no gradients, all_reduce_gradients", RankError, "refused", ["loss.backward()"], None),
 ]

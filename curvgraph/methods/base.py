@@ -114,6 +114,9 @@ class Method:
             than ``"blocks"``, :meth:`run` takes ``structure`` and ``parameters`` and
             restricts its walk to the parameters named (others: the dispatch drops the
             blocks not asked for after the walk).
+        same_features_on_ranks: with ``process_group``, the ranks' outputs must have the
+            same features per sample (HBP sums dense output Hessians over the ranks): the
+            features join the call every rank states, so other sizes are refused on all.
     """
 
     name: str = ""
@@ -123,6 +126,7 @@ class Method:
     monte_carlo: bool = False
     fisher: bool = False
     structures: frozenset = frozenset({"blocks"})
+    same_features_on_ranks: bool = False
 
     def resolve(self, curvature: Optional[str], modify=UNSET) -> str:
         """The curvature to compute; ``ValueError`` if this method does not compute it."""

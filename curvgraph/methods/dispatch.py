@@ -50,6 +50,8 @@ def compute_curvature(
         graph.refuse_problems()
         graph.record.check_curvature_call(type(graph.model).__name__, loss, outputs)
         chosen = lookup_method(method)
+        if chosen.same_features_on_ranks:  # stated by every rank at the end of the block
+            ranks.call["features"] = tuple(outputs.shape[1:])
         curvature = chosen.resolve(curvature)
         _check_structure(chosen, structure, curvature)
         selected = select_parameters(graph, parameters)

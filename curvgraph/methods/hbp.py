@@ -95,6 +95,7 @@ def backward_hessian(
         graph.record.check_curvature_call(type(graph.model).__name__)
         curvature = resolve_curvature(curvature, modify_2nd_order_terms)
         output = graph.record.contexts[graph.output_node().name].output
+        ranks.call["features"] = tuple(output.shape[1:])  # stated by every rank at the end
         _check_output_hessian(output_hessian, output)
     return hbp_blocks(graph, output_hessian, curvature, ranks.shard, **options)
 
@@ -129,11 +130,14 @@ def hbp_blocks(
     walk = plan(graph)
     output = graph.record.contexts[walk.output.name].output
     refuse_oversized(graph, walk, max_features)  # fail fast, before any matrix is built
-    _check_output_hessian(output_hessian, output)
+    _check_output_hessian(output_hessian, output, finite=not shard.distributed)
     grads = gradients(graph, walk.order, loss) if mode is not None else {}
     averaged = {True: average_param_jac, False: average_input_jac}  # keyed by "is parameter"
     state = _Walk(walk, shard, mode, averaged, max_features)
-    blocks = state.run(graph.record, shard.loss_sum(output_hessian.to(output)), output, grads)
+    combined = shard.loss_sum(output_hessian.to(output))
+    if shard.distributed:  # NaN on one rank reaches every rank through the sum: all raise
+        _check_output_hessian(combined, output)
+    blocks = state.run(graph.record, combined, output, grads)
     ordered = {n: blocks[n] for n in walk.parameters if n in blocks}
     result = BlockCurvature(ordered, walk.parameters, curvature=curvature, method="hbp")
     return pull_back_blocks(graph, result, mode, combined_gradients(graph, grads, shard))
@@ -308,7 +312,7 @@ class _Walk:
         return DenseBlock(symmetric(matrix), weight.shape)
 
 
-def _check_output_hessian(output_hessian: Tensor, output: Tensor) -> None:
+def _check_output_hessian(output_hessian: Tensor, output: Tensor, finite: bool = True) -> None:
     features = output[0].numel()
     if not isinstance(output_hessian, Tensor) or output_hessian.shape != (features, features):
         shape = tuple(output_hessian.shape) if isinstance(output_hessian, Tensor) else None
@@ -317,7 +321,7 @@ def _check_output_hessian(output_hessian: Tensor, output: Tensor) -> None:
             f"{tuple(output.shape)}: expected ({features}, {features}), the Hessian w.r.t. one "
             "sample's output summed over the batch (curvgraph.loss_hessian(loss, output))"
         )
-    if not torch.isfinite(output_hessian).all():
+    if finite and not torch.isfinite(output_hessian).all():
         raise FloatingPointError("the output Hessian contains NaN or inf")
 
 
@@ -327,6 +331,7 @@ class HBP(Method):
 
     name = "hbp"
     description = "batch-averaged Hessian backpropagation (dense / Kronecker blocks)"
+    same_features_on_ranks = True
 
     def run(self, graph, loss_model: LossModel, curvature, shard, loss=None, **options):  # noqa: D102
         return hbp_blocks(
