@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.machine import Device, synchronize
 
-__all__ = ["MEMORY_KINDS", "memory_method", "peak_memory"]
+__all__ = ["MEMORY_KINDS", "candidate_peaks", "memory_method", "over_imports", "peak_memory"]
 
 #: ``kind`` of a :func:`peak_memory` result -> what the number is
 MEMORY_KINDS = {
@@ -165,3 +165,25 @@ def _malloc_trim() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def candidate_peaks(make_plan, candidate: str) -> Dict[str, Optional[int]]:
+    """``VmHWM`` after the imports, after ``make_plan()`` and after one call of the candidate.
+
+    For a section's worker in a fresh process: ``make_plan()`` builds ``{name: call}`` (the
+    model, the batch and the candidate's set-up); ``candidate`` is called once.
+    """
+    baseline = _proc_status_bytes("VmHWM")
+    plan = make_plan()
+    setup = _proc_status_bytes("VmHWM")
+    plan[candidate]()
+    peak = _proc_status_bytes("VmHWM")
+    return {"peak_bytes": peak, "setup_peak_bytes": setup, "baseline_bytes": baseline}
+
+
+def over_imports(row: Dict) -> Optional[int]:
+    """A worker row's peak ``VmHWM`` minus its level after the imports (bytes), or ``None``."""
+    memory = row.get("memory", {})
+    if memory.get("status") != "ok" or "baseline_bytes" not in memory:
+        return None
+    return memory["peak_bytes"] - memory["baseline_bytes"]

@@ -14,6 +14,8 @@ import torch
 
 from benchmarks.ekfac.candidates import CANDIDATES, DAMPING, PROBLEMS, candidates
 from benchmarks.machine import environment, load_average
+from benchmarks.memory import over_imports
+from benchmarks.plots import ratio_bars
 from benchmarks.problems import get
 from benchmarks.timing import measure_interleaved
 
@@ -137,8 +139,8 @@ def markdown(results: Dict) -> str:
             versus = f"{row['median_s'] / peer['median_s']:.2f}" if "median_s" in peer else ""
             if "cpu_median_s" in peer:
                 versus += f" (CPU {row['cpu_median_s'] / peer['cpu_median_s']:.2f})"
-            peak = _over_imports(row)
-            peer_peak = _over_imports(peer) if peer else None
+            peak = over_imports(row)
+            peer_peak = over_imports(peer) if peer else None
             memory_versus = f"{peak / peer_peak:.2f}" if peak and peer_peak else ""
             spread = f"{row['median_s']:.4f} ({row['q25_s']:.4f}-{row['q75_s']:.4f})"
             lines.append(
@@ -150,38 +152,7 @@ def markdown(results: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _over_imports(row: Dict):
-    """Peak ``VmHWM`` minus the level after the imports (bytes), or ``None``."""
-    memory = row.get("memory", {})
-    if memory.get("status") != "ok" or "baseline_bytes" not in memory:
-        return None
-    return memory["peak_bytes"] - memory["baseline_bytes"]
-
-
 def plot(results: Dict, out: Path) -> List[Path]:
     """Bars: time / gradient per candidate and problem (log scale), into ``out/ekfac.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    problems = list(results["problems"])
     names = [n for n in CANDIDATES if n != "gradient"]
-    figure, axis = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [
-            results["problems"][p]["rows"].get(name, {}).get("ratio_to_gradient", 0.0)
-            for p in problems
-        ]
-        axis.bar([j + i * width for j in range(len(problems))], values, width, label=name)
-    axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(problems))], problems)
-    axis.set_ylabel("time / gradient")
-    axis.set_yscale("log")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(out) / "ekfac.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]
+    return [ratio_bars(results, names, Path(out) / "ekfac.png")]

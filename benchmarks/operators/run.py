@@ -12,7 +12,9 @@ from typing import Dict, List
 import torch
 
 from benchmarks.machine import environment, load_average
+from benchmarks.memory import over_imports
 from benchmarks.operators.candidates import CANDIDATES, PROBLEMS, candidates
+from benchmarks.plots import ratio_bars
 from benchmarks.timing import measure_interleaved
 
 __all__ = ["main", "markdown", "plot", "run"]
@@ -119,8 +121,8 @@ def markdown(results: Dict) -> str:
                 if "median_s" in peer and name.startswith("cg")
                 else ""
             )
-            peak = _over_imports(row)
-            peer_peak = _over_imports(peer) if name.startswith("cg") else None
+            peak = over_imports(row)
+            peer_peak = over_imports(peer) if name.startswith("cg") else None
             memory_versus = f"{peak / peer_peak:.2f}" if peak and peer_peak else ""
             lines.append(
                 f"| {problem} | {entry['batch_size']} | {name} | {row['median_s']:.4f} | "
@@ -130,38 +132,7 @@ def markdown(results: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _over_imports(row: Dict):
-    """Peak ``VmHWM`` minus the level after the imports (bytes), or ``None``."""
-    memory = row.get("memory", {})
-    if memory.get("status") != "ok":
-        return None
-    return memory["peak_bytes"] - memory["baseline_bytes"]
-
-
 def plot(results: Dict, out: Path) -> List[Path]:
     """Bars: time / gradient per candidate and problem, into ``out/operators.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    problems = list(results["problems"])
     names = [n for n in CANDIDATES if n != "gradient"]
-    figure, axis = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [
-            results["problems"][p]["rows"].get(name, {}).get("ratio_to_gradient", 0.0)
-            for p in problems
-        ]
-        axis.bar([j + i * width for j in range(len(problems))], values, width, label=name)
-    axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(problems))], problems)
-    axis.set_ylabel("time / gradient")
-    axis.set_yscale("log")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(out) / "operators.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]
+    return [ratio_bars(results, names, Path(out) / "operators.png")]

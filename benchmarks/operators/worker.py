@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from benchmarks.memory import _proc_status_bytes
+from benchmarks.memory import candidate_peaks
 
 
 def main(problem: str, candidate: str) -> None:
@@ -23,12 +23,7 @@ def main(problem: str, candidate: str) -> None:
 
     from benchmarks.operators.candidates import candidates
 
-    baseline = _proc_status_bytes("VmHWM")
-    plan = candidates(problem, only=[candidate])
-    setup = _proc_status_bytes("VmHWM")
-    plan[candidate]()
-    peak = _proc_status_bytes("VmHWM")
-    result = {"peak_bytes": peak, "setup_peak_bytes": setup, "baseline_bytes": baseline}
+    result = candidate_peaks(lambda: candidates(problem, only=[candidate]), candidate)
     print("RESULT " + json.dumps(result))
 
 
