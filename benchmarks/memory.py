@@ -26,7 +26,14 @@ import torch
 
 from benchmarks.machine import Device, synchronize
 
-__all__ = ["MEMORY_KINDS", "candidate_peaks", "memory_method", "over_imports", "peak_memory"]
+__all__ = [
+    "MEMORY_KINDS",
+    "candidate_peaks",
+    "fresh_worker_peak",
+    "memory_method",
+    "over_imports",
+    "peak_memory",
+]
 
 #: ``kind`` of a :func:`peak_memory` result -> what the number is
 MEMORY_KINDS = {
@@ -187,3 +194,30 @@ def over_imports(row: Dict) -> Optional[int]:
     if memory.get("status") != "ok" or "baseline_bytes" not in memory:
         return None
     return memory["peak_bytes"] - memory["baseline_bytes"]
+
+
+def fresh_worker_peak(worker: str, problem: str, candidate: str, timeout: float) -> Dict:
+    """Run ``python -m <worker> <problem> <candidate>`` in a fresh process; its ``RESULT``.
+
+    The worker prints ``RESULT {json}`` (:func:`candidate_peaks`); ``{"status": "ok", ...}``
+    with those entries, or ``{"status": "n/a", "reason": <its last error line>}``.
+    """
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run(
+        [sys.executable, "-m", worker, problem, candidate],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=root,
+        env=env,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
+    return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}

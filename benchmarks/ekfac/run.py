@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +12,7 @@ import torch
 
 from benchmarks.ekfac.candidates import CANDIDATES, DAMPING, PROBLEMS, candidates
 from benchmarks.machine import environment, load_average
-from benchmarks.memory import over_imports
+from benchmarks.memory import fresh_worker_peak, over_imports
 from benchmarks.plots import ratio_bars
 from benchmarks.problems import get
 from benchmarks.timing import measure_interleaved
@@ -27,19 +25,7 @@ RESULTS = _ROOT / "benchmarks" / "results"
 
 def fresh_peak(problem: str, candidate: str, timeout: float = 900) -> Dict:
     """``VmHWM`` of a fresh process that sets up ``candidate`` and calls it once."""
-    env = dict(os.environ, PYTHONPATH=str(_ROOT))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ekfac.worker", problem, candidate],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=_ROOT,
-        env=env,
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
-    return {"status": "n/a", "reason": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return fresh_worker_peak("benchmarks.ekfac.worker", problem, candidate, timeout)
 
 
 def run(repeats: int = 5, warmup: int = 1, problems=None, memory: bool = True) -> Dict:
