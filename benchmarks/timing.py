@@ -42,6 +42,7 @@ __all__ = [
     "load_average",
     "measure",
     "measure_interleaved",
+    "ratio_rows",
     "memory_method",
     "peak_memory",
     "ratio",
@@ -202,3 +203,27 @@ def _timed_call(fn: Callable, setup: Optional[Callable], device: torch.device):
 def ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``, NaN if the denominator is not positive."""
     return float(numerator / denominator) if denominator > 0 else float("nan")
+
+
+def ratio_rows(timed: Dict, names, extra=None, baseline: str = "gradient") -> Dict:
+    """Rows of :func:`measure_interleaved`'s results with wall and CPU ratios to ``baseline``.
+
+    A candidate that failed (or is missing: ``"not installed"``) keeps its ``n/a`` entry;
+    ``extra(name)`` adds entries to a measured row (e.g. its fresh-process memory).
+    """
+    base, rows = timed[baseline], {}
+    for name in names:
+        t = timed.get(name, {"status": "n/a", "reason": "not installed"})
+        if t.get("status") == "n/a":
+            rows[name] = t
+            continue
+        rows[name] = {
+            "median_s": t["median_s"],
+            "q25_s": t["q25_s"],
+            "q75_s": t["q75_s"],
+            "cpu_median_s": t["cpu_median_s"],
+            "ratio_to_gradient": t["median_s"] / base["median_s"],
+            "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
+            **(extra(name) if extra is not None else {}),
+        }
+    return rows

@@ -15,7 +15,7 @@ from benchmarks.machine import environment, load_average
 from benchmarks.memory import fresh_worker_peak, over_imports
 from benchmarks.plots import ratio_bars
 from benchmarks.problems import get
-from benchmarks.timing import measure_interleaved
+from benchmarks.timing import measure_interleaved, ratio_rows
 
 __all__ = ["main", "markdown", "plot", "run"]
 
@@ -48,22 +48,11 @@ def run(repeats: int = 5, warmup: int = 1, problems=None, memory: bool = True) -
 def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
     plan = {name: (fn, None) for name, fn in candidates(problem).items()}
     timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
-    base = timed["gradient"]
-    rows = {}
-    for name in CANDIDATES:
-        t = timed.get(name, {"status": "n/a", "reason": "not installed"})
-        if t.get("status") == "n/a":
-            rows[name] = t
-            continue
-        rows[name] = {
-            "median_s": t["median_s"],
-            "q25_s": t["q25_s"],
-            "q75_s": t["q75_s"],
-            "cpu_median_s": t["cpu_median_s"],
-            "ratio_to_gradient": t["median_s"] / base["median_s"],
-            "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
-            "memory": fresh_peak(problem, name) if memory else {"status": "not measured"},
-        }
+
+    def memory_of(name: str) -> Dict:
+        return {"memory": fresh_peak(problem, name) if memory else {"status": "not measured"}}
+
+    rows = ratio_rows(timed, CANDIDATES, memory_of)
     data = get(problem).data()
     return {"batch_size": PROBLEMS[problem], "data": data, "rows": rows}
 

@@ -13,7 +13,7 @@ from benchmarks.machine import environment, load_average
 from benchmarks.memory import fresh_worker_peak, over_imports
 from benchmarks.operators.candidates import CANDIDATES, PROBLEMS, candidates
 from benchmarks.plots import ratio_bars
-from benchmarks.timing import measure_interleaved
+from benchmarks.timing import measure_interleaved, ratio_rows
 
 __all__ = ["main", "markdown", "plot", "run"]
 
@@ -44,20 +44,11 @@ def run(repeats: int = 7, warmup: int = 2, problems=None, memory: bool = True) -
 def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
     plan = {name: (fn, None) for name, fn in candidates(problem).items()}
     timed = measure_interleaved(plan, repeats, warmup, "cpu", record_errors=True)
-    base = timed["gradient"]
-    rows = {}
-    for name in CANDIDATES:
-        t = timed.get(name, {"status": "n/a", "reason": "not installed"})
-        if t.get("status") == "n/a":
-            rows[name] = t
-            continue
-        rows[name] = {
-            "median_s": t["median_s"],
-            "cpu_median_s": t["cpu_median_s"],
-            "ratio_to_gradient": t["median_s"] / base["median_s"],
-            "cpu_ratio_to_gradient": t["cpu_median_s"] / base["cpu_median_s"],
-            "memory": fresh_peak(problem, name) if memory else {"status": "not measured"},
-        }
+
+    def memory_of(name: str) -> Dict:
+        return {"memory": fresh_peak(problem, name) if memory else {"status": "not measured"}}
+
+    rows = ratio_rows(timed, CANDIDATES, memory_of)
     return {"batch_size": PROBLEMS[problem], "rows": rows}
 
 
