@@ -37,12 +37,6 @@ LINEARS = ["fc.weight", "head.weight"]
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
 
-@pytest.fixture(scope="module")
-def cl():
-    """The curvlinops package (skips the tests that use it when it is missing)."""
-    return pytest.importorskip("curvlinops")
-
-
 class LanguageModel(nn.Module):
     """Embedding -> Linear -> tanh -> Linear on token ids ``[N, T]``; ``pool``: mean over T."""
 

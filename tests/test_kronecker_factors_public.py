@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kronecker_problems import DTYPE, N, problem
 from torch import nn
 
 import curvgraph
@@ -17,44 +18,7 @@ from curvgraph.curvature import EigenbasisBlock, KroneckerBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 
-DTYPE = torch.float64
 EXACT = {"rtol": 1e-9, "atol": 1e-12}
-N = 6
-
-
-@pytest.fixture(scope="module")
-def cl():
-    """The curvlinops package (skips the tests that use it when it is missing)."""
-    return pytest.importorskip("curvlinops")
-
-
-class Pooled(nn.Module):
-    """Linear on ``[N, T, D]``, tanh, mean over ``T``, linear head: one loss term per sample."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(x)).mean(1))
-
-
-def problem(kind: str):
-    """``(model, x, y, weights)``: the model, a batch and the names of its Kronecker weights."""
-    torch.manual_seed(0)
-    if kind == "mlp":
-        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-        x = torch.randn(N, 5)
-        weights = ["0.weight", "2.weight"]
-    elif kind == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
-        )
-        x = torch.randn(N, 2, 4, 4)
-        weights = ["0.weight", "3.weight"]
-    else:
-        model, x, weights = Pooled(), torch.randn(N, 4, 4), ["fc.weight", "head.weight"]
-    return model.to(DTYPE), x.to(DTYPE), torch.randint(3, (N,)), weights
 
 
 def kflr(model, x, y, approx="expand"):

@@ -59,12 +59,6 @@ def bp():
     return pytest.importorskip("backpack")
 
 
-@pytest.fixture(scope="module")
-def cl():
-    """The curvlinops package (skips the tests that use it when it is missing)."""
-    return pytest.importorskip("curvlinops")
-
-
 # -- models and data -------------------------------------------------------------------------
 
 
