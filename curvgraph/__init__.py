@@ -11,7 +11,7 @@
 torch.Size([12, 12])
 """
 
-from curvgraph import optim, rules, solvers
+from curvgraph import optim, progress, rules, solvers
 from curvgraph.api import CurvGraph, trace
 from curvgraph.curvature import (
     Block,
@@ -25,6 +25,7 @@ from curvgraph.curvature import (
 from curvgraph.errors import CurvatureSizeError, CurvGraphError, TraceError, UnsupportedOpError
 from curvgraph.inspection import inspect
 from curvgraph.losses import LossStructureError, loss_hessian
+from curvgraph.progress import set_progress
 from curvgraph.rules import Rule, register_rule
 
 __version__ = "0.1.0"
@@ -47,8 +48,10 @@ __all__ = [
     "inspect",
     "loss_hessian",
     "optim",
+    "progress",
     "register_rule",
     "rules",
+    "set_progress",
     "solvers",
     "trace",
 ]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.curvature.blocks import Block
+from curvgraph.progress import progress_bar
 
 __all__ = [
     "BlockOperator",
@@ -97,6 +98,7 @@ def top_eigenvalues(
     eigenvectors: bool = False,
     max_iter: Optional[int] = None,
     generator: Seed = None,
+    progress: Optional[bool] = None,
 ):
     """The ``k`` largest eigenvalues by Lanczos with full reorthogonalisation.
 
@@ -109,6 +111,8 @@ def top_eigenvalues(
         max_iter: Lanczos steps per problem (default ``min(numel, max(2 k + 20, 40))``;
             ``numel`` makes the result exact up to rounding).
         generator: ``torch.Generator`` or integer seed for the start vectors.
+        progress: a bar over the Lanczos steps: ``True``, ``False`` or ``None`` (auto,
+            :mod:`curvgraph.progress`).
 
     Returns:
         ``per_block``: name -> eigenvalues ``[k]`` in descending order (with
@@ -134,7 +138,8 @@ def top_eigenvalues(
     like = _like(curvature)
     iterations = {key: steps(dim) for key, dim in dims.items()}
     results = {}
-    for key, (alphas, betas, basis) in _lanczos(matmat, dims, iterations, like, generator).items():
+    runs = _lanczos(matmat, dims, iterations, like, generator, progress)
+    for key, (alphas, betas, basis) in runs.items():
         tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
         values, vectors = torch.linalg.eigh(tridiagonal)
         count = min(k, dims[key])
@@ -240,8 +245,12 @@ def as_linear_operator(curvature: BlockOperator, name: Optional[str] = None):
 
 
 # -- lockstep algorithms over a dict of problems --------------------------------------------
-def _lanczos(matmat, dims, iterations, like, generator) -> Dict[str, Tuple]:
+def _lanczos(
+    matmat, dims, iterations, like, generator, progress=None, desc="Lanczos"
+) -> Dict[str, Tuple]:
     """Lanczos with full reorthogonalisation for every problem, one batched call per step.
+
+    ``progress``: a bar ``desc`` over the steps (:func:`curvgraph.progress.progress_bar`).
 
     Returns:
         key -> ``(alphas [m], betas [m - 1], basis V [m, dim])`` with ``T = V C V^T``.
@@ -251,31 +260,33 @@ def _lanczos(matmat, dims, iterations, like, generator) -> Dict[str, Tuple]:
     alphas: Dict[str, list] = {key: [] for key in dims}
     betas: Dict[str, list] = {key: [] for key in dims}
     active = [key for key in dims]
-    while active:
-        products = matmat({key: bases[key][-1].unsqueeze(0) for key in active})
-        still = []
-        for key in active:
-            basis = bases[key]
-            v, w = basis[-1], products[key][0]
-            alpha = torch.dot(v, w)
-            w = w - alpha * v - (betas[key][-1] * basis[-2] if betas[key] else 0)
-            stacked = torch.stack(basis)
-            for _ in range(2):  # full reorthogonalisation ("twice is enough")
-                w = w - stacked.T @ (stacked @ w)
-            alphas[key].append(alpha)
-            if len(basis) == iterations[key]:
-                continue
-            beta = torch.linalg.vector_norm(w)
-            scale = torch.stack(alphas[key] + betas[key]).abs().max()  # ~ ||T|| <= ||C||
-            if beta <= _BREAKDOWN * eps * scale:  # invariant subspace: restart orthogonally
-                w = _random((dims[key],), like, generator)
-                for _ in range(2):
+    with progress_bar(max(iterations.values()), desc, "step", progress) as bar:
+        while active:
+            products = matmat({key: bases[key][-1].unsqueeze(0) for key in active})
+            still = []
+            for key in active:
+                basis = bases[key]
+                v, w = basis[-1], products[key][0]
+                alpha = torch.dot(v, w)
+                w = w - alpha * v - (betas[key][-1] * basis[-2] if betas[key] else 0)
+                stacked = torch.stack(basis)
+                for _ in range(2):  # full reorthogonalisation ("twice is enough")
                     w = w - stacked.T @ (stacked @ w)
-                beta = torch.zeros((), dtype=like.dtype, device=like.device)
-            betas[key].append(beta)
-            basis.append(_unit(w))
-            still.append(key)
-        active = still
+                alphas[key].append(alpha)
+                if len(basis) == iterations[key]:
+                    continue
+                beta = torch.linalg.vector_norm(w)
+                scale = torch.stack(alphas[key] + betas[key]).abs().max()  # ~ ||T|| <= ||C||
+                if beta <= _BREAKDOWN * eps * scale:  # invariant subspace: restart orthogonally
+                    w = _random((dims[key],), like, generator)
+                    for _ in range(2):
+                        w = w - stacked.T @ (stacked @ w)
+                    beta = torch.zeros((), dtype=like.dtype, device=like.device)
+                betas[key].append(beta)
+                basis.append(_unit(w))
+                still.append(key)
+            active = still
+            bar.update()
     return {
         key: (
             torch.stack(alphas[key]),

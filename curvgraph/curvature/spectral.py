@@ -83,6 +83,7 @@ def spectral_density(
     *,
     per_block: bool = True,
     generator: Seed = None,
+    progress: Optional[bool] = None,
 ):
     """Spectral densities by stochastic Lanczos quadrature (all probes and blocks in lockstep).
 
@@ -93,6 +94,8 @@ def spectral_density(
             the eigenvalues).
         per_block: one density per block, or of the block diagonal (``False``).
         generator: ``torch.Generator`` or integer seed.
+        progress: a bar over the Lanczos steps: ``True``, ``False`` or ``None`` (auto,
+            :mod:`curvgraph.progress`).
 
     Returns:
         name -> :class:`SpectralDensity` (``per_block``), else one :class:`SpectralDensity`.
@@ -121,7 +124,9 @@ def spectral_density(
         return result
 
     iterations = {problem: min(dim, steps) for problem, dim in problems.items()}
-    runs = _lanczos(probe_matmat, problems, iterations, _like(curvature), generator)
+    runs = _lanczos(
+        probe_matmat, problems, iterations, _like(curvature), generator, progress, "SLQ"
+    )
     densities = {}
     for key, dim in dims.items():
         nodes, weights = [], []

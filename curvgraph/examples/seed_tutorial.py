@@ -13,6 +13,10 @@ Run::
 
     python -m curvgraph.examples.seed_tutorial [--epochs 2] [--batch-size 500] [--device cpu]
         [--data-dir DIR] [--out seed_tutorial.png] [--json history.json]
+        [--progress | --no-progress]
+
+A progress bar over the iterations goes to ``stderr`` (:mod:`curvgraph.progress`: by default
+only on a terminal; ``--progress`` always, ``--no-progress`` never).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import curvgraph
 from curvgraph.datasets import batches, load_dataset
+from curvgraph.progress import progress_bar, write
 
 # hyperparameters of the seed tutorial
 LR = 0.1
@@ -55,11 +61,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", default="seed_tutorial.png", help="figure path (default seed_tutorial.png)"
     )
     parser.add_argument("--json", default=None, help="write the history to this JSON file")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only on a terminal, or CURVGRAPH_PROGRESS)",
+    )
     return parser.parse_args(argv)
 
 
 def train(
-    epochs: int = 2, batch_size: int = 500, device: str = "cpu", data_dir: str | None = None
+    epochs: int = 2,
+    batch_size: int = 500,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    progress: Optional[bool] = None,
 ) -> dict[str, list[float]]:
     """Train the linear model with CG-Newton and return the per-batch history.
 
@@ -68,6 +84,8 @@ def train(
         batch_size: Samples per batch.
         device: Device of the model and the batches.
         data_dir: IDX directory or torchvision root; None for the bundled MNIST subset.
+        progress: a bar over the iterations: ``True``, ``False`` or ``None`` (auto,
+            :mod:`curvgraph.progress`).
 
     Returns:
         ``{"train_epoch": [...], "batch_loss": [...], "batch_acc": [...]}``, one entry per
@@ -94,6 +112,7 @@ def train(
 
     history: dict[str, list[float]] = {"train_epoch": [], "batch_loss": [], "batch_acc": []}
     samples, iterations = 0, len(loader)
+    bar = progress_bar(epochs * iterations, "seed tutorial", "step", progress, leave=True)
     for epoch in range(epochs):
         for i, (x, y) in enumerate(loader):
             x = x.reshape(len(x), -1)  # [N, 784]
@@ -113,11 +132,15 @@ def train(
             history["train_epoch"].append(samples / len(train_set))
             history["batch_loss"].append(loss.item())
             history["batch_acc"].append(accuracy)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy:.4f}", refresh=False)
             if i % 5 == 0:
-                print(
+                write(
                     f"Epoch [{epoch + 1}/{epochs}], Iter. [{i + 1}/{iterations}], "
-                    f"Loss: {loss.item():.4f}, Acc.: {accuracy:.4f}"
+                    f"Loss: {loss.item():.4f}, Acc.: {accuracy:.4f}",
+                    bar,
                 )
+    bar.close()
     return history
 
 
@@ -142,7 +165,7 @@ def plot(history: dict[str, list[float]], path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     """Run the tutorial from the command line (``argv``); returns the training history."""
     args = parse_args(argv)
-    history = train(args.epochs, args.batch_size, args.device, args.data_dir)
+    history = train(args.epochs, args.batch_size, args.device, args.data_dir, args.progress)
     if args.out:
         plot(history, args.out)
     if args.json:

@@ -27,6 +27,7 @@ import torch.fx
 from torch import Tensor
 
 from curvgraph.errors import CurvGraphError
+from curvgraph.progress import walk_steps
 
 if TYPE_CHECKING:
     from curvgraph.graph.analysis import NodeInfo
@@ -104,9 +105,10 @@ class Plan:
         The preamble every reverse walk shares: nodes for which ``pending(node)`` is false
         (nothing flowed back to them) are skipped, each call is checked by its rule
         (:func:`validate_call`), and a call that mixes samples is refused with ``mixing``
-        (formatted with ``node=`` the node's description) if given.
+        (formatted with ``node=`` the node's description) if given. Each node advances the
+        curvature call's progress bar, if one is open (:func:`curvgraph.progress.walk_bar`).
         """
-        for info in reversed(self.order):
+        for info in walk_steps(self.order[::-1]):
             if not pending(info.node):
                 continue
             ctx = record.contexts[info.node.name]

@@ -12,6 +12,7 @@ from curvgraph.losses import recognise
 from curvgraph.methods.base import STRUCTURES, Method, lookup_method
 from curvgraph.methods.ranks import RankAgreement
 from curvgraph.methods.structures import restrict, select_parameters
+from curvgraph.progress import progress_mode, walk_bar
 
 __all__ = ["compute_curvature"]
 
@@ -44,7 +45,12 @@ def compute_curvature(
     declare them, with the PCH refused: it is defined per block) and ``parameters`` (names
     or tensors, validated here): see :mod:`curvgraph.methods.structures`. A method that
     cannot restrict its walk gets the blocks not asked for dropped after it.
+
+    ``progress`` (``True``/``False``, default ``None``: auto, :mod:`curvgraph.progress`)
+    shows a bar over the nodes the method walks.
     """
+    progress = options.pop("progress", None)
+    progress_mode(progress)  # refuse a bad value before any work
     call = {"method": method, "curvature": curvature, "structure": structure, **options}
     with RankAgreement(graph, outputs, process_group, loss_reduction, call) as ranks:
         graph.refuse_problems()
@@ -64,10 +70,12 @@ def compute_curvature(
         )
         ranks.loss(loss_model)
     shard = ranks.shard
-    if len(chosen.structures) > 1:
-        options = {**options, "structure": structure, "parameters": selected}
-        return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
-    return restrict(chosen.run(graph, loss_model, curvature, shard, loss=loss, **options), selected)
+    with walk_bar(f"curvature {chosen.name} {curvature}", progress):
+        if len(chosen.structures) > 1:
+            options = {**options, "structure": structure, "parameters": selected}
+            return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+        blocks = chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+    return restrict(blocks, selected)
 
 
 def _check_structure(chosen: Method, structure: str, curvature: str) -> None:
