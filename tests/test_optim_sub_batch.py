@@ -165,7 +165,7 @@ def test_curvature_reused_across_steps_is_that_of_its_own_point(method):
     old = curvgraph.trace(old_model)
     old_out = old(x)
     expected = old.curvature(F.cross_entropy(old_out, y), old_out, "ggn", method)
-    for step in range(2):  # two more steps with the first step's curvature
+    for _ in range(2):  # two more steps with the first step's curvature
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         optimizer.zero_grad()
         F.cross_entropy(cg(x), y).backward()

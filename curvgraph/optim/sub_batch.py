@@ -56,7 +56,9 @@ def sub_batch_curvature(
             sliced along its leading, batch axis).
         targets: the batch's targets (sliced along the leading axis).
         size: samples of the sub-batch, ``1 <= size <= len(targets)``.
-        curvature, method, options: passed to ``cg.curvature``.
+        curvature: passed to ``cg.curvature`` (``"ggn"``, ``"pch-abs"``, ...).
+        method: passed to ``cg.curvature`` (``"hbp"``, ``"exact"``, ``"kflr"``, ...).
+        **options: further options of ``cg.curvature``.
 
     Returns:
         The sub-batch's :class:`~curvgraph.curvature.BlockCurvature`.
