@@ -75,8 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         out = DEFAULT_OUT / datetime.now().strftime("%Y%m%d-%H%M%S")
     else:
         out = Path(args.out)
-    results = run(args, out)
-    text = report(results)
-    (out / "report.md").write_text(text)
+    results = run(args, out)  # writes results.json and report.md after every section
     print(f"[benchmarks] wrote {out / 'results.json'} and {out / 'report.md'}", file=sys.stderr)
     return results

@@ -9,6 +9,8 @@ from benchmarks.suite.sections import section_markdown
 
 __all__ = ["report"]
 
+_UNFINISHED = ("pending", "interrupted")
+
 
 def report(results: Dict[str, Any]) -> str:
     """The Markdown report: environment, data, section statuses, every section's tables."""
@@ -16,6 +18,14 @@ def report(results: Dict[str, Any]) -> str:
     commit = (env.get("git_commit") or "unknown")[:12] + (
         " (with local changes)" if env.get("git_dirty") else ""
     )
+    unfinished = [n for n, s in results["sections"].items() if s["status"] in _UNFINISHED]
+    if "wall_s" in results:
+        total = f"Total wall time {results['wall_s']:.0f} s."
+    else:
+        total = (
+            f"**Run not finished** (still running or interrupted): {', '.join(unfinished)} "
+            "not complete; this report was written after the last finished section."
+        )
     lines = [
         f"# curvgraph benchmark suite ({results['suite']})",
         "",
@@ -23,12 +33,16 @@ def report(results: Dict[str, Any]) -> str:
         f"{env['torch']}; {env['torch_num_threads']} torch threads, {env['cpus_available']} "
         f"CPUs available; Python {env['python']}; {env['platform']}; curvgraph "
         f"{env['curvgraph']}, commit {commit}. Load average (1, 5, 15 min): "
-        f"{env['load_average']} at the start, {env.get('load_average_end')} at the end; other "
-        f"processes used {others_share(env.get('contention'))} of the CPUs during the run. Total "
-        f"wall time {results.get('wall_s', 0):.0f} s.",
+        f"{env['load_average']} at the start, {env.get('load_average_end', '–')} at the end; "
+        f"other processes used {others_share(env.get('contention'))} of the CPUs during the "
+        f"run. {total}",
         "",
-        "| section | status | wall time [s] |",
-        "|---|---|---:|",
+        "CPU time: this process's and its finished child processes' (user + system), beside "
+        "the wall time; CPU time well below wall time x threads means the run waited for the "
+        "CPUs (other processes) or for I/O.",
+        "",
+        "| section | status | wall time [s] | CPU time [s] | load average at its end |",
+        "|---|---|---:|---:|---|",
     ]
     for name, section in results["sections"].items():
         status = section["status"]
@@ -36,8 +50,12 @@ def report(results: Dict[str, Any]) -> str:
             status = f"**failed**: {section['error']}"
         elif status == "skipped":
             status = f"skipped ({section.get('reason', '')})"
+        elif status in _UNFINISHED:
+            status = f"**{status}** (no results)"
         wall = f"{section['wall_s']:.0f}" if "wall_s" in section else ""
-        lines.append(f"| {name} | {status} | {wall} |")
+        cpu = f"{section['cpu_s']:.0f}" if "cpu_s" in section else ""
+        load = section.get("load_average_end") or ""
+        lines.append(f"| {name} | {status} | {wall} | {cpu} | {load} |")
     if results.get("datasets"):
         lines += [
             "",
@@ -55,7 +73,7 @@ def report(results: Dict[str, Any]) -> str:
             "tutorial uses the bundled MNIST subset (real).",
         ]
     for name, section in results["sections"].items():
-        if section["status"] == "skipped":
+        if section["status"] == "skipped" or section["status"] in _UNFINISHED:
             continue
         lines.append("")
         if "result" not in section:

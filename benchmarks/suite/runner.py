@@ -2,8 +2,11 @@
 
 :func:`run` runs the sections of the parsed options (with ``--threads`` torch threads), each
 under its own ``try``: a section that raises is recorded as failed, with the error and the
-traceback, and the run goes on. :func:`write_results` writes ``results.json`` after every
-section (NaN and infinities as null), so that an interrupted run keeps the finished ones.
+traceback, and the run goes on. :func:`write_results` writes ``results.json`` (NaN and
+infinities as null) and ``report.md`` before the first section and after every section, so
+that an interrupted run leaves both, with the finished sections and the others marked
+pending. Each section records its wall time, the process's CPU time and the load average at
+its end.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -22,9 +26,10 @@ import torch
 
 from benchmarks.machine import contention, cpu_snapshot, environment, load_average
 from benchmarks.problems import PROBLEMS
+from benchmarks.suite.report import report
 from benchmarks.suite.sections import RUNNERS, SECTIONS, section_plots
 
-__all__ = ["SCHEMA_VERSION", "run", "write_results"]
+__all__ = ["SCHEMA_VERSION", "cpu_seconds", "run", "write_results"]
 
 SCHEMA_VERSION = 1
 
@@ -35,11 +40,28 @@ def _datasets(args) -> Dict[str, Any]:
 
 
 def write_results(results: Dict[str, Any], out: Path) -> Path:
-    """Write ``results.json`` (NaN and infinities as null, so that it stays valid JSON)."""
+    """Write ``results.json`` (NaN and infinities as null) and ``report.md``; the JSON's path.
+
+    Each file is written to a temporary name and renamed, so that an interruption never
+    leaves half a file.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    path.write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
+    _replace(path, json.dumps(_finite(results), indent=1, default=str) + "\n")
+    _replace(out / "report.md", report(results))
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (fresh workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _finite(value: Any) -> Any:
@@ -92,10 +114,12 @@ def _run(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
             if name not in args.sections
         },
     }
+    for name in args.sections:  # until it finishes; an interrupted run's report says so
+        results["sections"][name] = {"status": "pending"}
     write_results(results, out)
     for name in args.sections:
         print(f"[benchmarks] section {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         section: Dict[str, Any] = {"status": "ok"}
         try:
             result = RUNNERS[name](args, out)
@@ -108,7 +132,14 @@ def _run(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
                 error=f"{type(err).__name__}: {err}",
                 traceback=traceback.format_exc(),
             )
+        except KeyboardInterrupt:
+            section.update(status="interrupted", wall_s=time.perf_counter() - t0)
+            results["sections"][name] = section
+            write_results(results, out)
+            raise
         section["wall_s"] = time.perf_counter() - t0
+        section["cpu_s"] = cpu_seconds() - cpu0
+        section["load_average_end"] = load_average()
         if "result" in section:
             try:
                 section["plots"] = [p.name for p in section_plots(name, section["result"], out)]
@@ -117,7 +148,8 @@ def _run(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
                 section["plot_traceback"] = traceback.format_exc()
         results["sections"][name] = section
         print(
-            f"[benchmarks] section {name}: {section['status']} in {section['wall_s']:.0f} s",
+            f"[benchmarks] section {name}: {section['status']} in {section['wall_s']:.0f} s "
+            f"(CPU {section['cpu_s']:.0f} s, load {section['load_average_end']})",
             file=sys.stderr,
             flush=True,
         )
