@@ -210,13 +210,33 @@ def _per_block_table(result: Dict[str, Any], problem: str, n: str) -> List[str]:
 
 # -- plot ------------------------------------------------------------------------------------
 
-_STYLE = {"curvgraph": "-", "backpack": "--", "curvlinops": ":"}
+#: panel columns of the plot: (title, families in it); a family not named goes to the last
+_GROUPS = (
+    ("HBP (4 curvatures; average / expect)", ("hbp-",)),
+    ("Kronecker factors (kflr, kfac, kfra)", ("kflr", "kfac", "kfra")),
+    ("square root and diagonal (exact and MC)", ()),
+)
+_MARKER = {"curvgraph": "o", "backpack": "s", "curvlinops": "^"}
+_LIBRARY = {"curvgraph": "curvgraph", "backpack": "BackPACK", "curvlinops": "curvlinops"}
+
+
+def _group(family: str) -> int:
+    for index, (_, prefixes) in enumerate(_GROUPS[:-1]):
+        if family.startswith(prefixes):
+            return index
+    return len(_GROUPS) - 1
 
 
 def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
-    """``accuracy.png``: block-diagonal error vs N per method (log-log), a panel per problem.
+    """``accuracy.png``: block-diagonal error vs N (log-log), small multiples.
 
-    Uses matplotlib's Agg canvas directly, so the global backend is left alone.
+    One row of panels per problem, one column per group of methods (:data:`_GROUPS`), the
+    rows sharing their error axis. Within a panel a colour is one family (the same
+    approximation in any library), the marker the library (o curvgraph, s BackPACK,
+    ^ curvlinops), the line style what is compared (solid: the full block; dotted: a
+    diagonal method on the diagonal only; dashed: HBP with expected instead of averaged
+    Jacobians). Each column has its own legend. Uses matplotlib's Agg canvas directly, so
+    the global backend is left alone.
     """
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -226,60 +246,81 @@ def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = list(result["problems"])
     rows = _rows(result)
-    columns = min(2 if len(problems) == 4 else 3, len(problems))
-    lines_of_panels = math.ceil(len(problems) / columns)
-    fig = Figure(figsize=(4.6 * columns + 3.6, 3.8 * lines_of_panels), layout="constrained")
+    methods = result["methods"]
+    groups = sorted({_group(methods[key]["family"]) for key, _, _ in rows})
+    fig = Figure(figsize=(4.2 * len(groups), 3.0 * len(problems) + 2.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(lines_of_panels, columns, squeeze=False)
-    cmap = matplotlib.colormaps["tab20"]
-    families = list(dict.fromkeys(result["methods"][key]["family"] for key, _, _ in rows))
-    shades = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
-    colour = {f: shades[i % len(shades)] for i, f in enumerate(families)}
-    handles = {}
-    for index, problem in enumerate(problems):
-        ax = axes[index // columns][index % columns]
+    axes = fig.subplots(len(problems), len(groups), squeeze=False, sharey="row")
+    palette = matplotlib.colormaps["tab10"]
+    colours: Dict[int, Dict[str, Any]] = {g: {} for g in groups}
+    for key, _, _ in rows:
+        family, g = methods[key]["family"], _group(methods[key]["family"])
+        colours[g].setdefault(family, palette(len(colours[g]) % 10))
+    handles: Dict[int, Dict[str, Any]] = {g: {} for g in groups}
+    for p, problem in enumerate(problems):
         summary = result["summary"].get(problem, {})
         for key, label, suffix in rows:
-            entries = summary.get(key, {})
-            xs, ys = [], []
-            for n in result["config"]["batch_sizes"]:
-                e = entries.get(str(n))
-                if e is not None and e["status"] == "ok":
-                    xs.append(n)
-                    ys.append(max(e["blockdiag" + suffix], LOG_FLOOR))
+            method = methods[key]
+            g = _group(method["family"])
+            xs, ys = _series(result, summary.get(key, {}), "blockdiag" + suffix)
             if not xs:
                 continue
-            (line,) = ax.plot(
+            style = ":" if suffix else ("--" if "(expect)" in label else "-")
+            (line,) = axes[p][groups.index(g)].plot(
                 xs,
                 ys,
-                _STYLE.get(result["methods"][key]["library"], "-"),
-                marker="o" if not suffix else "x",
-                color=colour[result["methods"][key]["family"]],
+                style,
+                marker=_MARKER.get(method["library"], "o"),
+                color=colours[g][method["family"]],
                 label=label,
                 markersize=4,
+                fillstyle="none" if method["library"] != "curvgraph" else "full",
             )
-            handles[label] = line
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(result["config"]["batch_sizes"])
-        ax.set_xticklabels([str(n) for n in result["config"]["batch_sizes"]])
-        ax.set_xlabel("batch size N")
-        ax.set_ylabel("relative error (block-diagonal)")
-        ax.set_title(problem, fontsize=10)
-        ax.grid(True, which="major", alpha=0.3)
-    for index in range(len(problems), lines_of_panels * columns):
-        axes[index // columns][index % columns].set_visible(False)
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        loc="outside right center",
-        fontsize=7,
-        title="solid: curvgraph, dashed: BackPACK, dotted: curvlinops",
-        title_fontsize=7,
-    )
+            handles[g].setdefault(label, line)
+        for c, g in enumerate(groups):
+            _style_axis(axes[p][c], result, problem, _GROUPS[g][0], p == 0, c == 0)
+    for c, g in enumerate(groups):
+        axes[0][c].legend(
+            list(handles[g].values()),
+            list(handles[g]),
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.12),
+            fontsize=6,
+            ncol=2,
+            frameon=False,
+        )
     fig.suptitle(
-        f"Accuracy vs exact blocks (float64; exact zeros drawn at {LOG_FLOOR:g})", fontsize=11
+        "Accuracy vs exact blocks (float64; exact zeros drawn at "
+        f"{LOG_FLOOR:g}). Marker: o curvgraph, s BackPACK, ^ curvlinops; dotted: diagonal "
+        "only; dashed: expected Jacobians",
+        fontsize=9,
     )
     path = out_dir / "accuracy.png"
     fig.savefig(path, dpi=110)
     return [path]
+
+
+def _series(result: Dict[str, Any], entries: Dict[str, Any], field: str):
+    """``(batch sizes, errors)`` of one method where it was measured."""
+    xs, ys = [], []
+    for n in result["config"]["batch_sizes"]:
+        e = entries.get(str(n))
+        if e is not None and e["status"] == "ok":
+            xs.append(n)
+            ys.append(max(e[field], LOG_FLOOR))
+    return xs, ys
+
+
+def _style_axis(ax, result, problem: str, group: str, top: bool, left: bool) -> None:
+    ns = result["config"]["batch_sizes"]
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("batch size N", fontsize=7)
+    if left:
+        ax.set_ylabel(f"{problem}\nrelative error (block-diagonal)", fontsize=7)
+    if top:
+        ax.set_title(group, fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.grid(True, which="major", alpha=0.3)

@@ -34,8 +34,8 @@ row computes), :mod:`~benchmarks.cost.peers` (BackPACK, curvlinops and ``torch.f
 :mod:`~benchmarks.cost.probe` (one call under a time limit),
 :mod:`~benchmarks.cost.budgets` (presets, memory and time budgets, the probe calls),
 :mod:`~benchmarks.cost.measure` (interleaved timed rounds, rows), :mod:`~benchmarks.cost.goals`
-(issue 4's goals and their operation-count floors), :mod:`~benchmarks.cost.report` (Markdown
-and plot).
+(issue 4's goals and their operation-count floors), :mod:`~benchmarks.cost.report` (Markdown)
+and :mod:`~benchmarks.cost.plot` (``cost.png``).
 """
 
 from benchmarks.cost.cells import CellTimeout
@@ -50,8 +50,9 @@ from benchmarks.cost.config import (
 )
 from benchmarks.cost.goals import evaluate_goals
 from benchmarks.cost.measure import run, run_problem
+from benchmarks.cost.plot import plot
 from benchmarks.cost.probe import time_limit
-from benchmarks.cost.report import markdown, plot
+from benchmarks.cost.report import markdown
 
 __all__ = [
     "CURVATURES",

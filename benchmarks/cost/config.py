@@ -43,6 +43,9 @@ class CostConfig:
         predict_hbp_size: skip ``hbp``/``kfra`` without running them when an activation has
             more features than HBP's dense limit (they would raise ``CurvatureSizeError``).
         skip: ``(problem, group) -> reason`` of groups the preset leaves out.
+        fresh_memory: which rows also get their peak memory in a fresh process
+            (:mod:`benchmarks.cost.fresh_memory`): ``"all"``, ``"goal"`` (curvgraph's and
+            curvlinops' rows of the goal problems) or ``"none"``.
         notes: lines for the report (what the preset reduces).
     """
 
@@ -60,6 +63,7 @@ class CostConfig:
     predict_hbp_size: bool = True
     skip: Dict[Tuple[str, str], str] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
+    fresh_memory: str = "none"
     device: str = "cpu"
     dtype: str = "float32"
     data_dir: Optional[str] = None
@@ -89,12 +93,14 @@ SUITES: Dict[str, Dict[str, Any]] = {
         problem_budgets={"cifar10_3c3d": 120.0},
         memory_budget_gib=2.0,
         skip={("cifar10_3c3d", "exact/pch-clip"): _QUICK_SKIP},
+        fresh_memory="goal",
         notes=(
             "quick suite: problems seed_logreg, mnist_mlp, cifar10_3c3d and small_resnet "
             "(mnist_mlp_sigmoid, fmnist_2c2d and sigmoid_cnn only in --suite full), each at "
             "its own N; 3 timed rounds after the probe call; no exact pch-clip row on "
             "cifar10_3c3d; square-root factors above 2 GiB and HBP beyond its dense size "
-            "limit are not run; a call over 10 s is stopped",
+            "limit are not run; a call over 10 s is stopped; fresh-process peak memory for "
+            "curvgraph's and curvlinops' rows of mnist_mlp and cifar10_3c3d only",
         ),
     ),
     "full": dict(
@@ -104,6 +110,7 @@ SUITES: Dict[str, Dict[str, Any]] = {
         cell_budget_s=120.0,
         problem_budget_s=900.0,
         memory_budget_gib=6.0,
+        fresh_memory="all",
         notes=(
             "full suite: every problem at its own batch size, 10 timed rounds after one "
             "warm-up round; square-root factors above 6 GiB and HBP beyond its dense size "

@@ -29,6 +29,7 @@ from benchmarks.cost.config import (
     CostConfig,
 )
 from benchmarks.cost.floors import operation_floors
+from benchmarks.cost.fresh_memory import FRESH_DESCRIPTION, attach_fresh_peaks
 from benchmarks.cost.goals import evaluate_goals
 from benchmarks.cost.peers import backpack_cells, curvlinops_cells, torch_func_cells
 from benchmarks.cost.probe import describe_error, probe_call
@@ -210,6 +211,7 @@ def run_problem(
     measured = _measure(bench, cells, config, name, progress, hbp_problem)
     for row in measured["rows"]:
         row["batch_size"] = n
+    attach_fresh_peaks(name, n, measured, config)  # after the timed rounds: undisturbed
     reduced = None
     if "sqrt" in groups and (name, "sqrt") not in config.skip:
         small = reduced_sqrt_batch(bench, config)
@@ -287,6 +289,7 @@ def run(config: CostConfig, progress: bool = True) -> Dict[str, Any]:
             "dtype": config.dtype,
             "seed": SEED,
             "notes": list(config.notes),
+            "fresh_memory": config.fresh_memory,
         },
         "peers": {
             "backpack": version_of("backpack-for-pytorch") if installed("backpack") else None,
@@ -295,6 +298,7 @@ def run(config: CostConfig, progress: bool = True) -> Dict[str, Any]:
         },
         "memory_kind": memory_method(config.device),
         "memory_description": MEMORY_KINDS[memory_method(config.device)],
+        "fresh_memory_description": FRESH_DESCRIPTION,
         "definitions": DEFINITIONS,
         "problems": {},
     }

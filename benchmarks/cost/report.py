@@ -1,8 +1,7 @@
-"""The cost section's Markdown and plot."""
+"""The cost section's Markdown (its plot: :mod:`benchmarks.cost.plot`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from benchmarks.common import (
@@ -26,9 +25,18 @@ def _note(notes: List[str], text: str) -> int:
     return notes.index(text) + 1
 
 
-def _cell(row: Dict[str, Any], m: str, notes: List[str]) -> str:
+def cpu_ratio(row: Dict[str, Any], m: str, grad: Dict[str, Any]) -> Optional[float]:
+    """CPU time of measurement ``m`` of ``row`` over the gradient's (medians), if recorded."""
+    cpu = row["timings"].get(m, {}).get("cpu_median_s")
+    if cpu is None or not grad.get("cpu_median_s"):
+        return None
+    return cpu / grad["cpu_median_s"]
+
+
+def _cell(row: Dict[str, Any], m: str, notes: List[str], grad: Dict[str, Any]) -> str:
     if m in row["ratios"]:
-        return fmt_number(row["ratios"][m])
+        cpu = cpu_ratio(row, m, grad)
+        return fmt_number(row["ratios"][m]) + (f" ({fmt_number(cpu)})" if cpu else "")
     reason = row["not_measured"].get(m)
     if reason is None:
         return "—"
@@ -39,11 +47,37 @@ def _cell(row: Dict[str, Any], m: str, notes: List[str]) -> str:
     return f"n/a [{_note(notes, reason)}]"
 
 
+def _cpu_ms(timing: Dict[str, Any]) -> str:
+    cpu = timing.get("cpu_median_s")
+    return f"; CPU {cpu * 1e3:.3g} ms" if cpu is not None else ""
+
+
 def _memory(row: Dict[str, Any]) -> str:
     for m in MEASUREMENTS:
         if m in row["memory"]:
             return fmt_mib(row["memory"][m]["delta_bytes"])
     return ""
+
+
+def _fresh(row: Dict[str, Any], problem: Dict[str, Any]) -> str:
+    """The row's fresh-process peak over the imports, and its multiple of the gradient's."""
+    fresh = row.get("fresh_memory")
+    if fresh is None:
+        return ""
+    if fresh.get("status") != "ok" or fresh.get("over_imports_bytes") is None:
+        return "n/a"
+    text = fmt_mib(fresh["over_imports_bytes"])
+    grad = (problem.get("baseline_fresh_memory") or {}).get("over_imports_bytes")
+    return text + (f" ({fmt_number(fresh['over_imports_bytes'] / grad)})" if grad else "")
+
+
+def _fresh_gradient(problem: Dict[str, Any]) -> str:
+    fresh = problem.get("baseline_fresh_memory")
+    if not fresh:
+        return ""
+    if fresh.get("status") != "ok":
+        return f" Gradient's fresh-process peak: n/a ({fresh.get('reason', '')})."
+    return f" Gradient's fresh-process peak: {fmt_mib(fresh['over_imports_bytes'])} MiB."
 
 
 def _contention(row: Dict[str, Any]) -> Optional[Dict[str, float]]:
@@ -72,13 +106,17 @@ def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, An
         "",
         f"N = {result['batch_size']}{n_note}, {result['num_parameters']:,} parameters; data: "
         f"{dataset}. Gradient: median {grad['median_s'] * 1e3:.3g} ms "
-        f"(q25–q75 {grad['q25_s'] * 1e3:.3g}–{grad['q75_s'] * 1e3:.3g} ms); traced gradient "
+        f"(q25–q75 {grad['q25_s'] * 1e3:.3g}–{grad['q75_s'] * 1e3:.3g} ms{_cpu_ms(grad)}); "
+        "traced gradient "
         f"/ gradient = {fmt_number(result['ratios']['grad_traced/grad'])}. Other processes used "
-        f"{others_share(result['contention'])} of the CPUs during the timed rounds.",
+        f"{others_share(result['contention'])} of the CPUs during the timed rounds."
+        + _fresh_gradient(result),
+        "",
+        "Ratios: wall time (CPU time of the process) / the gradient's, medians.",
         "",
         "| quantity | library | computation | total / grad | pass / grad | product / grad | "
-        "peak Δ mem [MiB] | others' CPU | goal |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "peak Δ mem [MiB] | fresh peak [MiB] (x grad) | others' CPU | goal |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     notes: List[str] = []
     by_group: Dict[str, List[str]] = {}
@@ -97,13 +135,14 @@ def problem_markdown(name: str, result: Dict[str, Any], goals: List[Dict[str, An
         if row["status"] == "n/a":
             cells = [f"n/a [{_note(notes, row['reason'])}]", "", ""]
         else:
-            cells = [_cell(row, m, notes) for m in MEASUREMENTS]
+            cells = [_cell(row, m, notes, grad) for m in MEASUREMENTS]
         method = row["method"]
         if row["note"]:
             method += f" [{_note(notes, row['note'])}]"
         lines.append(
             f"| {quantity} | {_library(row['library'])} | {method} | {' | '.join(cells)} | "
-            f"{_memory(row)} | {others_share(_contention(row))} | {goal} |"
+            f"{_memory(row)} | {_fresh(row, result)} | {others_share(_contention(row))} | "
+            f"{goal} |"
         )
     if notes:
         lines += ["", "Notes and reasons for n/a:", ""]
@@ -120,10 +159,16 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Median of {config['repeats']} timed rounds after {config['warmup']} warm-up "
         "round(s) and one probe call per measurement; all measurements of a problem "
         "interleaved round by round in one process on one fixed batch; ratios are medians "
-        "divided by the median of the plain gradient of the same run. Peers: "
+        "divided by the median of the plain gradient of the same run, for the wall time "
+        "(`perf_counter`) and, in parentheses, the process's CPU time (`process_time`: "
+        "less sensitive to other processes taking the CPUs; above the wall ratio where the "
+        "curvature runs more threads than the gradient). Goals use the wall ratios. Peers: "
         + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in result["peers"].items())
-        + f". Memory: {result['memory_kind']} (peak minus level before the call). "
-        f"Wall time {result['wall_s']:.0f} s.",
+        + f". Memory: `peak Δ mem` is {result['memory_kind']} of the probe call (peak minus "
+        "level before the call, in this process); `fresh peak` is the "
+        + result.get("fresh_memory_description", "fresh-process peak")
+        + f" (rows: {config.get('fresh_memory', 'none')}; in parentheses as a multiple of "
+        f"the gradient's). Wall time {result['wall_s']:.0f} s.",
         "",
     ]
     lines += [f"- {k}: {v}" for k, v in result["definitions"].items()]
@@ -170,45 +215,3 @@ def markdown(result: Dict[str, Any]) -> str:
     for name, problem in result["problems"].items():
         lines += ["", problem_markdown(name, problem, goals)]
     return "\n".join(lines) + "\n"
-
-
-_COLORS = {
-    "curvgraph": "tab:blue",
-    "backpack": "tab:orange",
-    "curvlinops": "tab:green",
-    "torch.func": "tab:purple",
-}
-
-
-def plot(result: Dict[str, Any], out_dir: Path) -> List[Path]:
-    """One PNG: per problem, the total / gradient ratio of every measured row (log scale)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    problems = {k: v for k, v in result["problems"].items() if "rows" in v}
-    if not problems:
-        return []
-    heights = [max(2.0, 0.22 * len(p["rows"]) + 1.0) for p in problems.values()]
-    fig = Figure(figsize=(9, sum(heights)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(problems), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for ax, (name, problem) in zip(axes[:, 0], problems.items()):
-        rows = [r for r in problem["rows"] if "total" in r["ratios"]]
-        labels = [f"{r['library']}: {r['method'][:38]} ({r['curvature']})" for r in rows]
-        values = [r["ratios"]["total"] for r in rows]
-        colors = [_COLORS.get(r["library"], "gray") for r in rows]
-        ax.barh(range(len(rows)), values, color=colors)
-        ax.set_yticks(range(len(rows)), labels, fontsize=6)
-        ax.invert_yaxis()
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_title(
-            f"{name} (N = {problem['batch_size']}): (fwd + bwd + curvature) / gradient", fontsize=8
-        )
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {fmt_number(v)}", va="center", fontsize=6)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "cost.png"
-    fig.savefig(path, dpi=110)
-    return [path]
