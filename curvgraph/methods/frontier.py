@@ -16,6 +16,7 @@ from torch import Tensor
 from curvgraph.errors import CurvatureSizeError
 from curvgraph.graph import NodeInfo, Plan, Record
 from curvgraph.rules import Context
+from curvgraph.rules.gram import root_gram
 
 __all__ = [
     "ALTERNATIVES",
@@ -31,14 +32,29 @@ __all__ = [
 
 
 class Frontier:
-    """A symmetric matrix over named entries, stored as blocks ``(a, b)``."""
+    """A symmetric matrix over named entries, stored as blocks ``(a, b)``.
+
+    An entry with no blocks to the others may instead be held as a root ``R`` ``[r, D]``
+    of its diagonal block ``R^T R`` (:attr:`roots`, GGN walks: the loss Hessian has rank
+    ``C``, and averaged Jacobians keep it): it is formed (:func:`root_gram`) only when a
+    block is read or added.
+    """
 
     def __init__(self):
         self.sizes: Dict = {}
         self.blocks: Dict[Tuple, Tensor] = {}
+        self.roots: Dict = {}
+
+    def _form(self, key) -> None:
+        """Replace the root of ``key`` (if held) by its dense block ``R^T R``."""
+        root = self.roots.pop(key, None)
+        if root is not None:
+            self.blocks[(key, key)] = root_gram(root)
 
     def get(self, a, b) -> Optional[Tensor]:
         """Block ``(a, b)`` (``None`` if zero)."""
+        if a == b:
+            self._form(a)
         if (a, b) in self.blocks:
             return self.blocks[(a, b)]
         if (b, a) in self.blocks:
@@ -47,10 +63,31 @@ class Frontier:
 
     def add(self, a, b, block: Tensor) -> None:
         """Add ``block`` to ``(a, b)`` (and its transpose to ``(b, a)``)."""
+        self._form(a)
+        self._form(b)
         if (b, a) in self.blocks and (a, b) not in self.blocks:
             a, b, block = b, a, block.T
         current = self.blocks.get((a, b))
         self.blocks[(a, b)] = block if current is None else current + block
+
+    def add_root(self, key, root: Tensor) -> None:
+        """Add ``R^T R`` to the diagonal block of ``key`` (kept as ``R`` if it is alone).
+
+        The root is kept while ``key`` has no block yet and ``R`` has at most as many rows
+        as columns; otherwise it is formed and added.
+        """
+        alone = key not in self.roots and not any(key in k for k in self.blocks)
+        if alone and root.shape[0] <= root.shape[1]:
+            self.roots[key] = root
+        else:
+            self.add(key, key, root_gram(root))
+
+    def take_root(self, key) -> Optional[Tensor]:
+        """Remove ``key`` and return its root if it is held as one (else ``None``, kept)."""
+        root = self.roots.pop(key, None)
+        if root is not None:
+            self.sizes.pop(key)
+        return root
 
     def add_pairs(self, contributions) -> None:
         """Add blocks given for *ordered* pairs ``((a, b), block)`` of a symmetric matrix.
@@ -78,6 +115,7 @@ class Frontier:
 
     def pop(self, key) -> Tuple[Tensor, Dict]:
         """Remove an entry; return its diagonal block and its blocks with the others."""
+        self._form(key)
         self.sizes.pop(key)
         diagonal = self.get(key, key)
         others = {o: self.get(key, o) for o in self.sizes}
@@ -171,6 +209,11 @@ def refuse_oversized(graph, walk: Plan, max_features: int) -> None:
 
 
 def symmetric(matrix: Tensor) -> Tensor:
-    """``(M + M^T) / 2``, contiguous."""
+    """``(M + M^T) / 2`` as ``M^T / 2 + M / 2``, contiguous and exactly symmetric.
+
+    Two passes (a transposed scaled copy, then an in-place scaled add) instead of three;
+    halving is exact in floating point, so entry ``(i, j)`` and ``(j, i)`` are the same sum.
+    """
     # adding a transposed view runs strided (3x slower than a copy) on large blocks
-    return matrix.T.clone(memory_format=torch.contiguous_format).add_(matrix).mul_(0.5)
+    out = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
+    return torch.mul(matrix.T, 0.5, out=out).add_(matrix, alpha=0.5)

@@ -48,9 +48,11 @@ from curvgraph.methods.frontier import (
     slot_size,
     symmetric,
 )
+from curvgraph.methods.hbp_roots import psd_root, root_step
 from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
 from curvgraph.methods.ranks import RankAgreement
 from curvgraph.rules import CHUNK_ELEMENTS, Context, modify_symmetric
+from curvgraph.rules.gram import root_gram
 
 __all__ = ["HBP", "backward_hessian", "hbp_blocks"]
 
@@ -154,23 +156,18 @@ class _Walk:
     def run(self, record, output_hessian: Tensor, output: Tensor, grads) -> Dict[str, Block]:
         walk, frontier = self.walk, self.frontier
         frontier.sizes[walk.output] = output[0].numel()
-        frontier.add(walk.output, walk.output, output_hessian)
+        root = psd_root(output_hessian) if self.mode is None else None
+        if root is not None:  # GGN: R^T R walked as R (rank C) while Jacobians are averaged
+            frontier.add_root(walk.output, root)
+        else:
+            frontier.add(walk.output, walk.output, output_hessian)
         remaining = {key: len(uses) for key, uses in walk.uses.items()}
         blocks: Dict[str, Block] = {}
         for info, ctx in walk.reverse(record, frontier.sizes.__contains__, _MIXING):
-            output_matrix, cross = frontier.pop(info.node)
-            if output_matrix is None:
-                output_matrix = output.new_zeros(frontier_size(ctx), frontier_size(ctx))
-            residual = None if self.mode is None else info.rule.residual(ctx, grads[info.node.name])
-            entering = {}
-            for slot, key in walk.active_slots(info).items():
-                if isinstance(key, str) and not walk.tied(key):
-                    blocks[key] = self._parameter_block(info, ctx, slot, output_matrix, residual)
-                else:
-                    check_size(info, slot, slot_size(ctx, slot), self.max_features)
-                    entering[slot] = key
-            self._propagate(info, ctx, entering, output_matrix, cross)
-            self._add_residual(ctx, entering, residual)
+            root = frontier.take_root(info.node)
+            entering = None if root is None else root_step(self, info, ctx, root, blocks)
+            if entering is None:
+                entering = self._dense_step(info, ctx, root, output, grads, blocks)
             for key in entering.values():
                 remaining[key] -= 1
                 if isinstance(key, str) and remaining[key] == 0:
@@ -178,7 +175,29 @@ class _Walk:
                     blocks[key] = DenseBlock(symmetric(matrix), walk.parameters[key].shape)
         return blocks
 
-    def _means(self, rule, values):
+    def _dense_step(self, info, ctx, root, output, grads, blocks) -> Dict:
+        """Blocks of the node's parameters and its arguments' matrices from the dense matrix."""
+        walk, frontier = self.walk, self.frontier
+        if root is not None:
+            output_matrix, cross = root_gram(root), {}
+        else:
+            output_matrix, cross = frontier.pop(info.node)
+        if output_matrix is None:
+            output_matrix = output.new_zeros(frontier_size(ctx), frontier_size(ctx))
+        residual = None if self.mode is None else info.rule.residual(ctx, grads[info.node.name])
+        entering = {}
+        for slot, key in walk.active_slots(info).items():
+            if isinstance(key, str) and not walk.tied(key):
+                blocks[key] = self._parameter_block(info, ctx, slot, output_matrix, residual)
+            else:
+                check_size(info, slot, slot_size(ctx, slot), self.max_features)
+                entering[slot] = key
+        self._propagate(info, ctx, entering, output_matrix, cross)
+        self._add_residual(ctx, entering, residual)
+        return entering
+
+    def means(self, rule, values):
+        """``values`` averaged over the ranks (a sample-independent slot's: equal, kept)."""
         return self.shard.batch_means(values, rule.sample_independent)
 
     def _propagate(self, info: NodeInfo, ctx: Context, entering, output_matrix, cross) -> None:
@@ -193,7 +212,7 @@ class _Walk:
             frontier.sizes.setdefault(key, slot_size(ctx, slot))
         # cross terms with the rest of the frontier: Jbar_s^T H_yo
         for other, block in cross.items():
-            products = self._means(
+            products = self.means(
                 rule, rule.averaged_vjp(ctx, block.T.reshape(-1, *out_shape), slots)
             )
             for slot in slots:
@@ -215,13 +234,13 @@ class _Walk:
             return
         pairs = []
         if len(expected) < len(slots):
-            first = self._means(
+            first = self.means(
                 rule, rule.averaged_vjp(ctx, output_matrix.reshape(rows, *out_shape), slots)
             )
             for a in slots:
                 left = first[a].reshape(rows, -1).T  # Jbar_a^T H_yy
                 wanted = [b for b in slots if not (a in expected and b in expected)]
-                second = self._means(
+                second = self.means(
                     rule, rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), wanted)
                 )
                 for b in wanted:
@@ -299,11 +318,11 @@ class _Walk:
         check_size(info, slot, weight.numel(), self.max_features)
         out_shape = ctx.output.shape[1:]
         if averaged or slot in rule.sample_independent:
-            first = self._means(
+            first = self.means(
                 rule, rule.averaged_vjp(ctx, output_matrix.reshape(-1, *out_shape), [slot])
             )
             left = first[slot].reshape(output_matrix.shape[0], -1).T
-            second = self._means(rule, rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), [slot]))
+            second = self.means(rule, rule.averaged_vjp(ctx, left.reshape(-1, *out_shape), [slot]))
             matrix = second[slot].reshape(left.shape[0], -1)
         else:
             matrix = self._expected_sandwich(rule, ctx, slot, slot, output_matrix)

@@ -90,8 +90,8 @@ class LinearRule(PullbackRule):
         if "weight" in slots:
             mean_input = self._positions(ctx.input).mean(0)
             result["weight"] = torch.einsum("kso,si->koi", c, mean_input)
-        if "bias" in slots:
-            result["bias"] = c.sum(1)
+        if "bias" in slots:  # one position: J_b = I, the cotangent itself (no copy)
+            result["bias"] = c[:, 0] if c.shape[1] == 1 else c.sum(1)
         return result
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
