@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import suite  # noqa: E402
+from curvgraph import progress  # noqa: E402
 
 
 def _fake_seed_main(argv):
@@ -38,6 +39,7 @@ def test_interrupted_run_leaves_a_readable_report(tmp_path, monkeypatch):
     def interrupted(args, out):
         seen["report"] = (out / "report.md").read_text()
         seen["json"] = json.loads((out / "results.json").read_text())
+        seen["curvgraph bars"] = progress.progress_mode()
         raise KeyboardInterrupt
 
     monkeypatch.setitem(suite.RUNNERS, "accuracy", interrupted)
@@ -57,6 +59,9 @@ def test_interrupted_run_leaves_a_readable_report(tmp_path, monkeypatch):
     seed_row = next(line for line in during.splitlines() if line.startswith("| seed | ok |"))
     wall, cpu = (float(cell) for cell in seed_row.split("|")[3:5])
     assert wall >= 0 and cpu >= 0  # wall time and CPU time side by side
+
+    assert seen["curvgraph bars"] is False  # none inside timed calls
+    assert progress.progress_mode() is None  # handed back after the run
 
     # after the interruption: the same report, the second section marked interrupted
     after = (tmp_path / "report.md").read_text()

@@ -24,6 +24,7 @@ from typing import Any, Dict
 
 import torch
 
+import curvgraph
 from benchmarks.machine import contention, cpu_snapshot, environment, load_average
 from benchmarks.problems import PROBLEMS
 from benchmarks.suite.report import report
@@ -79,10 +80,12 @@ def run(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    curvgraph.set_progress(False)  # no bars inside timed calls; the suite draws its own
     try:
         return _run(args, out)
     finally:
         torch.set_num_threads(threads)
+        curvgraph.set_progress(None)
 
 
 def _run(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
