@@ -36,13 +36,14 @@ SECTIONS = (
     "operators",
     "ekfac",
     "laplace",
+    "cg_step",
 )
 #: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
 #: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
 DEFAULT_SECTIONS = {"language_models": ("language_models",)}
 #: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products,
 #: ``laplace`` fits resnet18 with laplace-torch's backends)
-OPT_IN = ("language_models", "operators", "ekfac", "laplace")
+OPT_IN = ("language_models", "operators", "ekfac", "laplace", "cg_step")
 
 
 def _module(name: str):
@@ -96,6 +97,12 @@ def _run_laplace(args, out: Path) -> Dict[str, Any]:
     return _module("laplace").run("full" if args.suite == "full" else "quick")
 
 
+def _run_cg_step(args, out: Path) -> Dict[str, Any]:
+    if args.suite == "full":
+        return _module("cg_step").run()
+    return _module("cg_step").run(repeats=10, warmup=2, compile_times=False)
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -107,6 +114,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "operators": _run_operators,
     "ekfac": _run_ekfac,
     "laplace": _run_laplace,
+    "cg_step": _run_cg_step,
 }
 
 

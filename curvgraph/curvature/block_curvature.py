@@ -72,16 +72,20 @@ class BlockCurvature(Mapping):
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``C_b V_b`` for columns ``[K_b, *shape]`` per block (one walk per engine)."""
-        result, shared = {}, {}
+        result, shared = {}, []  # (engine, its columns); no id() keys: torch.compile guards them
         for name, v in columns.items():
             block = self[name]
             if isinstance(block, ImplicitBlock):
                 if v.shape[1:] != block.shape:
                     raise ValueError(f"columns for {name!r} must be [K, {tuple(block.shape)}]")
-                shared.setdefault(id(block.engine), (block.engine, {}))[1][block.name] = v
+                group = next((g for e, g in shared if e is block.engine), None)
+                if group is None:
+                    shared.append((block.engine, {}))
+                    group = shared[-1][1]
+                group[block.name] = v
             else:
                 result[name] = block.matmat(v)
-        for engine, group in shared.values():
+        for engine, group in shared:
             products = engine.matmat(group)
             for name in group:
                 result[name] = products[name]

@@ -153,7 +153,8 @@ class ExactProducts:
                 parameters, cross terms included (``structure="layers"`` / ``"full"``).
                 ``None``: every parameter its own group (the block diagonal).
         """
-        self._check_unchanged()
+        if not torch.compiler.is_compiling():  # dynamo cannot read _version: eager calls check
+            self._check_unchanged()
         order = tuple(n for n in self.walk.parameters if n in columns)
         group_of = {n: n for n in order} if groups is None else {n: groups[n] for n in order}
         widths: Dict[str, int] = {}

@@ -79,6 +79,10 @@ class CGNewton(torch.optim.Optimizer):
         warm_start: decay of the CG warm start, in ``[0, 1]`` (0: start from zero).
         backtracking: choose the best CG iterate by the re-evaluated loss.
         momentum: momentum of the direction, in ``[0, 1)``.
+        compile: run the CG solver compiled (``cg(..., compile=True)``: the product, the
+            updates and the convergence masks of every ``check_every`` iterations as one
+            ``torch.compile`` graph; the first step compiles, later steps of the same shapes
+            reuse it). Off by default.
 
     ``state[p]`` holds ``cg_iterations``, ``cg_residual`` and ``nonpositive_curvature`` of
     the last step, and, when the features are on, ``kron_eigen`` / ``kron_eigen_age`` (eig
@@ -104,6 +108,7 @@ class CGNewton(torch.optim.Optimizer):
         warm_start: float = 0.0,
         backtracking: bool = False,
         momentum: float = 0.0,
+        compile: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -119,6 +124,7 @@ class CGNewton(torch.optim.Optimizer):
             warm_start=warm_start,
             backtracking=backtracking,
             momentum=momentum,
+            compile=compile,
         )
         _validate(defaults)
         super().__init__(params, defaults)
@@ -354,6 +360,7 @@ def _validate(group: dict) -> None:
         ("warm_start", 0 <= group["warm_start"] <= 1, "in [0, 1]"),
         ("momentum", 0 <= group["momentum"] < 1, "in [0, 1)"),
         ("backtracking", isinstance(group["backtracking"], bool), "True or False"),
+        ("compile", isinstance(group.get("compile", False), bool), "True or False"),
     ]
     for name, ok, expected in checks:
         if not ok:

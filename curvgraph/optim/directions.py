@@ -161,6 +161,7 @@ def _solve_cg(states, group, params, curvature, solution: GroupSolution) -> None
         maxiter=group["cg_maxiter"],
         M=preconditioner,
         callback=callback,
+        compile=group.get("compile", False),
     )
     if group["warm_start"] > 0:
         for n, p in params.items():

@@ -138,21 +138,16 @@ def _on_dicts(operator: Callable[[Tensor], Tensor]) -> Callable[[Tensors], Tenso
 
 def _info(solver: LockstepCG, iterations, residual, bound, nonpositive) -> CGInfo:
     converged = residual <= bound
-    split = [
-        solver.per_block(t, n)
-        for t in (iterations, residual, converged, nonpositive)
-        for n in solver.names
-    ]
-    k = len(solver.names)
-    its, res, conv, nonpos = (split[i * k : (i + 1) * k] for i in range(4))
-    return CGInfo(
-        list(solver.names),
-        torch.stack([t.max() for t in its]),
-        torch.stack([t.max() for t in res]),
-        torch.stack([t.all() for t in conv]),
-        torch.stack([t.any() for t in nonpos]),
-        its,
-        res,
-        conv,
-        nonpos,
-    )
+    per_column = (iterations, residual, converged, nonpositive)
+    columns = [list(t.split(solver.counts)) for t in per_column]
+    if all(k == 1 for k in solver.counts):  # one column per block: its own summary
+        summaries = per_column
+    else:
+        its, res, conv, nonpos = columns
+        summaries = (
+            torch.stack([t.max() for t in its]),
+            torch.stack([t.max() for t in res]),
+            torch.stack([t.all() for t in conv]),
+            torch.stack([t.any() for t in nonpos]),
+        )
+    return CGInfo(list(solver.names), *summaries, *columns)

@@ -41,7 +41,7 @@ class LockstepCG:
         self.x0 = None if x0 is None else {n: x0[n].reshape(self.b[n].shape) for n in b}
         self.ref = self.b[self.names[0]]
         self.eps = torch.finfo(self.ref.dtype).eps
-        self.zeros = {n: self.ref.new_zeros(k) for n, k in zip(self.names, self.counts)}
+        self.zeros: Tensors = {}  # per block, made when a block first drops out of selection
         self.everything = {n: None for n in self.names}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -68,8 +68,13 @@ class LockstepCG:
 
     def _dots(self, u: Tensors, v: Tensors, selection) -> Tensor:
         """Per-column inner products (zero for blocks not in ``selection``)."""
-        parts = [(u[n] * v[n]).sum(-1) if n in selection else self.zeros[n] for n in self.names]
+        parts = [(u[n] * v[n]).sum(-1) if n in selection else self._zeros(n) for n in self.names]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _zeros(self, name: str) -> Tensor:
+        if name not in self.zeros:
+            self.zeros[name] = self.ref.new_zeros(self.b[name].shape[0])
+        return self.zeros[name]
 
     def _split(self, values: Tensor, selection) -> List[Tensor]:
         """``values`` ``[sum K_j]`` as ``[K_j, 1]`` views, for the blocks of ``selection``."""
