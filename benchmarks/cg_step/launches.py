@@ -6,15 +6,27 @@ from typing import Callable, Dict
 
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["launches", "floor"]
+__all__ = ["launches", "floor", "VIEWS"]
+
+#: operators that only make views or read metadata: no kernel unless one they call computes
+VIEWS = frozenset(
+    "aten::" + name
+    for name in (
+        "view reshape _reshape_alias _unsafe_view unsqueeze squeeze select slice as_strided "
+        "expand expand_as t transpose permute alias detach split split_with_sizes unbind "
+        "narrow view_as flatten contiguous lift_fresh resolve_conj resolve_neg empty "
+        "empty_like empty_strided to"
+    ).split()
+)
 
 
 def launches(fn: Callable[[], object], setup: Callable[[], object] = None) -> Dict[str, int]:
     """Top-level aten operators of one ``fn()`` call (after an untimed ``setup()``).
 
-    A compiled graph's fused kernels are not aten operators: they are counted per call of
-    the compiled graph (``Torch-Compiled Region``) as its extern calls plus one, so compiled
-    counts are lower bounds.
+    An operator of :data:`VIEWS` counts only if an operator it calls is not a view (a
+    ``reshape`` that copies, a ``to`` that converts). A compiled graph's own fused kernels
+    are not aten operators and are not counted (its extern calls, e.g. ``mm``, are), so
+    counts of compiled code are lower bounds; ``compiled_regions`` counts the graphs run.
     """
     if setup is not None:
         setup()
@@ -29,7 +41,7 @@ def launches(fn: Callable[[], object], setup: Callable[[], object] = None) -> Di
         parent = event.cpu_parent
         while parent is not None and not parent.name.startswith("aten::"):
             parent = parent.cpu_parent
-        if parent is None:
+        if parent is None and _launches_kernel(event):
             total += 1
     return {"aten_top_level": total, "compiled_regions": regions}
 
@@ -50,3 +62,10 @@ def floor(iterations: int, product: int, sgd: int) -> Dict[str, float]:
         "sgd_launches": sgd,
         "ratio": cg / max(sgd, 1),
     }
+
+
+def _launches_kernel(event) -> bool:
+    """Whether ``event`` or an aten operator below it computes (is not in :data:`VIEWS`)."""
+    if event.name not in VIEWS:
+        return True
+    return any(_launches_kernel(child) for child in event.cpu_children)

@@ -56,6 +56,7 @@ def run(repeats: int = 40, warmup: int = 3, compile_times: bool = True) -> Dict:
     finally:
         torch.set_num_threads(previous)
     results["goals"] = _goals(results)
+    results["time_floor"] = _time_floor(results)
     results["compile"] = _compile_times() if compile_times else {}
     results["load_after"] = load_average()
     return results
@@ -93,6 +94,19 @@ def _goals(results: Dict) -> List[Dict]:
         met = None if goal is None else bool(wall <= goal)
         rows.append({"name": name, "wall": wall, "cpu": cpu, "goal": goal, "met": met})
     return rows
+
+
+def _time_floor(results: Dict) -> Dict:
+    """The step's time floor: its CG iterations' products alone, over SGD's step."""
+    product, sgd = results["timings"]["product"], results["timings"]["sgd_step"]
+    iterations = max(results["cg_iterations"].values())
+    if "median_s" not in product or "median_s" not in sgd:
+        return {"status": "n/a"}
+    return {
+        "iterations": iterations,
+        "wall": iterations * ratio(product["median_s"], sgd["median_s"]),
+        "cpu": iterations * ratio(product["cpu_median_s"], sgd["cpu_median_s"]),
+    }
 
 
 def _compile_times() -> Dict:
@@ -166,6 +180,14 @@ def markdown(results: Dict) -> str:
         lines.append(
             f"| {goal['name']} | {goal['wall']:.2f} | {goal['cpu']:.2f} | {target} | {met} |"
         )
+    floor_time = results.get("time_floor", {})
+    if "wall" in floor_time:
+        lines += [
+            "",
+            f"Time floor of the step: {floor_time['iterations']} CG iterations x one damped "
+            f"product (`product`) = {floor_time['wall']:.1f}x SGD's step (CPU "
+            f"{floor_time['cpu']:.1f}x), before any reduction or update.",
+        ]
     lines += _launch_lines(results["launches"]) + _compile_lines(results.get("compile", {}))
     return "\n".join(lines) + "\n"
 
@@ -174,9 +196,10 @@ def _launch_lines(counts: Dict) -> List[str]:
     fl = counts["floor"]
     lines = [
         "",
-        "Kernel launches of one call (top-level aten operators, `torch.profiler`; a compiled "
-        "graph's fused kernels are not aten operators, so the compiled count is its extern "
-        "calls and the eager code around the graphs, plus the graphs themselves):",
+        "Kernel launches of one call (top-level aten operators that compute, views left out, "
+        "by `torch.profiler`; a compiled graph's own fused kernels are not aten operators, so "
+        "the compiled count is its extern calls and the eager code around the graphs, with "
+        "the graphs run beside it):",
         "",
         "| call | aten launches | compiled graphs |",
         "|---|---|---|",

@@ -11,6 +11,7 @@ mask only to narrow the operator's arguments and to stop: every ``check_every`` 
 
 from __future__ import annotations
 
+from math import inf
 from typing import Dict, List, Optional
 
 import torch
@@ -131,11 +132,9 @@ class LockstepCG:
                 for n in names:
                     bad = self.per_block(self.nonpositive, n).unsqueeze(-1)
                     self.x[n] = torch.where(bad, b[n], self.x[n])
+        # r^T r >= 0 or NaN: "< inf" is isfinite in one operator
         self.active = (
-            (self.rs.sqrt() > self.bound)
-            & (self.limit > 0)
-            & ~self.nonpositive
-            & torch.isfinite(self.rs)
+            (self.rs.sqrt() > self.bound) & (self.limit > 0) & ~self.nonpositive & (self.rs < inf)
         )
 
     # -- one iteration ---------------------------------------------------------------------
@@ -160,7 +159,7 @@ class LockstepCG:
         self.scale = torch.where(active, torch.maximum(self.scale, pAp.abs() / pp), self.scale)
         curved = pAp > _ROUNDING * self.eps * pp * self.scale  # False on NaN
         moving = active & curved
-        breakdown = active & ~curved
+        breakdown = active ^ moving
         nonpositive = self.nonpositive | breakdown
         step = torch.where(moving, self.rz / pAp, 0.0)
         steps = self._split(step, selection)
@@ -185,12 +184,13 @@ class LockstepCG:
         self.rz = self.rs if self.M is None else torch.where(moving, rz_new, self.rz)
         self.iterations = self.iterations + moving
         self.nonpositive = nonpositive
+        # a column that did not move is done; without M, moving already excludes breakdowns
+        active = moving if self.M is None else moving & ~nonpositive
         self.active = (
-            moving
-            & ~nonpositive
+            active
             & (self.rs.sqrt() > self.bound)
             & (self.iterations < self.limit)
-            & torch.isfinite(self.rs)
+            & (self.rs < inf)
         )
 
     # -- the loop --------------------------------------------------------------------------
