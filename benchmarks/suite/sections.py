@@ -37,13 +37,14 @@ SECTIONS = (
     "ekfac",
     "laplace",
     "cg_step",
+    "training",
 )
 #: sections a suite runs when ``--sections`` is not given (``language_models`` takes many
 #: minutes even on GPT-2 small: only ``--suite language_models`` or ``--sections`` runs it)
 DEFAULT_SECTIONS = {"language_models": ("language_models",)}
 #: sections only ``--sections`` runs (minutes each: ``operators`` times resnet18 products,
 #: ``laplace`` fits resnet18 with laplace-torch's backends)
-OPT_IN = ("language_models", "operators", "ekfac", "laplace", "cg_step")
+OPT_IN = ("language_models", "operators", "ekfac", "laplace", "cg_step", "training")
 
 
 def _module(name: str):
@@ -103,6 +104,11 @@ def _run_cg_step(args, out: Path) -> Dict[str, Any]:
     return _module("cg_step").run(repeats=10, warmup=2, compile_times=False)
 
 
+def _run_training(args, out: Path) -> Dict[str, Any]:
+    full = ("mnist_mlp", "fashion_mlp", "fashion_cnn")  # 25-30 minutes
+    return _module("training").run(full if args.suite == "full" else ("mnist_mlp",))
+
+
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "cost": _run_cost,
     "accuracy": _run_accuracy,
@@ -115,6 +121,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
     "ekfac": _run_ekfac,
     "laplace": _run_laplace,
     "cg_step": _run_cg_step,
+    "training": _run_training,
 }
 
 
