@@ -139,6 +139,7 @@ def test_fresh_process_peaks(spawn, monkeypatch, capsys):
     text = problem_markdown("seed_logreg", problem, [])
     ratio = fmt_number(fresh["over_imports_bytes"] / grad["over_imports_bytes"])
     assert f"({ratio}) |" in text and "Gradient's fresh-process peak" in text
+    assert problem["fresh_memory_workers"]["count"] == 2 and "2 fresh processes" in text
     assert fresh_memory.fresh_rows("seed_logreg", problem["rows"], config) == [0]
     config.fresh_memory = "goal"  # seed_logreg is no goal problem
     assert fresh_memory.fresh_rows("seed_logreg", problem["rows"], config) == []

@@ -18,6 +18,7 @@ timed rounds, so they do not disturb the timings).
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -81,15 +82,21 @@ def attach_fresh_peaks(name: str, n: int, measured: Dict[str, Any], config: Cost
     Each row gets ``row["fresh_memory"]`` (``status``, ``peak_bytes`` during the call,
     ``baseline_bytes`` after the imports, ``setup_bytes`` before the call,
     ``over_imports_bytes``) and ``measured`` gets
-    ``baseline_fresh_memory`` (the gradient's).
+    ``baseline_fresh_memory`` (the gradient's) and ``fresh_memory_workers`` (how many ran
+    and their wall time).
     """
     chosen = fresh_rows(name, measured["rows"], config)
     if not chosen:
         return
     timeout = 3 * config.cell_budget_s + 60
     specs = [_spec(name, n, None)] + [_spec(name, n, measured["rows"][i]) for i in chosen]
+    started = time.perf_counter()
     with ThreadPoolExecutor(PARALLEL) as pool:
         peaks = list(pool.map(lambda spec: _peak(config.suite, spec, timeout), specs))
+    measured["fresh_memory_workers"] = {
+        "count": len(specs),
+        "wall_s": time.perf_counter() - started,
+    }
     measured["baseline_fresh_memory"] = peaks[0]
     for i, peak in zip(chosen, peaks[1:]):
         measured["rows"][i]["fresh_memory"] = peak

@@ -77,7 +77,11 @@ def _fresh_gradient(problem: Dict[str, Any]) -> str:
         return ""
     if fresh.get("status") != "ok":
         return f" Gradient's fresh-process peak: n/a ({fresh.get('reason', '')})."
-    return f" Gradient's fresh-process peak: {fmt_mib(fresh['over_imports_bytes'])} MiB."
+    workers = problem.get("fresh_memory_workers", {})
+    return (
+        f" Gradient's fresh-process peak: {fmt_mib(fresh['over_imports_bytes'])} MiB "
+        f"({workers.get('count', '?')} fresh processes, {workers.get('wall_s', 0):.0f} s)."
+    )
 
 
 def _contention(row: Dict[str, Any]) -> Optional[Dict[str, float]]:
