@@ -2,7 +2,8 @@
 
 ``diag(C_theta) = sum_{n,k} (J_n^T s_nk)^2`` entry by entry; for a weight whose rule declares
 ``kronecker_input`` (``u_nk = s_nk (x) x_n``) this is ``sum_{n,k} s_nk^2 (x) x_n^2``, without
-forming the rows; elsewhere the rows are squared in chunks of columns.
+forming the rows; a rule with ``squared_rows`` (convolutions) computes the sum itself;
+elsewhere the rows are squared in chunks of columns.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class Diag(FactorMethod):
         inputs = kronecker_input(ctx, slot) if kronecker_input is not None else None
         if inputs is not None:  # u_nk = s_nk (x) x_n
             return DiagonalBlock(torch.einsum("kno,ni->oi", factors**2, inputs**2), shape)
+        squared_rows = rule.capability("squared_rows")
+        total = squared_rows(ctx, slot, factors) if squared_rows is not None else None
+        if total is not None:  # the rule's own (e.g. per-sample convolution gradients fused)
+            return DiagonalBlock(total, shape)
         size = ctx.value(slot).numel() * ctx.batch_size
         total = 0
         for chunk in factors.split(max(1, CHUNK_ELEMENTS // size)):

@@ -328,6 +328,10 @@ CAPABILITIES = {
         "kronecker_roots(ctx, slot, factors, approx='expand') -> (R1, R2) or None: "
         "F1 = R1^T R1, F2 = R2^T R2 (either None)"
     ),
+    "squared_rows": (
+        "squared_rows(ctx, slot, factors) -> sum_{k,n} (J_n^T s_kn)^2 shaped like the "
+        "parameter, or None: the GGN diagonal from factors [K, N, *out]"
+    ),
 }
 
 

@@ -31,13 +31,20 @@ class _CapabilityChecks:
           Kronecker structure is exact per sample (it declares ``kronecker_input`` for the
           argument); otherwise (KFC over positions) the shapes and that ``G``, ``A`` are
           symmetric positive semi-definite;
-        - ``kronecker_roots``: ``G = R_G^T R_G`` and ``A = R_A^T R_A``.
+        - ``kronecker_roots``: ``G = R_G^T R_G`` and ``A = R_A^T R_A``;
+        - ``squared_rows``: against ``sum_{k,n} (J_n^T s_k)^2`` of the per-sample rows.
         """
         rule, ctx, errors = self.rule, self.ctx, {}
         diagonal = rule.capability("diagonal_jacobian")
         if diagonal is not None:
             t = {"input": tangents["input"]}
             errors["diagonal_jacobian"] = _error(diagonal(ctx) * t["input"], self.jvp_of(t))
+        squared_of = rule.capability("squared_rows")
+        for s in [] if squared_of is None or self.mixes else self.slots:
+            total = None if s in self.batched else squared_of(ctx, s, cotangent)
+            if total is not None:
+                error = _error(total, (per_sample[s] ** 2).sum((0, 1)))
+                errors["squared_rows"] = max(errors.get("squared_rows", 0.0), error)
         factors_of = rule.capability("kronecker_factors")
         roots_of = rule.capability("kronecker_roots")
         if self.mixes or (factors_of is None and roots_of is None):

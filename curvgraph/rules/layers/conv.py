@@ -26,6 +26,7 @@ from torch.nn.modules.utils import _ntuple
 
 from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import gram, symmetric_product
+from curvgraph.rules.layers.conv_squares import squared_weight_rows
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
@@ -223,6 +224,8 @@ class ConvFamilyRule(PullbackRule):
 class ConvRule(ConvFamilyRule):
     """``y_n = W * x_n + b`` in ``dims`` spatial dimensions (see the module docstring)."""
 
+    capabilities = ConvFamilyRule.capabilities | {"squared_rows"}
+
     def __init__(self, dims: int):
         super().__init__(dims)
         self.name = f"conv{dims}d"
@@ -312,6 +315,13 @@ class ConvRule(ConvFamilyRule):
         weight = "kngop,ngip->kgoi" if summed else "kngop,ngip->kngoi"
         w = torch.einsum(weight, c, self._unfolded(ctx))
         return w.reshape(w.shape[: 1 if summed else 2] + ctx.weight.shape)
+
+    def squared_rows(self, ctx, slot, factors):
+        """``sum_{k,n} (J_n^T s_kn)^2`` of the weight (:mod:`.conv_squares`); else ``None``."""
+        if slot != "weight":
+            return None
+        factors = self._positions(factors.expand(factors.shape[0], *ctx.output.shape), ctx)
+        return squared_weight_rows(self._unfolded(ctx), factors).reshape(ctx.weight.shape)
 
     def _weight_averaged(self, ctx, cotangent):
         c = self._positions(cotangent, ctx)
