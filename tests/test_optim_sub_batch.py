@@ -8,6 +8,7 @@ batch from plain autograd, and the direct damped solve.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,21 @@ def test_curvature_reused_across_steps_is_that_of_its_own_point(method):
             damped = (1 - alpha) * block + alpha * torch.eye(p.numel(), dtype=DTYPE)
             d = -torch.linalg.solve(damped, p.grad.reshape(-1)).reshape(p.shape)
             torch.testing.assert_close(p.detach(), before[name] + lr * d)
+
+
+def test_a_finite_gradient_whose_sum_overflows_still_steps():
+    """The finiteness check sums first; a finite tensor whose sum overflows is not skipped."""
+    big = torch.finfo(torch.float32).max / 2
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), big)  # finite, sum = inf in float32
+    block = curvgraph.curvature.DiagonalBlock(torch.ones(4), (4,))
+    optimizer = CGNewton([p], lr=1e-30, alpha=0.5, solver="eig")  # CG would overflow |g|^2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "contains NaN/inf" warning
+        optimizer.step(curvgraph.curvature.BlockCurvature({"p": block}, {"p": p}))
+    # [(1 - a) I + a I] d = -g: d = -g, the step lr * d
+    torch.testing.assert_close(p.detach(), torch.full((4,), -1e-30 * big))
+    p.grad = torch.tensor([1.0, float("inf"), -float("inf"), 0.0])  # sums to NaN: skipped
+    with pytest.warns(RuntimeWarning, match="contains NaN/inf"):
+        optimizer.step(curvgraph.curvature.BlockCurvature({"p": block}, {"p": p}))
+    torch.testing.assert_close(p.detach(), torch.full((4,), -1e-30 * big))
