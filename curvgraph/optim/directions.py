@@ -122,10 +122,14 @@ def solve_group(
 
 def _solve_cg(states, group, params, curvature, solution: GroupSolution) -> None:
     alpha, names = group["alpha"], list(params)
+    weight = alpha
+    if group.get("compile", False):  # torch.compile guards a float's value: one graph per alpha
+        first = next(iter(params.values()))
+        weight = torch.tensor(alpha, dtype=first.dtype, device=first.device)
 
     def damped(vectors):
         products = curvature.matvec(vectors)
-        return {n: (1 - alpha) * products[n] + alpha * v for n, v in vectors.items()}
+        return {n: (1 - weight) * products[n] + weight * v for n, v in vectors.items()}
 
     preconditioner = None
     if group["preconditioner"] == "diagonal":
