@@ -239,3 +239,20 @@ def test_host_reads_the_mask_only_every_check_every_iterations(monkeypatch, chec
     # one read per chunk, plus the one that finds no column active
     assert len(reads) == chunks + (1 if chunks * check_every < max(b[n].numel() for n in b) else 0)
     assert operator.calls == chunks * check_every
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_overflowing_residual_stops_its_column_with_a_finite_iterate(check_every):
+    # A v = (v0 / 2, 5e307 v0): the first step (size 2) overflows r_1 to -inf, so the column
+    # stops; between two host reads its masked updates must not turn x into NaN (0 * inf)
+    def operator(v):
+        w = v["w"]
+        return {"w": torch.stack([0.5 * w[0], 5e307 * w[0]]), "ok": 2.0 * v["ok"]}
+
+    b = {"w": torch.tensor([2.0, 0.0], dtype=DTYPE), "ok": randn(3, seed=1)}
+    x_ref, its_ref, _, _ = SyncCG(operator, None, b, None, False).run(1e-12, 0.0, None)
+    x, info = cg(operator, b, tol=1e-12, check_every=check_every)
+    assert torch.equal(torch.cat(info.column_iterations), its_ref)
+    assert int(info.iterations[0]) == 1
+    assert torch.isfinite(x["w"]).all() and torch.equal(x["w"], x_ref["w"])
+    torch.testing.assert_close(x["ok"], x_ref["ok"], rtol=1e-14, atol=0)

@@ -178,8 +178,6 @@ class LockstepCG:
             rz_new = self._dots(self.r, z, selection)
             nonpositive = nonpositive | (moving & (rs_new > 0) & ~(rz_new > 0))
         beta = torch.where(moving, rz_new / self.rz, 0.0)
-        torch._foreach_mul_(ps, self._split(beta, selection))
-        torch._foreach_add_(ps, [z[n] for n in names])
         self.rs = torch.where(moving, rs_new, self.rs)
         self.rz = self.rs if self.M is None else torch.where(moving, rz_new, self.rz)
         self.iterations = self.iterations + moving
@@ -192,6 +190,11 @@ class LockstepCG:
             & (self.iterations < self.limit)
             & (self.rs < inf)
         )
+        torch._foreach_mul_(ps, self._split(beta, selection))
+        torch._foreach_add_(ps, [z[n] for n in names])
+        # a finished column's p is never used, but an overflowed one would give x += 0 * inf
+        for n, keep in zip(names, self._split(self.active, selection)):
+            self.p[n] = torch.where(keep, self.p[n], 0.0)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, tol, atol, maxiter, callback, check_every: Optional[int], compiled: bool):
