@@ -29,3 +29,34 @@ def test_chunks_of_samples_add_up(monkeypatch):
     expected = (torch.einsum("kngop,ngip->kngoi", factors, unfolded) ** 2).sum((0, 1))
     for path in (conv_squares._by_samples, conv_squares._by_position_pairs):
         torch.testing.assert_close(path(unfolded, factors), expected)
+
+
+@pytest.mark.parametrize("kernel, size", [(3, 4), (2, 5)])  # P = 4 (pairs path), P = 16
+def test_diag_of_a_cnn_equals_torch_func(kernel, size):
+    """``method="diag"`` end to end against ``sum_n diag(J_n^T H_n J_n)`` from ``torch.func``."""
+    import curvgraph
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, kernel), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.LazyLinear(5)
+    ).double()
+    x, y = torch.randn(4, 2, size, size, dtype=torch.float64), torch.randint(0, 5, (4,))
+    model(x)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    loss.backward()
+    diag = cg.curvature(loss, out, method="diag")
+    params = dict(model.named_parameters())
+
+    def f(p, xn):
+        return torch.func.functional_call(model, p, (xn.unsqueeze(0),))[0]
+
+    for name, p in params.items():
+        expected = torch.zeros_like(p).flatten()
+        for xn, out_n in zip(x, out.detach()):
+            jac = torch.func.jacrev(f)(params, xn)[name].reshape(5, -1)  # [C, numel]
+            prob = out_n.softmax(-1)
+            hessian = (torch.diag(prob) - torch.outer(prob, prob)) / x.shape[0]
+            expected += ((hessian @ jac) * jac).sum(0)
+        torch.testing.assert_close(diag[name].to_dense().diagonal(), expected)

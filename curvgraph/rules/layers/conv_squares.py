@@ -5,9 +5,9 @@ and the loss-Hessian factors ``s_kn`` (``[g, O, P]``) at the output, the per-sam
 gradients are ``u_kn = s_kn x_n^T`` (``[g, O, I]``) and the diagonal is
 ``d[g, o, i] = sum_{k,n} u_kn[g, o, i]^2``. Two ways, whichever needs fewer multiply-adds:
 
-- per sample (``K P O I`` per sample): ``u_kn`` by one batched product for a few samples at
-  a time, squared in place and summed while it is still in cache (no ``[K, N, O, I]`` tensor
-  and no separate square and sum passes);
+- per sample (``K P O I`` per sample): ``u_kn`` by one batched product per column ``k`` for
+  a few samples at a time (the factors read in place), squared in place and summed while it
+  is still in cache (no ``[K, N, O, I]`` tensor, no separate square and sum passes);
 - by pairs of positions (``T O I`` per sample, ``T = P (P + 1) / 2``, cheaper when
   ``P + 1 <= 2 K``: late layers of a ResNet, where ``P`` is 1 to 16):
   ``d = sum_n sum_{p <= q} w_pq (sum_k s_knp s_knq) (x_np x_nq)`` with ``w_pp = 1``,
@@ -41,15 +41,15 @@ def squared_weight_rows(unfolded: Tensor, factors: Tensor) -> Tensor:
 def _by_samples(unfolded: Tensor, factors: Tensor) -> Tensor:
     k, n, g, o, p = factors.shape
     i = unfolded.shape[2]
-    step = max(1, _CHUNK_ELEMENTS // (k * g * o * i))
+    step = max(1, _CHUNK_ELEMENTS // (g * o * i))
     total = None
     for start in range(0, n, step):
         m = min(step, n - start)
-        c = factors[:, start : start + m].permute(1, 2, 0, 3, 4).reshape(m * g, k * o, p)
-        x = unfolded[start : start + m].reshape(m * g, i, p).transpose(1, 2)
-        squares = torch.bmm(c, x).square_()  # [m g, k o, i]
-        part = squares.view(m, g, k, o, i).sum((0, 2))
-        total = part if total is None else total.add_(part)
+        x = unfolded[start : start + m].reshape(m * g, i, p).transpose(1, 2)  # [m g, P, I]
+        for column in factors[:, start : start + m]:  # [m, g, O, P]: no copy of the factors
+            squares = torch.bmm(column.reshape(m * g, o, p), x).square_()  # [m g, O, I]
+            part = squares.view(m, g, o, i).sum(0)
+            total = part if total is None else total.add_(part)
     return total
 
 
@@ -57,15 +57,18 @@ def _by_position_pairs(unfolded: Tensor, factors: Tensor) -> Tensor:
     k, n, g, o, p = factors.shape
     i = unfolded.shape[2]
     first, second = torch.triu_indices(p, p, device=factors.device)
+    pairs = first * p + second  # flat (p, q) entries of the upper triangle
     weights = torch.where(first == second, 1.0, 2.0).to(factors.dtype)  # [T]
     t = first.numel()
-    step = max(1, _CHUNK_ELEMENTS // (k * g * o * t + g * i * t))
+    step = max(1, _CHUNK_ELEMENTS // (g * o * p * p + g * i * t))
     total = None
     for start in range(0, n, step):
-        s = factors[:, start : start + step]
-        x = unfolded[start : start + step]
-        ss = (s[..., first] * s[..., second]).sum(0) * weights  # [m, g, O, T]
-        xx = x[..., first] * x[..., second]  # [m, g, I, T]
-        part = torch.einsum("ngot,ngit->goi", ss, xx)
+        m = min(step, n - start)
+        s = factors[:, start : start + m].permute(1, 2, 3, 4, 0).reshape(m * g * o, p, k)
+        grams = torch.bmm(s, s.transpose(1, 2)).view(m, g, o, p * p)  # sum_k s_kp s_kq
+        ss = (grams[..., pairs] * weights).permute(1, 2, 0, 3).reshape(g, o, m * t)
+        x = unfolded[start : start + m].permute(1, 0, 3, 2)  # [g, m, P, I]: rows of I
+        xx = (x[:, :, first] * x[:, :, second]).reshape(g, m * t, i)  # x_np x_nq, [g, m T, I]
+        part = torch.bmm(ss, xx)
         total = part if total is None else total.add_(part)
     return total
