@@ -74,8 +74,12 @@ class MaxPoolRule(Rule):
         """Flat argmax positions ``[N, C, P]`` into the input's spatial dimensions."""
 
         def compute():
-            _, idx = self.call({**ctx.args, "return_indices": True})
-            return idx.flatten(-self.spatial)
+            arguments = {**ctx.args, "return_indices": True}
+            x = arguments["input"]
+            if x.dim() == 4 and x.device.type == "cpu":  # same indices, about 4x faster on CPU
+                arguments["input"] = x.contiguous(memory_format=torch.channels_last)
+            _, idx = self.call(arguments)
+            return idx.contiguous().flatten(-self.spatial)
 
         return ctx.cached("indices", compute)
 
