@@ -115,3 +115,37 @@ def test_sub_batch_steps_take_the_curvature_of_the_first_rows(tiny, monkeypatch)
     data = runner.load_data(tiny)
     loop.train(tiny, config.configs("tiny")[-1], 0, data)
     assert seen == [(64, 16)] * 4
+
+
+def entry(family, label, time_s, accuracy, losses):
+    stats = {"median": time_s, "min": time_s, "max": time_s, "reached": 1, "seeds": 1}
+    final = {"median": accuracy, "min": accuracy, "max": accuracy, "reached": 1, "seeds": 1}
+    summary = {"time_to_target_s": stats, "final_test_accuracy": final}
+    summary["train_loss_per_epoch"] = losses
+    return {"config": {"family": family, "label": label}, "summary": summary}
+
+
+def test_cnn_goal_needs_sgd_to_fail_adam_to_train_and_lower_loss_every_epoch():
+    sgd = entry("sgd", "SGD", None, 0.1, [2.3, 2.3])
+    adam = entry("adam", "Adam", None, 0.72, [2.0, 1.0])
+    better = entry("cgnewton", "better", 5.0, 0.78, [1.9, 0.5])
+    once = entry("cgnewton", "once", 5.0, 0.78, [2.1, 0.5])
+    rows = runner.goal("fashion_cnn", [sgd, adam, better, once])
+    assert rows[-1] == {"best_adam": "Adam", "best_sgd": "SGD"}
+    assert rows[0]["met"] and rows[0]["adam_trains"] and rows[0]["sgd_fails"]
+    assert not rows[1]["met"] and rows[1]["lower_loss_epochs"] == 1
+    trained = entry("sgd", "SGD", None, 0.6, [2.0, 1.0])  # an SGD that trains: not met
+    assert not runner.goal("fashion_cnn", [trained, adam, better])[0]["met"]
+
+
+def test_time_goal_is_the_ratio_to_the_best_adam():
+    fast, slow = entry("adam", "fast", 1.0, 0.9, []), entry("adam", "slow", 3.0, 0.9, [])
+    rows = runner.goal(
+        "mnist_mlp",
+        [entry("sgd", "SGD", 2.0, 0.9, []), slow, fast, entry("cgnewton", "cg", 1.5, 0.9, [])],
+    )
+    assert rows[0]["ratio"] == 1.5 and rows[0]["met"] and rows[-1]["best_adam"] == "fast"
+    late = runner.goal(
+        "mnist_mlp", [fast, entry("sgd", "S", 2.0, 0.9, []), entry("cgnewton", "c", 2.5, 0.9, [])]
+    )
+    assert late[0]["ratio"] == 2.5 and not late[0]["met"]

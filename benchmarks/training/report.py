@@ -76,7 +76,8 @@ def markdown(result: Dict[str, Any]) -> str:
         "reaches the target counts as infinitely slow. Training loss per epoch: mean of the "
         "epoch's batch losses, each before its step, mean over the seeds. SGD has momentum "
         "0.9; the best SGD and Adam are the configurations of their lr grids with the shortest "
-        "median time to target.",
+        "median time to target (then the highest final accuracy). A configuration *trains* when "
+        "its median final test accuracy is at least 0.5 (chance: 0.1).",
     ]
     for name, problem in result["problems"].items():
         lines += [
