@@ -7,7 +7,7 @@ sample), and with averaged Jacobians every step keeps that rank: ``Jbar^T H Jbar
 (:attr:`Frontier.roots <curvgraph.methods.frontier.Frontier>`) instead of the ``D x D``
 matrix: a linear layer costs ``r D_out D_in`` multiply-adds instead of
 ``D_out D_in (D_out + D_in)``, and blocks are formed once as ``R^T R``
-(:func:`~curvgraph.rules.gram.root_gram`, exactly symmetric). Expected Jacobians of a
+(:func:`~curvgraph.rules.gram.root_gram`). Expected Jacobians of a
 per-sample Jacobian (``average_*_jac=False``), residuals (Hessian, PCH), fan-out and
 several arguments entering at once fall back to the dense walk.
 """
