@@ -202,6 +202,20 @@ def test_operation_floors_count_a_linear_layer():
     assert floors["kfac_pass"] == pytest.approx(2 * factor_macs / floors["gradient_flops"])
 
 
+def test_operation_floor_of_hbp_counts_root_products():
+    """HBP's GGN floor: C d_out^2 / 2 per layer, C d_out d_in per layer after the first."""
+    from benchmarks.cost.floors import operation_floors
+
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+    x, y = torch.randn(8, 30), torch.randint(0, 5, (8,))
+    floors = operation_floors(model, x, y, torch.nn.functional.cross_entropy, 5)
+    macs = 5 * 20 * 20 // 2 + 5 * 5 * 5 // 2 + 5 * 5 * 20
+    assert floors["hbp_pass"] == pytest.approx(2 * macs / floors["gradient_flops"])
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    x = torch.randn(8, 1, 4, 4)
+    assert operation_floors(conv, x, y, torch.nn.functional.cross_entropy, 5)["hbp_pass"] is None
+
+
 def test_failing_section_is_recorded(tmp_path, monkeypatch):
     def broken(args, out):
         raise RuntimeError("accuracy exploded")

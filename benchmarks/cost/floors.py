@@ -18,11 +18,17 @@ positions of a convolution, 1 for a linear layer) with factors ``G`` ``[d_out, d
 - KFAC factors: ``A = X^T X`` and ``G = S^T S`` as symmetric rank-k updates,
   ``M (d_in^2 + M_s d_out^2) / 2`` with ``M_s = M`` (one sample), ignoring the
   backpropagation of the Monte-Carlo factor (which only raises the true floor).
+- HBP's GGN pass with averaged Jacobians (``method="hbp"``), for a chain of linear layers on
+  ``[N, d]`` inputs (``None`` for other models): every output matrix has rank at most ``C``
+  (the loss Hessian's), so its root ``R`` ``[C, d_out]`` is pulled back through every layer
+  but the first (``C d_out d_in``) and each layer's ``G = R^T R`` is formed once, as the
+  symmetric ``C d_out^2 / 2`` (the weight's Kronecker factor; a linear bias block is the
+  same matrix). Activations scale the root's columns (``C d``, left out).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -40,10 +46,12 @@ def _kronecker_layers(model: nn.Module, x: torch.Tensor) -> List[Dict[str, int]]
         if isinstance(module, nn.Linear):
             positions = inputs[0].numel() // inputs[0].shape[-1]
             d_out, d_in = module.weight.shape
+            layers.append({"d_out": d_out, "d_in": d_in, "positions": positions})
         else:
             positions = output.shape[0] * output[0, 0].numel()
             d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-        layers.append({"d_out": d_out, "d_in": d_in, "positions": positions})
+            kernel = module.weight[0, 0].numel()
+            layers.append({"d_out": d_out, "d_in": d_in, "positions": positions, "kernel": kernel})
 
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.requires_grad:
@@ -70,8 +78,9 @@ def operation_floors(
         num_classes: ``C``, the loss factor's columns for KFLR.
 
     Returns:
-        ``{"gradient_flops", "kfac_pass", "kfac_product", "kflr_product", "layers"}``; the
-        three ratios are floor FLOPs / gradient FLOPs.
+        ``{"gradient_flops", "kfac_pass", "kfac_product", "kflr_product", "hbp_pass",
+        "layers"}``; the ratios are floor FLOPs / gradient FLOPs (``hbp_pass`` ``None``
+        unless the model is a chain of linear layers on ``[N, d]`` inputs).
     """
     with FlopCounterMode(display=False) as counter:
         model.zero_grad(set_to_none=True)
@@ -92,10 +101,23 @@ def operation_floors(
     factors = sum(
         layer["positions"] * (layer["d_in"] ** 2 + layer["d_out"] ** 2) // 2 for layer in layers
     )
+    hbp = _hbp_pass(layers, x.shape[0], num_classes)
     return {
         "gradient_flops": gradient,
         "kfac_pass": 2 * factors / gradient,
         "kfac_product": product(1) / gradient,
         "kflr_product": product(num_classes) / gradient,
+        "hbp_pass": None if hbp is None else 2 * hbp / gradient,
         "layers": layers,
     }
+
+
+def _hbp_pass(layers: List[Dict[str, int]], n: int, num_classes: int) -> Optional[int]:
+    """MACs of HBP's GGN pass on a chain of linear layers (module docstring), else ``None``."""
+    if not layers or any(layer["positions"] != n or "kernel" in layer for layer in layers):
+        return None
+    total = 0
+    for i, layer in enumerate(layers):  # in the order of the forward pass
+        d_out, d_in = layer["d_out"], layer["d_in"]
+        total += num_classes * d_out * d_out // 2 + (num_classes * d_out * d_in if i else 0)
+    return total

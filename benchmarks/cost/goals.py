@@ -107,7 +107,9 @@ def evaluate_goals(problems: Dict[str, Any]) -> List[Dict[str, Any]]:
       too;
     - ``kflr``, ``sqrt`` (forward + backward + pass) <= BackPACK's KFLR, SqrtGGNExact;
     - ``exact`` all-block product (GGN, Hessian) <= 2 gradients;
-    - all-block product from prepared Kronecker blocks (``kfac``, ``kflr``) <= 0.1 gradient.
+    - all-block product from prepared Kronecker blocks (``kfac``, ``kflr``) <= 0.1 gradient;
+    - issue 15: ``kfac`` <= curvlinops KFAC-MC, ``diag`` <= BackPACK DiagGGNExact, the
+      ``hbp`` GGN pass <= 2 gradients (:func:`_method_speed_goals`).
 
     Goals with an operation-count floor (:mod:`benchmarks.cost.floors`) carry it; a goal
     whose floor exceeds it is infeasible for any implementation on that problem.
@@ -126,6 +128,7 @@ def evaluate_goals(problems: Dict[str, Any]) -> List[Dict[str, Any]]:
                 entry["measured_as"] += f", at N = {row['batch_size']}"
         goals += backpack_goals
         goals += _product_goals(name, rows, floors)
+        goals += _method_speed_goals(name, rows, floors)
     return goals
 
 
@@ -201,4 +204,33 @@ def _product_goals(
         )
         floor = floors.get(f"{group}_product")
         goals.append(_with_floor(entry, floor, "G V A with dense or low-rank factors"))
+    return goals
+
+
+def _method_speed_goals(
+    name: str, rows: List[Dict[str, Any]], floors: Dict[str, Any]
+) -> List[Dict[str, Any]]:
+    """Issue 15 item 3: the factor methods against their fastest peers, the HBP pass.
+
+    ``kfac`` <= curvlinops' KFAC-MC, ``diag`` <= BackPACK's DiagGGNExact (forward + backward
+    + curvature each), the ``hbp`` GGN pass <= 2 gradients (its floor: the rank-``C`` root
+    walk of :mod:`benchmarks.cost.floors`).
+    """
+    diag_exact = next(
+        (r for r in rows if r["library"] == "backpack" and r["method"].startswith("DiagGGNExact")),
+        None,
+    )
+    pairs = [
+        ("kfac", "curvlinops KFAC-MC", _find(rows, "curvlinops", "kfac")),
+        ("diag", "BackPACK DiagGGNExact", diag_exact),
+    ]
+    goals = []
+    for group, peer_label, peer in pairs:
+        text = f"{group} <= {peer_label} (issue 15)"
+        measured = f"curvgraph (fwd+bwd+{group}) / {peer_label} (total)"
+        row = _find(rows, "curvgraph", group)
+        goals.append(_goal(name, text, measured, row, "total", 1.0, peer, "total"))
+    hbp = _find(rows, "curvgraph", "hbp/ggn")
+    entry = _goal(name, "hbp GGN pass <= 2x gradient (issue 15)", "pass / gradient", hbp, "pass", 2)
+    goals.append(_with_floor(entry, floors.get("hbp_pass"), "rank-C root walk of HBP"))
     return goals
