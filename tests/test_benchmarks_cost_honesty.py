@@ -111,21 +111,25 @@ SLOW = os.environ.get("CURVGRAPH_SLOW_TESTS") == "1"
         False,
         pytest.param(True, marks=pytest.mark.skipif(not SLOW, reason="set CURVGRAPH_SLOW_TESTS=1")),
     ],
-    ids=["worker-in-this-process", "fresh-processes"],
+    ids=["worker-in-this-process", "fork-servers"],
 )
 def test_fresh_process_peaks(spawn, monkeypatch, capsys):
     """Peaks of the gradient and the kfac row; the worker runs here unless ``spawn``."""
-    if not spawn:  # the same worker and JSON spec, without the ~5 s of imports per process
+    if not spawn:  # the same JSON specs and measurement, without the fork server's imports
 
-        def in_process(module, suite, spec, timeout):
-            assert module == fresh_memory.WORKER
+        def in_process(suite, specs, timeout):
             threads = torch.get_num_threads()
             try:
-                return {"status": "ok", **worker.main([suite, spec])}
+                return [
+                    fresh_memory._with_over_imports(
+                        {"status": "ok", **worker.measure(suite, json.loads(spec))}
+                    )
+                    for spec in specs
+                ]
             finally:
                 torch.set_num_threads(threads)  # the worker runs on one thread
 
-        monkeypatch.setattr(fresh_memory, "fresh_worker_peak", in_process)
+        monkeypatch.setattr(fresh_memory, "_serve", in_process)
     config = cost.config_for("smoke", methods=["kfac"], peers=[])
     config.repeats, config.fresh_memory = 1, "all"
     problem = cost.run(config, progress=False)["problems"]["seed_logreg"]

@@ -2,38 +2,49 @@
 
 The probe's peak (the ``peak Δ mem`` column) is measured inside the benchmark process, where
 every other row's model copies and prepared curvatures are alive and freed memory may be
-reused; a fresh process per row gives the whole footprint of one computation instead: the
-peak resident memory (``VmHWM``) of a process that imports the same libraries, builds the
-problem (model, batch, traced graph) and runs the row's ``total`` once, minus its level
-after the imports. The gradient gets a worker too, so every peak is also given as a multiple
-of the gradient's.
+reused; a fresh process per row gives the footprint of one computation instead: the peak
+resident memory (``VmHWM``) of a process that builds the problem (model, batch, traced
+graph) and runs the row's ``total`` once, minus its resident memory after the imports.
+
+The processes are forks of a fork server (``python -m benchmarks.cost.worker``) that
+imported torch, curvgraph and the installed peers once, which saves seconds of imports per
+row. Each fork first maps the cached pages of the loaded libraries (a fork does not inherit
+those page-table entries), so library code run for the first time during the call is not
+counted as its memory: what is counted is what the computation allocates (tensors, the
+allocator's and Python's heap). A fresh interpreter would count ~10-20 MB more code pages.
+The gradient gets a fork too, so every peak is also given as a multiple of the gradient's.
 
 Which rows (``CostConfig.fresh_memory``): ``"all"`` every measured row of every problem;
 ``"goal"`` curvgraph's and curvlinops' rows and the gradient on the goal problems (the
 issue's memory goals compare with curvlinops); ``"none"``. CPU only: on CUDA the probe's
-``max_memory_allocated`` is exact already. Two workers run at a time (after the problem's
-timed rounds, so they do not disturb the timings).
+``max_memory_allocated`` is exact already. Two fork servers run at a time, after the
+problem's timed rounds (so they do not disturb the timings).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks.cost.config import GOAL_PROBLEMS, CostConfig
-from benchmarks.memory import fresh_worker_peak, over_imports
+from benchmarks.memory import over_imports
 
 __all__ = ["FRESH_DESCRIPTION", "attach_fresh_peaks", "fresh_rows"]
 
 WORKER = "benchmarks.cost.worker"
 PARALLEL = 2
 FRESH_DESCRIPTION = (
-    "peak resident memory (VmHWM) during the row's total, run once in a fresh process that "
-    "imported torch, curvgraph and the installed peers and built the problem (model, batch, "
-    "traced graph), minus its resident memory after the imports (the set-up's transient "
-    "peaks, e.g. reading the data, are not counted)"
+    "peak resident memory (VmHWM) during the row's total, run once in a fresh process (a "
+    "fork of a server that imported torch, curvgraph and the installed peers, with the "
+    "libraries' cached pages mapped) that built the problem (model, batch, traced graph), "
+    "minus its resident memory after the imports; the set-up's transient peaks (reading "
+    "the data) and library code pages are not counted"
 )
 
 
@@ -66,11 +77,39 @@ def _spec(name: str, n: int, row: Optional[Dict[str, Any]]) -> str:
     return json.dumps({"problem": name, "n": n, **spec})
 
 
-def _peak(suite: str, spec: str, timeout: float) -> Dict[str, Any]:
+def _serve(suite: str, specs: List[str], timeout: float) -> List[Dict[str, Any]]:
+    """The peaks of ``specs``, each in a fork of one fork server (:func:`worker.serve`)."""
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-m", WORKER, suite, str(timeout)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    results = []
     try:
-        result = fresh_worker_peak(WORKER, suite, spec, timeout)
-    except Exception as err:  # noqa: BLE001 - a timeout or a crash is reported, not fatal
-        return {"status": "n/a", "reason": f"{type(err).__name__}: {err}"[:300]}
+        for spec in specs:
+            server.stdin.write(spec + "\n")
+            server.stdin.flush()
+            line = server.stdout.readline()
+            while line and not line.startswith("RESULT "):
+                line = server.stdout.readline()
+            if not line:
+                break
+            results.append(_with_over_imports(json.loads(line[len("RESULT ") :])))
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        server.stdin.close()
+        server.wait()
+    reason = f"the fork server stopped (exit code {server.returncode})"
+    return results + [{"status": "n/a", "reason": reason}] * (len(specs) - len(results))
+
+
+def _with_over_imports(result: Dict[str, Any]) -> Dict[str, Any]:
     if result.get("status") == "ok":
         result["over_imports_bytes"] = over_imports({"memory": result})
     return result
@@ -91,8 +130,10 @@ def attach_fresh_peaks(name: str, n: int, measured: Dict[str, Any], config: Cost
     timeout = 3 * config.cell_budget_s + 60
     specs = [_spec(name, n, None)] + [_spec(name, n, measured["rows"][i]) for i in chosen]
     started = time.perf_counter()
+    shares = [specs[i::PARALLEL] for i in range(PARALLEL)]  # one fork server each
     with ThreadPoolExecutor(PARALLEL) as pool:
-        peaks = list(pool.map(lambda spec: _peak(config.suite, spec, timeout), specs))
+        served = list(pool.map(lambda share: _serve(config.suite, share, timeout), shares))
+    peaks = [served[i % PARALLEL][i // PARALLEL] for i in range(len(specs))]
     measured["fresh_memory_workers"] = {
         "count": len(specs),
         "wall_s": time.perf_counter() - started,
