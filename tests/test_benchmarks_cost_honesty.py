@@ -86,6 +86,8 @@ def test_over_budget_row_is_drawn_not_dropped(slow_kfac, tmp_path):
     assert "CPU" in total_bar(exact, grad, 1.0)[2]
     na = {"ratios": {}, "not_measured": {}, "reason": "not installed (pip install x)"}
     assert total_bar(na, grad, 1.0) == ("n/a", None, "n/a: not installed (pip install x)")
+    skipped = dict(na, reason="left out of the quick suite to keep it within its time budget")
+    assert total_bar(skipped, grad, 1.0)[0] == "n/a"  # a preset's skip is not a slow call
     paths = cost.plot(slow_kfac, tmp_path)
     assert paths == [tmp_path / "cost.png"] and paths[0].stat().st_size > 0
 
@@ -93,8 +95,12 @@ def test_over_budget_row_is_drawn_not_dropped(slow_kfac, tmp_path):
 def test_worker_rebuilds_every_measured_row(slow_kfac):
     """The fresh-process worker finds each row's cell by the key the row reports."""
     problem = slow_kfac["problems"]["seed_logreg"]
-    rows = [r for r in problem["rows"] if "total" in r["ratios"]]
+    config = cost.config_for("smoke")
+    config.fresh_memory = "all"
+    chosen = fresh_memory.fresh_rows("seed_logreg", problem["rows"], config)
+    rows = [problem["rows"][i] for i in chosen]
     assert {r["library"] for r in rows} == {"curvgraph", "curvlinops"}
+    assert any("total" not in r["ratios"] for r in rows)  # kfac: over budget, memory wanted
     for row in rows:
         spec = json.loads(fresh_memory._spec("seed_logreg", 32, row))
         keys = ("problem", "n", "group", "library", "key")

@@ -14,7 +14,8 @@ counted as its memory: what is counted is what the computation allocates (tensor
 allocator's and Python's heap). A fresh interpreter would count ~10-20 MB more code pages.
 The gradient gets a fork too, so every peak is also given as a multiple of the gradient's.
 
-Which rows (``CostConfig.fresh_memory``): ``"all"`` every measured row of every problem;
+Which rows (``CostConfig.fresh_memory``), of those whose ``total`` ran (timed, or dropped
+for the time budget only): ``"all"`` every one of every problem;
 ``"goal"`` curvgraph's and curvlinops' rows and the gradient on the goal problems (the
 issue's memory goals compare with curvlinops); ``"none"``. CPU only: on CUDA the probe's
 ``max_memory_allocated`` is exact already. Two fork servers run at a time, after the
@@ -61,10 +62,16 @@ def fresh_rows(name: str, rows: List[Dict[str, Any]], config: CostConfig) -> Lis
     return [
         i
         for i, row in enumerate(rows)
-        if row["library"] in libraries
-        and "total" in row["ratios"]
-        and " at N = " not in row["method"]
+        if row["library"] in libraries and _ran(row) and " at N = " not in row["method"]
     ]
+
+
+def _ran(row: Dict[str, Any]) -> bool:
+    """Whether the row's total ran: timed, or dropped only for the time budget.
+
+    The memory of a row too slow to time is still wanted: the slow rows are the large ones.
+    """
+    return "total" in row["ratios"] or "time budget" in row["not_measured"].get("total", "")
 
 
 def _spec(name: str, n: int, row: Optional[Dict[str, Any]]) -> str:

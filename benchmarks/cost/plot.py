@@ -45,14 +45,15 @@ def total_bar(
         value = row["ratios"]["total"]
         cpu = cpu_ratio(row, "total", grad)
         return "measured", value, fmt_number(value) + (f" (CPU {fmt_number(cpu)})" if cpu else "")
-    reason = row["not_measured"].get("total") or row.get("reason") or ""
-    if "time budget" in reason:
+    missing = row["not_measured"].get("total") or ""  # a skip by the preset is no timing
+    if "time budget" in missing:
         probe = row.get("probe_s", {}).get("total")
         if probe is not None:
             value = probe / grad["median_s"]
             return "over budget", value, f"over budget: one probe call ≈ {fmt_number(value)}x"
         value = cell_budget_s / grad["median_s"]
         return "over budget", value, f"over budget: one probe call > {fmt_number(value)}x"
+    reason = missing or row.get("reason") or ""
     first = reason.split("\n")[0].strip() or "not measured"
     return "n/a", None, "n/a: " + (first if len(first) <= 70 else first[:67] + "...")
 
