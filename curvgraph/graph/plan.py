@@ -311,17 +311,22 @@ def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tens
     missing = [name for name in names if name not in record.grads]
     if not missing:
         return record.grads
-    if loss is not None:
-        outputs = [record.outputs[name] for name in missing]
+    walk = plan(graph, warn=False)
+    # a slim record (graph.slim) holds no attached output of the nodes it recomputes
+    attached = all(name in record.outputs for name in missing)
+    wanted = missing if attached else [walk.output.name]
+    wanted += [name for name in missing if not attached and name in graph.derived]
+    if loss is not None and (attached or walk.output.name not in record.grads):
+        outputs = [record.outputs[name] for name in wanted]
         try:
             grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
         except RuntimeError:  # freed by loss.backward(): from the recorded dL/dout below
             grads = None
         if grads is not None:
-            for name, g, out in zip(missing, grads, outputs):
+            for name, g, out in zip(wanted, grads, outputs):
                 record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
-            return record.grads
-    walk = plan(graph, warn=False)
+            if attached:
+                return record.grads
     seed = record.grads.get(walk.output.name)
     if seed is None:
         raise CurvGraphError(
@@ -331,7 +336,12 @@ def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tens
     _walk_gradients(graph, walk, seed)
     for name in missing:
         if name not in record.grads:  # nothing flows back to it: dL/dy = 0
-            record.grads[name] = torch.zeros_like(record.outputs[name])
+            output = record.contexts.stored[name].output
+            record.grads[name] = (
+                torch.zeros(output.size, dtype=output.dtype, device=output.device)
+                if not isinstance(output, Tensor)
+                else torch.zeros_like(output)
+            )
     return record.grads
 
 

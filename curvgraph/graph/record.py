@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch.fx
+import torch.utils._pytree
 from torch import Tensor, nn
 
 from curvgraph.errors import CurvGraphError
@@ -27,6 +28,7 @@ from curvgraph.graph.forward_check import (
     mark_checked,
     random_state,
 )
+from curvgraph.graph.slim import Contexts, SavedStorages, Template, slim_record
 from curvgraph.rules import Context
 
 if TYPE_CHECKING:
@@ -40,7 +42,9 @@ class Record:
     """What one forward pass recorded (replaced by the next forward).
 
     Attributes:
-        contexts: node name -> the rule's :class:`~curvgraph.rules.Context` of the call.
+        contexts: node name -> the rule's :class:`~curvgraph.rules.Context` of the call
+            (:class:`~curvgraph.graph.slim.Contexts`: tensors autograd does not save are
+            recomputed when read).
         outputs: node name -> output (attached to autograd) of ruled and derived nodes.
         grads: node name -> ``dL/dy``: of the returned nodes and derived tensors, filled by
             hooks during ``loss.backward()``; of the others, filled by
@@ -51,7 +55,7 @@ class Record:
             ``torch.no_grad()`` or ``torch.inference_mode()``: no curvature from it).
     """
 
-    contexts: Dict[str, Context] = field(default_factory=dict)
+    contexts: Contexts = field(default_factory=Contexts)
     outputs: Dict[str, Tensor] = field(default_factory=dict)
     grads: Dict[str, Tensor] = field(default_factory=dict)
     result: Any = None
@@ -180,6 +184,8 @@ class Recorder(torch.fx.Interpreter):
             check = (check, cloned(arguments), random_state(args, kwargs))
         if info.inplace and isinstance(args[0], Tensor):
             args = (args[0].clone(),) + tuple(args[1:])  # keep the recorded input intact
+        if n.op in ("call_function", "call_method") and not info.inplace:
+            self.record.contexts.templates[n.name] = Template(n.op, n.target, args, kwargs)
         output = getattr(self, n.op)(n.target, args, kwargs)
         if isinstance(output, Tensor):
             detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in arguments.items()}
@@ -272,9 +278,25 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     record = Record(grad_enabled=torch.is_grad_enabled())
     recorder = Recorder(graph, record, shapes)
     recorder.inputs = bind_inputs(graph, args, kwargs)
-    record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
-    record.versions = _versions(graph.model, record.contexts)
+    with SavedStorages() as saved:
+        record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
+    nodes = {n.name: n for n in graph.infos}
+    rules = {name: graph.infos[node].rule for name, node in nodes.items()}
+    inputs = args if recorder.inputs is None else tuple(recorder.inputs.values())
+    kept = _storages((inputs, kwargs, record.result, graph.model.state_dict(keep_vars=True)))
+    kept |= _storages([record.outputs.get(name) for name in graph.derived])
+    slim_record(record, saved, nodes, rules, kept)
+    record.versions = _versions(graph.model, record.contexts.stored)
     return record
+
+
+def _storages(values: Any) -> set:
+    """The storages of every tensor in a nest of tuples, lists and dicts."""
+    found = set()
+    for leaf in torch.utils._pytree.tree_leaves(values):
+        if isinstance(leaf, Tensor):
+            found.add(_storage(leaf))
+    return found - {None}
 
 
 def _versions(model: nn.Module, contexts: Dict[str, Context]) -> List[tuple]:

@@ -125,6 +125,7 @@ class AttentionMaskRule(Rule):
 
     name = "attention_mask"
     function, signature = canonical(attention_mask)
+    value_free = frozenset({"input", "output"})
 
     def samples(self):  # noqa: D102
         scores = randn(2, 2, 3, 4)

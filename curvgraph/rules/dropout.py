@@ -150,6 +150,7 @@ class ApplyDropoutMaskRule(Rule):
 
     name = "apply_dropout_mask"
     function, signature = canonical(apply_dropout_mask)
+    value_free = frozenset({"input", "output"})
 
     def samples(self):  # noqa: D102
         x = randn(3, 4, 2)

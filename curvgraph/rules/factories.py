@@ -84,7 +84,13 @@ class ElementwiseRule(Rule):
             (``(input)`` for a builtin without one, such as ``torch.tanh``).
         first: ``phi'(input, **options)``.
         second: ``phi''(input, **options)``.
+        of_output: ``first`` and ``second`` take the output ``y = phi(x)`` instead of the
+            input (``tanh' = 1 - y^2``): the input is then value-free, and a slim record
+            need not keep it (autograd saves the output of such ops for its own use).
     """
+
+    of_output = False
+    value_free = frozenset({"output"})
 
     def __init__(
         self,
@@ -93,6 +99,7 @@ class ElementwiseRule(Rule):
         first: Callable,
         second: Callable,
         options: Sequence[Dict] = (),
+        of_output: bool = False,
     ):
         self.name = name
         self.function = function
@@ -100,6 +107,12 @@ class ElementwiseRule(Rule):
         self.first = first
         self.second = second
         self.options = list(options)
+        self.of_output = of_output
+        self.value_free = frozenset({"input" if of_output else "output"})
+
+    def _point(self, ctx: Context) -> Tensor:
+        """What ``first`` and ``second`` take: the output or the input."""
+        return ctx.output if self.of_output else ctx.input
 
     capabilities = frozenset({"diagonal_jacobian"})
 
@@ -110,7 +123,7 @@ class ElementwiseRule(Rule):
 
     def diagonal_jacobian(self, ctx: Context) -> Tensor:
         """``phi'(x)`` with the input's shape ``[N, *features]``."""
-        return ctx.cached("d1", lambda: self.first(ctx.input, **_options(ctx)))
+        return ctx.cached("d1", lambda: self.first(self._point(ctx), **_options(ctx)))
 
     def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
         return self.diagonal_jacobian(ctx) * tangents["input"]
@@ -124,7 +137,7 @@ class ElementwiseRule(Rule):
         return {"input": self.diagonal_jacobian(ctx).mean(0) * cotangent}
 
     def residual(self, ctx: Context, grad_output: Tensor) -> Residual:  # noqa: D102
-        return Diagonal({"input": self.second(ctx.input, **_options(ctx)) * grad_output})
+        return Diagonal({"input": self.second(self._point(ctx), **_options(ctx)) * grad_output})
 
 
 def elementwise_rule(
@@ -135,6 +148,7 @@ def elementwise_rule(
     name: str = "",
     options: Sequence[Dict] = (),
     override: bool = False,
+    of_output: bool = False,
 ) -> ElementwiseRule:
     """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases).
 
@@ -148,8 +162,9 @@ def elementwise_rule(
         options: extra option sets to check besides the defaults, e.g.
             ``[{"negative_slope": 0.2}]``.
         override: replace the rules the keys already have instead of raising ``ValueError``.
+        of_output: ``first`` and ``second`` take the output (see :class:`ElementwiseRule`).
     """
-    rule = ElementwiseRule(_name(name, function), function, first, second, options)
+    rule = ElementwiseRule(_name(name, function), function, first, second, options, of_output)
     register_rule(*keys, override=override)(rule)
     return rule
 
@@ -171,6 +186,7 @@ class LinearMapRule(Rule):
         self.function = function
         self.signature = _signature(function)
         self.sample_independent = frozenset({"input"})
+        self.value_free = frozenset({"input", "output"})
         self._samples = samples
 
     def samples(self):  # noqa: D102

@@ -85,6 +85,8 @@ class _AffineNorm(Rule):
     axes) are reshaped by :meth:`_view` so that each group spans :meth:`_axes`.
     """
 
+    value_free = frozenset({"output"})
+
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"bias"})
 

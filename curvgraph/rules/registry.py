@@ -188,6 +188,13 @@ class Rule:
         structural: the op has no derivative (sizes, comparisons, masks): what is computed
             from structural outputs alone is a constant for every method.
         fallback: the rule is derived with ``torch.func`` by the autograd fallback.
+        value_free: arguments (and ``"output"``) of which no method of the rule reads more
+            than the shape, dtype and device: a record that dropped such a tensor
+            (:mod:`curvgraph.graph.slim`) hands the rule a stand-in of zeros (no memory)
+            instead of recomputing it.
+        contracts: the op sums products over a feature axis (matrix products,
+            convolutions): recomputing its output costs what the forward did, so a slim
+            record keeps it where a rule reads its values.
     """
 
     name: str = "op"
@@ -203,6 +210,8 @@ class Rule:
     kronecker_input_first: bool = False
     structural: bool = False
     fallback: bool = False
+    value_free: frozenset = frozenset()
+    contracts: bool = False
 
     def samples(self) -> list:
         """Example calls (:class:`Sample`) that ``curvgraph.testing.check_rule`` checks.

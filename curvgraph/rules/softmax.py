@@ -134,6 +134,7 @@ class SoftmaxRule(_SoftmaxFamily):
     """``y = softmax(x)`` along ``d``: ``J t = s * (t - <s, t>)``, ``R t`` as in the module."""
 
     name = "softmax"
+    value_free = frozenset({"input"})  # derivatives from the output
     function, signature = canonical(_softmax)
 
     def _probabilities(self, ctx):
@@ -189,6 +190,7 @@ class LogSoftmaxRule(_SoftmaxFamily):
 
     name = "log_softmax"
     function, signature = canonical(_log_softmax)
+    value_free = frozenset({"input"})  # s = exp(y)
 
     def _probabilities(self, ctx):
         return ctx.cached("probabilities", lambda: ctx.output.exp())

@@ -12,6 +12,7 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from curvgraph.graph.slim import stand_in
 from curvgraph.rules.func_tools import substitute
 from curvgraph.rules.registry import Context, Rule, Sample
 from curvgraph.rules.residuals import groups_of, modify_symmetric
@@ -20,6 +21,28 @@ from curvgraph.testing.tensors import _convert, _error
 
 #: random tangents / cotangents per check (columns of the compared products)
 _COLUMNS = 2
+
+
+def _value_free(rule: Rule, ctx: Context) -> Context:
+    """``ctx`` as a slim record gives it: the rule's value-free tensors as zero stand-ins.
+
+    The references are computed from the real values, so a rule that declares a slot
+    :attr:`~curvgraph.rules.Rule.value_free` but reads its values fails the check.
+    """
+
+    def blank(value):
+        return (
+            stand_in(value.shape, value.dtype, value.device) if isinstance(value, Tensor) else value
+        )
+
+    args = {
+        k: (type(v)(blank(i) for i in v) if type(v) in (list, tuple) else blank(v))
+        if k in rule.value_free
+        else v
+        for k, v in ctx.args.items()
+    }
+    output = blank(ctx.output) if "output" in rule.value_free else ctx.output
+    return Context(args, output, ctx.batched, mixes_samples=ctx.mixes_samples)
 
 
 class _Check(_CapabilityChecks):
@@ -45,8 +68,8 @@ class _Check(_CapabilityChecks):
         self.primals = {s: ctx.value(s) for s in self.slots}
         self.output = self.call(self.primals).detach()
         self.mixes = rule.mixes(self.arguments)
-        self.ctx = Context(
-            dict(self.arguments), self.output, self.batched, mixes_samples=self.mixes
+        self.ctx = _value_free(
+            rule, Context(dict(self.arguments), self.output, self.batched, mixes_samples=self.mixes)
         )
         self.gen = torch.Generator(device="cpu").manual_seed(0)
         self.dtype, self.device = dtype, device

@@ -120,6 +120,7 @@ class EinsumRule(PullbackRule):
 
     name = "einsum"
     function, signature = canonical(_einsum)
+    contracts = True
     differentiable = ("operands",)
 
     def samples(self):  # noqa: D102

@@ -60,6 +60,8 @@ class MatmulRule(Rule):
     differentiable = OPERANDS
     capabilities = frozenset({"kronecker_factors", "kronecker_roots"})
     kronecker_input_first = True
+    value_free = frozenset({"output"})
+    contracts = True
 
     def samples(self):  # noqa: D102
         both, other = OPERANDS, ("other",)

@@ -57,13 +57,11 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 
-def _sigmoid_d1(input):
-    s = torch.sigmoid(input)
+def _sigmoid_d1(s):  # of the output s = sigmoid(x)
     return s * (1 - s)
 
 
-def _sigmoid_d2(input):
-    s = torch.sigmoid(input)
+def _sigmoid_d2(s):
     return s * (1 - s) * (1 - 2 * s)
 
 
@@ -107,9 +105,10 @@ def _silu_d2(input, inplace=False):
 elementwise_rule(
     F.relu,
     function=lambda input, inplace=False: F.relu(input),
-    first=lambda input, inplace=False: (input > 0).to(input.dtype),
-    second=lambda input, inplace=False: torch.zeros_like(input),
+    first=lambda y, inplace=False: (y > 0).to(y.dtype),  # of the output: y > 0 iff x > 0
+    second=lambda y, inplace=False: torch.zeros_like(y),
     name="relu",
+    of_output=True,
 )
 elementwise_rule(
     torch.sigmoid,
@@ -117,13 +116,15 @@ elementwise_rule(
     first=_sigmoid_d1,
     second=_sigmoid_d2,
     name="sigmoid",
+    of_output=True,
 )
 elementwise_rule(
     torch.tanh,
     function=lambda input: torch.tanh(input),
-    first=lambda input: 1 - torch.tanh(input) ** 2,
-    second=lambda input: -2 * torch.tanh(input) * (1 - torch.tanh(input) ** 2),
+    first=lambda y: 1 - y**2,  # of the output y = tanh(x)
+    second=lambda y: -2 * y * (1 - y**2),
     name="tanh",
+    of_output=True,
 )
 elementwise_rule(
     F.leaky_relu,
@@ -154,7 +155,9 @@ elementwise_rule(
         _softplus_linear(input, beta, threshold), 1.0, torch.sigmoid(beta * input)
     ).to(input.dtype),
     second=lambda input, beta=1.0, threshold=20.0: torch.where(
-        _softplus_linear(input, beta, threshold), 0.0, beta * _sigmoid_d1(beta * input)
+        _softplus_linear(input, beta, threshold),
+        0.0,
+        beta * _sigmoid_d1(torch.sigmoid(beta * input)),
     ).to(input.dtype),
     name="softplus",
     options=[{"beta": 2.0, "threshold": 3.0}],

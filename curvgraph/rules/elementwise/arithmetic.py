@@ -198,6 +198,7 @@ class AddRule(BinaryRule):
     name, sign = "add", 1
     function, signature = canonical(_add)
     sample_independent = frozenset(OPERANDS)
+    value_free = frozenset(OPERANDS) | {"output"}
 
     def samples(self):  # noqa: D102
         return binary_samples(alpha=-0.5)
@@ -224,6 +225,7 @@ class MulRule(BinaryRule):
 
     name = "mul"
     function, signature = canonical(_mul)
+    value_free = frozenset({"output"})
 
     def samples(self):  # noqa: D102
         return binary_samples()
@@ -247,6 +249,7 @@ class DivRule(BinaryRule):
 
     name = "div"
     function, signature = canonical(_div)
+    value_free = frozenset({"input"})  # J_b = -y / b reads the output instead
 
     def samples(self):  # noqa: D102
         return binary_samples(denominator=True)

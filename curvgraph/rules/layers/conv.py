@@ -131,6 +131,8 @@ class ConvFamilyRule(PullbackRule):
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
     capabilities = frozenset({"kronecker_factors"})
+    contracts = True
+    value_free = frozenset({"output"})
 
     @staticmethod
     def _with_padding_mode(signature_of) -> inspect.Signature:

@@ -101,6 +101,7 @@ class EmbeddingRule(Rule):
 
     name = "embedding"
     function, signature = canonical(_embedding)
+    value_free = frozenset({"output"})
     differentiable = ("weight",)
     sample_independent = frozenset()
     capabilities = frozenset({"kronecker_factors", "kronecker_roots"})

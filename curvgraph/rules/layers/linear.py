@@ -45,6 +45,8 @@ class LinearRule(PullbackRule):
     function, signature = canonical(_linear)
     differentiable = ("input", "weight", "bias")
     sample_independent = frozenset({"input", "bias"})
+    value_free = frozenset({"output"})
+    contracts = True
     capabilities = frozenset({"kronecker_input", "kronecker_factors", "kronecker_roots"})
 
     def samples(self):  # noqa: D102

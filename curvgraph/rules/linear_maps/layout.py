@@ -65,6 +65,7 @@ class ReshapeRule(Rule):
     name = "reshape"
     signature = inspect.signature(_reshape)
     sample_independent = frozenset({"input"})
+    value_free = frozenset({"input", "output"})
 
     def samples(self):  # noqa: D102
         return [

@@ -47,6 +47,8 @@ alias(nn.AdaptiveAvgPool3d, F.adaptive_avg_pool3d)
 class MaxPoolRule(Rule):
     """``y_n[c, p] = x_n[c, idx_n[c, p]]`` over ``spatial`` trailing dimensions.
 
+    The indices come from the input; the output's values are never read (value-free).
+
     Args:
         name: op name.
         function: the op in its canonical signature, which has a ``return_indices``
@@ -55,6 +57,8 @@ class MaxPoolRule(Rule):
         spatial: number of pooled (trailing) dimensions.
         samples: returns the sample calls to check.
     """
+
+    value_free = frozenset({"output"})
 
     def __init__(self, name: str, function: Callable, spatial: int, samples: Callable):
         self.name = name
