@@ -120,7 +120,8 @@ def test_sub_batch_steps_take_the_curvature_of_the_first_rows(tiny, monkeypatch)
 def entry(family, label, time_s, accuracy, losses):
     stats = {"median": time_s, "min": time_s, "max": time_s, "reached": 1, "seeds": 1}
     final = {"median": accuracy, "min": accuracy, "max": accuracy, "reached": 1, "seeds": 1}
-    summary = {"time_to_target_s": stats, "final_test_accuracy": final}
+    cpu = dict(stats, median=None if time_s is None else time_s / 2)
+    summary = {"time_to_target_s": stats, "cpu_to_target_s": cpu, "final_test_accuracy": final}
     summary["train_loss_per_epoch"] = losses
     return {"config": {"family": family, "label": label}, "summary": summary}
 
@@ -145,6 +146,7 @@ def test_time_goal_is_the_ratio_to_the_best_adam():
         [entry("sgd", "SGD", 2.0, 0.9, []), slow, fast, entry("cgnewton", "cg", 1.5, 0.9, [])],
     )
     assert rows[0]["ratio"] == 1.5 and rows[0]["met"] and rows[-1]["best_adam"] == "fast"
+    assert rows[0]["cpu_ratio"] == 1.5  # 0.75 s / 0.5 s
     late = runner.goal(
         "mnist_mlp", [fast, entry("sgd", "S", 2.0, 0.9, []), entry("cgnewton", "c", 2.5, 0.9, [])]
     )

@@ -27,8 +27,13 @@ def _goal_rows(problem: Dict[str, Any]) -> List[str]:
     lines = ["", f"Best Adam: {best['best_adam']}; best SGD: {best['best_sgd']}.", ""]
     lines += ["| CG-Newton | goal | measured | met |", "|---|---|---|---|"]
     for row in rows:
-        if "ratio" in row:
-            measured = f"{_num(row['ratio'])}x the best Adam's wall time to target"
+        if "ratio" in row and row["ratio"] is None:
+            measured = "target not reached"
+        elif "ratio" in row:
+            measured = (
+                f"{_num(row['ratio'])}x the best Adam's wall time to target "
+                f"({_num(row.get('cpu_ratio'))}x its CPU time)"
+            )
         else:
             measured = (
                 f"trains: {row['trains']}; lower training loss than the best Adam in "

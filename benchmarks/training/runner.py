@@ -127,7 +127,9 @@ def goal(name: str, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if kind == "time_ratio":
             mine = s["time_to_target_s"]["median"]
             ratio = None if mine is None or adam_time is None else mine / adam_time
-            row.update(ratio=ratio, met=ratio is not None and ratio <= limit)
+            cpu, adam_cpu = (e["summary"]["cpu_to_target_s"]["median"] for e in (entry, adam))
+            cpu_ratio = None if cpu is None or adam_cpu is None else cpu / adam_cpu
+            row.update(ratio=ratio, cpu_ratio=cpu_ratio, met=ratio is not None and ratio <= limit)
         else:
             losses = s["train_loss_per_epoch"]
             lower = [a is not None and b is not None and a < b for a, b in zip(losses, adam_loss)]
