@@ -174,3 +174,44 @@ def test_user_saved_tensor_hooks_keep_the_full_record():
         cg(x)
     assert packed, "the user's hook was replaced"
     assert not _handles(cg)
+
+
+class Convolutional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 3)
+        self.bn, self.relu = nn.BatchNorm2d(3), nn.ReLU(inplace=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.conv1(x)))
+        h = torch.sigmoid(self.conv2(h))
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
+def test_modules_run_again_only_without_state_and_curvature_is_unchanged():
+    torch.manual_seed(0)
+    model = Convolutional().double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    cg = curvgraph.trace(model)
+    ops = {n.name: n for n in cg.graph_module.graph.nodes}
+    results = []
+    for forward in (_full, lambda cg, x: cg(x)):
+        running = model.bn.running_mean.clone()
+        out = forward(cg, x)
+        loss = F.cross_entropy(out, y)
+        curv = cg.curvature(loss, out, "hessian", method="exact")
+        results.append({name: block.to_dense() for name, block in curv.items()})
+        assert not torch.equal(model.bn.running_mean, running)  # one update per forward
+        running = model.bn.running_mean.clone()
+        cg.curvature(loss, out, "pch-abs", method="exact")
+        assert torch.equal(model.bn.running_mean, running)  # no second update
+    creators = {
+        ops[v.creator].target
+        for ctx in cg.record.contexts.stored.values()
+        for v in [*ctx.args.values(), ctx.output]
+        if isinstance(v, Rematerialized) and v.creator is not None
+    }
+    assert "bn" not in creators and "conv2" in creators, creators
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-12, atol=1e-14)

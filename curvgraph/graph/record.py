@@ -184,8 +184,9 @@ class Recorder(torch.fx.Interpreter):
             check = (check, cloned(arguments), random_state(args, kwargs))
         if info.inplace and isinstance(args[0], Tensor):
             args = (args[0].clone(),) + tuple(args[1:])  # keep the recorded input intact
-        if n.op in ("call_function", "call_method") and not info.inplace:
-            self.record.contexts.templates[n.name] = Template(n.op, n.target, args, kwargs)
+        if not info.inplace:  # a module is called again as itself
+            target = n.target if module is None else module
+            self.record.contexts.templates[n.name] = Template(n.op, target, args, kwargs)
         output = getattr(self, n.op)(n.target, args, kwargs)
         if isinstance(output, Tensor):
             detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in arguments.items()}

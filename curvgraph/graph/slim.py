@@ -86,7 +86,10 @@ def _unpack(tensor: Tensor) -> Tensor:
 
 @dataclass
 class Template:
-    """How to run a node again: its fx op, target and arguments as the forward had them."""
+    """How to run a node again: its op, target and arguments as the forward had them.
+
+    The target of a ``call_module`` node is the module itself.
+    """
 
     op: str
     target: Any
@@ -106,7 +109,7 @@ class Template:
 class Rematerialized:
     """Stands for a dropped tensor: a view ``(size, stride, offset)`` of a node's output."""
 
-    creator: str
+    creator: Optional[str]  # None: no rule reads it (value-free everywhere), never recomputed
     size: Tuple[int, ...]
     stride: Tuple[int, ...]
     offset: int
@@ -176,6 +179,8 @@ class Contexts(MutableMapping):
 
     def recompute(self, handle: Rematerialized, memo: Dict[str, Tensor]) -> Tensor:
         """The tensor ``handle`` stands for, running its creator (and theirs) again."""
+        if handle.creator is None:
+            raise RuntimeError("a rule read the values of a tensor its slot declared value-free")
         base = memo.get(handle.creator)
         if base is None:
 
@@ -255,13 +260,14 @@ def slim_record(
 
 def _dropped(
     contexts: Contexts, kept: Set[int], nodes: Dict[str, torch.fx.Node], rules: Dict[str, Any]
-) -> Dict[int, str]:
+) -> Dict[int, Optional[str]]:
     """``storage -> creating node`` of the storages to drop, decided in the graph's order.
 
-    A storage is dropped if nothing but the record holds it, its creator can run again, and
-    reading it is cheap: either no rule reads its values (every slot that holds it is
-    value-free) or recomputing it contracts nothing (no matrix product or convolution on
-    the way, counting the dropped storages the creator reads).
+    A storage that nothing but the record holds is dropped if no rule reads its values
+    (every slot that holds it is value-free: creator ``None``, it is never recomputed), or
+    if its creator can run again and reading it is cheap: recomputing it contracts nothing
+    (no matrix product or convolution on the way, counting the dropped storages the creator
+    reads) or no rule reads it.
     """
     reads: Dict[int, bool] = {}  # storage -> whether some rule reads its values
     for name, ctx in contexts.stored.items():
@@ -271,24 +277,33 @@ def _dropped(
                 pointer = _storage(item)
                 if pointer is not None:
                     reads[pointer] = reads.get(pointer, False) or slot not in free
-    dropped: Dict[int, str] = {}
+    dropped: Dict[int, Optional[str]] = {}
     costly: Set[int] = set()  # dropped storages whose recomputation contracts
+    needed: Set[int] = set()  # storages the dropped creators read when they run again
     seen: Set[int] = set()
     for name, ctx in contexts.stored.items():
         pointer = _storage(ctx.output)
         if pointer is None or pointer in seen:
             continue
         seen.add(pointer)  # the first node with an output in the storage created it
-        if pointer in kept or not _can_run_again(name, nodes[name], rules[name], contexts):
+        if pointer in kept:
             continue
-        template = contexts.templates[name]
-        inputs = _storages_of((template.args, template.kwargs))
-        contracts = rules[name].contracts or bool(inputs & costly)
-        if contracts and reads.get(pointer, False):
-            continue
-        dropped[pointer] = name
-        if contracts:
-            costly.add(pointer)
+        if _can_run_again(name, nodes[name], rules[name], contexts):
+            template = contexts.templates[name]
+            inputs = _storages_of((template.args, template.kwargs))
+            contracts = rules[name].contracts or bool(inputs & costly)
+            runs = all(dropped.get(i, name) is not None for i in inputs)
+            if runs and not (contracts and reads[pointer]):
+                dropped[pointer] = name
+                needed |= inputs
+                if contracts:
+                    costly.add(pointer)
+                continue
+        if not reads[pointer]:
+            dropped[pointer] = None
+    for pointer, read in reads.items():  # in no output: the copy an in-place op's rule gets
+        if not read and pointer not in kept and pointer not in needed:
+            dropped.setdefault(pointer, None)
     return dropped
 
 
@@ -296,13 +311,32 @@ def _can_run_again(name: str, node: torch.fx.Node, rule, contexts: Contexts) -> 
     """Whether the node that created a storage can recompute it exactly when read."""
     template = contexts.templates.get(name)
     output = contexts.stored[name].output
-    if template is None or rule.fallback or node.op not in ("call_function", "call_method"):
+    if template is None or rule.fallback or rule.mixes_samples:
         return False
-    label = getattr(node.target, "__name__", str(node.target)).lower()
+    target = template.target
+    if node.op == "call_module" and not _stateless(target):
+        return False
+    label = type(target).__name__ if node.op == "call_module" else str(target)
+    label = getattr(target, "__name__", label).lower()
     if any(word in label for word in _RANDOM):
         return False
     whole = output.untyped_storage().nbytes() == output.numel() * output.element_size()
     return output.is_contiguous() and output.storage_offset() == 0 and whole
+
+
+def _stateless(module: torch.nn.Module) -> bool:
+    """Whether a module can run again without effects.
+
+    No buffers (running statistics), no hooks (a user's hook would see a second call), not
+    a torch.fx ``GraphModule``.
+    """
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks or next(m.buffers(False), None) is not None:
+            return False
+    return not isinstance(module, torch.fx.GraphModule)
 
 
 def _storages_of(values: Any) -> Set[int]:
