@@ -106,7 +106,8 @@ def _run_cg_step(args, out: Path) -> Dict[str, Any]:
 
 def _run_training(args, out: Path) -> Dict[str, Any]:
     full = ("mnist_mlp", "fashion_mlp", "fashion_cnn")  # 25-30 minutes
-    return _module("training").run(full if args.suite == "full" else ("mnist_mlp",))
+    problems = full if args.suite == "full" else ("mnist_mlp",)
+    return _module("training").run(problems, progress=not args.no_progress)
 
 
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Path], Dict[str, Any]]] = {
