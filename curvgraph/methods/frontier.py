@@ -215,5 +215,7 @@ def symmetric(matrix: Tensor) -> Tensor:
     halving is exact in floating point, so entry ``(i, j)`` and ``(j, i)`` are the same sum.
     """
     # adding a transposed view runs strided (3x slower than a copy) on large blocks
+    if matrix.requires_grad:  # out= has no derivative (a block built under autograd)
+        return matrix.T.contiguous().mul(0.5).add(matrix, alpha=0.5)
     out = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
     return torch.mul(matrix.T, 0.5, out=out).add_(matrix, alpha=0.5)
