@@ -176,6 +176,31 @@ def test_float32_with_large_logits_is_not_refused():
     torch.testing.assert_close(after, before)
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_float32_one_hot_softmax_rows_are_counted_after_backward(ignored):
+    """A counted sample whose softmax is one-hot in float32 has a zero gradient row, like
+    an ignored one: the mean still divides by every counted sample (the benchmark's
+    training reached such rows: 9 of 128 zero, refused before)."""
+    model, (x, y) = _model(torch.float32), _data(dtype=torch.float32)
+    with torch.no_grad():
+        model[2].weight.mul_(1e4)  # some rows saturate: p = e_y exactly in float32
+    y = y.clone()
+    if ignored:
+        y[IGNORED] = -100
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    probabilities = torch.softmax(out.detach(), dim=-1)
+    saturated = (probabilities.amax(-1) == 1) & (probabilities.argmax(-1) == y)
+    assert saturated.sum() >= 1, probabilities
+
+    def loss_of(out):
+        return F.cross_entropy(out, y)
+
+    before = _curvature(cg, x, loss_of, "exact", False)
+    after = _curvature(cg, x, loss_of, "exact", True)
+    torch.testing.assert_close(after, before)
+
+
 #: cross-entropy over tokens: backward() frees the targets and the shapes log_softmax saw
 TOKENS = {
     "tokens, [N, V, T] layout": lambda out, y: F.cross_entropy(out.transpose(1, 2), y),

@@ -59,7 +59,8 @@ def counted_from_gradient(
     Raises:
         CurvGraphError: no gradient (the ignored positions cannot be known), or a gradient
             that is not ``scale (p - e_y)`` on its nonzero rows (another loss's, a scaled
-            loss's, or a counted position whose softmax is exactly one-hot under a mean).
+            loss's). A zero row whose softmax is one-hot in floating point is counted as
+            the mean's scale shows (:func:`_with_saturated`).
     """
     if gradient is None or tuple(gradient.shape) != tuple(outputs.shape):
         raise CurvGraphError(_unknown_message(call))
@@ -104,15 +105,44 @@ def _deviation(call: LossCall, outputs: Tensor, gradient: Tensor, axis: int):
     """``(max |g / scale - (p - e_y)|, counted, scale)`` on the nonzero rows along ``axis``."""
     g = gradient.detach().to(outputs.dtype).movedim(axis, -1)
     logits = outputs.detach().movedim(axis, -1)
-    counted = (g != 0).any(-1)
-    count = int(counted.sum())
+    nonzero = (g != 0).any(-1)
+    count = int(nonzero.sum())
     scale = 1.0 if call.reduction == "sum" else 1.0 / max(count, 1)
     if not count:
-        return 0.0, counted, scale
-    rows = logits[counted]
-    residual = g[counted] / scale - torch.softmax(rows, dim=-1)  # -e_y on a counted row
-    residual[torch.arange(count), residual.argmin(-1)] += 1
+        return 0.0, nonzero, scale
+    p = torch.softmax(logits, dim=-1)
+    target = p[nonzero]  # p - e_y on a counted row
+    target[torch.arange(count), g[nonzero].argmin(-1)] -= 1
+    counted = nonzero
+    if call.reduction != "sum":
+        counted = _with_saturated(nonzero, p, g[nonzero], target)
+        scale = 1.0 / int(counted.sum())
+    residual = g[nonzero] / scale - target
     return float(residual.abs().amax()), counted, scale
+
+
+def _with_saturated(nonzero: Tensor, p: Tensor, g: Tensor, target: Tensor) -> Tensor:
+    """``nonzero`` and the counted rows whose gradient is zero because ``p`` is one-hot.
+
+    A counted sample whose softmax is one-hot in floating point has the gradient
+    ``(p - e_y) / M = 0``, like an ignored one; the mean's count ``M`` shows how many of
+    these rows it counted: ``1/M`` is the scale of the nonzero rows (least squares). Which
+    of the one-hot rows are counted does not change the curvature: their loss Hessian
+    ``diag(p) - p p^T`` is zero to rounding.
+    """
+    eps = torch.finfo(p.dtype).eps
+    one_hot = ~nonzero & (p.amax(-1) >= 1 - _ULPS * eps)
+    if not one_hot.any():
+        return nonzero
+    fitted = float((g * target).sum() / (target * target).sum().clamp(min=eps))
+    count = int(nonzero.sum())
+    extra = round(1 / fitted) - count if fitted > 0 else 0
+    extra = min(max(extra, 0), int(one_hot.sum()))
+    if not extra:
+        return nonzero
+    counted = nonzero.flatten().clone()
+    counted[one_hot.flatten().nonzero()[:extra, 0]] = True
+    return counted.view(nonzero.shape)
 
 
 def _tolerance(outputs: Tensor, gradient: Tensor) -> float:
@@ -137,8 +167,8 @@ def _mismatch_message(call: LossCall, count: int, samples: int, error: float) ->
         f"cross_entropy (reduction={call.reduction!r}) after loss.backward(): its targets were "
         f"freed, and the recorded output gradient dL/dout is not this loss's gradient "
         f"scale * (softmax(out) - onehot(y)) on its {count} nonzero rows of {samples} (max "
-        f"deviation {error:.3g}): backward() ran on another loss or a multiple of it, or a "
-        "counted sample's softmax is exactly one-hot. The ignored samples and the count a "
+        f"deviation {error:.3g}): backward() ran on another loss or a multiple of it. "
+        "The ignored samples and the count a "
         "mean divides by cannot be known: compute the curvature before loss.backward(), or "
         "call loss.backward(retain_graph=True)"
     )
