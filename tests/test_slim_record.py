@@ -215,3 +215,17 @@ def test_modules_run_again_only_without_state_and_curvature_is_unchanged():
     assert "bn" not in creators and "conv2" in creators, creators
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-12, atol=1e-14)
+
+
+def test_another_backward_through_the_outputs_does_not_change_the_hessian():
+    """The hooks on the returned tensor see every backward through it (here another
+    function's gradient); with the loss's graph alive its own dL/dout is used."""
+    model, x, y = _setup(4, n=3)
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    torch.autograd.grad((out**3).sum(), model.out.weight, retain_graph=True)
+    hessian = cg.curvature(loss, out, "hessian", method="exact")
+    reference = hessian_blocks(model, x, y, F.cross_entropy)
+    for name, block in hessian.items():
+        torch.testing.assert_close(block.to_dense(), reference[name], rtol=1e-10, atol=1e-12)

@@ -308,15 +308,14 @@ def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tens
     record = graph.record
     names = [i.node.name for i in order]
     names += [n for n in graph.derived if record.outputs[n].requires_grad]
-    missing = [name for name in names if name not in record.grads]
-    if not missing:
+    if loss is None and all(name in record.grads for name in names):
         return record.grads
     walk = plan(graph, warn=False)
     # a slim record (graph.slim) holds no attached output of the nodes it recomputes
-    attached = all(name in record.outputs for name in missing)
-    wanted = missing if attached else [walk.output.name]
-    wanted += [name for name in missing if not attached and name in graph.derived]
-    if loss is not None and (attached or walk.output.name not in record.grads):
+    attached = all(name in record.outputs for name in names)
+    wanted = names if attached else [walk.output.name]
+    wanted += [name for name in names if not attached and name in graph.derived]
+    if loss is not None:  # also when recorded: the hooks see every backward through out
         outputs = [record.outputs[name] for name in wanted]
         try:
             grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
@@ -327,6 +326,12 @@ def gradients(graph: TracedGraph, order: List[NodeInfo], loss) -> Dict[str, Tens
                 record.grads[name] = torch.zeros_like(out) if g is None else g.detach()
             if attached:
                 return record.grads
+            for name in names:  # walked again from this loss's dL/dout
+                if name not in wanted:
+                    record.grads.pop(name, None)
+        elif all(name in record.grads for name in names):
+            return record.grads
+    missing = [name for name in names if name not in record.grads]
     seed = record.grads.get(walk.output.name)
     if seed is None:
         raise CurvGraphError(
