@@ -117,7 +117,9 @@ def _peak_of_call(fn, argument, pass_argument: bool, device: torch.device):
         if _reset_peak_rss():
             baseline = _proc_status_bytes("VmRSS")
             result = fn(argument) if pass_argument else fn()
-            peak = _proc_status_bytes("VmHWM")
+            # the kernel syncs per-thread RSS counters lazily (up to 64 pages each): VmHWM
+            # may read a few pages below an RSS it has seen; the peak is at least both
+            peak = max(_proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS"), baseline)
             kind = "cpu_peak_rss"
         else:
             baseline = _maxrss_bytes()
