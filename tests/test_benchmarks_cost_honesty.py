@@ -144,7 +144,9 @@ def test_fresh_process_peaks(spawn, monkeypatch, capsys):
     row = next(r for r in problem["rows"] if r["group"] == "kfac")
     fresh = row["fresh_memory"]
     assert fresh["status"] == "ok", fresh
-    assert fresh["peak_bytes"] >= fresh["setup_bytes"] >= fresh["baseline_bytes"] > 0
+    assert fresh["peak_bytes"] >= fresh["setup_bytes"] > 0 and fresh["baseline_bytes"] > 0
+    # malloc_trim before the call may hand back a few pages freed since the imports' level
+    assert fresh["setup_bytes"] >= fresh["baseline_bytes"] - 2**20
     assert fresh["over_imports_bytes"] == fresh["peak_bytes"] - fresh["baseline_bytes"]
     text = problem_markdown("seed_logreg", problem, [])
     ratio = fmt_number(fresh["over_imports_bytes"] / grad["over_imports_bytes"])
