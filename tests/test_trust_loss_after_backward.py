@@ -201,6 +201,33 @@ def test_float32_one_hot_softmax_rows_are_counted_after_backward(ignored):
     torch.testing.assert_close(after, before)
 
 
+def test_float32_rows_with_exact_label_probability_one_but_tiny_others():
+    """``p_y`` rounds to 1 (its gradient entry is exactly 0), one class underflows to
+    ``p = 0`` and another keeps a tiny positive probability: the row is counted and its
+    class is still found (the convergence benchmark's training reached such rows; a class
+    read as the gradient's smallest entry picked the underflowed class instead)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+        model[0].bias.zero_()
+    y = torch.tensor([2, 2, 0, 1, 2, 0])
+    x = torch.randn(6, 3)
+    x[:2] = torch.tensor([-200.0, -50.0, 0.0])  # p = (0, ~2e-22, 1) in float32
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    probabilities = torch.softmax(out.detach(), dim=-1)
+    assert (probabilities[:2, 2] == 1).all() and (probabilities[:2, 0] == 0).all()
+    assert (probabilities[:2, 1] > 0).all()
+
+    def loss_of(out):
+        return F.cross_entropy(out, y)
+
+    before = _curvature(cg, x, loss_of, "exact", False)
+    after = _curvature(cg, x, loss_of, "exact", True)
+    torch.testing.assert_close(after, before)
+
+
 #: cross-entropy over tokens: backward() frees the targets and the shapes log_softmax saw
 TOKENS = {
     "tokens, [N, V, T] layout": lambda out, y: F.cross_entropy(out.transpose(1, 2), y),

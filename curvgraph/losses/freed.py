@@ -111,8 +111,8 @@ def _deviation(call: LossCall, outputs: Tensor, gradient: Tensor, axis: int):
     if not count:
         return 0.0, nonzero, scale
     p = torch.softmax(logits, dim=-1)
-    target = p[nonzero]  # p - e_y on a counted row
-    target[torch.arange(count), g[nonzero].argmin(-1)] -= 1
+    target = p[nonzero]  # p - e_y on a counted row: y where g / scale - p is -1
+    target[torch.arange(count), (g[nonzero] / scale - target).argmin(-1)] -= 1
     counted = nonzero
     if call.reduction != "sum":
         counted = _with_saturated(nonzero, p, g[nonzero], target)
