@@ -138,7 +138,9 @@ class _FactorTooLarge(Exception):
 
     def explained(self, graph) -> CurvatureSizeError:
         """The error for the user, naming the node of the recorded call (its context)."""
-        names = [name for name, ctx in graph.record.contexts.items() if ctx is self.ctx]
+        # a slim record's contexts are rebuilt when read, sharing the stored one's cache
+        stored = graph.record.contexts.stored.items()
+        names = [name for name, ctx in stored if ctx.cache is self.ctx.cache]
         infos = [info for info in plan(graph).order if info.node.name in names]
         where = infos[0].describe() if infos else "a node"
         return CurvatureSizeError(
