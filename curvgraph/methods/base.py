@@ -92,7 +92,7 @@ class Verdict:
 
 def mixing_nodes(walk: Plan, graph: TracedGraph) -> List[str]:
     """Names of the needed nodes whose recorded call mixes samples (BatchNorm in training)."""
-    contexts = graph.record.contexts
+    contexts = graph.record.contexts.stored  # the flag only: no slimmed context rebuilt
     return [i.node.name for i in walk.order if contexts[i.node.name].mixes_samples]
 
 

@@ -119,8 +119,8 @@ class ExactProducts:
         if model is not None:
             owned += list(model.parameters()) + list(model.buffers())
         names = [info.node.name for info in walk.order]
-        self.contexts = dict(record.contexts)
-        self.contexts.update(snapshot_contexts({n: self.contexts[n] for n in names}, owned))
+        # the walk's calls only (a slim record rebuilds each context it hands out)
+        self.contexts = snapshot_contexts({n: record.contexts[n] for n in names}, owned)
         self.loss_model = loss_model
         self.mode = mode
         self.grads = dict(grads)
