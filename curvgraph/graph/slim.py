@@ -61,7 +61,8 @@ class SavedStorages:
         self._hooks = None
 
     def __enter__(self) -> SavedStorages:
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        outer = top(True) if top is not None else None  # torch < 2.1: cannot tell, assume none
         if torch.is_grad_enabled() and outer is None:
             self.active = True
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
