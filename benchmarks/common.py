@@ -19,9 +19,10 @@ The contention dictionaries are those of :func:`benchmarks.machine.contention`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 __all__ = [
     "BUSY",
@@ -32,6 +33,7 @@ __all__ = [
     "fmt_number",
     "is_busy",
     "others_share",
+    "write_results",
 ]
 
 #: ``<workspace>/shared/data`` (the repository's sibling ``shared`` folder)
@@ -94,3 +96,19 @@ def is_busy(contention: Optional[Dict[str, float]], spare: float = 0.0) -> bool:
     if contention is None or contention["wall_s"] < MIN_CONTENTION_WALL_S:
         return False
     return contention["others_fraction"] + contention["steal_fraction"] > spare + BUSY
+
+
+def write_results(
+    folder: Path,
+    name: str,
+    results: Dict,
+    markdown: Callable[[Dict], str],
+    plot: Callable[[Dict, Path], List[Path]],
+) -> str:
+    """Write ``<folder>/<name>.json``, ``<name>.md`` and the section's PNG; the Markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown(results)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (folder / f"{name}.md").write_text(text)
+    plot(results, folder)
+    return text

@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.cg_step.candidates import CANDIDATES, CG_NEWTON, SeedCalls
 from benchmarks.cg_step.launches import floor, launches
+from benchmarks.common import write_results
 from benchmarks.machine import environment, load_average
 from benchmarks.timing import measure_interleaved, ratio
 
@@ -133,11 +134,7 @@ def _compile_times() -> Dict:
 def main() -> Dict:
     """Run the section; write ``benchmarks/results/cg_step.{json,md,png}``."""
     results = run()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cg_step.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "cg_step.md").write_text(markdown(results))
-    plot(results, RESULTS)
-    print(markdown(results))
+    print(write_results(RESULTS, "cg_step", results, markdown, plot))
     return results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Dict, List
 
 import torch
 
+from benchmarks.common import write_results
 from benchmarks.ekfac.candidates import CANDIDATES, DAMPING, PROBLEMS, candidates
 from benchmarks.machine import environment, load_average
 from benchmarks.memory import fresh_worker_peak, over_imports
@@ -60,11 +60,7 @@ def _problem(problem: str, repeats: int, warmup: int, memory: bool) -> Dict:
 def main() -> Dict:
     """Run the section; write ``benchmarks/results/ekfac.{json,md,png}``."""
     results = run()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ekfac.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "ekfac.md").write_text(markdown(results))
-    plot(results, RESULTS)
-    print(markdown(results))
+    print(write_results(RESULTS, "ekfac", results, markdown, plot))
     return results
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from benchmarks.common import write_results
 from benchmarks.machine import environment, load_average
 from benchmarks.memory import fresh_worker_peak, over_imports
 from benchmarks.operators.candidates import CANDIDATES, PROBLEMS, candidates
@@ -56,10 +56,7 @@ def main(repeats: int = 5, warmup: int = 1) -> Dict:
     """Run the section; write ``benchmarks/results/operators.{json,md,png}``."""
     results = run(repeats, warmup)
     results["repeats"], results["warmup"] = repeats, warmup
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "operators.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "operators.md").write_text(markdown(results))
-    plot(results, RESULTS)
+    write_results(RESULTS, "operators", results, markdown, plot)
     return results
 
 
