@@ -46,6 +46,7 @@ class FactorMethod(Method):
 
     curvatures = frozenset({"ggn"})
     default_mc_samples = 0
+    walks_once = True
 
     def check_mc_samples(self, mc_samples: int) -> None:
         """Refuse ``mc_samples`` values the method does not take (``ValueError``)."""
