@@ -18,6 +18,8 @@ Ops that mix samples (BatchNorm in training mode) have no per-sample factors: us
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -46,6 +48,9 @@ class FactorMethod(Method):
 
     curvatures = frozenset({"ggn"})
     default_mc_samples = 0
+    #: whether large factors may be walked in chunks of columns (:func:`factor_blocks`):
+    #: :meth:`direct_block` then takes ``earlier=``, the block of the columns before
+    chunks_columns = False
     walks_once = True
 
     def check_mc_samples(self, mc_samples: int) -> None:
@@ -62,7 +67,12 @@ class FactorMethod(Method):
         return {}
 
     def direct_block(self, rule, ctx, slot: str, factors: Tensor, shape) -> Optional[Block]:
-        """The block of an untied parameter straight from the output factors, or ``None``."""
+        """The block of an untied parameter straight from the output factors, or ``None``.
+
+        A method that :attr:`chunks_columns` also takes ``earlier=`` (the block of the
+        chunks of columns walked before, not given for the first) and returns the block of
+        all columns so far.
+        """
         return None
 
     def rows_block(self, rows: Tensor, shape) -> Block:
@@ -103,23 +113,89 @@ def summed_uses(options: dict) -> bool:
     return options.get("kfac_approx") in ("expand", "reduce")
 
 
+#: factors of at most this many bytes per propagated tensor at once, or one column: above
+#: it a chunking method (:attr:`FactorMethod.chunks_columns`) walks the graph once per chunk
+#: of columns (3c3d at N = 128: one exact column at conv1's output is 25.7 MB, ten 257 MB)
+FACTOR_CHUNK_BYTES = 2**25
+
+
+@dataclass
+class _Collected:
+    """What the walks of :func:`factor_blocks` gathered, chunk after chunk of columns."""
+
+    rows: Dict[str, List[Tensor]] = field(default_factory=dict)  # one entry per chunk
+    direct: Dict[str, Block] = field(default_factory=dict)
+    uses: Dict[str, List[Block]] = field(default_factory=dict)  # a tied weight's per-use blocks
+
+    def earlier(self, key: str, use: Optional[int]) -> Optional[Block]:
+        """The direct block of ``key`` (of its ``use``-th use if tied) from earlier chunks."""
+        if use is None:
+            return self.direct.get(key)
+        before = self.uses.get(key, [])
+        return before[use] if use < len(before) else None
+
+    def set_use(self, key: str, use: int, block: Block) -> None:
+        """Store the block of the ``use``-th use of a tied ``key`` (first or merged)."""
+        before = self.uses.setdefault(key, [])
+        before[use : use + 1] = [block]
+
+
 def factor_blocks(
     graph: TracedGraph, walk, factors: Tensor, method: FactorMethod, **options
 ) -> BlockCurvature:
     """Pull ``factors`` ``[K, N, *out]`` back from the output and form each block.
 
     ``options`` (from :meth:`FactorMethod.block_options`) go to ``method.direct_block``.
+    Where the factors of one node would exceed :data:`FACTOR_CHUNK_BYTES` and the method
+    allows it (:attr:`FactorMethod.chunks_columns`), the columns ``k`` are walked in chunks:
+    every block is a sum over ``k`` (``sum_{k,n} u_nk u_nk^T``, ``G = sum_k G_k``), so rows
+    are concatenated in the same ``(k, n)`` order and direct blocks merged by the method
+    (``earlier=``, the block of the chunks before); the record is released (``retain_record=
+    False``) only by the last walk.
     """
+    collected = _Collected()
+    columns = factors.shape[0]
+    if method.chunks_columns:
+        columns = _columns_per_walk(graph.record, walk, factors)
+    record = graph.record
+    releasing = getattr(record, "releasing", False)
+    try:
+        for start in range(0, factors.shape[0], columns):
+            if releasing:  # the walks before the last read every call again
+                record.releasing = start + columns >= factors.shape[0]
+            _walk(graph, walk, factors[start : start + columns], method, options, collected)
+    finally:
+        if releasing:
+            record.releasing = True
+    rows = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            for key, chunks in collected.rows.items()}  # fmt: skip
+    rows, parameters = pull_back_rows(graph, rows, walk.parameters)
+    blocks = {}
+    for name, parameter in parameters.items():
+        terms = list(collected.uses.get(name, ()))
+        if name in rows:  # uses without a direct block: their own (low-rank) term
+            terms.append(method.rows_block(rows[name], parameter.shape))
+        if name in collected.direct:
+            blocks[name] = collected.direct[name]
+        elif len(terms) > 1:
+            blocks[name] = SumBlock(terms[::-1], parameter.shape)  # in the order of the uses
+        elif terms:
+            blocks[name] = terms[0]
+    return BlockCurvature(blocks, parameters, curvature="ggn", method=method.name)
+
+
+def _walk(graph, walk, factors: Tensor, method, options: dict, collected: _Collected) -> None:
+    """One reverse walk of ``factors`` (all columns, or one chunk), into ``collected``."""
     mixing = (
         f"method={method.name!r} propagates per-sample factors, but {{node}} mixes samples "
         "(e.g. BatchNorm in training mode); use method='exact' or eval mode"
     )
     adjoints: Dict = {walk.output: factors}
+    del factors  # the output's factors live in ``adjoints`` until their node is passed
     rows: Dict[str, Tensor] = {}
-    direct: Dict[str, Block] = {}
-    uses: Dict[str, List[Block]] = {}  # a tied weight's per-use blocks (summed_uses)
+    uses_seen: Dict[str, int] = {}  # a tied weight's uses met in this walk
     for info, ctx in walk.reverse(graph.record, adjoints.__contains__, mixing):
-        factors = adjoints.pop(info.node)
+        adjoint = adjoints.pop(info.node)
         for slot, key in walk.active_slots(info).items():
             tied = isinstance(key, str) and walk.tied(key)
             if (
@@ -127,30 +203,53 @@ def factor_blocks(
                 and key not in graph.derived
                 and (not tied or summed_uses(options))
             ):
+                use = uses_seen.get(key, 0) if tied else None
+                earlier = collected.earlier(key, use)
+                more = {} if earlier is None else {"earlier": earlier}
                 shape = walk.parameters[key].shape
-                block = method.direct_block(info.rule, ctx, slot, factors, shape, **options)
+                block = method.direct_block(info.rule, ctx, slot, adjoint, shape, **options, **more)
                 if block is not None and tied:
-                    uses.setdefault(key, []).append(block)
+                    collected.set_use(key, use, block)
+                    uses_seen[key] = use + 1
                     continue
                 if block is not None:
-                    direct[key] = block
+                    collected.direct[key] = block
                     continue
-            cotangent = info.rule.vjp(ctx, factors, [slot])[slot]  # [K, N, *shape]
+            cotangent = info.rule.vjp(ctx, adjoint, [slot])[slot]  # [K, N, *shape]
             if isinstance(key, str):  # rows; tied: the rows of every use add
                 flat = cotangent.flatten(0, 1)
                 rows[key] = flat if key not in rows else rows[key] + flat
             else:
                 adjoints[key] = cotangent if key not in adjoints else adjoints[key] + cotangent
-    rows, parameters = pull_back_rows(graph, rows, walk.parameters)
-    blocks = {}
-    for name, parameter in parameters.items():
-        terms = list(uses.get(name, ()))
-        if name in rows:  # uses without a direct block: their own (low-rank) term
-            terms.append(method.rows_block(rows[name], parameter.shape))
-        if name in direct:
-            blocks[name] = direct[name]
-        elif len(terms) > 1:
-            blocks[name] = SumBlock(terms[::-1], parameter.shape)  # in the order of the uses
-        elif terms:
-            blocks[name] = terms[0]
-    return BlockCurvature(blocks, parameters, curvature="ggn", method=method.name)
+            del cotangent
+        del adjoint  # freed before the next node's factors are formed
+    for key, flat in rows.items():
+        collected.rows.setdefault(key, []).append(flat)
+
+
+def _columns_per_walk(record, walk, factors: Tensor) -> int:
+    """Columns per walk: factors of one node within :data:`FACTOR_CHUNK_BYTES`, at least one.
+
+    A node's factors have its output's shape per column; the sizes come from the record's
+    outputs (or a dropped output's stand-in), not from recomputing anything.
+    """
+    largest = 0
+    for info in walk.order:
+        size = _output_size(record, info.node.name)
+        if size is None:
+            return factors.shape[0]  # unknown: one walk, as before
+        largest = max(largest, size)
+    per_column = largest * factors.element_size()
+    return max(1, min(factors.shape[0], FACTOR_CHUNK_BYTES // max(per_column, 1)))
+
+
+def _output_size(record, name: str) -> Optional[int]:
+    """Elements of node ``name``'s recorded output, without reading a dropped tensor's values."""
+    output = record.outputs.get(name)
+    if output is None:  # dropped by a slim record: the context keeps a handle with its size
+        stored = getattr(record.contexts, "stored", record.contexts)
+        output = getattr(stored.get(name), "output", None)
+    size = output.shape if isinstance(output, Tensor) else getattr(output, "size", None)
+    if not isinstance(size, (tuple, torch.Size)):
+        return None
+    return math.prod(size)

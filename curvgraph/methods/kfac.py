@@ -24,6 +24,7 @@ class KFAC(KroneckerFactorMethod):
     default_mc_samples = 1
     monte_carlo = True
     low_rank = "Monte-Carlo low-rank"
+    chunks_columns = True  # ``mc_samples > 1`` columns: walked in chunks where they are large
 
     def check_mc_samples(self, mc_samples: int) -> None:  # noqa: D102
         if not mc_samples:

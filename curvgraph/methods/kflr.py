@@ -29,13 +29,24 @@ import functools
 import inspect
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from curvgraph.curvature import Block, Factor, KroneckerBlock
+from curvgraph.curvature import (
+    Block,
+    DenseFactor,
+    DiagonalFactor,
+    Factor,
+    KroneckerBlock,
+    RankOneFactor,
+    RootFactor,
+    factor_from_root,
+)
 from curvgraph.methods.base import Verdict, register_method
 from curvgraph.methods.factors import FactorMethod, summed_uses
+from curvgraph.rules.gram import root_gram
 
-__all__ = ["KFAC_APPROX", "KFLR", "KroneckerFactorMethod"]
+__all__ = ["KFAC_APPROX", "KFLR", "KroneckerFactorMethod", "merged_columns"]
 
 #: ``kfac_approx`` values: how a weight shared over positions is approximated
 KFAC_APPROX = ("expand", "reduce", "low-rank")
@@ -59,13 +70,23 @@ class KroneckerFactorMethod(FactorMethod):
         return {"kfac_approx": kfac_approx}
 
     def direct_block(
-        self, rule, ctx, slot: str, factors: Tensor, shape, kfac_approx: str = "expand"
+        self,
+        rule,
+        ctx,
+        slot: str,
+        factors: Tensor,
+        shape,
+        kfac_approx: str = "expand",
+        earlier: Optional[KroneckerBlock] = None,
     ) -> Optional[Block]:
         """The rule's Kronecker block, its factors in their smallest form, or ``None``.
 
         A rule whose ``kronecker_factors`` takes ``compact=`` hands out each factor as a
         :class:`~curvgraph.curvature.Factor` (diagonal, root-only or dense, whichever is
         smallest); an older rule's dense factors get its ``kronecker_roots`` for products.
+        With ``earlier`` (the block of the columns walked before, :func:`~curvgraph.methods.
+        factors.factor_blocks`), ``G`` of these columns is added to its ``G`` and its ``A``
+        reused (given to a rule whose ``kronecker_factors`` takes ``input_factor=``).
         """
         if kfac_approx == "low-rank" and not _exact_kronecker(rule, ctx, slot):
             return None
@@ -78,12 +99,15 @@ class KroneckerFactorMethod(FactorMethod):
                 return None  # its factors are those of one position per sample: low-rank
             pair = kronecker_factors(ctx, slot, factors)
         else:
-            compact = {"compact": True} if _takes(kronecker_factors, "compact") else {}
-            pair = kronecker_factors(ctx, slot, factors, approx=approx, **compact)
+            more = {"compact": True} if _takes(kronecker_factors, "compact") else {}
+            if earlier is not None and _takes(kronecker_factors, "input_factor"):
+                more["input_factor"] = earlier.input_factor
+            pair = kronecker_factors(ctx, slot, factors, approx=approx, **more)
         if pair is None:
             return None
         if all(isinstance(factor, Factor) for factor in pair):
-            return _sided(KroneckerBlock(*pair, shape), rule, ctx)
+            block = _sided(KroneckerBlock(*pair, shape), rule, ctx)
+            return block if earlier is None else merged_columns(earlier, block)
         kronecker_roots = rule.capability("kronecker_roots")
         roots = None
         if kronecker_roots is not None:
@@ -91,7 +115,8 @@ class KroneckerFactorMethod(FactorMethod):
                 roots = kronecker_roots(ctx, slot, factors, approx=approx)
             else:
                 roots = kronecker_roots(ctx, slot, factors)
-        return _sided(KroneckerBlock(*pair, shape, roots=roots), rule, ctx)
+        block = _sided(KroneckerBlock(*pair, shape, roots=roots), rule, ctx)
+        return block if earlier is None else merged_columns(earlier, block)
 
     def verdict(self, graph, walk, kfac_approx: str = "expand", **options) -> Verdict:
         """How many blocks are Kronecker (or sums of them, for tied weights), how many low-rank."""
@@ -151,6 +176,45 @@ def _sided(block: KroneckerBlock, rule, ctx=None) -> KroneckerBlock:
     return block
 
 
+def merged_columns(earlier: KroneckerBlock, block: KroneckerBlock) -> KroneckerBlock:
+    """The block of two chunks of columns ``k``: ``(G_1 + G_2) (x) A``.
+
+    ``G = sum_{k,n,p} s s^T`` is a sum over the columns; ``A`` depends on the inputs alone
+    and is taken from ``earlier``. Roots are concatenated (``R^T R + S^T S = [R; S]^T
+    [R; S]``): two root-only factors stay root-only while the rows are fewer than the
+    columns, as one chunk of all columns would have been (:func:`factor_from_root`).
+    """
+    output = _summed_factor(earlier.output_factor, block.output_factor)
+    first, second = (
+        (earlier.input_factor, output) if earlier.input_first else (output, earlier.input_factor)
+    )
+    result = KroneckerBlock(first, second, earlier.shape)
+    result.input_first, result.input_count = earlier.input_first, earlier.input_count
+    return result
+
+
+def _summed_factor(a: Factor, b: Factor) -> Factor:
+    """``a + b`` of two output factors, in the smallest form the two allow."""
+    if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
+        return DiagonalFactor(a.data + b.data)
+    roots = [_root(a), _root(b)]
+    if all(root is not None for root in roots):
+        root = torch.cat(roots)
+        if not isinstance(a, DenseFactor) and not isinstance(b, DenseFactor):
+            return factor_from_root(root, root_gram)
+        return DenseFactor(a.to_dense() + b.to_dense(), root)  # the root kept if thin
+    return DenseFactor(a.to_dense() + b.to_dense())
+
+
+def _root(factor: Factor) -> Optional[Tensor]:
+    """``R`` with ``F = R^T R`` if the factor holds one (its rows), else ``None``."""
+    if isinstance(factor, RootFactor):
+        return factor.data
+    if isinstance(factor, RankOneFactor):
+        return factor.data.unsqueeze(0)
+    return factor.root if isinstance(factor, DenseFactor) else None
+
+
 def _exact_kronecker(rule, ctx, slot: str) -> bool:
     """Whether the rule says the block of ``slot`` is exactly Kronecker per sample."""
     kronecker_input = rule.capability("kronecker_input")
@@ -163,6 +227,7 @@ class KFLR(KroneckerFactorMethod):
 
     name = "kflr"
     description = "Kronecker factors from exact loss-Hessian factors"
+    chunks_columns = True  # ``K = C`` exact columns: walked in chunks where they are large
 
     def check_mc_samples(self, mc_samples: int) -> None:  # noqa: D102
         if mc_samples:

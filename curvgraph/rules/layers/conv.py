@@ -330,7 +330,7 @@ class ConvRule(ConvFamilyRule):
         w = torch.einsum("kgop,gip->kgoi", c, self._unfolded(ctx).mean(0))
         return w.reshape(w.shape[:1] + ctx.weight.shape)
 
-    def kronecker_factors(self, ctx, slot, factors, approx="expand"):
+    def kronecker_factors(self, ctx, slot, factors, approx="expand", input_factor=None):
         """KFC factors ``(G, A)`` over the unfolded patches ``x_np`` and ``P`` output positions.
 
         expand (Grosse & Martens, 2016): ``G = sum_{k,n,p} s s^T``,
@@ -338,22 +338,33 @@ class ConvRule(ConvFamilyRule):
         product (one sample and one output position, e.g. a convolution feeding MSE);
         reduce (Eschenhagen et al., 2023): ``G = sum_{k,n} (sum_p s)(sum_p s)^T``,
         ``A = (1/N) sum_n xbar_n xbar_n^T`` with ``xbar_n = (1/P) sum_p x_np``.
+        ``input_factor``: ``A`` of the same call, computed before (for another chunk of the
+        columns ``k``): returned as ``A`` instead of unfolding the input again.
         """
         if slot != "weight" or ctx.groups != 1:
             return None
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
         s = factors.flatten(-self.dims)  # [K, N, O, P]
         if approx == "reduce":
-            mean_input = self._unfolded(ctx)[:, 0].mean(-1)  # [N, I]
             summed = s.sum(-1).flatten(0, 1)  # [K N, O]
-            return summed.T @ summed, mean_input.T @ mean_input / mean_input.shape[0]
-        if approx != "expand":
-            raise ValueError(f"approx={approx!r}; expected 'expand' or 'reduce'")
-        gradient_factor = gram(s.flatten(0, 1))
+            gradient_factor = summed.T @ summed
+        else:
+            gradient_factor = gram(s.flatten(0, 1))
+        if input_factor is not None:
+            return gradient_factor, input_factor
+        return gradient_factor, self._input_factor(ctx, approx)
+
+    def _input_factor(self, ctx, approx: str) -> Tensor:
+        """``A`` of :meth:`kronecker_factors` (``approx``: ``"expand"`` or ``"reduce"``)."""
+        if approx == "reduce":
+            mean_input = self._unfolded(ctx)[:, 0].mean(-1)  # [N, I]
+            return mean_input.T @ mean_input / mean_input.shape[0]
         if "unfolded" in ctx.cache:  # another method unfolded the input already
             unfolded = ctx.cache["unfolded"][:, 0]  # [N, I, P]
-            return gradient_factor, gram(unfolded).div_(unfolded.shape[0] * unfolded.shape[-1])
+            return gram(unfolded).div_(unfolded.shape[0] * unfolded.shape[-1])
         columns = patch_columns(ctx.input, ctx.weight.shape[2:], **self._geometry(ctx))
-        return gradient_factor, symmetric_product(columns).div_(columns.shape[1])
+        return symmetric_product(columns).div_(columns.shape[1])
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         def product(t, wanted, summed=()):

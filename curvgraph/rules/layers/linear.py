@@ -116,7 +116,9 @@ class LinearRule(PullbackRule):
     def kronecker_input(self, ctx, slot):  # noqa: D102
         return ctx.input if slot == "weight" and ctx.input.dim() == 2 else None
 
-    def kronecker_factors(self, ctx, slot, factors, approx="expand", compact=False):
+    def kronecker_factors(
+        self, ctx, slot, factors, approx="expand", compact=False, input_factor=None
+    ):
         """``(G, A)``: ``G (x) A`` approximates the weight's block (Eschenhagen et al., 2023).
 
         With ``x_nt``, ``s_knt`` the input and factor at position ``t`` of ``T``
@@ -130,10 +132,14 @@ class LinearRule(PullbackRule):
         :class:`~curvgraph.curvature.Factor`: its root alone (:meth:`kronecker_roots`) when
         that has fewer rows than columns (a head over a vocabulary ``V`` fed ``N T < V``
         tokens: ``G``'s root is ``N T x V`` instead of ``V x V``), else the dense matrix.
+        ``input_factor``: ``A`` of the same call, computed before (for another chunk of the
+        columns ``k``): returned as ``A``, only ``G`` is formed.
         """
         roots = self.kronecker_roots(ctx, slot, factors, approx)
         if roots is None:
             return None
+        if input_factor is not None:
+            return kronecker_from_roots(roots[:1], compact) + (input_factor,)
         return kronecker_from_roots(roots, compact)
 
     def kronecker_roots(self, ctx, slot, factors, approx="expand"):
