@@ -154,7 +154,7 @@ class CurvgraphInterface(CurvatureInterface):
         diagonal = flat_diagonal(curvature, self.params_dict)
         if self.subnetwork_indices is not None:
             diagonal = diagonal[self.subnetwork_indices]
-        return loss, self.factor * diagonal
+        return loss, _scaled(diagonal, self.factor)
 
     def kron(self, x, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
         """``(loss, Kron)``: per parameter ``[Q, H]`` (``C_p = Q (x) H``) or ``[C_p]``.
@@ -290,7 +290,7 @@ class CurvgraphHessian(CurvgraphInterface):
         diagonal = flat_diagonal(curvature, self.params_dict)
         if self.subnetwork_indices is not None:
             diagonal = diagonal[self.subnetwork_indices]
-        return loss, self.factor * diagonal
+        return loss, _scaled(diagonal, self.factor)
 
     def kron(self, x, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
         """Refused: Kronecker factors (KFLR, KFAC) approximate the GGN, not the Hessian."""
@@ -299,3 +299,8 @@ class CurvgraphHessian(CurvgraphInterface):
             "(KFLR, KFAC) approximate the GGN, not the Hessian; use backend=CurvgraphGGN for "
             "'kron', or hessian_structure='full' or 'diag'"
         )
+
+
+def _scaled(fresh: Tensor, factor: float) -> Tensor:
+    """``factor * fresh``; ``fresh`` itself (a tensor no one else holds) for a factor of one."""
+    return fresh if factor == 1 else factor * fresh

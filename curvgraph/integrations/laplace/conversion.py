@@ -28,7 +28,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from curvgraph.curvature import BlockCurvature, KroneckerBlock
+from curvgraph.curvature import BlockCurvature, KroneckerBlock, LowRankBlock
+from curvgraph.curvature.factors import Factor, RootFactor
+from curvgraph.rules.gram import root_gram
 
 __all__ = [
     "KRON_FALLBACKS",
@@ -107,18 +109,17 @@ def kronecker_factors(
     """
     if fallback not in KRON_FALLBACKS:
         raise ValueError(f"fallback must be one of {KRON_FALLBACKS}, got {fallback!r}")
-    factors, approximated = [], []
+    factors, approximated, grams = [], [], _Grams()
     for name, p in params.items():
         block = curvature[name] if name in curvature else None
         if p.ndim == 1 or p.ndim > 4:  # laplace-torch refuses ndim > 4 in Kron.init_from_model
-            dense = block.to_dense() if block is not None else p.new_zeros(p.numel(), p.numel())
-            factors.append([scale * dense])
+            factors.append([grams.block(block, p, scale)])
         elif block is None:
             factors.append(
                 [p.new_zeros(p.shape[0], p.shape[0]), p.new_zeros(*(2 * [p[0].numel()]))]
             )
         elif isinstance(block, KroneckerBlock):
-            factors.append(_kronecker_pair(block, input_scale, scale))
+            factors.append(_kronecker_pair(block, input_scale, scale, grams))
         else:
             pair = _one_sided(block, p, input_scale, scale)
             if pair is None:
@@ -143,16 +144,57 @@ def kronecker_factors(
     return factors
 
 
-def _kronecker_pair(block: KroneckerBlock, input_scale: float, scale: float) -> List[Tensor]:
+def _kronecker_pair(
+    block: KroneckerBlock, input_scale: float, scale: float, grams: _Grams
+) -> List[Tensor]:
     """``[G, A]`` (``[A, G]`` where the input factor comes first), dense and scaled.
 
     ``A`` (:attr:`~curvgraph.KroneckerBlock.input_factor`, a mean over its rows) times
     ``input_scale``, ``G`` (:attr:`~curvgraph.KroneckerBlock.output_factor`, a sum) times
     ``scale``.
     """
-    inputs = input_scale * block.input_factor.to_dense()
-    outputs = scale * block.output_factor.to_dense()
+    inputs = grams.factor(block.input_factor, input_scale)
+    outputs = grams.factor(block.output_factor, scale)
     return [inputs, outputs] if block.input_first else [outputs, inputs]
+
+
+class _Grams:
+    """Scaled dense factors and 1-D blocks of one conversion, each Gram ``R^T R`` formed once.
+
+    A root ``R`` (:class:`~curvgraph.curvature.factors.RootFactor`, the rows of a
+    :class:`~curvgraph.LowRankBlock`) is formed by :func:`~curvgraph.rules.gram.root_gram`
+    (upper block triangle only). The bias of a linear layer has the rows ``s_kn`` of its
+    weight's output factor ``G = sum_kn s_kn s_kn^T``: a 1-D block whose rows equal a
+    root seen before (compared entry by entry) reuses that Gram instead of forming it
+    again (``R = [K N, out]``: ``K N out^2`` multiply-adds, the first layer's bias of an MLP).
+    Every tensor returned is new (a scale of one multiplies only a reused or borrowed one).
+    """
+
+    def __init__(self) -> None:
+        self.seen: List[tuple] = []  # (root, R^T R), unscaled
+
+    def factor(self, factor: Factor, scale: float) -> Tensor:
+        """``scale F``, dense ``size x size``."""
+        if isinstance(factor, RootFactor):
+            return self.gram(factor.root, scale)
+        return scale * factor.to_dense()
+
+    def block(self, block, p: Tensor, scale: float) -> Tensor:
+        """``scale C_p``, dense ``numel x numel`` (zeros without block)."""
+        if block is None:
+            return p.new_zeros(p.numel(), p.numel())
+        if isinstance(block, LowRankBlock):
+            return self.gram(block.rows, scale)
+        return scale * block.to_dense()
+
+    def gram(self, root: Tensor, scale: float) -> Tensor:
+        """``scale R^T R``, from an equal root's Gram where one was formed before."""
+        for earlier, product in self.seen:
+            if earlier.shape == root.shape and torch.equal(earlier, root):
+                return scale * product
+        product = root_gram(root)
+        self.seen.append((root, product))
+        return product if scale == 1 else scale * product
 
 
 def _one_sided(block, p: Tensor, input_scale: float, scale: float) -> Optional[List[Tensor]]:
