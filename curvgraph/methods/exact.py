@@ -15,6 +15,13 @@ carries only the columns of blocks upstream of it (the others are zero there), s
 columns travel only from its parameter to the output and back. Exact for any batch size,
 on DAGs, with weight tying and with ops that mix samples.
 
+Memory (:mod:`curvgraph.methods.column_stacks`): each tangent is released after its last
+use, and kept for the backward walk only where a residual acts on the products (not at
+``relu``: ``phi'' = 0``, nor at a layer whose weight and input carry different blocks'
+columns); a diagonal Jacobian overwrites a tangent or adjoint that only the walk holds;
+what rules cache during a product (derivatives, pooling indices, patches) lives from the
+node's forward step to its backward step and never on the record.
+
 The blocks are a snapshot of the point where they were computed, like every other method's:
 the recorded arguments that share storage with the model's parameters or buffers (detached
 views of them) are copied when the products are set up (one copy of each storage used), so
@@ -25,7 +32,9 @@ raise :class:`~curvgraph.errors.CurvGraphError` instead of reading the new value
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import dataclasses
+import functools
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -42,43 +51,22 @@ from curvgraph.methods.base import (
     Verdict,
     register_method,
 )
+from curvgraph.methods.column_stacks import (
+    Names,
+    Stack,
+    WalkState,
+    acting_residual,
+    context_tensors,
+    exclusive,
+    stacked_jvp,
+    uncached,
+)
 from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
 from curvgraph.methods.snapshots import recorded_versions, snapshot_contexts
 from curvgraph.methods.structures import build_structure, fisher_output_curvature, restrict
-from curvgraph.rules import groups_of
+from curvgraph.rules import Context, Diagonal, groups_of
 
 __all__ = ["Exact", "ExactProducts"]
-
-Names = Tuple[str, ...]
-
-
-class _Stack:
-    """Columns of several blocks stacked on axis 0, in a fixed order of block names."""
-
-    def __init__(self, tensor: Tensor, names: Names, widths: Dict[str, int]):
-        self.tensor, self.names, self.widths = tensor, names, widths
-
-    def offset(self, name: str) -> int:
-        """First column of ``name``."""
-        return sum(self.widths[n] for n in self.names[: self.names.index(name)])
-
-    def select(self, names: Names) -> Tensor:
-        """The columns of ``names`` (zeros for blocks this stack lacks)."""
-        if names == self.names:
-            return self.tensor
-        if all(n in self.names for n in names):
-            first = self.names.index(names[0])
-            if self.names[first : first + len(names)] == names:  # a contiguous run: a view
-                start = self.offset(names[0])
-                return self.tensor[start : start + sum(self.widths[n] for n in names)]
-        parts = []
-        for name in names:
-            if name in self.names:
-                start = self.offset(name)
-                parts.append(self.tensor[start : start + self.widths[name]])
-            else:
-                parts.append(self.tensor.new_zeros(self.widths[name], *self.tensor.shape[1:]))
-        return torch.cat(parts)
 
 
 class ExactProducts:
@@ -128,6 +116,21 @@ class ExactProducts:
         self._versions = recorded_versions(self.infos, self.contexts, self.grads)
         for info in walk.order:
             validate_call(info, self.contexts[info.node.name])
+        self._inert = {info.node for info in walk.order if self._zero_diagonal(info)}
+
+    def _zero_diagonal(self, info) -> bool:
+        """Whether a diagonal-Jacobian node has a zero residual here (``relu'' = 0``).
+
+        Decided once, when no tangents are held, so the walks neither build nor keep it.
+        """
+        if self.mode is None or info.rule.capability("diagonal_jacobian") is None:
+            return False
+        try:
+            residual = self._residual(info, self.contexts[info.node.name])
+        except CurvGraphError:  # raised where the walk reaches the node
+            return False
+        values = residual.values.values() if isinstance(residual, Diagonal) else [None]
+        return all(isinstance(v, Tensor) and not bool(v.any()) for v in values)
 
     def _check_unchanged(self) -> None:
         """Refuse products after a recorded tensor was modified in place."""
@@ -161,83 +164,127 @@ class ExactProducts:
         for n in order:
             if widths.setdefault(group_of[n], columns[n].shape[0]) != columns[n].shape[0]:
                 raise ValueError(f"the parameters of group {group_of[n]!r} need equal columns")
-        tangents, argument_tangents = self._forward(columns, group_of, widths)
-        results: Dict[str, Tensor] = {}
-        output = tangents.get(self.walk.output)
-        adjoints = {}
+        walk = WalkState(columns, group_of, widths, self._walk_contexts())
+        self._forward(walk)
+        output = walk.tangents.get(self.walk.output)
         if output is not None:
             product = self.output_curvature(output.tensor)
-            adjoints[self.walk.output] = _Stack(product, output.names, widths)
+            walk.adjoints[self.walk.output] = Stack(product, output.names, widths)
         for info in reversed(self.walk.order):
-            adjoint = adjoints.pop(info.node, None)
+            adjoint = walk.adjoints.pop(info.node, None)
             if adjoint is None:
                 continue
-            arguments = argument_tangents.get(info.node, {})
-            self._backward(info, adjoint, arguments, tangents, adjoints, results, group_of)
+            self._backward(info, adjoint, walk)
+            walk.contexts.pop(info.node.name, None)  # its cached derivatives, indices go too
+        results = walk.results
         # a block whose columns never reach the output (or are cut off) has a zero product
         return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
 
-    def _forward(self, columns, group_of: Dict[str, str], widths):
-        """Tangents of every node; ``argument_tangents[node][slot] = _Stack`` (own columns).
+    def _walk_contexts(self) -> Dict[str, Context]:
+        """The recorded calls for one product, each with a cache of its own.
 
-        Without a residual (GGN, Fishers) the backward walk needs only the tangents' column
-        sets, so each tangent is released after its last use (the walk holds the live
-        ones, as a forward pass holds its activations) and no argument tangents are kept.
+        What a rule derives during the walks (``relu``'s ``phi'``, pooling indices, unfolded
+        patches) lives from the node's forward step to its backward step, not beyond the
+        product; quantities already cached on the record are reused. A compiled product
+        reads the shared contexts (their caches then persist).
         """
-        tangents: Dict = {}
-        argument_tangents: Dict = {}
-        release = self.mode is None
+        if torch.compiler.is_compiling():
+            return dict(self.contexts)
+        return {
+            name: dataclasses.replace(ctx, cache=dict(ctx.cache))
+            for name, ctx in self.contexts.items()
+        }
+
+    def _forward(self, walk: WalkState) -> None:
+        """Tangents ``tdot_y = sum_s J_s tdot_s`` of every node, in ``walk.tangents``.
+
+        Each tangent is released after its last use (the walk holds the live ones, as a
+        forward pass holds its activations; the backward walk reads only the column sets).
+        A node whose residual acts on the products (:func:`acting_residual`; Hessian and
+        PCH) keeps its arguments' tangents and the residual in ``walk.acting``.
+        """
         remaining = {key: len(uses) for key, uses in self.walk.uses.items()}
         for info in self.walk.order:
-            arguments: Dict[str, _Stack] = {}
-            for slot, key in self.walk.active_slots(info).items():
+            slots = self.walk.active_slots(info)
+            arguments: Dict[str, Stack] = {}
+            for slot, key in slots.items():
                 if isinstance(key, str):
-                    if key in columns:
-                        arguments[slot] = _Stack(columns[key], (group_of[key],), widths)
-                elif key in tangents:
-                    arguments[slot] = tangents[key]
+                    if key in walk.columns:
+                        column = walk.columns[key]
+                        arguments[slot] = Stack(column, (walk.group_of[key],), walk.widths)
+                elif key in walk.tangents:
+                    arguments[slot] = walk.tangents[key]
             if not arguments:
                 continue
+            ctx = walk.contexts[info.node.name]
+            residual = None
+            if self.mode is not None and info.node not in self._inert:
+                make = functools.partial(self._residual, info, ctx)
+                residual = acting_residual(info.rule, make, arguments)
             present = {n for stack in arguments.values() for n in stack.names}
-            names = tuple(n for n in widths if n in present)
-            # J t = sum_s J_s t_s: one jvp per set of columns, no zero-padded columns
-            groups: Dict[Names, Dict[str, Tensor]] = {}
-            for slot, stack in arguments.items():
-                groups.setdefault(stack.names, {})[slot] = stack.tensor
-            ctx = self.contexts[info.node.name]
-            parts = {names_: info.rule.jvp(ctx, group) for names_, group in groups.items()}
-            tangents[info.node] = _Stack(_combine(parts, names, widths), names, widths)
-            if not release:
-                argument_tangents[info.node] = arguments
-                continue
-            for key in self.walk.active_slots(info).values():
-                if not isinstance(key, str) and key in tangents:
+            names = tuple(n for n in walk.widths if n in present)
+            tangent = None
+            if residual is None and remaining.get(slots.get("input")) == 1:
+                tangent = self._diagonal_in_place(info, ctx, arguments, walk, slots["input"])
+            if tangent is None:
+                tangent = stacked_jvp(info.rule, ctx, arguments, names, walk.widths)
+            walk.hold(info.node, Stack(tangent, names, walk.widths))
+            if residual is not None:
+                walk.acting[info.node] = (arguments, residual)
+                walk.retained += [stack.tensor for stack in arguments.values()]
+            for key in slots.values():
+                if not isinstance(key, str) and key in walk.tangents:
                     remaining[key] -= 1
                     if remaining[key] == 0 and key is not self.walk.output:
-                        tangents[key] = _Stack(None, tangents[key].names, widths)
-        return tangents, argument_tangents
+                        walk.release(key)
 
-    def _backward(
-        self, info, adjoint: _Stack, arguments, tangents, adjoints, results, group_of
-    ) -> None:
-        ctx = self.contexts[info.node.name]
-        names = tangents[info.node].names
-        widths = adjoint.widths
+    def _diagonal_in_place(self, info, ctx, arguments, walk: WalkState, key) -> Optional[Tensor]:
+        """``phi'(x) * t`` over the input's tangent ``t`` where the walk alone reads ``t``.
+
+        For a rule with a diagonal Jacobian (``relu``, ``tanh``) whose only argument is an
+        activation at its last use; ``None`` where it does not apply (then the rule's own
+        product runs). The same entries as ``jvp`` / ``vjp``, without a second tensor;
+        ``phi'`` is computed for this step and not cached (the backward step computes it
+        again), so it is not held while the walks pass the layers in between.
+        """
+        diagonal = info.rule.capability("diagonal_jacobian")
+        if diagonal is None or list(arguments) != ["input"] or isinstance(key, str):
+            return None
+        if key is self.walk.output or "input" not in ctx.batched:
+            return None
+        tangent = arguments["input"].tensor
+        d1 = diagonal(uncached(ctx))
+        if not isinstance(tangent, Tensor) or d1.shape != tangent.shape[1:]:
+            return None
+        live = walk.live(exclude_tangent=key) + [d1, *context_tensors(ctx)]
+        if d1.dtype != tangent.dtype or not exclusive(tangent, live):
+            return None
+        return tangent.mul_(d1)
+
+    def _backward(self, info, adjoint: Stack, walk: WalkState) -> None:
+        """``lambda_s += J_s^T lambda_y + R(tdot)_s`` for every argument of ``info``."""
+        ctx = walk.contexts[info.node.name]
+        names = walk.tangents[info.node].names
+        widths = walk.widths
         lam = adjoint.select(names)
+        arguments, residual = walk.acting.pop(info.node, ({}, None))
         # destinations, grouped by the columns they need: a parameter its own block's, an
         # activation those of the blocks upstream of it
         destinations: Dict[Names, list] = {}
         for slot, key in self.walk.active_slots(info).items():
             if isinstance(key, str):
-                if key in group_of:
-                    destinations.setdefault((group_of[key],), []).append((slot, key))
-            elif key in tangents:
-                destinations.setdefault(tangents[key].names, []).append((slot, key))
-        residual = self._residual(info, ctx) if self.mode is not None else None
+                if key in walk.group_of:
+                    destinations.setdefault((walk.group_of[key],), []).append((slot, key))
+            elif key in walk.tangents:
+                destinations.setdefault(walk.tangents[key].names, []).append((slot, key))
         for wanted, targets in destinations.items():
             slots = [slot for slot, _ in targets]
-            restricted = _Stack(lam, names, widths).select(wanted)
-            cotangents = info.rule.batch_vjp(ctx, restricted, slots)
+            cotangents = None
+            if residual is None and wanted == names and slots == ["input"]:
+                cotangents = self._diagonal_vjp_in_place(info, ctx, lam, walk)
+            if cotangents is None:
+                restricted = Stack(lam, names, widths).select(wanted)
+                cotangents = info.rule.batch_vjp(ctx, restricted, slots)
             if residual is not None:
                 perturbed = {
                     slot: stack.select(wanted)
@@ -252,11 +299,25 @@ class ExactProducts:
             for slot, key in targets:
                 cotangent = cotangents[slot]
                 if isinstance(key, str):
+                    results = walk.results
                     results[key] = cotangent if key not in results else results[key] + cotangent
-                elif key in adjoints:
-                    adjoints[key] = _Stack(adjoints[key].tensor + cotangent, wanted, widths)
+                elif key in walk.adjoints:
+                    total = walk.adjoints[key].tensor + cotangent
+                    walk.adjoints[key] = Stack(total, wanted, widths)
                 else:
-                    adjoints[key] = _Stack(cotangent, wanted, widths)
+                    walk.adjoints[key] = Stack(cotangent, wanted, widths)
+
+    def _diagonal_vjp_in_place(self, info, ctx, lam: Tensor, walk: WalkState):
+        """``{"input": phi'(x) * lambda}`` over ``lambda`` where the walk alone reads it."""
+        diagonal = info.rule.capability("diagonal_jacobian")
+        if diagonal is None or "input" not in ctx.batched:
+            return None
+        d1 = diagonal(uncached(ctx))
+        if d1.shape != lam.shape[1:] or d1.dtype != lam.dtype:
+            return None
+        if not exclusive(lam, walk.live() + [d1, *context_tensors(ctx)]):
+            return None
+        return {"input": lam.mul_(d1)}
 
     def _residual(self, info, ctx):
         residual = info.rule.residual(ctx, self.grads[info.node.name])
@@ -270,33 +331,6 @@ class ExactProducts:
                 f"the PCH modifies each sample's residual, which {info.describe()} does "
                 f"not have ({error}); use curvature='hessian' or 'ggn'"
             ) from error
-
-
-def _combine(parts: Dict[Names, Tensor], names: Names, widths: Dict[str, int]) -> Tensor:
-    """Sum of per-column-set parts as one stack over ``names``.
-
-    Parts with disjoint column sets are concatenated in order (no zero fill); columns that
-    several parts share (merges of branches with common upstream blocks) are added.
-    """
-    if len(parts) == 1 and next(iter(parts)) == names:
-        return next(iter(parts.values()))
-    owners = [[g for g in parts if n in g] for n in names]
-    if all(len(o) == 1 for o in owners):
-        pieces = []
-        for n, (group,) in zip(names, owners):
-            start = _Stack(parts[group], group, widths).offset(n)
-            pieces.append(parts[group][start : start + widths[n]])
-        shape = torch.broadcast_shapes(*(p.shape[1:] for p in pieces))
-        return torch.cat([p.expand(p.shape[0], *shape) for p in pieces])
-    first = next(iter(parts.values()))
-    output = first.new_zeros(sum(widths[n] for n in names), *first.shape[1:])
-    target = _Stack(output, names, widths)
-    for group, part in parts.items():
-        source = _Stack(part, group, widths)
-        for n in group:
-            start, offset = target.offset(n), source.offset(n)
-            output[start : start + widths[n]] += part[offset : offset + widths[n]]
-    return output
 
 
 @register_method
