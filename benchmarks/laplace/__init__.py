@@ -9,7 +9,7 @@ curvature time, peak memory, or the reason it fails; its fitted diagonal compare
 curvgraph's), then the ones that ran are timed again interleaved in one process (wall and
 CPU time, ratios to curvgraph).
 
-``python -m benchmarks.laplace [--suite full|quick|smoke] [--problems ...]`` writes
+``python -m benchmarks.laplace [--suite full|quick|smoke] [--problems ...] [--repeats N]`` writes
 ``benchmarks/results/laplace.{json,md,png}`` (``--out``, ``--stem``).
 
 Modules: :mod:`~benchmarks.laplace.problems` (models, data, the fit),
@@ -50,6 +50,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--stem", default="laplace", help="file name stem")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per fresh fit")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     args = parser.parse_args(argv)
     result = run(
         args.suite,
@@ -58,6 +59,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         threads=args.threads,
         problems=args.problems,
         timeout=args.timeout,
+        repeats=args.repeats,
     )
     paths = write(result, args.out, args.stem)
     print(markdown(result))

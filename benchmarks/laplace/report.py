@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from benchmarks.common import fmt_number
 
-__all__ = ["markdown", "plot"]
+__all__ = ["goals", "markdown", "plot"]
 
 
 def _cell(value: Optional[float], unit: str = "") -> str:
@@ -16,7 +16,7 @@ def _cell(value: Optional[float], unit: str = "") -> str:
 
 def _rows(entry: Dict[str, Any]) -> List[str]:
     lines = [
-        "| structure | backend | fresh process: fit s | curvature s | peak MiB | "
+        "| structure | backend | fresh process: fit s (CPU s) | curvature s | peak MiB | "
         "interleaved: fit s (CPU s) | / curvgraph wall (CPU) | diag vs curvgraph |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -39,7 +39,8 @@ def _rows(entry: Dict[str, Any]) -> List[str]:
             interleaved = f"fails: {mine['reason'][:80]}"
         difference = row.get("relative_difference")
         lines.append(
-            f"| {structure} | {backend} | {_cell(row['fit_s'])} | {_cell(row['curvature_s'])} "
+            f"| {structure} | {backend} | {_cell(row['fit_s'])} ({_cell(row.get('fit_cpu_s'))}) "
+            f"| {_cell(row['curvature_s'])} "
             f"| {_cell(row['peak_bytes'] / 2**20)} | {interleaved} | {ratio} "
             f"| {_cell(difference)} |"
         )
@@ -74,6 +75,7 @@ def markdown(result: Dict[str, Any]) -> str:
         ]
         lines += _rows(entry)
         lines += _busy(entry)
+        lines += ["", *_goal_rows(entry)]
     return "\n".join(lines) + "\n"
 
 
@@ -117,3 +119,83 @@ def plot(result: Dict[str, Any], out: Path, name: str = "laplace.png") -> List[P
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return [path]
+
+
+def goals(entry: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per structure: curvgraph's fit beside the fastest peer that ran, and the verdict.
+
+    The goal (issue 13): no slower than the fastest of laplace-torch's backends, and running
+    where they do not. Compared by CPU time (other processes' load cancels out), of the
+    interleaved fits where curvgraph and every peer that ran were timed there, else of the
+    fresh-process fits.
+    ``verdict``: ``"met"``, ``"not met"``, ``"met: only curvgraph runs"``, ``"not met:
+    curvgraph fails"``.
+    """
+    result = {}
+    structures = dict.fromkeys(key.split("/")[0] for key in entry["fresh"])
+    for structure in structures:
+        rows = {k.split("/")[1]: v for k, v in entry["fresh"].items() if k.startswith(structure)}
+        ours = rows.pop("CurvgraphGGN", {"status": "failed"})
+        peers = {name: row for name, row in rows.items() if row["status"] == "ok"}
+        goal: Dict[str, Any] = {"peers_ran": sorted(peers)}
+        if ours["status"] != "ok":
+            goal["verdict"] = "not met: curvgraph fails"
+        elif not peers:
+            mine = _times(entry, structure, "CurvgraphGGN", "interleaved")
+            goal.update(verdict="met: only curvgraph runs", curvgraph=mine)
+        else:
+            timed = entry.get("interleaved", {})
+            both = all(
+                timed.get(f"{structure}/{n}", {}).get("cpu_median_s")
+                for n in [*peers, "CurvgraphGGN"]
+            )
+            source = "interleaved" if both and peers else "fresh"
+            mine = _times(entry, structure, "CurvgraphGGN", source)
+            theirs = {name: _times(entry, structure, name, source) for name in peers}
+            fastest = min(theirs, key=lambda n: theirs[n]["cpu_s"])
+            ratio = mine["cpu_s"] / theirs[fastest]["cpu_s"]
+            goal.update(
+                verdict="met" if ratio <= 1 else "not met",
+                curvgraph=mine,
+                fastest=fastest,
+                fastest_times=theirs[fastest],
+                cpu_ratio=ratio,
+            )
+        result[structure] = goal
+    return result
+
+
+def _times(entry: Dict[str, Any], structure: str, backend: str, source: str) -> Dict:
+    """``{"wall_s", "cpu_s", "source"}`` of a fit: interleaved (if timed there) or fresh."""
+    key = f"{structure}/{backend}"
+    timed = entry.get("interleaved", {}).get(key, {})
+    if source == "interleaved" and timed.get("cpu_median_s"):
+        return {"wall_s": timed["median_s"], "cpu_s": timed["cpu_median_s"], "source": source}
+    row = entry["fresh"][key]
+    return {"wall_s": row["fit_s"], "cpu_s": row.get("fit_cpu_s", row["fit_s"]), "source": "fresh"}
+
+
+def _goal_rows(entry: Dict[str, Any]) -> List[str]:
+    lines = [
+        "Goal (no slower than the fastest laplace-torch backend, CPU time; running where they "
+        "do not):",
+        "",
+        "| structure | curvgraph s (CPU s) | fastest peer | its s (CPU s) | CPU ratio | goal |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for structure, goal in goals(entry).items():
+        mine = goal.get("curvgraph")
+        cell = (
+            f"{_cell(mine['wall_s'])} ({_cell(mine['cpu_s'])}), {mine['source']}" if mine else "-"
+        )
+        if "fastest" in goal:
+            theirs = goal["fastest_times"]
+            peer = f"{_cell(theirs['wall_s'])} ({_cell(theirs['cpu_s'])}), {theirs['source']}"
+            lines.append(
+                f"| {structure} | {cell} | {goal['fastest']} | {peer} "
+                f"| {_cell(goal['cpu_ratio'], 'x')} | {goal['verdict']} |"
+            )
+        else:
+            ran = ", ".join(goal["peers_ran"]) or "none runs"
+            lines.append(f"| {structure} | {cell} | {ran} | - | - | {goal['verdict']} |")
+    return lines

@@ -32,7 +32,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 #: samples per fit, interleaved rounds, the longest fresh fit interleaved again, time limit
 PRESETS = {
-    "full": {"samples": 1000, "repeats": 1, "interleave_cap_s": 150, "timeout_s": 2400},
+    "full": {"samples": 1000, "repeats": 3, "interleave_cap_s": 150, "timeout_s": 2400},
     "quick": {"samples": 200, "repeats": 2, "interleave_cap_s": 60, "timeout_s": 600},
     "smoke": {"samples": 20, "repeats": 1, "interleave_cap_s": 30, "timeout_s": 300},
 }
@@ -67,16 +67,20 @@ def run(
     threads: Optional[int] = 1,
     problems: Optional[list] = None,
     timeout: Optional[float] = None,
+    repeats: Optional[int] = None,
 ) -> Dict[str, Any]:
     """The section's result: configuration, environment, per problem its candidates.
 
-    ``timeout`` replaces the preset's limit on one fresh-process fit (``timeout_s``).
+    ``timeout`` replaces the preset's limit on one fresh-process fit (``timeout_s``),
+    ``repeats`` its interleaved rounds.
     """
     if device != "cpu":
         raise ValueError("the laplace section runs on the CPU (laplace-torch's CPU path)")
     config = dict(PRESETS[preset], preset=preset, threads=threads)
     if timeout is not None:
         config["timeout_s"] = timeout
+    if repeats is not None:
+        config["repeats"] = repeats
     torch.set_num_threads(threads or 1)
     log: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: 0)
     result: Dict[str, Any] = {"config": config, "environment": environment(device)}
