@@ -77,6 +77,17 @@ def test_fresh_times_when_a_candidate_was_not_interleaved_and_none_or_only_curvg
     assert verdict["diag"]["curvgraph"]["source"] == "fresh"
     assert verdict["diag"]["fastest_times"] == {"wall_s": 20.0, "cpu_s": 10.0, "source": "fresh"}
     assert verdict["diag"]["verdict"] == "not met"
+    # a peer over the cap, slower than curvgraph in its fresh process, leaves the rounds to decide
+    slow = entry(
+        {"diag/CurvgraphGGN": ok(2.0, 0.5), "diag/AsdlGGN": ok(1.0, 0.3),
+         "diag/CurvlinopsGGN": ok(500.0, 200.0)},
+        {"diag/CurvgraphGGN": timed(1.0, 0.3), "diag/AsdlGGN": timed(1.0, 0.4)},
+    )  # fmt: skip
+    assert goals(slow)["diag"]["curvgraph"]["source"] == "interleaved"
+    assert goals(slow)["diag"]["verdict"] == "met"
+    slow["fresh"]["diag/CurvlinopsGGN"] = ok(1.5, 0.2)  # faster fresh: fresh times for all
+    assert goals(slow)["diag"]["curvgraph"]["source"] == "fresh"
+    assert goals(slow)["diag"]["fastest"] == "CurvlinopsGGN"
     failing = entry({"diag/CurvgraphGGN": failed(), "diag/AsdlGGN": ok(1.0, 1.0)}, {})
     assert goals(failing)["diag"]["verdict"] == "not met: curvgraph fails"
     text = markdown({"config": {"preset": "x", "samples": 10, "threads": 1,

@@ -126,8 +126,9 @@ def goals(entry: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
     The goal (issue 13): no slower than the fastest of laplace-torch's backends, and running
     where they do not. Compared by CPU time (other processes' load cancels out), of the
-    interleaved fits where curvgraph and every peer that ran were timed there, else of the
-    fresh-process fits.
+    interleaved fits where curvgraph and the peers were timed there (a peer left out for
+    taking longer than the cap counts only if its fresh fit was faster than curvgraph's),
+    else of the fresh-process fits.
     ``verdict``: ``"met"``, ``"not met"``, ``"met: only curvgraph runs"``, ``"not met:
     curvgraph fails"``.
     """
@@ -145,11 +146,15 @@ def goals(entry: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             goal.update(verdict="met: only curvgraph runs", curvgraph=mine)
         else:
             timed = entry.get("interleaved", {})
-            both = all(
-                timed.get(f"{structure}/{n}", {}).get("cpu_median_s")
-                for n in [*peers, "CurvgraphGGN"]
-            )
-            source = "interleaved" if both and peers else "fresh"
+            was_timed = {n: bool(timed.get(f"{structure}/{n}", {}).get("cpu_median_s"))
+                         for n in [*peers, "CurvgraphGGN"]}  # fmt: skip
+            slower = {n for n in peers if peers[n]["fit_s"] > ours["fit_s"]}
+            # a peer left out of the rounds (over the cap) that was slower in its fresh
+            # process than curvgraph cannot be the fastest: the rounds decide among the rest
+            rounds = [n for n in peers if was_timed[n]]
+            source = "fresh"
+            if was_timed["CurvgraphGGN"] and rounds and set(peers) - set(rounds) <= slower:
+                source, peers = "interleaved", {n: peers[n] for n in rounds}
             mine = _times(entry, structure, "CurvgraphGGN", source)
             theirs = {name: _times(entry, structure, name, source) for name in peers}
             fastest = min(theirs, key=lambda n: theirs[n]["cpu_s"])
