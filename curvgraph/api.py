@@ -85,7 +85,11 @@ class CurvGraph(TracedGraph):
                 their columns, other methods drop the other blocks after their walk.
             **options: method options (``average_input_jac``, ``mc_samples``, ...), and for
                 every method ``process_group`` / ``loss_reduction`` (``"mean"`` or ``"sum"``):
-                combine a batch split over ranks, see :mod:`curvgraph.distributed`.
+                combine a batch split over ranks, see :mod:`curvgraph.distributed`;
+                ``progress`` (a progress bar); ``retain_record=False`` (as autograd's
+                ``retain_graph``): free the forward's record during this call (the factor
+                methods free each recorded call as their walk passes it; less peak
+                memory), after which curvature needs a new forward.
         """
         options = {"structure": structure, "parameters": parameters, **options}
         return compute_curvature(self, loss, outputs, curvature, method, **options)

@@ -14,7 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Dict
 
 import torch.fx
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvgraph.errors import CurvGraphError
 from curvgraph.rules import Context
@@ -66,6 +66,7 @@ def check_forward(
         "Curvature from this rule would be that of another op: fix the rule's function "
         f"and check the rule with curvgraph.testing.check_rule({name}, module=...)"
     )
+    weights = {k: v._version for k, v in arguments.items() if isinstance(v, nn.Parameter)}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=state[1], enabled=True):
             _set_random_state(state)
@@ -75,6 +76,12 @@ def check_forward(
             f"{owner} cannot compute the module's call {where}: its function raised "
             f"{type(error).__name__}: {error}. {fix}"
         ) from error
+    changed = [k for k, version in weights.items() if arguments[k]._version != version]
+    if changed:
+        raise CurvGraphError(
+            f"{owner} changed the module's parameter(s) {changed} in place {where}: a rule's "
+            f"function must leave its arguments alone. {fix}"
+        )
     if not isinstance(actual, Tensor) or actual.shape != expected.shape:
         got = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
         raise CurvGraphError(
@@ -88,12 +95,16 @@ def check_forward(
         wide = torch.promote_types(expected.dtype, actual.dtype)
         actual, expected = actual.to(wide), expected.to(wide)
     with torch.no_grad():  # allclose(rtol=tolerance, atol=tolerance * scale, equal_nan)
-        magnitude = expected.abs()
-        scale = magnitude.nan_to_num(0.0, 0.0, 0.0).amax().clamp(min=1)
-        excess = ((actual - expected).abs() - tolerance * magnitude).amax()
+        # in place where the tensors are ours: the first forward's peak memory
+        excess = (actual - expected).abs_()
+        magnitude = expected.abs().nan_to_num_(0.0, 0.0, 0.0)  # a NaN or inf shows in excess
+        scale = magnitude.amax().clamp(min=1)
+        excess = excess.sub_(magnitude, alpha=tolerance).amax()
+        del magnitude
         excess, scale = torch.stack([excess - tolerance * scale, scale]).tolist()
         if not (excess > 0 or math.isnan(excess)):
             return
+        magnitude = expected.abs()
         # rare: a difference, or NaN / inf somewhere (equal ones are no difference)
         same = (actual == expected) | (actual.isnan() & expected.isnan())
         difference = torch.where(same, 0.0, (actual - expected).abs().nan_to_num(math.inf))
@@ -109,9 +120,16 @@ def check_forward(
 
 
 def cloned(arguments: Dict[str, Any]) -> Dict[str, Any]:
-    """Bound arguments with their tensors (also in lists and tuples) detached and copied."""
+    """Bound arguments with their tensors (also in lists and tuples) detached and copied.
+
+    Parameters are not copied (every rule's function leaves its weights alone; the first
+    forward's peak would hold a copy of each): :func:`check_forward` refuses a function
+    that changed one in place.
+    """
 
     def copy(value):
+        if isinstance(value, nn.Parameter):
+            return value
         if isinstance(value, Tensor):
             return value.detach().clone()
         if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):

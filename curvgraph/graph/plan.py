@@ -107,6 +107,7 @@ class Plan:
         (:func:`validate_call`), and a call that mixes samples is refused with ``mixing``
         (formatted with ``node=`` the node's description) if given. Each node advances the
         curvature call's progress bar, if one is open (:func:`curvgraph.progress.walk_bar`).
+        A record that is ``releasing`` frees each node's call once the walk has passed it.
         """
         for info in walk_steps(self.order[::-1]):
             if not pending(info.node):
@@ -116,6 +117,8 @@ class Plan:
             if mixing is not None and ctx.mixes_samples:
                 raise CurvGraphError(mixing.format(node=info.describe()))
             yield info, ctx
+            if record.releasing:  # the method is done with this call (retain_record=False)
+                record.release(info.node.name)
 
 
 def plan(graph: TracedGraph, warn: bool = True) -> Plan:

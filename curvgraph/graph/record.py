@@ -21,6 +21,7 @@ import torch.utils._pytree
 from torch import Tensor, nn
 
 from curvgraph.errors import CurvGraphError
+from curvgraph.graph.dropping import Dropper
 from curvgraph.graph.forward_check import (
     check_forward,
     checked,
@@ -28,7 +29,7 @@ from curvgraph.graph.forward_check import (
     mark_checked,
     random_state,
 )
-from curvgraph.graph.slim import Contexts, SavedStorages, Template, slim_record
+from curvgraph.graph.slim import Contexts, SavedStorages, Template
 from curvgraph.rules import Context
 
 if TYPE_CHECKING:
@@ -66,6 +67,25 @@ class Record:
     #: ``(what, tensor, _version, data_ptr)`` of the parameters and the recorded arguments
     #: and outputs when the forward ended (:func:`_versions`)
     versions: List[Tuple[str, Tensor, int, int]] = field(default_factory=list)
+    #: a walk frees each node's call once it has passed it (``retain_record=False``)
+    releasing: bool = False
+    #: freed by a curvature call with ``retain_record=False``: no curvature from it any more
+    released: bool = False
+
+    def release(self, name: Optional[str] = None) -> None:
+        """Free node ``name``'s recorded call (context, output), or the whole record.
+
+        ``name=None`` frees every call and marks the record released: a later curvature
+        call on it is refused (:meth:`check_curvature_call`).
+        """
+        if name is not None:
+            self.contexts.release(name)
+            self.outputs.pop(name, None)
+            return
+        self.contexts = Contexts()
+        self.outputs, self.grads, self.versions = {}, {}, []
+        self.derived_arguments = {}
+        self.released, self.releasing = True, False
 
     def check_curvature_call(
         self, model: str, loss: Optional[Tensor] = None, outputs: Optional[Tensor] = None
@@ -79,6 +99,12 @@ class Record:
         place since the forward (the blocks would mix two points).
         ``model`` names the model in the messages.
         """
+        if self.released:
+            raise CurvGraphError(
+                f"the record of the last forward of {model} was freed by a curvature call with "
+                "retain_record=False: run out = cg(x) and the loss again, or pass "
+                "retain_record=True (the default) to every call but the last on one forward"
+            )
         result = self.result
         if not isinstance(result, Tensor):
             raise CurvGraphError(
@@ -138,6 +164,8 @@ class Recorder(torch.fx.Interpreter):
         self.traced, self.record, self.shapes = graph, record, shapes
         #: placeholder target -> value (:func:`bind_inputs`); ``None``: positional ``run``
         self.inputs: Optional[Dict[str, Any]] = None
+        #: drops what only the record holds as each storage dies (set by record_forward)
+        self.dropper: Optional[Dropper] = None
         self._needed_sizes = {s for d in graph.derived.values() for s in d.sizes}
         self._sizes: Dict[str, Any] = {}
         #: nodes whose ``dL/dy`` the hooks keep: what the graph returns, and derived tensors
@@ -162,6 +190,8 @@ class Recorder(torch.fx.Interpreter):
             self._sizes[n.name] = output
         if self.shapes and isinstance(output, Tensor):
             self.record.shapes[n.name] = tuple(output.shape)
+        if self.dropper is not None:
+            self.dropper.ran(n.name, output)
         return output
 
     def _run(self, n: torch.fx.Node) -> Any:
@@ -169,6 +199,8 @@ class Recorder(torch.fx.Interpreter):
         if derived is not None:  # a derived parameter: its value, dL/db, the sizes it read
             output = super().run_node(n)
             self._keep(n.name, output)
+            if self.dropper is not None:
+                self.dropper.keep(output)
             if derived.sizes:
                 sizes = tuple(self._sizes[s] for s in derived.sizes)
                 self.record.derived_arguments[n.name] = sizes
@@ -279,14 +311,13 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     record = Record(grad_enabled=torch.is_grad_enabled())
     recorder = Recorder(graph, record, shapes)
     recorder.inputs = bind_inputs(graph, args, kwargs)
-    with SavedStorages() as saved:
-        record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
-    nodes = {n.name: n for n in graph.infos}
-    rules = {name: graph.infos[node].rule for name, node in nodes.items()}
+    rules = {node.name: info.rule for node, info in graph.infos.items()}
     inputs = args if recorder.inputs is None else tuple(recorder.inputs.values())
-    kept = _storages((inputs, kwargs, record.result, graph.model.state_dict(keep_vars=True)))
-    kept |= _storages([record.outputs.get(name) for name in graph.derived])
-    slim_record(record, saved, nodes, rules, kept)
+    kept = _storages((inputs, kwargs, graph.model.state_dict(keep_vars=True)))
+    with SavedStorages() as saved:
+        recorder.dropper = Dropper(record, saved, graph.graph_module.graph, rules, kept)
+        record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
+    recorder.dropper.finish(record.result)
     record.versions = _versions(graph.model, record.contexts.stored)
     return record
 

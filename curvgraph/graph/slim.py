@@ -6,9 +6,10 @@ map, the output of ``tanh``). The others (the ``x ** 3`` and ``x + 0.044715 x^3`
 GPT-2's tanh GELU, a matmul's output before its bias is added, the logits' ``x @ W``) are
 held by the record alone; on GPT-2 small they were 750 MB, a third of a gradient's peak.
 
-After the forward (:func:`slim_record`) a tensor whose storage autograd did not save is
-replaced by a :class:`Rematerialized` handle when the node that created the storage can
-run again: a deterministic, out-of-place function or method call with a rule. Reading the
+During the forward (:class:`curvgraph.graph.dropping.Dropper`, as soon as the last node
+using a storage has run) a tensor whose storage autograd did not save is replaced by a
+:class:`Rematerialized` handle when the node that created the storage can run again: a
+deterministic, out-of-place function or method call with a rule. Reading the
 record (:class:`Contexts`) gives back contexts with real tensors, recomputed by running the
 creating node's op on its recorded arguments (recursively), except for the arguments a
 rule declares *value-free* (:attr:`curvgraph.rules.Rule.value_free`: only their shape,
@@ -36,15 +37,9 @@ __all__ = [
     "Rematerialized",
     "SavedStorages",
     "Template",
-    "slim_record",
     "stand_in",
+    "storage_pointer",
 ]
-
-#: words in an op's name that mark it as random (a second run would draw again)
-_RANDOM = (
-    *("dropout", "rand", "rrelu", "bernoulli", "normal", "uniform", "multinomial"),
-    *("poisson", "gumbel", "exponential", "geometric", "cauchy"),
-)
 
 
 class SavedStorages:
@@ -75,10 +70,13 @@ class SavedStorages:
             self._hooks = None
 
     def _pack(self, tensor: Tensor) -> Tensor:
-        pointer = _storage(tensor)
+        pointer = storage_pointer(tensor)
         if pointer is not None:
             self.pointers.add(pointer)
-        return tensor
+        # not the tensor itself: a saved output would hold its own grad_fn (a reference
+        # cycle through autograd's C++ graph that Python's gc cannot break), so every graph
+        # not freed by a backward() would leak; a detached view shares storage and version
+        return tensor.detach()
 
 
 def _unpack(tensor: Tensor) -> Tensor:
@@ -161,6 +159,12 @@ class Contexts(MutableMapping):
     def __contains__(self, name: object) -> bool:
         return name in self.stored
 
+    def release(self, name: str) -> None:
+        """Forget node ``name``'s call: its context, its template and its stand-in slots."""
+        self.stored.pop(name, None)
+        self.templates.pop(name, None)
+        self.value_free.pop(name, None)
+
     def _rebuilt(self, ctx: Context, value_free: frozenset) -> Context:
         memo: Dict[str, Tensor] = {}
 
@@ -196,158 +200,7 @@ class Contexts(MutableMapping):
         return base.as_strided(handle.size, handle.stride, handle.offset)
 
 
-def slim_record(
-    record,
-    saved: SavedStorages,
-    nodes: Dict[str, torch.fx.Node],
-    rules: Dict[str, Any],
-    kept: Set[int],
-) -> None:
-    """Replace the tensors only ``record`` holds by :class:`Rematerialized` handles.
-
-    Args:
-        record: the forward's record; ``record.contexts`` must be a :class:`Contexts` with
-            the :class:`Template` of every node that may run again.
-        saved: the storages autograd saved during the forward (nothing is dropped if it
-            was inactive).
-        nodes: node name -> fx node of the recorded contexts.
-        rules: node name -> the node's rule.
-        kept: storages to keep whatever autograd does (inputs, parameters, buffers, what
-            the graph returns, derived tensors).
-    """
-    contexts: Contexts = record.contexts
-    if not saved.active:
-        contexts.templates.clear()
-        return
-    dropped = _dropped(contexts, saved.pointers | kept, nodes, rules)
-    for name in list(contexts.templates):
-        if name not in dropped.values():
-            del contexts.templates[name]
-
-    def handle(item: Any) -> Any:
-        if not isinstance(item, Tensor):
-            return item
-        creator = dropped.get(_storage(item))
-        if creator is None:
-            return item
-        return Rematerialized(
-            creator,
-            tuple(item.shape),
-            tuple(item.stride()),
-            item.storage_offset(),
-            item.dtype,
-            item.device,
-        )
-
-    def detached(item: Any) -> Any:
-        item = handle(item)
-        return item.detach() if isinstance(item, Tensor) else item
-
-    for template in contexts.templates.values():
-        template.args = torch.fx.node.map_aggregate(template.args, detached)
-        template.kwargs = torch.fx.node.map_aggregate(template.kwargs, detached)
-    for name, ctx in contexts.stored.items():
-        args = {
-            k: type(v)(handle(i) for i in v) if type(v) in (list, tuple) else handle(v)
-            for k, v in ctx.args.items()
-        }
-        output = handle(ctx.output)
-        if output is not ctx.output or any(args[k] is not ctx.args[k] for k in args):
-            ctx.args, ctx.output = args, output
-            contexts.value_free[name] = rules[name].value_free
-    for name in [n for n, out in record.outputs.items() if _storage(out) in dropped]:
-        del record.outputs[name]
-
-
-def _dropped(
-    contexts: Contexts, kept: Set[int], nodes: Dict[str, torch.fx.Node], rules: Dict[str, Any]
-) -> Dict[int, Optional[str]]:
-    """``storage -> creating node`` of the storages to drop, decided in the graph's order.
-
-    A storage that nothing but the record holds is dropped if no rule reads its values
-    (every slot that holds it is value-free: creator ``None``, it is never recomputed), or
-    if its creator can run again and reading it is cheap: recomputing it contracts nothing
-    (no matrix product or convolution on the way, counting the dropped storages the creator
-    reads) or no rule reads it.
-    """
-    reads: Dict[int, bool] = {}  # storage -> whether some rule reads its values
-    for name, ctx in contexts.stored.items():
-        free = rules[name].value_free
-        for slot, value in [*ctx.args.items(), ("output", ctx.output)]:
-            for item in value if type(value) in (list, tuple) else (value,):
-                pointer = _storage(item)
-                if pointer is not None:
-                    reads[pointer] = reads.get(pointer, False) or slot not in free
-    dropped: Dict[int, Optional[str]] = {}
-    costly: Set[int] = set()  # dropped storages whose recomputation contracts
-    needed: Set[int] = set()  # storages the dropped creators read when they run again
-    seen: Set[int] = set()
-    for name, ctx in contexts.stored.items():
-        pointer = _storage(ctx.output)
-        if pointer is None or pointer in seen:
-            continue
-        seen.add(pointer)  # the first node with an output in the storage created it
-        if pointer in kept:
-            continue
-        if _can_run_again(name, nodes[name], rules[name], contexts):
-            template = contexts.templates[name]
-            inputs = _storages_of((template.args, template.kwargs))
-            contracts = rules[name].contracts or bool(inputs & costly)
-            runs = all(dropped.get(i, name) is not None for i in inputs)
-            if runs and not (contracts and reads[pointer]):
-                dropped[pointer] = name
-                needed |= inputs
-                if contracts:
-                    costly.add(pointer)
-                continue
-        if not reads[pointer]:
-            dropped[pointer] = None
-    for pointer, read in reads.items():  # in no output: the copy an in-place op's rule gets
-        if not read and pointer not in kept and pointer not in needed:
-            dropped.setdefault(pointer, None)
-    return dropped
-
-
-def _can_run_again(name: str, node: torch.fx.Node, rule, contexts: Contexts) -> bool:
-    """Whether the node that created a storage can recompute it exactly when read."""
-    template = contexts.templates.get(name)
-    output = contexts.stored[name].output
-    if template is None or rule.fallback or rule.mixes_samples:
-        return False
-    target = template.target
-    if node.op == "call_module" and not _stateless(target):
-        return False
-    label = type(target).__name__ if node.op == "call_module" else str(target)
-    label = getattr(target, "__name__", label).lower()
-    if any(word in label for word in _RANDOM):
-        return False
-    whole = output.untyped_storage().nbytes() == output.numel() * output.element_size()
-    return output.is_contiguous() and output.storage_offset() == 0 and whole
-
-
-def _stateless(module: torch.nn.Module) -> bool:
-    """Whether a module can run again without effects.
-
-    No buffers (running statistics), no hooks (a user's hook would see a second call), not
-    a torch.fx ``GraphModule``.
-    """
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
-    for m in module.modules():
-        if m._forward_hooks or m._forward_pre_hooks or next(m.buffers(False), None) is not None:
-            return False
-    return not isinstance(module, torch.fx.GraphModule)
-
-
-def _storages_of(values: Any) -> Set[int]:
-    """The storages of the tensors in a nest of fx arguments."""
-    found: Set[int] = set()
-    torch.fx.node.map_aggregate(values, lambda v: found.add(_storage(v)))
-    return found - {None}
-
-
-def _storage(tensor: Any) -> Optional[int]:
+def storage_pointer(tensor: Any) -> Optional[int]:
     """The address of the storage ``tensor`` views (``None``: no tensor, or no storage)."""
     if not isinstance(tensor, Tensor):
         return None

@@ -117,6 +117,10 @@ class Method:
         same_features_on_ranks: with ``process_group``, the ranks' outputs must have the
             same features per sample (HBP sums dense output Hessians over the ranks): the
             features join the call every rank states, so other sizes are refused on all.
+        walks_once: :meth:`run` reads each recorded call once, in one reverse walk
+            (:meth:`~curvgraph.graph.Plan.reverse`) and never after it: with
+            ``retain_record=False`` each call is freed as soon as the walk has passed it
+            (else the whole record is freed when the method returns).
     """
 
     name: str = ""
@@ -127,6 +131,7 @@ class Method:
     fisher: bool = False
     structures: frozenset = frozenset({"blocks"})
     same_features_on_ranks: bool = False
+    walks_once: bool = False
 
     def resolve(self, curvature: Optional[str], modify=UNSET) -> str:
         """The curvature to compute; ``ValueError`` if this method does not compute it."""

@@ -48,9 +48,19 @@ def compute_curvature(
 
     ``progress`` (``True``/``False``, default ``None``: auto, :mod:`curvgraph.progress`)
     shows a bar over the nodes the method walks.
+
+    ``retain_record=False`` (as autograd's ``retain_graph``) frees the forward's record
+    during the call: a method that reads each recorded call once
+    (:attr:`~curvgraph.methods.Method.walks_once`: ``sqrt``, ``diag``, ``kflr``, ``kfac``,
+    ``ekfac``) frees each as its walk passes it, so the record shrinks while the blocks
+    grow; the others free it when they return. A second curvature call on the same
+    forward is then refused.
     """
     progress = options.pop("progress", None)
     progress_mode(progress)  # refuse a bad value before any work
+    retain_record = options.pop("retain_record", True)
+    if not isinstance(retain_record, bool):
+        raise TypeError(f"retain_record must be True or False, not {retain_record!r}")
     call = {"method": method, "curvature": curvature, "structure": structure, **options}
     with RankAgreement(graph, outputs, process_group, loss_reduction, call) as ranks:
         graph.refuse_problems()
@@ -70,11 +80,19 @@ def compute_curvature(
         )
         ranks.loss(loss_model)
     shard = ranks.shard
-    with walk_bar(f"curvature {chosen.name} {curvature}", progress):
-        if len(chosen.structures) > 1:
-            options = {**options, "structure": structure, "parameters": selected}
-            return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
-        blocks = chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+    record = graph.record
+    if not retain_record:
+        record.versions = []  # checked above; they would hold every recorded tensor
+        record.releasing = chosen.walks_once
+    try:
+        with walk_bar(f"curvature {chosen.name} {curvature}", progress):
+            if len(chosen.structures) > 1:
+                options = {**options, "structure": structure, "parameters": selected}
+                return chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+            blocks = chosen.run(graph, loss_model, curvature, shard, loss=loss, **options)
+    finally:
+        if not retain_record:
+            record.release()
     return restrict(blocks, selected)
 
 
