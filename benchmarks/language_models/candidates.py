@@ -8,8 +8,10 @@ work is, and the ``method`` whose fresh-process peak memory belongs to it:
   tokens) + ``backward`` of the plain model;
 - ``gradient (traced)``: the same through ``cg = curvgraph.trace(...)``;
 - ``kfac pass``: ``cg.curvature(loss, out, "ggn", method="kfac", mc_samples=1,
-  kfac_approx="expand")`` after an untimed traced forward + ``backward(retain_graph=True)``;
-  ``kfac total``: all of it timed;
+  kfac_approx="expand", retain_record=False)`` after an untimed traced forward +
+  ``backward()`` (a training step's order and call: the record is freed as the walk passes
+  it); ``kfac total``: all of it timed; ``kfac pass (record retained)``: the same call with
+  the default ``retain_record=True`` (the record stays for further curvature calls);
 - ``diag pass``: ``method="diag", mc_samples=1`` (Monte-Carlo diagonal), as the kfac pass;
 - ``kflr pass``: ``method="kflr"`` (exact loss factors, ``V`` columns per token), as the
   kfac pass, where its loss factors fit the memory budget;
@@ -49,8 +51,19 @@ class Candidate:
 CANDIDATES: List[Candidate] = [
     Candidate("gradient", "torch", "gradient", "zero_grad + forward + loss + backward (plain)"),
     Candidate("gradient (traced)", "curvgraph", "gradient_traced", "the same through cg"),
-    Candidate("kfac pass", "curvgraph", "kfac", "cg.curvature(kfac, expand, mc_samples=1)"),
+    Candidate(
+        "kfac pass",
+        "curvgraph",
+        "kfac",
+        "cg.curvature(kfac, expand, mc_samples=1, retain_record=False)",
+    ),
     Candidate("kfac total", "curvgraph", "kfac", "traced forward + backward + kfac pass"),
+    Candidate(
+        "kfac pass (record retained)",
+        "curvgraph",
+        "kfac_retained",
+        "cg.curvature(kfac, expand, mc_samples=1), retain_record=True (the default)",
+    ),
     Candidate("diag pass", "curvgraph", "diag", "cg.curvature(diag, mc_samples=1)"),
     Candidate("kflr pass", "curvgraph", "kflr", "cg.curvature(kflr, expand): exact factors"),
     Candidate("exact preparation", "curvgraph", "exact", "cg.curvature(exact)"),
@@ -145,9 +158,13 @@ class Runner:
 
     def curvature(self, method: str, prepared):
         loss, out = prepared
+        retained = method.endswith("_retained")
+        method = method.removesuffix("_retained")
         options = KFAC_OPTIONS if method == "kfac" else {}
         if method == "diag":
             options = dict(mc_samples=1)
+        if method != "exact":  # a training step's call: the record is freed as it is walked
+            options = {**options, "retain_record": retained}
         return self.cg.curvature(loss, out, "ggn", method=method, **options)
 
     def total(self, method: str):
@@ -208,6 +225,10 @@ def timing_plan(runner: Runner, keys: List[str]) -> Plan:
         "gradient (traced)": (r.gradient_traced, None),
         "kfac pass": (lambda p: r.curvature("kfac", p), r.forward_backward),
         "kfac total": (lambda: r.total("kfac"), None),
+        "kfac pass (record retained)": (
+            lambda p: r.curvature("kfac_retained", p),
+            r.forward_backward,
+        ),
         "diag pass": (lambda p: r.curvature("diag", p), r.forward_backward),
         "kflr pass": (lambda p: r.curvature("kflr", p), r.forward_backward),
         "exact preparation": (lambda p: r.curvature("exact", p), r.forward_backward),
@@ -250,7 +271,7 @@ def memory_work(
     if method == "gradient_traced":
         return stages(("gradient (traced)", r.gradient_traced))
     fwd_bwd = ("forward + backward (traced)", r.forward_backward)
-    if method in ("kfac", "diag", "kflr"):
+    if method in ("kfac", "diag", "kflr", "kfac_retained"):
         return stages(fwd_bwd, (f"{method} pass", lambda p, m=method: r.curvature(m, p)))
     if method == "exact":
         prepare = ("exact preparation", lambda p: r.curvature("exact", p))
