@@ -173,17 +173,22 @@ class GroupedProducts:
         products = self.products.matmat(walk_columns, group_of)
         result = {}
         for group, values in split.items():
-            parts = []
+            flat, start = None, 0
             for name, value in values.items():
-                part = products[name] if name in products else torch.zeros_like(value)
+                # popped: each parameter's product is freed once copied into the flat result
+                part = products.pop(name) if name in products else torch.zeros_like(value)
                 for b in self.uses.get(name, ()):
                     part = part + self.derived[b].vjp(name, products[b])
                     if self.gradients is not None:
                         part = part + self.derived[b].residual_products(
                             name, self.gradients[b], value
                         )
-                parts.append(part.reshape(part.shape[0], -1))
-            result[group] = torch.cat(parts, dim=1)
+                part = part.reshape(part.shape[0], -1)
+                if flat is None:
+                    flat = part.new_empty(part.shape[0], sum(v[0].numel() for v in values.values()))
+                flat[:, start : start + part.shape[1]] = part
+                start += part.shape[1]
+            result[group] = flat
         return result
 
 
