@@ -123,7 +123,8 @@ FACTOR_CHUNK_BYTES = 2**25
 class _Collected:
     """What the walks of :func:`factor_blocks` gathered, chunk after chunk of columns."""
 
-    rows: Dict[str, List[Tensor]] = field(default_factory=dict)  # one entry per chunk
+    columns: int  # K: all columns, of every chunk
+    rows: Dict[str, Tensor] = field(default_factory=dict)  # [K N, *shape] once all are walked
     direct: Dict[str, Block] = field(default_factory=dict)
     uses: Dict[str, List[Block]] = field(default_factory=dict)  # a tied weight's per-use blocks
 
@@ -139,6 +140,21 @@ class _Collected:
         before = self.uses.setdefault(key, [])
         before[use : use + 1] = [block]
 
+    def add_rows(self, key: str, rows: Tensor, start: int, count: int) -> None:
+        """Rows ``[count N, *shape]`` of the columns ``start, ..., start + count - 1``.
+
+        Chunks write into one tensor of all ``K N`` rows, allocated by the first: no
+        concatenation at the end, and no small long-lived pieces left between the walks'
+        transient factors (they would keep the allocator from reusing that memory).
+        """
+        if count == self.columns:
+            self.rows[key] = rows
+            return
+        per_column = rows.shape[0] // count
+        if key not in self.rows:
+            self.rows[key] = rows.new_empty((self.columns * per_column,) + rows.shape[1:])
+        self.rows[key][start * per_column : (start + count) * per_column].copy_(rows)
+
 
 def factor_blocks(
     graph: TracedGraph, walk, factors: Tensor, method: FactorMethod, **options
@@ -153,7 +169,7 @@ def factor_blocks(
     (``earlier=``, the block of the chunks before); the record is released (``retain_record=
     False``) only by the last walk.
     """
-    collected = _Collected()
+    collected = _Collected(factors.shape[0])
     columns = factors.shape[0]
     if method.chunks_columns:
         columns = _columns_per_walk(graph.record, walk, factors)
@@ -163,13 +179,12 @@ def factor_blocks(
         for start in range(0, factors.shape[0], columns):
             if releasing:  # the walks before the last read every call again
                 record.releasing = start + columns >= factors.shape[0]
-            _walk(graph, walk, factors[start : start + columns], method, options, collected)
+            chunk = factors[start : start + columns]
+            _walk(graph, walk, chunk, method, options, collected, start)
     finally:
         if releasing:
             record.releasing = True
-    rows = {key: torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-            for key, chunks in collected.rows.items()}  # fmt: skip
-    rows, parameters = pull_back_rows(graph, rows, walk.parameters)
+    rows, parameters = pull_back_rows(graph, collected.rows, walk.parameters)
     blocks = {}
     for name, parameter in parameters.items():
         terms = list(collected.uses.get(name, ()))
@@ -184,13 +199,16 @@ def factor_blocks(
     return BlockCurvature(blocks, parameters, curvature="ggn", method=method.name)
 
 
-def _walk(graph, walk, factors: Tensor, method, options: dict, collected: _Collected) -> None:
-    """One reverse walk of ``factors`` (all columns, or one chunk), into ``collected``."""
+def _walk(
+    graph, walk, factors: Tensor, method, options: dict, collected: _Collected, start: int = 0
+) -> None:
+    """One reverse walk of ``factors`` (all columns or those from ``start`` on)."""
     mixing = (
         f"method={method.name!r} propagates per-sample factors, but {{node}} mixes samples "
         "(e.g. BatchNorm in training mode); use method='exact' or eval mode"
     )
     adjoints: Dict = {walk.output: factors}
+    count = factors.shape[0]
     del factors  # the output's factors live in ``adjoints`` until their node is passed
     rows: Dict[str, Tensor] = {}
     uses_seen: Dict[str, int] = {}  # a tied weight's uses met in this walk
@@ -224,7 +242,7 @@ def _walk(graph, walk, factors: Tensor, method, options: dict, collected: _Colle
             del cotangent
         del adjoint  # freed before the next node's factors are formed
     for key, flat in rows.items():
-        collected.rows.setdefault(key, []).append(flat)
+        collected.add_rows(key, flat, start, count)
 
 
 def _columns_per_walk(record, walk, factors: Tensor) -> int:
