@@ -153,5 +153,28 @@ def test_a_rule_that_changes_a_parameter_in_place_is_refused(monkeypatch):
     monkeypatch.setattr(rule, "function", changing)
     monkeypatch.setattr(rule, "signature", rule.signature)
     cg = curvgraph.trace(nn.Sequential(nn.Linear(3, 2)))
-    with pytest.raises(curvgraph.CurvGraphError, match=r"changed the module's parameter\(s\)"):
+    with pytest.raises(curvgraph.CurvGraphError, match=r"changed the module's argument\(s\)"):
         cg(torch.randn(4, 3))
+
+
+class Doubling(nn.Module):
+    """Doubles its input in place, without an ``inplace`` flag that says so."""
+
+    def forward(self, x):
+        return x.mul_(2)
+
+
+def test_a_module_that_changes_its_input_in_place_unflagged_is_refused():
+    curvgraph.rules.elementwise_rule(
+        Doubling,
+        function=lambda input: 2 * input,
+        first=lambda input: 2 + 0 * input,
+        second=lambda input: 0 * input,
+    )
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), Doubling(), nn.Linear(3, 2))
+        cg = curvgraph.trace(model)
+        with pytest.raises(curvgraph.CurvGraphError, match="changed its argument"):
+            cg(torch.randn(4, 3))
+    finally:
+        curvgraph.rules.unregister(Doubling)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch.fx
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from curvgraph.rules import Context
 if TYPE_CHECKING:
     from curvgraph.graph.traced import TracedGraph
 
-__all__ = ["check_forward", "checked", "cloned", "mark_checked", "random_state"]
+__all__ = ["check_forward", "checked", "cloned", "mark_checked", "random_state", "versions"]
 
 #: graph -> ``(node name, module.training)`` of the module calls whose rule was compared
 #: with the module's forward (kept beside the graph, dropped with it)
@@ -43,15 +43,22 @@ def mark_checked(traced: TracedGraph, key: tuple) -> None:
 
 
 def check_forward(
-    traced: TracedGraph, n: torch.fx.Node, ctx: Context, arguments: Dict[str, Any], state: tuple
+    traced: TracedGraph,
+    n: torch.fx.Node,
+    ctx: Context,
+    arguments: Dict[str, Any],
+    state: tuple,
+    seen: Optional[Dict[str, int]] = None,
 ) -> None:
     """Raise :class:`CurvGraphError` if the rule's function does not give ``ctx.output``.
 
-    ``arguments`` are copies of the bound arguments as the module saw them (the rule's
-    function may change them: nothing of the model is touched), ``state`` the random
-    state before the module ran, restored for the rule's function (random ops such as
-    dropout draw alike) and then put back. Calls the rule refuses (:meth:`Rule.validate`)
-    are not compared: the methods refuse them with their own message.
+    ``arguments`` are the bound arguments as the module saw them (:func:`cloned`: copies,
+    but for parameters and activations, which neither the module nor the function may
+    change in place: ``seen`` holds their :func:`versions` before the module ran, and a
+    change is refused), ``state`` the random state before the module ran, restored for the
+    rule's function (random ops such as dropout draw alike) and then put back. Calls the
+    rule refuses (:meth:`Rule.validate`) are not compared: the methods refuse them with
+    their own message.
     """
     info = traced.infos[n]
     rule, expected = info.rule, ctx.output
@@ -66,7 +73,14 @@ def check_forward(
         "Curvature from this rule would be that of another op: fix the rule's function "
         f"and check the rule with curvgraph.testing.check_rule({name}, module=...)"
     )
-    weights = {k: v._version for k, v in arguments.items() if isinstance(v, nn.Parameter)}
+    seen = seen or {}
+    moved = [k for k, version in seen.items() if arguments[k]._version != version]
+    if moved:
+        raise CurvGraphError(
+            f"the module changed its argument(s) {moved} in place {where} without an in-place "
+            "flag: the recorded call holds the changed values, so curvature would be taken "
+            "at another point. Give the module an `inplace` attribute or compute out of place"
+        )
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=state[1], enabled=True):
             _set_random_state(state)
@@ -76,10 +90,10 @@ def check_forward(
             f"{owner} cannot compute the module's call {where}: its function raised "
             f"{type(error).__name__}: {error}. {fix}"
         ) from error
-    changed = [k for k, version in weights.items() if arguments[k]._version != version]
+    changed = [k for k, version in seen.items() if arguments[k]._version != version]
     if changed:
         raise CurvGraphError(
-            f"{owner} changed the module's parameter(s) {changed} in place {where}: a rule's "
+            f"{owner} changed the module's argument(s) {changed} in place {where}: a rule's "
             f"function must leave its arguments alone. {fix}"
         )
     if not isinstance(actual, Tensor) or actual.shape != expected.shape:
@@ -119,12 +133,14 @@ def check_forward(
     )
 
 
-def cloned(arguments: Dict[str, Any]) -> Dict[str, Any]:
+def cloned(arguments: Dict[str, Any], shared: frozenset = frozenset()) -> Dict[str, Any]:
     """Bound arguments with their tensors (also in lists and tuples) detached and copied.
 
-    Parameters are not copied (every rule's function leaves its weights alone; the first
-    forward's peak would hold a copy of each): :func:`check_forward` refuses a function
-    that changed one in place.
+    Parameters and the slots in ``shared`` (the activations of a call that does not work in
+    place) are not copied: the module leaves them alone, and so does every rule's
+    function (the first forward's peak would hold a copy of each);
+    :func:`check_forward` refuses a module or function that changed one in place
+    (:func:`versions` before the call).
     """
 
     def copy(value):
@@ -137,7 +153,16 @@ def cloned(arguments: Dict[str, Any]) -> Dict[str, Any]:
         return value
 
     with torch.no_grad():
-        return {k: copy(v) for k, v in arguments.items()}
+        return {k: v if k in shared else copy(v) for k, v in arguments.items()}
+
+
+def versions(arguments: Dict[str, Any]) -> Dict[str, int]:
+    """``slot -> _version`` of the tensors :func:`cloned` did not copy (single tensors)."""
+    return {
+        k: v._version
+        for k, v in arguments.items()
+        if isinstance(v, Tensor) and not v.is_inference() and v.data_ptr()
+    }
 
 
 def random_state(args: tuple, kwargs: dict) -> tuple:

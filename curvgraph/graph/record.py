@@ -28,6 +28,7 @@ from curvgraph.graph.forward_check import (
     cloned,
     mark_checked,
     random_state,
+    versions,
 )
 from curvgraph.graph.slim import Contexts, SavedStorages, Template
 from curvgraph.rules import Context
@@ -213,7 +214,8 @@ class Recorder(torch.fx.Interpreter):
         arguments = info.rule.bind(args, kwargs, module)
         check = self._unchecked(n, module)
         if check is not None:  # what the module saw, before it runs (and maybe updates buffers)
-            check = (check, cloned(arguments), random_state(args, kwargs))
+            seen = cloned(arguments, frozenset() if info.inplace else info.activations)
+            check = (check, seen, random_state(args, kwargs), versions(seen))
         if info.inplace and isinstance(args[0], Tensor):
             args = (args[0].clone(),) + tuple(args[1:])  # keep the recorded input intact
         if not info.inplace:  # a module is called again as itself
@@ -231,7 +233,7 @@ class Recorder(torch.fx.Interpreter):
             )
             self.record.contexts[n.name] = ctx
             if check is not None and not _empty(output):  # an empty batch: on the next call
-                check_forward(self.traced, n, ctx, check[1], check[2])
+                check_forward(self.traced, n, ctx, *check[1:])
             self._keep(n.name, output)
         if check is not None and not _empty(output):  # compared (or no tensor output)
             mark_checked(self.traced, check[0])
