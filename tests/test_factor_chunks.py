@@ -250,3 +250,28 @@ def test_merged_columns_sums_the_output_factors(first, second, input_first):
         assert isinstance(merged.output_factor, RootFactor)
     elif first == second == "dense+root":  # 4 rows: too many for a thin root of 6 columns
         assert isinstance(merged.output_factor, DenseFactor) and merged.output_factor.root is None
+
+
+def test_retain_record_false_releases_after_the_last_chunk(monkeypatch):
+    """Each walk but the last reads every call again: the record is freed by the last one."""
+    model, x, y = cnn_problem()
+    cg = curvgraph.trace(model)
+    monkeypatch.setattr(factor_walk, "FACTOR_CHUNK_BYTES", ONE_WALK)
+    out = cg(x)
+    whole = cg.curvature(F.cross_entropy(out, y), out, method="kflr")
+    monkeypatch.setattr(factor_walk, "FACTOR_CHUNK_BYTES", 1)
+    contexts = []
+
+    def counted(graph, *args):
+        contexts.append(len(graph.record.contexts))
+        return WALK(graph, *args)
+
+    monkeypatch.setattr(factor_walk, "_walk", counted)
+    out = cg(x)
+    loss = F.cross_entropy(out, y)
+    chunked = cg.curvature(loss, out, method="kflr", retain_record=False)
+    assert len(contexts) == C and len(set(contexts)) == 1 and contexts[0] > 0
+    assert cg.record.released and len(cg.record.contexts) == 0
+    assert_same_blocks(chunked, whole)
+    with pytest.raises(curvgraph.CurvGraphError, match="retain_record=False"):
+        cg.curvature(loss, out, method="kflr")
