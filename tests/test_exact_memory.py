@@ -6,8 +6,8 @@ Jacobian where only the walk holds it, and cache rule quantities per product. Ch
 the products equal dense ``torch.func`` blocks (float64) on models where those paths run,
 including the aliasing cases where they must not (a tangent read twice, one cotangent
 handed to two arguments, a retained tangent); the in-place paths give the same bits as the
-rules' own products; relu nodes are inert in the Hessian and tanh nodes are not; nothing a
-product caches stays on the record.
+rules' own products; relu nodes are inert in the Hessian and tanh nodes are not; what a
+product caches stays with the products, not on the record.
 """
 
 import pytest
@@ -199,15 +199,18 @@ def test_relu_residuals_are_inert_and_tanh_residuals_act(activation, inert):
         assert nodes.isdisjoint(products._inert)
 
 
-def test_a_product_caches_nothing_on_the_recorded_calls():
-    """Derivatives and pooling indices of a product live in the walk only."""
+def test_a_product_caches_nothing_on_the_record():
+    """What rules derive for the products stays with them, and is reused by the next one."""
     model, x, y = _setup("conv_pool_relu")
-    _, curv = _curvature(model, x, y, "ggn")
-    contexts = _products(curv).contexts
-    before = {n: sorted(ctx.cache) for n, ctx in contexts.items()}
+    cg, curv = _curvature(model, x, y, "ggn")
+    contexts = cg.record.contexts
+    before = {n: sorted(contexts[n].cache) for n in contexts}
     ones = {n: torch.ones(b.shape, dtype=DT) for n, b in curv.items()}
     first = curv.matvec(ones)
-    assert {n: sorted(ctx.cache) for n, ctx in contexts.items()} == before
+    assert {n: sorted(contexts[n].cache) for n in contexts} == before
+    own = _products(curv).contexts
+    assert any(own[n].cache for n in own)  # the pooling indices, for the next product
+    assert all(own[n].cache is not contexts[n].cache for n in own)
     second = curv.matvec(ones)
     for name in first:
         assert torch.equal(first[name], second[name])

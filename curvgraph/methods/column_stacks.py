@@ -11,13 +11,12 @@ the walk alone holds (:func:`exclusive`) may be overwritten by the next diagonal
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from curvgraph.rules import Context, CrossTerms, Diagonal, Rule, Zero
+from curvgraph.rules import CrossTerms, Diagonal, Rule, Zero
 
 __all__ = [
     "Names",
@@ -28,7 +27,6 @@ __all__ = [
     "context_tensors",
     "exclusive",
     "stacked_jvp",
-    "uncached",
 ]
 
 Names = Tuple[str, ...]
@@ -155,8 +153,7 @@ class WalkState:
     Attributes:
         columns: parameter name -> the caller's columns ``[K, *shape]``.
         group_of: parameter -> column group; ``widths``: group -> ``K``.
-        contexts: node name -> the recorded call the walks read (dropped after its node's
-            backward step).
+        contexts: node name -> the recorded call the walks read.
         tangents: node -> :class:`Stack` (``tensor`` ``None`` once released).
         acting: node -> ``(argument stacks, residual)`` for the backward walk.
         retained: the tangent tensors ``acting`` keeps.
@@ -211,8 +208,3 @@ def stacked_jvp(rule, ctx, arguments: Dict[str, Stack], names: Names, widths) ->
         groups.setdefault(stack.names, {})[slot] = stack.tensor
     parts = {names_: rule.jvp(ctx, group) for names_, group in groups.items()}
     return combine(parts, names, widths)
-
-
-def uncached(ctx: Context) -> Context:
-    """``ctx`` with a copy of its cache: what a rule derives from it is not kept."""
-    return dataclasses.replace(ctx, cache=dict(ctx.cache))

@@ -19,8 +19,8 @@ Memory (:mod:`curvgraph.methods.column_stacks`): each tangent is released after 
 use, and kept for the backward walk only where a residual acts on the products (not at
 ``relu``: ``phi'' = 0``, nor at a layer whose weight and input carry different blocks'
 columns); a diagonal Jacobian overwrites a tangent or adjoint that only the walk holds;
-what rules cache during a product (derivatives, pooling indices, patches) lives from the
-node's forward step to its backward step and never on the record.
+what rules cache (``phi'``, pooling indices, patches) is kept with the products for the
+next product, never on the record.
 
 The blocks are a snapshot of the point where they were computed, like every other method's:
 the recorded arguments that share storage with the model's parameters or buffers (detached
@@ -59,12 +59,11 @@ from curvgraph.methods.column_stacks import (
     context_tensors,
     exclusive,
     stacked_jvp,
-    uncached,
 )
 from curvgraph.methods.pullback import combined_gradients, pull_back_blocks
 from curvgraph.methods.snapshots import recorded_versions, snapshot_contexts
 from curvgraph.methods.structures import build_structure, fisher_output_curvature, restrict
-from curvgraph.rules import Context, Diagonal, groups_of
+from curvgraph.rules import Diagonal, groups_of
 
 __all__ = ["Exact", "ExactProducts"]
 
@@ -108,7 +107,12 @@ class ExactProducts:
             owned += list(model.parameters()) + list(model.buffers())
         names = [info.node.name for info in walk.order]
         # the walk's calls only (a slim record rebuilds each context it hands out)
-        self.contexts = snapshot_contexts({n: record.contexts[n] for n in names}, owned)
+        snapshots = snapshot_contexts({n: record.contexts[n] for n in names}, owned)
+        # caches of their own: what rules derive for the products (pooling indices, patches)
+        # is kept with the products, for the next product, and never added to the record
+        self.contexts = {
+            n: dataclasses.replace(ctx, cache=dict(ctx.cache)) for n, ctx in snapshots.items()
+        }
         self.loss_model = loss_model
         self.mode = mode
         self.grads = dict(grads)
@@ -164,7 +168,7 @@ class ExactProducts:
         for n in order:
             if widths.setdefault(group_of[n], columns[n].shape[0]) != columns[n].shape[0]:
                 raise ValueError(f"the parameters of group {group_of[n]!r} need equal columns")
-        walk = WalkState(columns, group_of, widths, self._walk_contexts())
+        walk = WalkState(columns, group_of, widths, self.contexts)
         self._forward(walk)
         output = walk.tangents.get(self.walk.output)
         if output is not None:
@@ -175,25 +179,9 @@ class ExactProducts:
             if adjoint is None:
                 continue
             self._backward(info, adjoint, walk)
-            walk.contexts.pop(info.node.name, None)  # its cached derivatives, indices go too
         results = walk.results
         # a block whose columns never reach the output (or are cut off) has a zero product
         return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
-
-    def _walk_contexts(self) -> Dict[str, Context]:
-        """The recorded calls for one product, each with a cache of its own.
-
-        What a rule derives during the walks (``relu``'s ``phi'``, pooling indices, unfolded
-        patches) lives from the node's forward step to its backward step, not beyond the
-        product; quantities already cached on the record are reused. A compiled product
-        reads the shared contexts (their caches then persist).
-        """
-        if torch.compiler.is_compiling():
-            return dict(self.contexts)
-        return {
-            name: dataclasses.replace(ctx, cache=dict(ctx.cache))
-            for name, ctx in self.contexts.items()
-        }
 
     def _forward(self, walk: WalkState) -> None:
         """Tangents ``tdot_y = sum_s J_s tdot_s`` of every node, in ``walk.tangents``.
@@ -243,9 +231,7 @@ class ExactProducts:
 
         For a rule with a diagonal Jacobian (``relu``, ``tanh``) whose only argument is an
         activation at its last use; ``None`` where it does not apply (then the rule's own
-        product runs). The same entries as ``jvp`` / ``vjp``, without a second tensor;
-        ``phi'`` is computed for this step and not cached (the backward step computes it
-        again), so it is not held while the walks pass the layers in between.
+        product runs). The same entries as ``jvp`` / ``vjp``, without a second tensor.
         """
         diagonal = info.rule.capability("diagonal_jacobian")
         if diagonal is None or list(arguments) != ["input"] or isinstance(key, str):
@@ -253,7 +239,7 @@ class ExactProducts:
         if key is self.walk.output or "input" not in ctx.batched:
             return None
         tangent = arguments["input"].tensor
-        d1 = diagonal(uncached(ctx))
+        d1 = diagonal(ctx)
         if not isinstance(tangent, Tensor) or d1.shape != tangent.shape[1:]:
             return None
         live = walk.live(exclude_tangent=key) + [d1, *context_tensors(ctx)]
@@ -312,7 +298,7 @@ class ExactProducts:
         diagonal = info.rule.capability("diagonal_jacobian")
         if diagonal is None or "input" not in ctx.batched:
             return None
-        d1 = diagonal(uncached(ctx))
+        d1 = diagonal(ctx)
         if d1.shape != lam.shape[1:] or d1.dtype != lam.dtype:
             return None
         if not exclusive(lam, walk.live() + [d1, *context_tensors(ctx)]):
