@@ -37,10 +37,18 @@ import math
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from curvgraph.collectives import CombinedProducts, all_reduce_many, initialized
 from curvgraph.curvature import BlockCurvature, DiagonalBlock, KroneckerBlock, LowRankBlock
+from curvgraph.curvature.factors import (
+    DenseFactor,
+    DiagonalFactor,
+    Factor,
+    RankOneFactor,
+    RootFactor,
+    factor_from_root,
+)
 from curvgraph.curvature.sums import SumBlock
 from curvgraph.errors import CurvGraphError
 from curvgraph.rank_state import (
@@ -114,7 +122,7 @@ class BatchShard:
             if reduction_error is not None:
                 raise reduction_error
             return
-        dist = _initialized()
+        dist = initialized()
         state = state if state is not None else RankState(batch_size)
         if state.failure is None and reduction_error is not None:
             state.failure = (CAUSES[-1], reduction_error)
@@ -159,7 +167,7 @@ class BatchShard:
         if state.failure is not None:
             detail = f"{type(state.failure[1]).__name__}: {state.failure[1]}"
         details: List[Optional[str]] = [None] * len(self.states)
-        _initialized().all_gather_object(details, detail, group=self.group)
+        initialized().all_gather_object(details, detail, group=self.group)
         causes = [CAUSES[int(self.states[r][0]) - 1] for r in failed]
         lines = [f"rank {r}: {c} ({details[r]})" for r, c in zip(failed, causes)]
         category = int(self.states[failed[0]][1])
@@ -190,18 +198,19 @@ class BatchShard:
         if not self.distributed:
             return values
         names = [n for n in values if n not in exempt]
-        combined = _all_reduce_many([values[n] * self.batch_weight for n in names], self.group)
+        combined = all_reduce_many([values[n] * self.batch_weight for n in names], self.group)
         return {**values, **dict(zip(names, combined))}
 
-    def gather_rows(self, rows: Tensor) -> Tensor:
+    def gather_rows(self, rows: Tensor, weight: Optional[float] = None) -> Tensor:
         """Factor rows ``U_r`` ``[R_r, numel]`` -> ``[sqrt(w_1) U_1; ...; sqrt(w_R) U_R]``.
 
-        Then ``U^T U = sum_r w_r U_r^T U_r`` (ranks in order; row counts may differ).
+        Then ``U^T U = sum_r w_r U_r^T U_r`` (ranks in order; row counts may differ);
+        ``w_r`` is the rank's ``weight`` (default: its loss weight).
         """
         if not self.distributed:
             return rows
-        dist = _initialized()
-        rows = rows * math.sqrt(self.loss_weight)
+        dist = initialized()
+        rows = rows * math.sqrt(self.loss_weight if weight is None else weight)
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
         counts = [torch.empty_like(count) for _ in self.sizes]
         dist.all_gather(counts, count, group=self.group)
@@ -212,33 +221,41 @@ class BatchShard:
         dist.all_gather(gathered, padded.contiguous(), group=self.group)
         return torch.cat([part[:c] for part, c in zip(gathered, counts)])
 
-    def _input_mean(self, count):
-        """The combination of an input factor ``A`` averaged over ``count`` rows here.
+    def _input_weight(self, count) -> float:
+        """This rank's weight in an input factor ``A`` averaged over ``count`` rows here.
 
         ``sum_r (M_r / M) A_r`` with the ranks' counts (padding: positions the loss reaches),
-        or the batch mean where the rule did not count (``count`` ``None``).
+        or the batch mean's ``N_r / N`` where the rule did not count (``count`` ``None``).
         """
         if count is None:
-            return self.batch_mean
+            return self.batch_weight
         total = sum(self._gathered(count))
-        return lambda value: self._weighted_sum(value, count / total if total else 0.0)
+        return count / total if total else 0.0
 
     def _weighted_sum(self, value, weight: float):
         if not self.distributed or not isinstance(value, Tensor):
             return value
-        return _all_reduce_many([value * weight], self.group)[0]
+        return all_reduce_many([value * weight], self.group)[0]
 
     # -- methods --------------------------------------------------------------------------
     def _gathered(self, number: float) -> List[float]:
         """``number`` of every rank, in rank order (one ``all_gather``)."""
-        value = torch.tensor([float(number)], dtype=torch.float64, device=self.like.device)
+        return [values[0] for values in self._gathered_many([number])]
+
+    def _gathered_many(self, numbers: List[float]) -> List[List[float]]:
+        """``numbers`` of every rank, in rank order (one ``all_gather``)."""
+        value = torch.tensor(numbers, dtype=torch.float64, device=self.like.device)
         gathered = [torch.empty_like(value) for _ in self.sizes]
-        _initialized().all_gather(gathered, value, group=self.group)
-        return [g.item() for g in gathered]
+        initialized().all_gather(gathered, value, group=self.group)
+        return [g.tolist() for g in gathered]
 
     def products(self, engine):
         """A product engine whose products are combined over the ranks (loss sums)."""
-        return engine if not self.distributed else _CombinedProducts(engine, self)
+        return (
+            engine
+            if not self.distributed
+            else CombinedProducts(engine, self.group, self.loss_weight)
+        )
 
     def combine_factor_blocks(self, curvature):
         """Blocks of a factor method (``sqrt``/``diag``/``kflr``/``kfac``) over all ranks.
@@ -264,62 +281,34 @@ class BatchShard:
         if isinstance(block, SumBlock):  # a tied weight: each use's block combines alone
             return SumBlock([self._combined(term) for term in block.terms], block.shape)
         if isinstance(block, KroneckerBlock):
-            first, second = (_square(f) for f in (block.first, block.second))
-            mean = self._input_mean(block.input_count)
-            if block.input_first:
-                first, second = mean(first), self.loss_sum(second)
-            else:
-                first, second = self.loss_sum(first), mean(second)
+            mean = self._input_weight(block.input_count)
+            factors = (block.first_factor, block.second_factor)
+            weights = (mean, self.loss_weight) if block.input_first else (self.loss_weight, mean)
+            kinds = self._gathered_many([v for f in factors for v in _kind(f)])
+            first, second = (
+                self._combined_factor(f, w, [k[2 * i : 2 * i + 2] for k in kinds])
+                for i, (f, w) in enumerate(zip(factors, weights))
+            )
             combined = KroneckerBlock(first, second, block.shape)
             combined.input_first = block.input_first
             return combined
         raise CurvGraphError(f"cannot combine a {type(block).__name__} over ranks")
 
+    def _combined_factor(self, factor: Factor, weight: float, kinds: List[List[float]]):
+        """``sum_r w_r F_r`` in the smallest form every rank's factor allows.
 
-class _CombinedProducts:
-    """Exact products summed over the ranks: ``C V = sum_r w_r C_r V`` (one collective)."""
-
-    def __init__(self, engine, shard: BatchShard):
-        self.engine, self.shard = engine, shard
-
-    def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Local products, then one ``all_reduce``: every rank must call this in lockstep.
-
-        Before the products cross, the ranks agree that each computed its own (one small
-        ``all_reduce`` of a flag per rank): a product refused on one rank (a parameter
-        modified in place there since the curvature was computed) raises the same
-        :class:`RankError` on every rank instead of leaving the others waiting.
+        ``kinds``: ``(kind, rows)`` of the factor on every rank (:func:`_kind`). Diagonals
+        add as diagonals; roots (and rank-one ``u u^T``) are gathered row by row while the
+        rows of all ranks are fewer than the factor's size (a language model's head keeps
+        its ``N T x V`` root instead of a dense ``V x V`` sum); otherwise dense sums.
         """
-        device = next(iter(columns.values())).device
-        try:
-            products, error = self.engine.matmat(columns), None
-        except Exception as raised:  # agreed on below, then raised on every rank
-            products, error = None, raised
-        self._agree_on(error, device)
-        names = list(products)
-        weight = self.shard.loss_weight
-        combined = _all_reduce_many([products[n] * weight for n in names], self.shard.group)
-        return dict(zip(names, combined))
-
-    def _agree_on(self, error: Optional[BaseException], device: torch.device) -> None:
-        """Raise one :class:`RankError` on every rank if any rank's product raised."""
-        dist, group = _initialized(), self.shard.group
-        flags = torch.zeros(dist.get_world_size(group), dtype=torch.float64, device=device)
-        flags[dist.get_rank(group)] = float(error is not None)
-        dist.all_reduce(flags, group=group)
-        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
-        if not failed:
-            return
-        detail = "" if error is None else f"{type(error).__name__}: {error}"
-        details: List[Optional[str]] = [None] * len(flags)
-        dist.all_gather_object(details, detail, group=group)
-        lines = "\n  ".join(f"rank {r}: {details[r]}" for r in failed)
-        raise RankError(
-            f"{describe_ranks(failed)} of {len(flags)} could not compute its product of the "
-            f"curvature, so no rank combines it:\n  {lines}",
-            failed,
-            "its product raised",
-        ) from error
+        if all(kind == _DIAGONAL for kind, _ in kinds):
+            return DiagonalFactor(self._weighted_sum(factor.data, weight))
+        rows = sum(count for _, count in kinds)
+        if all(kind == _ROOT for kind, _ in kinds) and rows < factor.size:
+            root = factor.data[None] if isinstance(factor, RankOneFactor) else factor.root
+            return factor_from_root(self.gather_rows(root, weight))
+        return DenseFactor(self._weighted_sum(factor.to_dense(), weight))
 
 
 def all_reduce_gradients(
@@ -358,35 +347,20 @@ def all_reduce_gradients(
         state.failure = (CAUSES[-1], CurvGraphError(message))
     like = parameters[0].grad if parameters else everything[0].detach()
     shard = BatchShard(process_group, batch_size, like, loss_reduction, state)
-    combined = _all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
+    combined = all_reduce_many([p.grad * shard.loss_weight for p in parameters], process_group)
     for p, grad in zip(parameters, combined):
         p.grad.copy_(grad)
 
 
-def _square(factor: Tensor) -> Tensor:
-    """A Kronecker factor as a matrix (a vector ``u`` stands for ``u u^T``)."""
-    return torch.outer(factor, factor) if factor.dim() == 1 else factor
+_DENSE, _DIAGONAL, _ROOT = 0.0, 1.0, 2.0
 
 
-def _initialized():
-    if not dist.is_available() or not dist.is_initialized():
-        raise CurvGraphError(
-            "a process_group was given but torch.distributed is not initialized: call "
-            "torch.distributed.init_process_group(...) on every rank first"
-        )
-    return dist
-
-
-def _all_reduce_many(tensors: List[Tensor], group) -> List[Tensor]:
-    """Sum each tensor over the ranks, one collective per dtype and device."""
-    dist = _initialized()
-    results: List[Optional[Tensor]] = [None] * len(tensors)
-    kinds: Dict = {}
-    for i, t in enumerate(tensors):
-        kinds.setdefault((t.dtype, t.device), []).append(i)
-    for indices in kinds.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        dist.all_reduce(flat, group=group)
-        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            results[i] = part.reshape(tensors[i].shape)
-    return results
+def _kind(factor: Factor) -> List[float]:
+    """``[kind, rows]`` of a factor for the ranks to agree on its combined form."""
+    if isinstance(factor, DiagonalFactor):
+        return [_DIAGONAL, 0.0]
+    if isinstance(factor, RankOneFactor):
+        return [_ROOT, 1.0]
+    if isinstance(factor, RootFactor):
+        return [_ROOT, float(factor.root.shape[0])]
+    return [_DENSE, 0.0]

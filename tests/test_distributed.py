@@ -184,6 +184,33 @@ def ddp_step(group, rank):
     }
 
 
+def thin_roots(group, rank):
+    """kfac's output factor of a wide head: a root of N_r rows per rank, 40 outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 40)).to(DTYPE)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 40, (8,), generator=g)
+    cg = curvgraph.trace(model)
+    out = cg(local(x, rank, SPLIT))
+    loss = F.cross_entropy(out, local(y, rank, SPLIT))
+
+    def head(**options):
+        generator = torch.Generator().manual_seed(7 + rank)  # the same labels both calls
+        curv = cg.curvature(loss, out, method="kfac", mc_samples=1, generator=generator, **options)
+        return curv["2.weight"]  # G (x) A
+
+    alone, combined = head(), head(process_group=group)
+    return {
+        ("kfac", "thin", "local G"): alone.first_factor.to_dense(),
+        ("kfac", "thin", "local A"): alone.second_factor.to_dense(),
+        ("kfac", "thin", "G"): combined.first_factor.to_dense(),
+        ("kfac", "thin", "A"): combined.second_factor.to_dense(),
+        ("kfac", "thin", "G kind"): type(combined.first_factor).__name__,
+        ("kfac", "thin", "G rows"): combined.first_factor.data.shape[0],
+    }
+
+
 def contradicting_reduction(group):
     """The message when a mean cross-entropy is declared a sum (must raise on every rank)."""
     cg = curvgraph.trace(make_model("mlp"))
@@ -209,6 +236,7 @@ def _worker(rank, world_size, port, directory):
         group = dist.group.WORLD
         results = compute(group, rank)
         results.update(ddp_step(group, rank))
+        results.update(thin_roots(group, rank))
         results["contradicting reduction"] = contradicting_reduction(group)
         torch.save(results, f"{directory}/rank{rank}.pt")
     finally:
@@ -310,3 +338,15 @@ def test_loss_reduction_is_checked_and_validated(ranks):
     out = cg(x)
     with pytest.raises(ValueError, match="loss_reduction='median'"):
         cg.curvature(F.cross_entropy(out, y), out, loss_reduction="median")
+
+
+def test_thin_kronecker_roots_stay_roots_over_ranks(ranks):
+    """A root's rows are gathered (no dense V x V sum): G = sum_r (N_r / N) G_r, A alike."""
+    weights = [n / sum(SPLIT) for n in SPLIT]  # mean loss, mean over inputs: each rank's share
+    for factor in ("G", "A"):
+        expected = sum(w * r[("kfac", "thin", f"local {factor}")] for w, r in zip(weights, ranks))
+        for results in ranks:
+            torch.testing.assert_close(results[("kfac", "thin", factor)], expected)
+    for results in ranks:
+        assert results[("kfac", "thin", "G kind")] == "RootFactor"
+        assert results[("kfac", "thin", "G rows")] == sum(SPLIT)  # one MC column per sample
