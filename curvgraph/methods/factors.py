@@ -249,16 +249,15 @@ def _columns_per_walk(record, walk, factors: Tensor) -> int:
     """Columns per walk: factors of one node within :data:`FACTOR_CHUNK_BYTES`, at least one.
 
     A node's factors have its output's shape per column; the sizes come from the record's
-    outputs (or a dropped output's stand-in), not from recomputing anything.
+    outputs (or a dropped output's stand-in), not from recomputing anything (outputs that
+    are not tensors carry no factors and are skipped).
     """
-    largest = 0
-    for info in walk.order:
-        size = _output_size(record, info.node.name)
-        if size is None:
-            return factors.shape[0]  # unknown: one walk, as before
-        largest = max(largest, size)
+    sizes = [_output_size(record, info.node.name) for info in walk.order]
+    largest = max((size for size in sizes if size is not None), default=0)
+    if not largest:
+        return factors.shape[0]  # no size known: one walk
     per_column = largest * factors.element_size()
-    return max(1, min(factors.shape[0], FACTOR_CHUNK_BYTES // max(per_column, 1)))
+    return max(1, min(factors.shape[0], FACTOR_CHUNK_BYTES // per_column))
 
 
 def _output_size(record, name: str) -> Optional[int]:
