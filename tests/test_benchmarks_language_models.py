@@ -57,7 +57,14 @@ def test_section_result_structure(section):
         assert mem["status"] == "ok", mem
         assert mem["peak_bytes"] >= mem["rss_imports_bytes"] > 0
         assert mem["call"]["kind"] in ("cpu_peak_rss", "cpu_maxrss_delta")
+        tensors = mem["tensors"]  # the same call's tensors (torch.profiler), fresh process
+        assert tensors["status"] == "ok", tensors
+        assert tensors["call"]["kind"] == "cpu_tensor_peak"
+        assert tensors["call"]["peak_bytes"] > tensors["call"]["live_bytes"] > 0
     assert "dense_vxv" in model["memory"]["kfac"]["largest_tensor"]
+    kfac = next(r for r in model["rows"] if r["key"] == "kfac pass")
+    assert kfac["tensor_memory_ratio"] > 0
+    assert model["goals"][-1]["goal"].startswith("kfac tensor peak")
     floors = model["floors"]
     for key in ("kfac_pass", "diag_pass", "exact_product"):
         assert floors[key] > 0

@@ -25,11 +25,25 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 
 def fresh_process(
-    spec: ModelSpec, method: str, threads: Optional[int], timeout: float, product: bool = True
+    spec: ModelSpec,
+    method: str,
+    threads: Optional[int],
+    timeout: float,
+    product: bool = True,
+    tensors: bool = False,
 ) -> Dict:
-    """One fresh-process measurement; ``{"status": "ok", ...}`` or the reason it failed."""
+    """One fresh-process measurement; ``{"status": "ok", ...}`` or the reason it failed.
+
+    ``tensors``: the tensors' peak (``benchmarks.tensor_memory``) instead of the RSS.
+    """
     request = json.dumps(
-        {"spec": spec.to_dict(), "method": method, "threads": threads, "product": product}
+        {
+            "spec": spec.to_dict(),
+            "method": method,
+            "threads": threads,
+            "product": product,
+            "tensors": tensors,
+        }
     )
     env = dict(os.environ, PYTHONPATH=str(_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     available = _available_bytes()

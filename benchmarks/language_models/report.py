@@ -33,8 +33,8 @@ def _table(result: Dict[str, Any]) -> List[str]:
     lines = [
         "| candidate | library | median [s] (q25–q75) | CPU [s] | / gradient (wall) | "
         "/ gradient (CPU) | floor | peak above imports [GB] | / gradient's | call [GB] | "
-        "/ gradient's | others' CPU | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "/ gradient's | tensor peak [GB] | / gradient's | others' CPU | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         if r["status"] == "ok":
@@ -54,6 +54,8 @@ def _table(result: Dict[str, Any]) -> List[str]:
         call = result["memory"].get(r["method"], {}).get("call")
         call_gb = _gb(call["delta_bytes"]) if call else "–"
         call_ratio = _num(r.get("call_delta_ratio")) if "call_delta_ratio" in r else "–"
+        tensor_gb = _gb(r.get("tensor_peak_bytes"))
+        tensor_ratio = _num(r.get("tensor_memory_ratio"))
         if r["key"] == "curvlinops KFAC":
             layers = result["blocks"]["curvlinops_kfac_layers"]
             covered = f"covers {result['blocks']['curvlinops_kfac']} blocks"
@@ -62,7 +64,7 @@ def _table(result: Dict[str, Any]) -> List[str]:
         lines.append(
             f"| {r['key']} | {r['library']} | {times} | {cpu} | {ratio} | {cpu_ratio} | "
             f"{_num(r.get('floor'))} | {mem} | {mem_ratio} | {call_gb} | {call_ratio} | "
-            f"{others} | {note} |"
+            f"{tensor_gb} | {tensor_ratio} | {others} | {note} |"
         )
     return lines
 
@@ -89,8 +91,8 @@ def _summary(result: Dict[str, Any]) -> List[str]:
     """One line per model: the goals' values (floors in brackets) and their status."""
     lines = [
         "| model | kfac pass / gradient (floor) | fwd + bwd + kfac / curvlinops KFAC | kfac "
-        "peak / gradient's | diag pass / gradient (floor) | exact product / gradient (floor) "
-        "| dense V x V held |",
+        "peak / gradient's (RSS; tensors) | diag pass / gradient (floor) | exact product / "
+        "gradient (floor) | dense V x V held |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, model in result["models"].items():
@@ -103,6 +105,9 @@ def _summary(result: Dict[str, Any]) -> List[str]:
                 continue
             floor = f" ({_num(g['floor'])})" if g.get("floor") is not None else ""
             cells.append(f"{_num(g['value'])}{floor}: {g['status']}")
+            tensors = model["goals"][5] if len(model["goals"]) > 5 else None
+            if "peak memory" in g["goal"] and tensors and tensors["value"] is not None:
+                cells[-1] += f"; {_num(tensors['value'])}: {tensors['status']}"
         exact = "–"
         for group in (model, model.get("fallback") or {}):
             row = next((r for r in group.get("rows", []) if r["key"] == "exact product"), {})

@@ -1,7 +1,9 @@
 """One method's peak memory in a fresh process: ``python -m benchmarks.language_models.worker``.
 
 Reads a JSON request (``{"spec": ModelSpec.to_dict(), "method": ..., "threads": ...,
-"product": true}``) as its only argument, and prints one JSON line: the resident set size
+"product": true, "tensors": false}``) as its only argument, and prints one JSON line (with
+``"tensors": true``: the call's tensor peak, :func:`benchmarks.tensor_memory.tensor_peak`,
+and its CPU time only): the resident set size
 after the imports, after building the model and batch, after tracing (curvgraph methods),
 the peak of the one call of the method's whole work (``benchmarks.memory.peak_memory``: the
 kernel's high-water mark ``VmHWM`` reset just before the call, ``cpu_peak_rss``), the
@@ -71,6 +73,7 @@ def main(request: Dict[str, Any]) -> Dict[str, Any]:
     from benchmarks.language_models.candidates import Runner, memory_work
     from benchmarks.language_models.models import ModelSpec, build
     from benchmarks.memory import peak_memory
+    from benchmarks.tensor_memory import tensor_peak
 
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
@@ -97,6 +100,9 @@ def main(request: Dict[str, Any]) -> Dict[str, Any]:
         holder["stages"] = work()
         holder["cpu_s"] = time.process_time() - cpu
 
+    if request.get("tensors"):  # the tensors' peak (torch.profiler), not the RSS
+        memory = tensor_peak(call)
+        return {"method": method, "model": spec.name, "call": memory, "cpu_s": holder["cpu_s"]}
     peak_before = _status("VmHWM")  # imports, model, trace (peak_memory resets it)
     memory = peak_memory(call)
     result: Dict[str, Any] = {
