@@ -49,6 +49,18 @@ class _Tracer(torch.fx.Tracer):
         with _functions_as_leaves():
             return super().trace(root, concrete_args)
 
+    def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
+        """The frames from the first ``forward`` on, without torch's own (as ``source_line``).
+
+        torch's filter drops its ``uninteresting_files()``, whose first call imports
+        ``torch.export``, ``aot_autograd`` and ``networkx``: 0.2 s of CPU and 20 MB of memory
+        on the first trace of a process, for frames :func:`source_line` skips anyway.
+        """
+        frames = list(summary)
+        first = next((i for i, f in enumerate(frames) if f.name == "forward"), len(frames))
+        kept = [f for f in frames[first:] if not f.filename.startswith(_TORCH_DIR)]
+        return traceback.StackSummary.from_list(kept)
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _APPLY = torch.autograd.Function.__dict__["apply"]
