@@ -31,9 +31,9 @@ def live_tensor_bytes() -> int:
         if isinstance(value, torch.Tensor):
             try:
                 storage = value.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # sparse, meta, functional
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # sparse, meta, fake, functional
                 continue
-            storages[storage.data_ptr()] = storage.nbytes()
     storages.pop(0, None)
     return sum(storages.values())
 

@@ -34,3 +34,13 @@ def test_tensors_alive_before_the_call_count_once():
 def test_a_tensor_the_call_returns_and_drops_counts_at_its_peak():
     result = tensor_peak(lambda: torch.ones(4 * MB).sum())
     assert 16 * MB <= result["delta_bytes"] < 17 * MB
+
+
+def test_tensors_without_data_are_skipped():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(MB)  # no storage to count: its data pointer cannot be read
+    meta = torch.empty(MB, device="meta")
+    assert live_tensor_bytes() >= 0
+    del fake, meta
