@@ -12,7 +12,6 @@ empty batch) before the methods would fail somewhere inside.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -30,6 +29,7 @@ from curvgraph.graph.forward_check import (
     random_state,
     versions,
 )
+from curvgraph.graph.inputs import bind_inputs
 from curvgraph.graph.slim import Contexts, SavedStorages, Template
 from curvgraph.rules import Context
 
@@ -364,49 +364,3 @@ def _storage(tensor: Tensor) -> Optional[int]:
         return tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
-
-
-def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
-    """The value of each placeholder (by target) for ``cg(*args, **kwargs)``.
-
-    Bound like ``model.forward(*args, **kwargs)``: keywords by name, defaults from its
-    signature, ``*args`` as a tuple and ``**kwargs`` as a dict (placeholders ``"*name"`` and
-    ``"**name"``). ``None`` where the signature does not name the placeholders (a forward
-    behind a decorator) and the call is positional: the graph takes ``args`` in order.
-
-    Raises:
-        TypeError: the call does not fit ``model.forward`` (names ``Model.forward``).
-    """
-    model = graph.model
-    name = f"{type(model).__name__}.forward()"
-    targets = [n.target for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
-    inputs = graph.graph_module.meta.get("curvgraph_inputs")
-    if inputs is not None:  # captured by torch.export: the flattened example inputs
-        problem = inputs.mismatch(args, kwargs)
-        if problem is not None:
-            raise TypeError(f"{name}: {problem}")
-        return dict(zip(targets, inputs.leaves(args, kwargs)))
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        signature = None
-    names = set()
-    if signature is not None:
-        kinds = {
-            inspect.Parameter.VAR_POSITIONAL: "*",
-            inspect.Parameter.VAR_KEYWORD: "**",
-        }
-        names = {kinds.get(p.kind, "") + p.name: p.name for p in signature.parameters.values()}
-    if signature is None or any(t not in names for t in targets):
-        if not kwargs:
-            return None
-        raise TypeError(
-            f"{name} got keyword arguments {sorted(kwargs)}, but its signature does not "
-            f"name the traced graph's inputs {targets}: pass them positionally"
-        )
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{name} {error}") from None
-    bound.apply_defaults()
-    return {t: bound.arguments[names[t]] for t in targets}
