@@ -10,7 +10,6 @@ dense forms, for both likelihoods and scales other than one.
 """
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,22 +17,14 @@ from torch import nn
 
 pytest.importorskip("laplace")
 from laplace.curvature import BackPackGGN  # noqa: E402
+from test_laplace_backend import (  # noqa: E402
+    TOL,
+    _float64,  # noqa: F401 (autouse: float64, laplace-torch's warnings off)
+)
 
 import curvgraph  # noqa: E402
 from curvgraph.curvature.factors import RootFactor  # noqa: E402
 from curvgraph.integrations.laplace import CurvgraphGGN, kronecker_factors  # noqa: E402
-
-TOL = {"atol": 1e-10, "rtol": 1e-9}
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-    torch.set_default_dtype(default)
 
 
 def wide_mlp():

@@ -8,7 +8,6 @@ diagonal from ``torch.func`` (float64).
 """
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -17,23 +16,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("laplace")
 from laplace import Laplace  # noqa: E402
-from test_laplace_backend import TOL, jacobian_ggn  # noqa: E402
+from test_laplace_backend import (  # noqa: E402
+    TOL,
+    _float64,  # noqa: F401 (autouse: float64, laplace-torch's warnings off)
+    jacobian_ggn,
+)
 
 from curvgraph.integrations.laplace import CurvgraphGGN  # noqa: E402
 
 SLOW = pytest.mark.skipif(
     os.environ.get("CURVGRAPH_SLOW_TESTS") != "1", reason="slow: set CURVGRAPH_SLOW_TESTS=1"
 )
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-    torch.set_default_dtype(default)
 
 
 class SmallResNet(nn.Module):
