@@ -113,6 +113,23 @@ def test_forward_without_backward_leaks_no_autograd_graph():
     assert all(probe() is None for probe in probes)
 
 
+def test_the_last_record_is_dropped_before_the_next_forward_runs():
+    """Only the last forward's record serves curvature: two must never be alive at once."""
+    model, seen, old = _model(), [], [lambda: None]
+    # runs inside the second forward, before its record is complete
+    model[-1].register_forward_pre_hook(lambda module, args: seen.append(old[0]() is None))
+    cg = curvgraph.trace(model)
+    x, y = _batch()
+    out = cg(x)  # the user keeps the first output (a training loop's `out` until reassigned)
+    F.cross_entropy(out, y).backward()
+    old[0] = weakref.ref(cg.record)
+    gc.collect()
+    seen.clear()
+    out2 = cg(x)
+    assert seen == [True]
+    assert cg.record.result is out2 and out is not out2
+
+
 def test_storages_are_dropped_while_the_forward_runs(monkeypatch):
     """The record never holds more than at the end of the forward (each u**3 dies early)."""
     cg = curvgraph.trace(_model(layers=6, d=64))
@@ -178,3 +195,13 @@ def test_a_module_that_changes_its_input_in_place_unflagged_is_refused():
             cg(torch.randn(4, 3))
     finally:
         curvgraph.rules.unregister(Doubling)
+
+
+def test_versions_skip_tensors_without_strided_storage():
+    """A sparse argument has no ``data_ptr``: the in-place check skips it instead of raising."""
+    from curvgraph.graph.forward_check import versions
+
+    dense = torch.randn(3)
+    assert versions({"sparse": torch.randn(3).to_sparse(), "dense": dense}) == {
+        "dense": dense._version
+    }

@@ -161,7 +161,11 @@ def versions(arguments: Dict[str, Any]) -> Dict[str, int]:
     return {
         k: v._version
         for k, v in arguments.items()
-        if isinstance(v, Tensor) and not v.is_inference() and v.data_ptr()
+        # sparse and other non-strided layouts have no data_ptr (and no rule takes one)
+        if isinstance(v, Tensor)
+        and v.layout == torch.strided
+        and not v.is_inference()
+        and v.data_ptr()
     }
 
 

@@ -292,6 +292,9 @@ class TracedGraph(nn.Module):
         :func:`curvgraph.loss_hessian` reads after ``backward()`` freed the loss's targets.
         """
         self.refresh(args, kwargs)
+        # curvature reads only the last forward's record (check_curvature_call): the old one
+        # is dead weight from here on, and kept it would double the record during this one
+        self._record = None
         self._record = record_forward(self, args, kwargs)
         result = self._record.result
         if isinstance(result, Tensor) and result.requires_grad:
