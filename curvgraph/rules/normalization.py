@@ -331,6 +331,16 @@ class LayerNormRule(_AffineNorm):
     def _axes(self, ctx, lead):
         return tuple(range(-self._dims(ctx), 0))
 
+    def _statistics(self, ctx):
+        """``(xhat, 1 / sigma)`` from torch's fused kernel, ``1 / sigma`` kept as size-1 axes.
+
+        One pass over the input; ``var_mean`` plus the normalization took about 9x longer on
+        the CPU (1.4 ms vs 0.16 ms for ``[4, 128, 384]``, 13 times per nanoGPT kfac pass).
+        """
+        shape = ctx.input.shape[ctx.input.dim() - self._dims(ctx) :]
+        xhat, _, inv_std = torch.native_layer_norm(ctx.input, shape, None, None, ctx.eps)
+        return xhat, inv_std.to(xhat.dtype)
+
     def _param(self, ctx, p, lead):
         ones = (1,) * (ctx.input.dim() - self._dims(ctx))
         return p.reshape(*p.shape[:lead], *ones, *p.shape[lead:])
