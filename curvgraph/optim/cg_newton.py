@@ -179,7 +179,8 @@ class CGNewton(torch.optim.Optimizer):
         plan = [(g, params) for g, params in plan if g["lr"] != 0]
         plan = [(g, self._finite_gradients(params)) for g, params in plan]
         plan = [(g, params) for g, params in plan if params]
-        solutions = [solve_group(self.state, g, params, curvature) for g, params in plan]
+        spectra = self.__dict__.setdefault("_spectra", {})  # also after unpickling
+        solutions = [solve_group(self.state, g, p, curvature, spectra) for g, p in plan]
         self._record(plan, solutions)
         reevaluate = any(g["damping"] == "lm" or g["backtracking"] for g, _ in plan)
         start, steps, new_loss = self._move(plan, solutions, closure if reevaluate else None)

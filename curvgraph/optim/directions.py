@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from curvgraph.solvers.kronecker import (
     block_eigen,
     eigen_matches,
     has_negative_eigenvalues,
+    inverse_eigenvalues,
     solves_directly,
 )
 
@@ -88,8 +89,32 @@ def _cached_eigen(state: dict, block, update_every: int):
     return eigen
 
 
+def _cached_spectrum(spectra: Optional[dict], param: Tensor, eigen: dict, alpha: float):
+    """``(inverse_eigenvalues(eigen, alpha), has_negative_eigenvalues(eigen))``, cached.
+
+    The entry of ``param`` in ``spectra`` holds while its eigendecomposition is the same
+    object (``update_every`` steps, or a reused curvature) and ``alpha`` the same value, so a
+    step with a cached decomposition spends no operations on the spectrum.
+    """
+    if spectra is None:
+        return inverse_eigenvalues(eigen, alpha), has_negative_eigenvalues(eigen)
+    key = eigen["first_values"]
+    cached = spectra.get(param)
+    if cached is None or cached[0] is not key:
+        cached = spectra[param] = (key, has_negative_eigenvalues(eigen), {})
+    inverses = cached[2]
+    if alpha not in inverses:
+        inverses.clear()  # LM damping moves alpha: keep only the current one
+        inverses[alpha] = inverse_eigenvalues(eigen, alpha)
+    return inverses[alpha], cached[1]
+
+
 def solve_group(
-    states: dict, group: dict, params: Dict[str, Tensor], curvature: BlockCurvature
+    states: dict,
+    group: dict,
+    params: Dict[str, Tensor],
+    curvature: BlockCurvature,
+    spectra: Optional[dict] = None,
 ) -> GroupSolution:
     """Directions for the blocks of ``params`` (name -> parameter with a finite gradient).
 
@@ -99,6 +124,8 @@ def solve_group(
         group: the parameter group (``alpha``, ``solver``, ``cg_*``, ...).
         params: name -> parameter.
         curvature: the blocks.
+        spectra: parameter -> cached damped inverse eigenvalues of the eig blocks (see
+            :func:`_cached_spectrum`; not part of the state: rebuilt after a reload).
     """
     alpha = group["alpha"]
     exact = eig_names(group, params, curvature)
@@ -106,12 +133,14 @@ def solve_group(
     solution = GroupSolution(directions={})
     zero = params[next(iter(params))].grad.new_zeros(())
     for name in exact:
-        eigen = _cached_eigen(states[params[name]], curvature[name], group["update_every"])
-        gradient = params[name].grad
-        solution.directions[name] = -kronecker_eigen_solve(eigen, gradient.unsqueeze(0), alpha)[0]
+        param = params[name]
+        eigen = _cached_eigen(states[param], curvature[name], group["update_every"])
+        inverse, negative = _cached_spectrum(spectra, param, eigen, alpha)
+        rhs = param.grad.unsqueeze(0)
+        solution.directions[name] = -kronecker_eigen_solve(eigen, rhs, alpha, inverse)[0]
         solution.iterations[name] = torch.zeros((), dtype=torch.long, device=zero.device)
         solution.residuals[name] = zero
-        solution.nonpositive[name] = has_negative_eigenvalues(eigen)
+        solution.nonpositive[name] = negative
         solution.solver[name] = "eig"
     if not cg_names:
         solution.candidates = [dict(solution.directions)]

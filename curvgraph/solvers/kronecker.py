@@ -66,6 +66,7 @@ __all__ = [
     "check_alpha",
     "eigen_matches",
     "has_negative_eigenvalues",
+    "inverse_eigenvalues",
     "kronecker_eigen",
     "kronecker_eigen_solve",
     "kronecker_solve",
@@ -261,8 +262,12 @@ def check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
 
 
-def _inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
+def inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
     """``1 / ((1 - alpha) |l_G l_A^T| + alpha)``, 0 where that is at rounding level.
+
+    What :func:`kronecker_eigen_solve` divides by; a caller that solves with the same
+    ``eigen`` and ``alpha`` many times (an optimizer reusing a curvature) can pass it back
+    as ``inverse=`` and skip the recomputation.
 
     NaN where an eigenvalue is NaN or infinite (as a dense factor's ``eigh`` would give; a
     diagonal factor has no eigenvectors to carry it).
@@ -276,7 +281,9 @@ def _inverse_eigenvalues(eigen: KroneckerEigen, alpha: float) -> Tensor:
     return torch.where(torch.isfinite(damped), inverse, float("nan"))
 
 
-def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) -> Tensor:
+def kronecker_eigen_solve(
+    eigen: KroneckerEigen, columns: Tensor, alpha: float, inverse: Optional[Tensor] = None
+) -> Tensor:
     """Solve ``[(1 - alpha) (G (x) A) + alpha I] d_k = r_k`` for columns, from the eigenpairs.
 
     The batched core of :func:`kronecker_solve`, for callers that keep ``eigen`` (an
@@ -287,15 +294,22 @@ def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) 
         D_k = Q_G [(Q_G^T R_k Q_A) / ((1 - alpha) |l_G l_A^T| + alpha)] Q_A^T
               + (R_k - P_G R_k P_A) / alpha,
 
-    with ``P = Q Q^T``; the last term is present only for a rank-one factor (where it is the
-    complement of the factor's single eigenvector) and ``alpha > 0``. Damped eigenvalues at
-    rounding level are dropped (the minimum-norm solution). See the module for the
-    derivation.
+    with ``P = Q Q^T``; the last term is present only for a rank-one or root-only factor
+    (where it is the complement of the factor's eigenvectors) and ``alpha > 0``. Since
+    ``P_G R_k P_A = Q_G (Q_G^T R_k Q_A) Q_A^T``, both terms go through one rotation back::
+
+        D_k = Q_G [(Q_G^T R_k Q_A) * (1 / ((1 - alpha) |l_G l_A^T| + alpha) - 1 / alpha)] Q_A^T
+              + R_k / alpha.
+
+    Damped eigenvalues at rounding level are dropped (the minimum-norm solution). See the
+    module for the derivation.
 
     Args:
         eigen: :func:`kronecker_eigen` of the block.
         columns: ``K`` right-hand sides ``[K, *shape]`` (or ``[K, rows * cols]``).
         alpha: damping in ``[0, 1)``.
+        inverse: :func:`inverse_eigenvalues` of ``eigen`` and ``alpha``, when the caller
+            keeps it (computed here otherwise).
 
     Returns:
         The solutions ``d_k``, shaped like ``columns``.
@@ -310,10 +324,12 @@ def kronecker_eigen_solve(eigen: KroneckerEigen, columns: Tensor, alpha: float) 
     cols = cols if q_a is None else q_a.shape[0]
     r = columns.reshape(columns.shape[0], rows, cols)
     rotated = _rotate(q_g, q_a, r, inward=True)  # Q_G^T R Q_A: [K, r_G, r_A]
-    d = _rotate(q_g, q_a, rotated * _inverse_eigenvalues(eigen, alpha), inward=False)
-    if _thin(q_g) or _thin(q_a):  # a rank-one or root-only factor: its complement
-        if alpha > 0:
-            d = d + (r - _rotate(q_g, q_a, rotated, inward=False)) / alpha
+    if inverse is None:
+        inverse = inverse_eigenvalues(eigen, alpha)
+    if (_thin(q_g) or _thin(q_a)) and alpha > 0:  # a rank-one or root-only factor
+        d = _rotate(q_g, q_a, rotated * (inverse - 1.0 / alpha), inward=False) + r / alpha
+    else:
+        d = _rotate(q_g, q_a, rotated * inverse, inward=False)
     return d.reshape(columns.shape)
 
 
