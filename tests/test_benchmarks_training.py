@@ -98,9 +98,25 @@ def test_a_tiny_run_end_to_end(tiny, tmp_path):
         "CG-Newton hbp",
         "CG-Newton exact LM sub",
     ]
+    floor = problem["floor"]  # a time-to-target goal: the per-step floor is measured
+    cpu = {name: part["cpu_ms"] for name, part in floor["parts"].items()}
+    assert all(v > 0 for v in cpu.values())
+    expected = (cpu["gradient"] + min(cpu["product"], cpu["cached_solve"])) / cpu["adam_step"]
+    assert floor["floor_ratio_equal_steps"] == pytest.approx(expected)
+    assert problem["measured"]["wall_time_s"] > 0
     text = markdown(json.loads(json.dumps(result)))  # what the JSON file holds
     assert "### tiny" in text and "| CG-Newton hbp |" in text
+    assert "Per-step floor (batch 64" in text
     assert plot(result, tmp_path)[0].stat().st_size > 10_000
+
+
+def test_keep_previous_adds_the_problems_not_rerun_in_report_order():
+    new = {"seeds": [0], "problems": {"fashion_mlp": {"n": "new"}, "mnist_mlp": {"n": "new"}}}
+    old = {"problems": {n: {"n": "old"} for n in ("mnist_mlp", "fashion_mlp", "fashion_cnn")}}
+    merged = runner.keep_previous(new, old)
+    assert list(merged["problems"]) == ["mnist_mlp", "fashion_mlp", "fashion_cnn"]
+    assert [p["n"] for p in merged["problems"].values()] == ["new", "new", "old"]
+    assert merged["kept_from_previous_run"] == ["fashion_cnn"] and merged["seeds"] == [0]
 
 
 def test_sub_batch_steps_take_the_curvature_of_the_first_rows(tiny, monkeypatch):

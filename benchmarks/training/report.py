@@ -45,6 +45,26 @@ def _goal_rows(problem: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _floor_rows(floor: Optional[Dict[str, Any]]) -> List[str]:
+    """The per-step floor (:mod:`benchmarks.training.floor`), where it was measured."""
+    if not floor:
+        return []
+    parts = floor["parts"]
+    cells = ", ".join(
+        f"{name.replace('_', ' ')} {part['cpu_ms']:.2f}" for name, part in parts.items()
+    )
+    return [
+        "",
+        f"Per-step floor (batch {floor['batch_size']}, ms of CPU, medians of interleaved "
+        f"rounds): {cells}. A CG-Newton step needs at least the gradient and one curvature "
+        "product (or one solve with cached factors): "
+        f"{floor['floor_step_cpu_ms']:.2f} ms, {floor['floor_ratio_equal_steps']:.2f}x an "
+        "Adam step. So at as many steps as Adam the time-to-target ratio cannot go below "
+        f"{floor['floor_ratio_equal_steps']:.2f}; the curvature pass and its decomposition, "
+        "amortized over the steps they serve, come on top.",
+    ]
+
+
 def _config_rows(problem: Dict[str, Any]) -> List[str]:
     lines = [
         "",
@@ -63,6 +83,18 @@ def _config_rows(problem: Dict[str, Any]) -> List[str]:
             f"{losses} |"
         )
     return lines
+
+
+def _measured(problem: Dict[str, Any]) -> str:
+    """When and under what load the problem was measured (runs since the ``measured`` key)."""
+    m = problem.get("measured")
+    if not m:
+        return ""
+    return (
+        f" Measured in {m['wall_time_s']:.0f} s; load average before / after "
+        f"{m['load_average_before']} / {m['load_average_after']}; other processes took "
+        f"{others_share(m.get('contention'))} of the CPUs."
+    )
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -84,16 +116,24 @@ def markdown(result: Dict[str, Any]) -> str:
         "median time to target (then the highest final accuracy). A configuration *trains* when "
         "its median final test accuracy is at least 0.5 (chance: 0.1).",
     ]
+    kept = result.get("kept_from_previous_run") or []
+    if kept:
+        lines += [
+            "",
+            f"Kept from the previous run of this file (not re-run this time): {', '.join(kept)}; "
+            "each problem states the load it was measured under.",
+        ]
     for name, problem in result["problems"].items():
         lines += [
             "",
             f"### {name}: {problem['title']}",
             "",
             f"Target test accuracy {problem['target']:.2f}; {problem['n_train']:,} training / "
-            f"{problem['n_test']:,} test samples, batch {problem['batch_size']} (CG-Newton), "
-            f"{problem['epochs']} epochs.",
+            f"{problem['n_test']:,} test samples, batch {problem['batch_size']} (CG-Newton, "
+            f"unless a label says otherwise), {problem['epochs']} epochs.{_measured(problem)}",
         ]
         lines += _goal_rows(problem)
+        lines += _floor_rows(problem.get("floor"))
         lines += _config_rows(problem)
     return "\n".join(lines) + "\n"
 

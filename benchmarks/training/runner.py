@@ -19,6 +19,7 @@ import torch
 from benchmarks.common import FASHION_MNIST_DIR
 from benchmarks.machine import contention, cpu_snapshot, environment, load_average
 from benchmarks.training.config import GOALS, PROBLEMS, SCHEMA_VERSION, SEEDS, Problem, configs
+from benchmarks.training.floor import step_floor
 from benchmarks.training.loop import train
 from curvgraph.datasets import load_dataset, load_mnist_subset
 
@@ -164,8 +165,10 @@ def run_problem(name: str, seeds: Sequence[int] = SEEDS, progress: bool = True) 
         entries.append(
             {"config": config, "runs": runs, "summary": summarize(problem, config, runs)}
         )
+    floor = step_floor(problem, data) if GOALS[name][0] == "time_ratio" else None
     return {
         "title": problem.title,
+        "floor": floor,
         "batch_size": problem.batch_size,
         "epochs": problem.epochs,
         "target": problem.target,
@@ -184,7 +187,16 @@ def run(
     torch.set_num_threads(1)
     start, snapshot, load_before = time.perf_counter(), cpu_snapshot(), load_average()
     try:
-        results = {name: run_problem(name, seeds, progress) for name in problems}
+        results = {}
+        for name in problems:
+            before = (time.perf_counter(), cpu_snapshot(), load_average())
+            results[name] = run_problem(name, seeds, progress)
+            results[name]["measured"] = {  # per problem: a later run may keep it (--keep)
+                "wall_time_s": time.perf_counter() - before[0],
+                "load_average_before": before[2],
+                "load_average_after": load_average(),
+                "contention": contention(before[1], cpu_snapshot()),
+            }
     finally:
         torch.set_num_threads(threads)
     return {
@@ -198,3 +210,16 @@ def run(
         "contention": contention(snapshot, cpu_snapshot()),
         "problems": results,
     }
+
+
+def keep_previous(result: Dict[str, Any], previous: Dict[str, Any]) -> Dict[str, Any]:
+    """``result`` with the problems of ``previous`` that it did not re-run, in report order.
+
+    The kept problems are named in ``kept_from_previous_run``; each carries the load it was
+    measured under (its ``measured`` entry, where the earlier run recorded one).
+    """
+    kept = [name for name in previous["problems"] if name not in result["problems"]]
+    merged = dict(result["problems"])
+    merged.update({name: previous["problems"][name] for name in kept})
+    order = [name for name in PROBLEMS if name in merged] + [n for n in merged if n not in PROBLEMS]
+    return {**result, "problems": {n: merged[n] for n in order}, "kept_from_previous_run": kept}
