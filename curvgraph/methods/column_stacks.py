@@ -158,10 +158,20 @@ class WalkState:
         acting: node -> ``(argument stacks, residual)`` for the backward walk.
         retained: the tangent tensors ``acting`` keeps.
         adjoints: node -> :class:`Stack` of ``lambda``; ``results``: parameter -> ``C V``.
+        out: parameter -> the caller's destination of its ``C V`` (optional): products are
+            summed there as they arrive, so no second copy of them is alive at the end.
     """
 
-    def __init__(self, columns: Dict[str, Tensor], group_of: Dict[str, str], widths, contexts):
+    def __init__(
+        self,
+        columns: Dict[str, Tensor],
+        group_of: Dict[str, str],
+        widths,
+        contexts,
+        out: Optional[Dict[str, Tensor]] = None,
+    ):
         self.columns, self.group_of, self.widths = columns, group_of, widths
+        self.out = out or {}
         self.contexts = contexts
         self.tangents: Dict = {}
         self._held: Dict = {}  # node -> its tangent tensor while not released
@@ -169,6 +179,18 @@ class WalkState:
         self.retained: List[Tensor] = []
         self.adjoints: Dict = {}
         self.results: Dict[str, Tensor] = {}
+
+    def add_result(self, key: str, value: Tensor) -> None:
+        """``results[key] += value``, in the caller's destination where it gave one."""
+        destination = self.out.get(key)
+        if destination is None:
+            self.results[key] = value if key not in self.results else self.results[key] + value
+            return
+        with torch.no_grad():  # a product is a value (a rule's autograd graph is not kept)
+            if key in self.results:
+                destination.add_(value)
+            else:
+                self.results[key] = destination.copy_(value)
 
     def hold(self, node, stack: Stack) -> None:
         """Store ``node``'s tangent."""

@@ -149,7 +149,10 @@ class ExactProducts:
                 )
 
     def matmat(
-        self, columns: Dict[str, Tensor], groups: Optional[Dict[str, str]] = None
+        self,
+        columns: Dict[str, Tensor],
+        groups: Optional[Dict[str, str]] = None,
+        out: Optional[Dict[str, Tensor]] = None,
     ) -> Dict[str, Tensor]:
         """``C V`` on the column groups of ``columns`` (parameter -> ``[K, *shape]``).
 
@@ -159,6 +162,9 @@ class ExactProducts:
                 columns: a group's product is that of the curvature restricted to its
                 parameters, cross terms included (``structure="layers"`` / ``"full"``).
                 ``None``: every parameter its own group (the block diagonal).
+            out: parameter -> a ``[K, *shape]`` tensor the product is written into (and
+                returned), e.g. views of one flat result: each parameter's partial
+                products are summed there as they arrive and freed.
         """
         if not torch.compiler.is_compiling():  # dynamo cannot read _version: eager calls check
             self._check_unchanged()
@@ -168,7 +174,7 @@ class ExactProducts:
         for n in order:
             if widths.setdefault(group_of[n], columns[n].shape[0]) != columns[n].shape[0]:
                 raise ValueError(f"the parameters of group {group_of[n]!r} need equal columns")
-        walk = WalkState(columns, group_of, widths, self.contexts)
+        walk = WalkState(columns, group_of, widths, self.contexts, out)
         self._forward(walk)
         output = walk.tangents.get(self.walk.output)
         if output is not None:
@@ -181,7 +187,10 @@ class ExactProducts:
             self._backward(info, adjoint, walk)
         results = walk.results
         # a block whose columns never reach the output (or are cut off) has a zero product
-        return {n: results[n] if n in results else torch.zeros_like(columns[n]) for n in order}
+        for n in order:
+            if n not in results:
+                results[n] = walk.out[n].zero_() if n in walk.out else torch.zeros_like(columns[n])
+        return {n: results[n] for n in order}
 
     def _forward(self, walk: WalkState) -> None:
         """Tangents ``tdot_y = sum_s J_s tdot_s`` of every node, in ``walk.tangents``.
@@ -233,19 +242,17 @@ class ExactProducts:
         activation at its last use; ``None`` where it does not apply (then the rule's own
         product runs). The same entries as ``jvp`` / ``vjp``, without a second tensor.
         """
-        diagonal = info.rule.capability("diagonal_jacobian")
-        if diagonal is None or list(arguments) != ["input"] or isinstance(key, str):
+        product = info.rule.capability("diagonal_product")
+        if product is None or list(arguments) != ["input"] or isinstance(key, str):
             return None
         if key is self.walk.output or "input" not in ctx.batched:
             return None
         tangent = arguments["input"].tensor
-        d1 = diagonal(ctx)
-        if not isinstance(tangent, Tensor) or d1.shape != tangent.shape[1:]:
+        if not isinstance(tangent, Tensor) or not _fits_diagonal(tangent, ctx.output):
             return None
-        live = walk.live(exclude_tangent=key) + [d1, *context_tensors(ctx)]
-        if d1.dtype != tangent.dtype or not exclusive(tangent, live):
+        if not exclusive(tangent, walk.live(exclude_tangent=key) + context_tensors(ctx)):
             return None
-        return tangent.mul_(d1)
+        return product(ctx, tangent, out=tangent)
 
     def _backward(self, info, adjoint: Stack, walk: WalkState) -> None:
         """``lambda_s += J_s^T lambda_y + R(tdot)_s`` for every argument of ``info``."""
@@ -285,8 +292,7 @@ class ExactProducts:
             for slot, key in targets:
                 cotangent = cotangents[slot]
                 if isinstance(key, str):
-                    results = walk.results
-                    results[key] = cotangent if key not in results else results[key] + cotangent
+                    walk.add_result(key, cotangent)
                 elif key in walk.adjoints:
                     total = walk.adjoints[key].tensor + cotangent
                     walk.adjoints[key] = Stack(total, wanted, widths)
@@ -295,15 +301,12 @@ class ExactProducts:
 
     def _diagonal_vjp_in_place(self, info, ctx, lam: Tensor, walk: WalkState):
         """``{"input": phi'(x) * lambda}`` over ``lambda`` where the walk alone reads it."""
-        diagonal = info.rule.capability("diagonal_jacobian")
-        if diagonal is None or "input" not in ctx.batched:
+        product = info.rule.capability("diagonal_product")
+        if product is None or "input" not in ctx.batched or not _fits_diagonal(lam, ctx.output):
             return None
-        d1 = diagonal(ctx)
-        if d1.shape != lam.shape[1:] or d1.dtype != lam.dtype:
+        if not exclusive(lam, walk.live() + context_tensors(ctx)):
             return None
-        if not exclusive(lam, walk.live() + [d1, *context_tensors(ctx)]):
-            return None
-        return {"input": lam.mul_(d1)}
+        return {"input": product(ctx, lam, out=lam)}
 
     def _residual(self, info, ctx):
         residual = info.rule.residual(ctx, self.grads[info.node.name])
@@ -378,6 +381,11 @@ class Exact(Method):
 
     def verdict(self, graph, walk, **options):  # noqa: D102
         return Verdict(True, "per-sample products, no dense matrices")
+
+
+def _fits_diagonal(t: Tensor, output: Tensor) -> bool:
+    """Whether ``phi'(x) * t`` has ``t``'s own shape and dtype (columns ``[K, *output]``)."""
+    return t.shape[1:] == output.shape and t.dtype == output.dtype
 
 
 def _info(walk: Plan, node):

@@ -150,14 +150,27 @@ class GroupedProducts:
                 self.uses.setdefault(parameter, []).append(name)
 
     def matmat(self, columns: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``C_g V_g`` for flat columns ``{group: [K, D_g]}`` of any subset of groups."""
+        """``C_g V_g`` for flat columns ``{group: [K, D_g]}`` of any subset of groups.
+
+        Each group's flat result is allocated first and the walk sums the products of its
+        parameters into their slices as they arrive (a full operator's products are never
+        alive twice, as parts and as the flat result).
+        """
         walk_columns: Dict[str, Tensor] = {}
         group_of: Dict[str, str] = {}
         split: Dict[str, Dict[str, Tensor]] = {}
+        result: Dict[str, Tensor] = {}
+        out: Dict[str, Tensor] = {}  # parameter -> its slice of the flat result
         for group, flat in columns.items():
             names = self.groups[group]
-            parts = flat.split([self.shapes[n].numel() for n in names], dim=1)
+            sizes = [self.shapes[n].numel() for n in names]
+            parts = flat.split(sizes, dim=1)
             split[group] = {n: part.reshape(-1, *self.shapes[n]) for n, part in zip(names, parts)}
+            result[group] = flat.new_empty(flat.shape)
+            start = 0
+            for name, size in zip(names, sizes):  # narrow: a view that may be written into
+                out[name] = result[group].narrow(1, start, size).unflatten(1, self.shapes[name])
+                start += size
             for name, value in split[group].items():
                 targets = [(name, value)] if name in self.walk.parameters else []
                 targets += [(b, self.derived[b].jvp(name, value)) for b in self.uses.get(name, ())]
@@ -170,25 +183,21 @@ class GroupedProducts:
                     walk_columns[key] = (
                         walk_columns[key] + tangent if key in walk_columns else tangent
                     )
-        products = self.products.matmat(walk_columns, group_of)
-        result = {}
-        for group, values in split.items():
-            flat, start = None, 0
+        direct = {n: slot for n, slot in out.items() if n in walk_columns}
+        products = self.products.matmat(walk_columns, group_of, out=direct)
+        for values in split.values():
             for name, value in values.items():
-                # popped: each parameter's product is freed once copied into the flat result
-                part = products.pop(name) if name in products else torch.zeros_like(value)
-                for b in self.uses.get(name, ()):
-                    part = part + self.derived[b].vjp(name, products[b])
-                    if self.gradients is not None:
-                        part = part + self.derived[b].residual_products(
-                            name, self.gradients[b], value
-                        )
-                part = part.reshape(part.shape[0], -1)
-                if flat is None:
-                    flat = part.new_empty(part.shape[0], sum(v[0].numel() for v in values.values()))
-                flat[:, start : start + part.shape[1]] = part
-                start += part.shape[1]
-            result[group] = flat
+                terms = [self.derived[b].vjp(name, products[b]) for b in self.uses.get(name, ())]
+                if self.gradients is not None:
+                    terms += [
+                        self.derived[b].residual_products(name, self.gradients[b], value)
+                        for b in self.uses.get(name, ())
+                    ]
+                with torch.no_grad():  # a product is a value, as in the walk's destinations
+                    if name not in direct:
+                        out[name].zero_()
+                    for term in terms:
+                        out[name].add_(term)
         return result
 
 

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Iterable, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -87,6 +87,9 @@ class ElementwiseRule(Rule):
         of_output: ``first`` and ``second`` take the output ``y = phi(x)`` instead of the
             input (``tanh' = 1 - y^2``): the input is then value-free, and a slim record
             need not keep it (autograd saves the output of such ops for its own use).
+        product: optional ``product(point, t, out=None, **options) = phi'(x) * t``
+            (written into ``out`` when given) without forming ``phi'``: ``jvp`` and ``vjp``
+            then hold no ``phi'`` (relu: ``threshold_backward`` on the output).
     """
 
     of_output = False
@@ -100,12 +103,14 @@ class ElementwiseRule(Rule):
         second: Callable,
         options: Sequence[Dict] = (),
         of_output: bool = False,
+        product: Optional[Callable] = None,
     ):
         self.name = name
         self.function = function
         self.signature = _signature(function)
         self.first = first
         self.second = second
+        self.product = product
         self.options = list(options)
         self.of_output = of_output
         self.value_free = frozenset({"input" if of_output else "output"})
@@ -114,7 +119,7 @@ class ElementwiseRule(Rule):
         """What ``first`` and ``second`` take: the output or the input."""
         return ctx.output if self.of_output else ctx.input
 
-    capabilities = frozenset({"diagonal_jacobian"})
+    capabilities = frozenset({"diagonal_jacobian", "diagonal_product"})
 
     def samples(self):  # noqa: D102
         shapes = [(3, 4), (2, 3, 2, 2)]
@@ -125,11 +130,18 @@ class ElementwiseRule(Rule):
         """``phi'(x)`` with the input's shape ``[N, *features]``."""
         return ctx.cached("d1", lambda: self.first(self._point(ctx), **_options(ctx)))
 
+    def diagonal_product(self, ctx: Context, t: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``phi'(x) * t`` for ``t`` ``[..., N, *features]``, into ``out`` when given."""
+        point = self._point(ctx)
+        if self.product is not None and t.dtype == point.dtype:
+            return self.product(point, t, out=out, **_options(ctx))
+        return torch.mul(self.diagonal_jacobian(ctx), t, out=out)
+
     def jvp(self, ctx: Context, tangents: Dict[str, Tensor]) -> Tensor:  # noqa: D102
-        return self.diagonal_jacobian(ctx) * tangents["input"]
+        return self.diagonal_product(ctx, tangents["input"])
 
     def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Dict[str, Tensor]:  # noqa: D102
-        return {"input": self.diagonal_jacobian(ctx) * cotangent} if "input" in slots else {}
+        return {"input": self.diagonal_product(ctx, cotangent)} if "input" in slots else {}
 
     def averaged_vjp(self, ctx, cotangent, slots):  # noqa: D102
         if "input" not in slots:
@@ -149,6 +161,7 @@ def elementwise_rule(
     options: Sequence[Dict] = (),
     override: bool = False,
     of_output: bool = False,
+    product: Optional[Callable] = None,
 ) -> ElementwiseRule:
     """Create and register an :class:`ElementwiseRule` for ``keys`` (and their aliases).
 
@@ -163,8 +176,11 @@ def elementwise_rule(
             ``[{"negative_slope": 0.2}]``.
         override: replace the rules the keys already have instead of raising ``ValueError``.
         of_output: ``first`` and ``second`` take the output (see :class:`ElementwiseRule`).
+        product: ``phi'(x) * t`` without ``phi'`` (see :class:`ElementwiseRule`).
     """
-    rule = ElementwiseRule(_name(name, function), function, first, second, options, of_output)
+    rule = ElementwiseRule(
+        _name(name, function), function, first, second, options, of_output, product
+    )
     register_rule(*keys, override=override)(rule)
     return rule
 

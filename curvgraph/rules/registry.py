@@ -234,6 +234,7 @@ def _slot_size(ctx: Context, slots: Iterable[str]) -> int:
 #: Optional capabilities of a rule: name (= method name) -> what the method returns.
 CAPABILITIES = {
     "diagonal_jacobian": "diagonal_jacobian(ctx) -> phi'(x) [N, *features]: J_n = diag(phi'(x_n))",
+    "diagonal_product": "diagonal_product(ctx, t, out=None) -> phi'(x) * t (into out if given)",
     "kronecker_input": (
         "kronecker_input(ctx, slot) -> a [N, in] or None: J_n^T H J_n = H (x) a_n a_n^T"
     ),

@@ -26,6 +26,7 @@ class _CapabilityChecks:
         """Errors of the declared capabilities other than ``kronecker_input``.
 
         - ``diagonal_jacobian``: ``phi'(x) * t`` against ``J t`` (so ``J_n = diag(phi'(x_n))``);
+        - ``diagonal_product``: against ``J t``, returned and written into ``out``;
         - ``kronecker_factors`` on the first sample alone: ``G (x) A`` against the exact block
           ``sum_k vec(J^T s_k) vec(J^T s_k)^T`` (row-major ``vec``) where the rule's
           Kronecker structure is exact per sample (it declares ``kronecker_input`` for the
@@ -39,6 +40,15 @@ class _CapabilityChecks:
         if diagonal is not None:
             t = {"input": tangents["input"]}
             errors["diagonal_jacobian"] = _error(diagonal(ctx) * t["input"], self.jvp_of(t))
+        product = rule.capability("diagonal_product")
+        if product is not None:
+            t = tangents["input"]
+            into = torch.empty_like(t)
+            errors["diagonal_product"] = max(
+                _error(product(ctx, t), self.jvp_of({"input": t})),
+                _error(product(ctx, t, out=into), self.jvp_of({"input": t})),
+                _error(into, self.jvp_of({"input": t})),
+            )
         squared_of = rule.capability("squared_rows")
         for s in [] if squared_of is None or self.mixes else self.slots:
             total = None if s in self.batched else squared_of(ctx, s, cotangent)

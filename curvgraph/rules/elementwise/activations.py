@@ -57,6 +57,13 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 
+def _relu_product(y, t, out=None, inplace=False):
+    """``relu'(x) * t`` from the output ``y``: ``t`` where ``y > 0``, else 0 (no ``phi'``)."""
+    if out is None:
+        return torch.ops.aten.threshold_backward(t, y, 0)
+    return torch.ops.aten.threshold_backward.grad_input(t, y, 0, grad_input=out)
+
+
 def _sigmoid_d1(s):  # of the output s = sigmoid(x)
     return s * (1 - s)
 
@@ -105,6 +112,7 @@ elementwise_rule(
     second=lambda y, inplace=False: torch.zeros_like(y),
     name="relu",
     of_output=True,
+    product=_relu_product,
 )
 elementwise_rule(
     torch.sigmoid,

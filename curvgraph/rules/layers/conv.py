@@ -270,27 +270,41 @@ class ConvRule(ConvFamilyRule):
         return ctx.cached("unfolded", lambda: self._patches(ctx.input, ctx))
 
     def jvp(self, ctx, tangents):  # noqa: D102
+        # the terms are summed into the first one (a tensor of this call's own): one output
+        # alive, not one per term and sum
         out = 0
         if "input" in tangents:
             t = tangents["input"]
             y = CONV_FUNCTIONS[self.dims](
                 t.flatten(0, 1), ctx.weight, None, groups=ctx.groups, **self._geometry(ctx)
             )
-            out = out + y.unflatten(0, t.shape[:2])
+            out = y.unflatten(0, t.shape[:2])
         if "weight" in tangents and tangents["weight"].shape[0] <= NATIVE_COLUMNS:
-            conv = CONV_FUNCTIONS[self.dims]
-            geometry = self._geometry(ctx)
-            y = [
-                conv(ctx.input, w, None, groups=ctx.groups, **geometry) for w in tangents["weight"]
-            ]
-            out = out + torch.stack(y)
+            out = self._native_weight_jvp(ctx, tangents["weight"], out)
         elif "weight" in tangents:
             w = self._grouped_weight(tangents["weight"], ctx.groups)
             y = torch.einsum("kgoi,ngip->kngop", w, self._unfolded(ctx))
-            out = out + y.reshape(y.shape[:2] + ctx.output.shape[1:])
+            out = _plus(out, y.reshape(y.shape[:2] + ctx.output.shape[1:]))
         if "bias" in tangents:
-            out = out + self._bias(tangents["bias"])
+            bias = self._bias(tangents["bias"])  # a view of the caller's tangent: not summed into
+            out = out + bias if isinstance(out, int) else out.add_(bias)
         return out.expand(out.shape[0], *ctx.output.shape)  # a bias tangent alone broadcasts
+
+    def _native_weight_jvp(self, ctx, columns: Tensor, out) -> Tensor:
+        """``out + [K, N, *out]``: one native convolution per column, each summed into ``out``."""
+        conv, geometry = CONV_FUNCTIONS[self.dims], self._geometry(ctx)
+        fresh = isinstance(out, int)
+        for k, w in enumerate(columns):
+            y = conv(ctx.input, w, None, groups=ctx.groups, **geometry)
+            if fresh and len(columns) == 1:
+                return y.unsqueeze(0)
+            if isinstance(out, int):
+                out = y.new_empty(len(columns), *y.shape)
+            if fresh:
+                out[k] = y
+            else:
+                out[k].add_(y)
+        return out
 
     def _summed_weight_products(self, ctx, inputs, cotangents: Tensor) -> Tensor:
         """``sum_n`` of the weight products of ``inputs`` and ``cotangents`` ``[K, N, *out]``.
@@ -394,3 +408,8 @@ class ConvRule(ConvFamilyRule):
 
 for _dims in (1, 2, 3):
     register_rule(CONV_FUNCTIONS[_dims])(ConvRule(_dims))
+
+
+def _plus(out, term: Tensor) -> Tensor:
+    """``out + term`` summed into ``out``, a tensor of the caller's own (or ``term`` for 0)."""
+    return term if isinstance(out, int) else out.add_(term)
