@@ -114,8 +114,13 @@ ADAM_LRS: Dict[str, Tuple[float, ...]] = {
 }
 
 
-def _cgnewton(label: str, curvature: str, method: str, **options) -> Dict[str, Any]:
-    """A CG-Newton configuration; ``sub_batch`` and ``curvature_every`` are loop options."""
+def _cgnewton(
+    label: str, curvature: str, method: str, batch_size: Optional[int] = None, **options
+) -> Dict[str, Any]:
+    """A CG-Newton configuration; ``sub_batch`` and ``curvature_every`` are loop options.
+
+    ``batch_size``: CG-Newton's own batch (None: the problem's).
+    """
     loop = {k: options.pop(k) for k in ("sub_batch", "curvature_every") if k in options}
     return {
         "family": "cgnewton",
@@ -124,6 +129,7 @@ def _cgnewton(label: str, curvature: str, method: str, **options) -> Dict[str, A
         "method": method,
         "loop": loop,
         "hyperparameters": options,
+        "batch_size": batch_size,
     }
 
 
@@ -134,15 +140,53 @@ LM_CG = dict(SEED_CG, damping="lm")
 
 _HBP_REUSED = dict(SEED_CG, curvature_every=10)
 _LM_REUSED = dict(LM_CG, curvature_every=10)
+
+
+def _eig_every(k: int, **options) -> Dict[str, Any]:
+    """Exact eig solves whose curvature and decompositions serve ``k`` steps."""
+    return dict(SEED_CG, solver="eig", update_every=k, curvature_every=k, **options)
+
+
+#: what paid off in wall-clock time (docs/optimizer.md, "Tuning for wall-clock time"):
+#: Kronecker blocks solved exactly, recomputed every k steps; a small alpha with momentum
+#: on the sigmoid MLP, a large alpha and larger batches on the ReLU MLP
+FAST_MNIST = _eig_every(20, momentum=0.5)
+FAST_FASHION = _eig_every(50, alpha=0.2)
 CGNEWTON: Dict[str, List[Dict[str, Any]]] = {
     "mnist_mlp": [
         _cgnewton("CG-Newton GGN hbp, seed settings", "ggn", "hbp", **SEED_CG),
         _cgnewton("CG-Newton GGN hbp, curvature every 10 steps", "ggn", "hbp", **_HBP_REUSED),
         _cgnewton("CG-Newton GGN hbp, LM, curvature every 10", "ggn", "hbp", **_LM_REUSED),
+        _cgnewton(
+            "CG-Newton GGN kflr, eig solves, curvature every 20, momentum 0.5",
+            "ggn",
+            "kflr",
+            **FAST_MNIST,
+        ),
+        _cgnewton(
+            "CG-Newton GGN hbp, eig solves, curvature every 20, momentum 0.5",
+            "ggn",
+            "hbp",
+            **FAST_MNIST,
+        ),
     ],
     "fashion_mlp": [
         _cgnewton("CG-Newton GGN hbp, seed settings", "ggn", "hbp", **SEED_CG),
         _cgnewton("CG-Newton GGN hbp, LM, curvature every 10", "ggn", "hbp", **_LM_REUSED),
+        _cgnewton(
+            "CG-Newton GGN kflr, eig solves, curvature every 50, alpha 0.2, batch 256",
+            "ggn",
+            "kflr",
+            batch_size=256,
+            **FAST_FASHION,
+        ),
+        _cgnewton(
+            "CG-Newton GGN kflr, eig solves, curvature every 20, lr 0.2, alpha 0.3, batch 256",
+            "ggn",
+            "kflr",
+            batch_size=256,
+            **_eig_every(20, lr=0.2, alpha=0.3),
+        ),
     ],
     "fashion_cnn": [
         _cgnewton(
