@@ -229,3 +229,33 @@ def test_another_backward_through_the_outputs_does_not_change_the_hessian():
     reference = hessian_blocks(model, x, y, F.cross_entropy)
     for name, block in hessian.items():
         torch.testing.assert_close(block.to_dense(), reference[name], rtol=1e-10, atol=1e-12)
+
+
+def test_saved_tensors_one_op_from_kept_ones_are_dropped_and_recomputed_exactly():
+    """Autograd frees what it saved during ``backward()``; the record then alone would hold it.
+
+    A LayerNorm's and a GELU's outputs (saved for the next Linear's weight gradient) are
+    recomputed by one op from tensors the record keeps; a saved tensor whose op would run on
+    another such recomputed tensor is kept (every read would run the chain again).
+    """
+    torch.manual_seed(0)
+    d = 6
+    model = nn.Sequential(
+        nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), Block()
+    ).double()
+    x = torch.randn(4, 5, d, dtype=torch.float64)
+    cg = curvgraph.trace(model)
+    _full(cg, x)
+    full = {name: cg.record.contexts[name] for name in cg.record.contexts}
+    F.cross_entropy(cg(x), torch.randint(0, 3, (4,))).backward()
+    stored, ops = cg.record.contexts.stored, {n.name: n for n in cg.graph_module.graph.nodes}
+    for kind in ("LayerNorm", "GELU"):
+        (name,) = [n for n, ctx in stored.items() if type(ctx.module).__name__ == kind]
+        assert isinstance(stored[name].output, Rematerialized), kind
+        (user,) = [u.name for u in ops[name].users]  # the Linear reads it: recomputed
+        assert isinstance(stored[user].args["input"], Rematerialized), kind
+        rebuilt = cg.record.contexts[user].args["input"]
+        assert torch.equal(rebuilt, full[user].args["input"]), kind
+    tanh = [n for n in stored if getattr(ops[n].target, "__name__", "") == "tanh"]
+    # tanh's input (u + 0.044715 u^3, scaled) is itself recomputed: tanh's output is kept
+    assert tanh and all(isinstance(stored[n].output, torch.Tensor) for n in tanh)

@@ -142,6 +142,54 @@ def test_the_first_call_of_each_node_and_mode_is_checked_once(registered):
     assert len(calls) == 3
 
 
+def test_a_per_sample_call_is_checked_on_its_first_sample_and_a_batch_one_whole(registered):
+    """The check costs one sample's output; BatchNorm in training mode mixes: whole batch."""
+    batches = []
+
+    def function(input):
+        batches.append(input.shape[0])
+        return 2 * input**3
+
+    registered(
+        Cube, function=function, **{k: v for k, v in _cube_rule(2.0).items() if k != "function"}
+    )
+    cg = curvgraph.trace(Net(Cube()))
+    cg(torch.randn(5, 3))
+    assert batches == [1]
+    norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    calls = []
+    rule = curvgraph.rules.lookup_rule(nn.BatchNorm1d)
+    original = rule.call
+
+    def counted(arguments):
+        calls.append(arguments["input"].shape[0])
+        return original(arguments)
+
+    rule.call = counted
+    try:
+        curvgraph.trace(norm)(torch.randn(5, 3))
+        norm.eval()
+        curvgraph.trace(norm)(torch.randn(5, 3))
+    finally:
+        del rule.call
+    assert calls == [5, 1]
+
+
+def test_a_function_that_fails_on_one_sample_is_compared_on_the_whole_batch(registered):
+    """Where the first sample's call raises (or differs), the whole batch decides."""
+
+    def function(input):  # raises on one sample: the whole batch is compared, and agrees
+        if input.shape[0] == 1:
+            raise RuntimeError("needs the batch")
+        return 2 * input**3
+
+    registered(
+        Cube, function=function, **{k: v for k, v in _cube_rule(2.0).items() if k != "function"}
+    )
+    out = curvgraph.trace(Net(Cube()))(torch.randn(5, 3))
+    assert out.shape == (5, 2)
+
+
 class LogScale(nn.Module):
     """Needs constructor arguments: ``check_rule`` gets the module through ``module=``."""
 

@@ -10,12 +10,19 @@ storage is freed right away, instead of the whole record being held until the fo
 ends (the record's peak was above a plain forward's by the tensors autograd never saves).
 
 The decision for a storage ``P`` created by node ``c`` (the first node with an output in
-it): kept if autograd saved it, if it belongs to the inputs, parameters, buffers or the
-returned tensor, or if no rule may be handed a recomputation of it; else dropped with
-``c`` as its creator when ``c`` can run again exactly (a deterministic, out-of-place call
-with a rule; a stateless module) and reading it is cheap (recomputing it contracts
-nothing: no matrix product or convolution on the way) or no rule reads it; else dropped
-without a creator when no rule reads its values and no other recomputation needs them.
+it): kept if it belongs to the inputs, parameters, buffers or the returned tensor, or if
+no rule may be handed a recomputation of it; else dropped with ``c`` as its creator when
+``c`` can run again exactly (a deterministic, out-of-place call with a rule; a stateless
+module) and reading it is cheap (recomputing it contracts nothing: no matrix product or
+convolution on the way) or no rule reads it; else dropped without a creator when no rule
+reads its values and no other recomputation needs them.
+
+A storage autograd saved costs nothing until ``backward()`` frees it; from then on the
+record alone would hold it (a LayerNorm's or GELU's output, saved for the next Linear's
+weight gradient: a third of nanoGPT's record). It is dropped with its creator only when
+that is one cheap op on storages the record keeps (``c`` runs on no dropped tensor, and
+the saved storages ``c`` runs on are kept from then on): every read runs that op, never a
+chain of them.
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ class Dropper:
         self.templates: Dict[int, Set[str]] = {}  # storage -> live templates holding it
         self.recomputed: Set[str] = set()  # creators of dropped storages
         self.costly: Set[str] = set()  # those whose recomputation contracts
+        #: the storages the creators of dropped saved storages run on: kept if autograd saved
+        #: them, so such a storage is one op from kept ones (every read runs that op)
+        self.anchors: Set[int] = set()
 
     @property
     def active(self) -> bool:
@@ -149,15 +159,20 @@ class Dropper:
         users = self.templates.get(pointer, set())  # recomputations that run on it
         needed = bool(users)
         dropped = False
-        if pointer not in self.kept and pointer not in self.saved.pointers:
+        saved = pointer in self.saved.pointers
+        if pointer not in self.kept and not (saved and pointer in self.anchors):
             if creator is not None and self._can_run_again(creator):
                 contracts = self._contracts(creator)
                 # a creator still open learns that its input contracts when it is decided
-                if not (contracts and (read or users & self.recomputed)):
+                if not (contracts and (saved or read or users & self.recomputed)) and not (
+                    saved and self._runs_on_dropped(creator)
+                ):
                     self._drop(pointer, creator)
                     self.recomputed.add(creator)
                     if contracts:
                         self.costly.add(creator)
+                    if saved:
+                        self._anchor(creator)
                     dropped = True
             if not dropped and not read and not needed:
                 self._drop(pointer, None)
@@ -166,6 +181,21 @@ class Dropper:
             self._forget_template(creator)
         if not dropped:
             self._forget(pointer)
+
+    def _runs_on_dropped(self, name: str) -> bool:
+        """Whether node ``name`` runs on a dropped tensor that is recomputed when read."""
+        found: List[bool] = []
+        template = self.contexts.templates[name]
+        torch.fx.node.map_aggregate(
+            (template.args, template.kwargs),
+            lambda v: found.append(isinstance(v, Rematerialized) and v.creator is not None),
+        )
+        return any(found)
+
+    def _anchor(self, name: str) -> None:
+        """Keep the saved inputs of node ``name``, which recomputes a dropped saved tensor."""
+        template = self.contexts.templates[name]
+        self.anchors |= _storages_of((template.args, template.kwargs))
 
     def _contracts(self, name: str) -> bool:
         """Whether running node ``name`` again contracts (its rule, or a dropped input's)."""
@@ -214,6 +244,7 @@ class Dropper:
         """Drop every note about a decided storage (its address may be reused later)."""
         for notes in (self.closes, self.creator, self.reads, self.holders, self.templates):
             notes.pop(pointer, None)
+        self.anchors.discard(pointer)
 
     def _can_run_again(self, name: str) -> bool:
         """Whether the node that created a storage can recompute it exactly when read."""

@@ -58,10 +58,12 @@ def check_forward(
     change is refused), ``state`` the random state before the module ran, restored for the
     rule's function (random ops such as dropout draw alike) and then put back. Calls the
     rule refuses (:meth:`Rule.validate`) are not compared: the methods refuse them with
-    their own message.
+    their own message. A call that does not mix samples is compared on its first sample
+    (:func:`_first_sample`): the check then costs one sample's output, not a batch's; where
+    that comparison fails or raises, the whole batch is compared and decides.
     """
     info = traced.infos[n]
-    rule, expected = info.rule, ctx.output
+    rule = info.rule
     try:
         rule.validate(ctx)
     except Exception:
@@ -81,29 +83,69 @@ def check_forward(
             "flag: the recorded call holds the changed values, so curvature would be taken "
             "at another point. Give the module an `inplace` attribute or compute out of place"
         )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=state[1], enabled=True):
-            _set_random_state(state)
-            actual = rule.call(arguments)
-    except Exception as error:
-        raise CurvGraphError(
-            f"{owner} cannot compute the module's call {where}: its function raised "
-            f"{type(error).__name__}: {error}. {fix}"
-        ) from error
-    changed = [k for k, version in seen.items() if arguments[k]._version != version]
-    if changed:
-        raise CurvGraphError(
-            f"{owner} changed the module's argument(s) {changed} in place {where}: a rule's "
-            f"function must leave its arguments alone. {fix}"
-        )
+    # on the first sample alone where the call is per sample: the check's memory and time
+    # are one sample's; the whole batch where that fails (it alone decides the error)
+    for call, expected in (_first_sample(ctx, arguments), (arguments, ctx.output)):
+        if call is None:
+            continue
+        try:
+            actual = _call(rule, call, state)
+        except Exception as error:
+            if call is not arguments:
+                continue
+            raise CurvGraphError(
+                f"{owner} cannot compute the module's call {where}: its function raised "
+                f"{type(error).__name__}: {error}. {fix}"
+            ) from error
+        changed = [k for k, version in seen.items() if arguments[k]._version != version]
+        if changed:
+            raise CurvGraphError(
+                f"{owner} changed the module's argument(s) {changed} in place {where}: a "
+                f"rule's function must leave its arguments alone. {fix}"
+            )
+        mismatch = _mismatch(actual, expected, owner, where, fix)
+        del actual
+        if mismatch is None:
+            return
+        if call is arguments:
+            raise mismatch
+
+
+def _first_sample(ctx: Context, arguments: Dict[str, Any]) -> tuple:
+    """``(arguments, output)`` of the first sample alone, or ``(None, None)``.
+
+    Only for a call that does not mix samples, with every batched argument a tensor whose
+    first axis is the output's (``N > 1``).
+    """
+    output = ctx.output
+    if ctx.mixes_samples or not ctx.batched or output.dim() == 0 or output.shape[0] < 2:
+        return None, None
+    first = dict(arguments)
+    for slot in ctx.batched:
+        value = arguments.get(slot)
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != output.shape[0]:
+            return None, None
+        first[slot] = value[:1]
+    return first, output[:1]
+
+
+def _call(rule, arguments: Dict[str, Any], state: tuple) -> Any:
+    """The rule's function on ``arguments``, drawing random numbers as the module did."""
+    with torch.no_grad(), torch.random.fork_rng(devices=state[1], enabled=True):
+        _set_random_state(state)
+        return rule.call(arguments)
+
+
+def _mismatch(actual: Any, expected: Tensor, owner: str, where: str, fix: str):
+    """A :class:`CurvGraphError` if ``actual`` is not ``expected`` (allclose), else ``None``."""
     if not isinstance(actual, Tensor) or actual.shape != expected.shape:
         got = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
-        raise CurvGraphError(
+        return CurvGraphError(
             f"{owner} does not compute the module's forward: its function returns {got} "
             f"where the module returns shape {tuple(expected.shape)}, {where}. {fix}"
         )
     if not expected.is_floating_point() or not actual.is_floating_point():
-        return
+        return None
     tolerance = max(_TOLERANCE.get(t, 1e-3) for t in (expected.dtype, actual.dtype))
     if actual.dtype != expected.dtype:
         wide = torch.promote_types(expected.dtype, actual.dtype)
@@ -117,16 +159,16 @@ def check_forward(
         del magnitude
         excess, scale = torch.stack([excess - tolerance * scale, scale]).tolist()
         if not (excess > 0 or math.isnan(excess)):
-            return
+            return None
         magnitude = expected.abs()
         # rare: a difference, or NaN / inf somewhere (equal ones are no difference)
         same = (actual == expected) | (actual.isnan() & expected.isnan())
         difference = torch.where(same, 0.0, (actual - expected).abs().nan_to_num(math.inf))
         bound = tolerance * (magnitude.nan_to_num(0.0, 0.0, 0.0) + scale)
         if not (difference > bound).any():
-            return
+            return None
         difference = difference.amax().item()
-    raise CurvGraphError(
+    return CurvGraphError(
         f"{owner} does not compute the module's forward: max difference {difference:.3g} "
         f"(output scale {scale:.3g}, {expected.dtype}) between the module's output and the "
         f"rule's function, {where}. {fix}"
