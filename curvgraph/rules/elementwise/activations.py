@@ -81,6 +81,14 @@ def _gelu_d1(input, approximate="none"):
     return torch.ops.aten.gelu_backward(torch.ones_like(input), input, approximate=approximate)
 
 
+def _gelu_product(input, t, out=None, approximate="none"):
+    """``gelu'(x) * t`` by torch's fused kernel, ``x`` broadcast over ``t``'s leading axes."""
+    x = input.expand(t.shape)  # the kernel does not broadcast (oneDNN refuses [1, *x] vs x)
+    if out is None:
+        return torch.ops.aten.gelu_backward(t, x, approximate=approximate)
+    return torch.ops.aten.gelu_backward.grad_input(t, x, approximate=approximate, grad_input=out)
+
+
 def _gelu_d2(input, approximate="none"):
     if approximate == "tanh":
         u = _TANH_C * (input + 0.044715 * input**3)
@@ -179,6 +187,7 @@ elementwise_rule(
     first=_gelu_d1,
     second=_gelu_d2,
     name="gelu",
+    product=_gelu_product,
     options=[{"approximate": "tanh"}],
 )
 
