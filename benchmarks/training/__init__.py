@@ -15,8 +15,9 @@ Issue 15 item 2. Three problems (:data:`benchmarks.training.config.PROBLEMS`):
 Every configuration (SGD with momentum and Adam over lr grids, the CG-Newton settings of
 :data:`benchmarks.training.config.CGNEWTON`) runs with seeds 0, 1, 2, one after another in
 one process with one torch thread; the test set is evaluated several times per epoch,
-untimed. Opt-in: ``python -m benchmarks --sections training`` (about 25-30 minutes on two
-shared cores).
+untimed. For the time-to-target problems the per-step floor of CG-Newton against Adam is
+measured beside (:mod:`benchmarks.training.floor`). Opt-in: ``python -m benchmarks
+--sections training`` (about 25-30 minutes on two shared cores).
 
 Interface of the suite: :func:`run`, :func:`markdown`, :func:`plot`.
 """
