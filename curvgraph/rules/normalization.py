@@ -331,15 +331,57 @@ class LayerNormRule(_AffineNorm):
     def _axes(self, ctx, lead):
         return tuple(range(-self._dims(ctx), 0))
 
-    def _statistics(self, ctx):
-        """``(xhat, 1 / sigma)`` from torch's fused kernel, ``1 / sigma`` kept as size-1 axes.
+    def _normalized_shape(self, ctx) -> Tuple[int, ...]:
+        return tuple(ctx.input.shape[ctx.input.dim() - self._dims(ctx) :])
+
+    def _moments(self, ctx) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(xhat, mean, 1 / sigma)`` from torch's fused kernel (statistics as size-1 axes).
 
         One pass over the input; ``var_mean`` plus the normalization took about 9x longer on
         the CPU (1.4 ms vs 0.16 ms for ``[4, 128, 384]``, 13 times per nanoGPT kfac pass).
         """
-        shape = ctx.input.shape[ctx.input.dim() - self._dims(ctx) :]
-        xhat, _, inv_std = torch.native_layer_norm(ctx.input, shape, None, None, ctx.eps)
+        return ctx.cached(
+            "moments",
+            lambda: torch.native_layer_norm(
+                ctx.input, self._normalized_shape(ctx), None, None, ctx.eps
+            ),
+        )
+
+    def _statistics(self, ctx):
+        xhat, _, inv_std = self._moments(ctx)
         return xhat, inv_std.to(xhat.dtype)
+
+    def vjp(self, ctx: Context, cotangent: Tensor, slots: Iterable[str]) -> Tensors:
+        """As :meth:`_AffineNorm.vjp`; for one column, the input's by torch's fused kernel.
+
+        ``native_layer_norm_backward`` forms ``J^T (w * c)`` in one pass (~4x faster than the
+        elementwise formula on the CPU at ``[4, 128, 384]``); it takes one column of the
+        input's shape and dtype, other cotangents go through the formula.
+        """
+        slots = list(slots)
+        x = ctx.input
+        fused = (
+            "input" in slots
+            and cotangent.shape[0] == 1
+            and cotangent.shape[1:] == x.shape
+            and cotangent.dtype == x.dtype
+        )
+        if not fused:
+            return super().vjp(ctx, cotangent, slots)
+        result = super().vjp(ctx, cotangent, [s for s in slots if s != "input"])
+        _, mean, inv_std = self._moments(ctx)
+        grad = torch.ops.aten.native_layer_norm_backward(
+            cotangent[0],
+            x,
+            self._normalized_shape(ctx),
+            mean,
+            inv_std,
+            ctx.weight,
+            None,
+            [True, False, False],
+        )[0]
+        result["input"] = grad.unsqueeze(0)
+        return result
 
     def _param(self, ctx, p, lead):
         ones = (1,) * (ctx.input.dim() - self._dims(ctx))
