@@ -174,3 +174,25 @@ def test_conv_tangent_is_summed_into_one_output(columns):
             x, tangents["weight"][k], tangents["bias"][k], padding=1
         )
         torch.testing.assert_close(result["jvp"][k], expected_k, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_indices_free_the_channels_last_copy_first():
+    """The argmax indices: the channels-last input copy is gone before their contiguous copy.
+
+    Alive at once at most: the copy ``S``, the pooled output ``P`` and one set of indices
+    ``I`` (not the copy and two sets of indices).
+    """
+    pool = nn.MaxPool2d(3, stride=2, padding=1)
+    cg = curvgraph.trace(pool)
+    x = torch.randn(8, 16, 28, 28)
+    cg(x)
+    (ctx,) = [c for c in cg.record.contexts.values()]
+    rule = lookup_rule(nn.MaxPool2d)
+    indices = {}
+    peak = tensor_peak(lambda: indices.setdefault("i", rule._indices(ctx)))["delta_bytes"]
+    copy, pooled = x.numel() * 4, ctx.output.numel() * 4
+    index_bytes = ctx.output.numel() * 8
+    assert peak < copy + pooled + 1.5 * index_bytes, (peak, copy, pooled, index_bytes)
+    _, expected = nn.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert torch.equal(indices["i"], expected.flatten(-2))
+    assert indices["i"].is_contiguous()

@@ -82,7 +82,8 @@ class MaxPoolRule(Rule):
             x = arguments["input"]
             if x.dim() == 4 and x.device.type == "cpu":  # same indices, about 4x faster on CPU
                 arguments["input"] = x.contiguous(memory_format=torch.channels_last)
-            _, idx = self.call(arguments)
+            idx = self.call(arguments)[1]
+            del arguments  # the channels-last copy, freed before the indices' contiguous copy
             return idx.contiguous().flatten(-self.spatial)
 
         return ctx.cached("indices", compute)
