@@ -339,12 +339,24 @@ def _thin(vectors) -> bool:
 
 
 def _rotate(q_g, q_a, matrices: Tensor, inward: bool) -> Tensor:
-    """``Q_G^T M Q_A`` (``inward``) or ``Q_G M Q_A^T``; a ``None`` side is the identity."""
-    if q_g is not None:
-        matrices = (q_g.T if inward else q_g) @ matrices
-    if q_a is not None:
-        matrices = matrices @ (q_a if inward else q_a.T)
-    return matrices
+    """``Q_G^T M Q_A`` (``inward``) or ``Q_G M Q_A^T``; a ``None`` side is the identity.
+
+    The side that shrinks ``M`` more goes first: with a thin ``Q_A`` (``cols x r``, a
+    root-only input factor of fewer samples than inputs) ``(Q_G^T M) Q_A`` costs
+    ``r_G rows cols + r_G cols r`` multiply-adds, ``Q_G^T (M Q_A)`` only
+    ``rows cols r + r_G rows r``.
+    """
+    left = None if q_g is None else (q_g.T if inward else q_g)
+    right = None if q_a is None else (q_a if inward else q_a.T)
+    if left is None or right is None:
+        matrices = matrices if left is None else left @ matrices
+        return matrices if right is None else matrices @ right
+    rows, cols = matrices.shape[-2:]
+    left_first = left.shape[0] * rows * cols + left.shape[0] * cols * right.shape[1]
+    right_first = rows * cols * right.shape[1] + left.shape[0] * rows * right.shape[1]
+    if left_first <= right_first:
+        return (left @ matrices) @ right
+    return left @ (matrices @ right)
 
 
 def has_negative_eigenvalues(eigen: KroneckerEigen) -> Tensor:
