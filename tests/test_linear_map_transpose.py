@@ -1,7 +1,8 @@
 """``LinearMapRule.vjp``: autograd at an expanded zero, and the ``torch.func`` fallback.
 
 Every registered linear map is checked against torch.func by ``tests/test_rules.py``; here
-the paths that fall back (an output that does not depend on the input; an in-place op
+the narrowing ops (a slice of one feature dimension: the cotangent copied into zeros), the
+paths that fall back (an output that does not depend on the input; an in-place op
 refusing the expanded zero, integer inputs: ``None`` from the fast path) and views of the
 cotangent, against ``torch.func`` in float64.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvgraph.rules.factories import LinearMapRule, _transpose
+from curvgraph.rules.factories import LinearMapRule, _narrowing, _transpose
 from curvgraph.rules.registry import Context
 
 
@@ -30,6 +31,10 @@ CASES = {
     "split": lambda x: x.split([2, 3], dim=-1)[1],
     "reshape": lambda x: x.reshape(x.shape[0], -1),
     "constant": lambda x: torch.zeros(x.shape[0], 3, 5, dtype=x.dtype),
+    "slice": lambda x: x[:, 1:3],
+    "chunk": lambda x: x.chunk(3, dim=1)[2],
+    "flip-slice": lambda x: x.flip(-1)[..., :3],  # not a view of the input: autograd
+    "step-slice": lambda x: x[:, :, ::2],
 }
 
 
@@ -54,3 +59,18 @@ def test_fallbacks_are_taken():
     assert _transpose(lambda t: torch.zeros(2, 3, 5), x, 2, c) is None  # no dependence
     assert _transpose(lambda t: t, x.long(), 2, c) is None  # integer input
     torch.testing.assert_close(_transpose(lambda t: t.transpose(1, 2), x, 2, c.mT), c)
+
+
+def test_narrowing_is_read_off_views_of_the_input():
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    expected = {
+        "split": (2, 2, 3),
+        "slice": (1, 1, 2),
+        "chunk": (1, 4, 2),
+        "flip-slice": None,
+        "step-slice": None,
+        "transpose": None,
+    }
+    for name, narrowed in expected.items():
+        rule = LinearMapRule(name, lambda input, f=CASES[name]: f(input))
+        assert _narrowing(rule, _context(CASES[name], x)) == narrowed, name
