@@ -2,7 +2,8 @@
 
 ``layer_norm`` takes torch's ``native_layer_norm_backward`` for one column of the input's
 shape (the kfac/diag Monte-Carlo walk) and the formula otherwise; ``gelu`` multiplies by
-``phi'`` through ``gelu_backward`` (any number of columns). Both paths, against
+``phi'`` through ``gelu_backward`` (any number of columns); ``softmax`` takes
+``_softmax_backward_data`` for one column. Both paths, against
 ``torch.func.vjp`` of the op per sample.
 """
 
@@ -57,4 +58,17 @@ def test_gelu_vjp(approximate, columns):
     c = torch.randn(columns, 4, 7, dtype=DTYPE)
     result = rule.vjp(ctx, c, ["input"])["input"]
     expected = _reference(lambda t: F.gelu(t, approximate=approximate), x, c)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+@pytest.mark.parametrize("dim", [1, -1])
+def test_softmax_vjp(columns, dim):
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 5, dtype=DTYPE) * 2
+    rule = lookup_rule(F.softmax)
+    ctx = Context(dict(input=x, dim=dim), F.softmax(x, dim))
+    c = torch.randn(columns, 3, 4, 5, dtype=DTYPE)
+    result = rule.vjp(ctx, c, ["input"])["input"]
+    expected = _reference(lambda t: F.softmax(t, dim), x, c)
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-12)

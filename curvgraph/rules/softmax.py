@@ -149,6 +149,14 @@ class SoftmaxRule(_SoftmaxFamily):
         if "input" not in slots:
             return {}
         s, d = ctx.output, self._dim(ctx) + 1
+        if (
+            cotangent.shape[0] == 1
+            and cotangent.shape[1:] == s.shape
+            and cotangent.dtype == s.dtype
+        ):
+            # one column (the Monte-Carlo walk): torch's fused kernel, ~3x faster on the CPU
+            fused = torch.ops.aten._softmax_backward_data(cotangent[0], s, d - 1, s.dtype)
+            return {"input": fused.unsqueeze(0)}
         return {"input": s * (cotangent - inner(s, cotangent, d))}
 
     def averaged_vjp(self, ctx, cotangent, slots):
