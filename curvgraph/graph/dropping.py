@@ -20,9 +20,9 @@ reads its values and no other recomputation needs them.
 A storage autograd saved costs nothing until ``backward()`` frees it; from then on the
 record alone would hold it (a LayerNorm's or GELU's output, saved for the next Linear's
 weight gradient: a third of nanoGPT's record). It is dropped with its creator only when
-that is one cheap op on storages the record keeps (``c`` runs on no dropped tensor, and
-the saved storages ``c`` runs on are kept from then on): every read runs that op, never a
-chain of them.
+recomputing it is cheap and short: at most :data:`SAVED_RECOMPUTE_OPS` ops on storages
+the record keeps (the saved storages ``c`` runs on are kept from then on, so no later
+decision lengthens it), since every read runs them again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ _RANDOM = (
     *("dropout", "rand", "rrelu", "bernoulli", "normal", "uniform", "multinomial"),
     *("poisson", "gumbel", "exponential", "geometric", "cauchy"),
 )
+
+
+#: at most this many ops run on one read of a dropped tensor that autograd had saved (the
+#: three of GPT-2's ``0.5 x (1 + t)`` from its kept ``x`` and ``t``)
+SAVED_RECOMPUTE_OPS = 3
 
 
 class Dropper:
@@ -72,8 +77,9 @@ class Dropper:
         self.templates: Dict[int, Set[str]] = {}  # storage -> live templates holding it
         self.recomputed: Set[str] = set()  # creators of dropped storages
         self.costly: Set[str] = set()  # those whose recomputation contracts
+        self.ops: Dict[str, int] = {}  # creator -> ops one read of its output runs
         #: the storages the creators of dropped saved storages run on: kept if autograd saved
-        #: them, so such a storage is one op from kept ones (every read runs that op)
+        #: them, so such a read never grows past SAVED_RECOMPUTE_OPS later
         self.anchors: Set[int] = set()
 
     @property
@@ -164,11 +170,13 @@ class Dropper:
             if creator is not None and self._can_run_again(creator):
                 contracts = self._contracts(creator)
                 # a creator still open learns that its input contracts when it is decided
+                ops = self._ops(creator)
                 if not (contracts and (saved or read or users & self.recomputed)) and not (
-                    saved and self._runs_on_dropped(creator)
+                    saved and ops > SAVED_RECOMPUTE_OPS
                 ):
                     self._drop(pointer, creator)
                     self.recomputed.add(creator)
+                    self.ops[creator] = ops
                     if contracts:
                         self.costly.add(creator)
                     if saved:
@@ -182,15 +190,15 @@ class Dropper:
         if not dropped:
             self._forget(pointer)
 
-    def _runs_on_dropped(self, name: str) -> bool:
-        """Whether node ``name`` runs on a dropped tensor that is recomputed when read."""
-        found: List[bool] = []
+    def _ops(self, name: str) -> int:
+        """Ops one read of node ``name``'s output runs: its own and its dropped inputs'."""
+        handles: Dict[str, Rematerialized] = {}
         template = self.contexts.templates[name]
         torch.fx.node.map_aggregate(
             (template.args, template.kwargs),
-            lambda v: found.append(isinstance(v, Rematerialized) and v.creator is not None),
+            lambda v: handles.setdefault(v.creator, v) if isinstance(v, Rematerialized) else v,
         )
-        return any(found)
+        return 1 + sum(self.ops.get(creator, 1) for creator in handles if creator is not None)
 
     def _anchor(self, name: str) -> None:
         """Keep the saved inputs of node ``name``, which recomputes a dropped saved tensor."""

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from curvgraph.curvature import BlockCurvature, CurvatureOperator
 from curvgraph.graph import TracedGraph
+from curvgraph.heap import trim_heap
 from curvgraph.losses import recognise
 from curvgraph.methods.base import STRUCTURES, Method, lookup_method
 from curvgraph.methods.ranks import RankAgreement
@@ -54,7 +55,10 @@ def compute_curvature(
     (:attr:`~curvgraph.methods.Method.walks_once`: ``sqrt``, ``diag``, ``kflr``, ``kfac``,
     ``ekfac``) frees each as its walk passes it, so the record shrinks while the blocks
     grow; the others free it when they return. A second curvature call on the same
-    forward is then refused.
+    forward is then refused. On the CPU the call first gives the C heap's free pages back
+    to the operating system (:func:`curvgraph.heap.trim_heap`: the blocks then reuse them
+    instead of growing the process's resident memory; ``CURVGRAPH_HEAP_TRIM=0`` turns it
+    off).
     """
     progress = options.pop("progress", None)
     progress_mode(progress)  # refuse a bad value before any work
@@ -84,6 +88,8 @@ def compute_curvature(
     if not retain_record:
         record.versions = []  # checked above; they would hold every recorded tensor
         record.releasing = chosen.walks_once
+        if outputs.device.type == "cpu":  # the blocks reuse the heap backward() left free
+            trim_heap()
     try:
         with walk_bar(f"curvature {chosen.name} {curvature}", progress):
             if len(chosen.structures) > 1:
