@@ -174,13 +174,13 @@ def _outputs(model, x):
 def test_the_input_factor_is_computed_once(monkeypatch):
     """Later chunks reuse ``A`` (``input_factor=``): one unfolding per convolution."""
     unfolded = []
-    patch_columns = conv_rules.patch_columns
+    patch_rows = conv_rules.patch_rows
 
     def counted(x, *args, **kwargs):
         unfolded.append(tuple(x.shape))
-        return patch_columns(x, *args, **kwargs)
+        return patch_rows(x, *args, **kwargs)
 
-    monkeypatch.setattr(conv_rules, "patch_columns", counted)
+    monkeypatch.setattr(conv_rules, "patch_rows", counted)
     _, walks = blocks("cnn", 1, monkeypatch)
     assert len(walks) == C and len(unfolded) == 2
 

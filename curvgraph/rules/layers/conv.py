@@ -16,7 +16,6 @@ terms ``d2 y / dW dx`` (:class:`~curvgraph.rules.residuals.CrossTerms`).
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 
 import torch
@@ -27,6 +26,7 @@ from torch.nn.modules.utils import _ntuple
 from curvgraph.rules.factories import PullbackRule
 from curvgraph.rules.gram import gram, symmetric_product
 from curvgraph.rules.layers.conv_squares import squared_weight_rows
+from curvgraph.rules.layers.kfc_inputs import channel_major, patch_rows
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,
@@ -36,7 +36,7 @@ from curvgraph.rules.registry import (
 )
 from curvgraph.rules.residuals import CrossTerms, Residual
 
-__all__ = ["ConvRule", "patch_columns", "patches", "resolve_padding"]
+__all__ = ["ConvRule", "patches", "resolve_padding"]
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: weight products of at most this many columns use native convolutions per column (no
@@ -90,32 +90,6 @@ def patches(x: Tensor, kernel, stride, padding, dilation, groups: int) -> Tensor
         order = [0, 1] + list(range(2 + dims, 2 + 2 * dims)) + list(range(2, 2 + dims))
         cols = x.permute(order).reshape(x.shape[0], -1, math.prod(positions))
     return cols.reshape(*lead, groups, -1, cols.shape[-1])
-
-
-def patch_columns(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
-    """The patches of ``x`` ``[N, C, *S]`` as columns ``[C * prod(kernel), N * P]``.
-
-    Row ``(c, kernel offsets)`` as in :func:`patches` (one group), column ``(n, p)``: the
-    layout of a Gram ``F F^T`` over all samples and positions, built from one strided copy
-    per kernel offset of the channel-major input instead of :func:`patches` and a transposed
-    copy of its ``[N, d, P]`` result.
-    """
-    dims = len(kernel)
-    pads = [p for axis in reversed(padding) for p in (axis, axis)]
-    channels_first = x.transpose(0, 1)  # [C, N, *S]
-    channels_first = F.pad(channels_first, pads) if any(pads) else channels_first.contiguous()
-    sizes = [
-        (channels_first.shape[2 + a] - dilation[a] * (kernel[a] - 1) - 1) // stride[a] + 1
-        for a in range(dims)
-    ]
-    columns = x.new_empty(x.shape[1], math.prod(kernel), x.shape[0], *sizes)
-    for j, offsets in enumerate(itertools.product(*(range(k) for k in kernel))):
-        window = tuple(
-            slice(o * d, o * d + (size - 1) * s + 1, s)
-            for o, d, s, size in zip(offsets, dilation, stride, sizes)
-        )
-        columns[:, j].copy_(channels_first[(slice(None), slice(None)) + window])
-    return columns.view(x.shape[1] * math.prod(kernel), x.shape[0] * math.prod(sizes))
 
 
 def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -377,8 +351,9 @@ class ConvRule(ConvFamilyRule):
         if "unfolded" in ctx.cache:  # another method unfolded the input already
             unfolded = ctx.cache["unfolded"][:, 0]  # [N, I, P]
             return gram(unfolded).div_(unfolded.shape[0] * unfolded.shape[-1])
-        columns = patch_columns(ctx.input, ctx.weight.shape[2:], **self._geometry(ctx))
-        return symmetric_product(columns).div_(columns.shape[1])
+        rows = patch_rows(ctx.input, ctx.weight.shape[2:], **self._geometry(ctx))
+        kernel_major = symmetric_product(rows.T).div_(rows.shape[0])
+        return channel_major(kernel_major, ctx.input.shape[1])
 
     def residual(self, ctx, grad_output) -> Residual:  # noqa: D102
         def product(t, wanted, summed=()):
