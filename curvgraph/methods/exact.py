@@ -18,9 +18,11 @@ on DAGs, with weight tying and with ops that mix samples.
 Memory (:mod:`curvgraph.methods.column_stacks`): each tangent is released after its last
 use, and kept for the backward walk only where a residual acts on the products (not at
 ``relu``: ``phi'' = 0``, nor at a layer whose weight and input carry different blocks'
-columns); a diagonal Jacobian overwrites a tangent or adjoint that only the walk holds;
-what rules cache (``phi'``, pooling indices, patches) is kept with the products for the
-next product, never on the record.
+columns); a diagonal Jacobian overwrites a tangent or adjoint that only the walk holds
+(``relu`` from its recorded output, without a ``phi'``); what rules cache (``phi'``,
+pooling indices, patches) is kept with the products for the next product, never on the
+record; a caller's destinations (``out``: the slices of an operator's flat result) receive
+each parameter's products as they arrive.
 
 The blocks are a snapshot of the point where they were computed, like every other method's:
 the recorded arguments that share storage with the model's parameters or buffers (detached
