@@ -34,6 +34,7 @@ import torch.fx
 from torch import Tensor
 
 from curvgraph.graph.slim import Contexts, Rematerialized, SavedStorages, storage_pointer
+from curvgraph.graph.statics import GraphStatics
 
 __all__ = ["Dropper"]
 
@@ -55,20 +56,20 @@ class Dropper:
     Args:
         record: the forward's record (its ``contexts`` are a :class:`Contexts`).
         saved: the storages autograd saves (nothing is dropped when it is inactive).
-        graph: the fx graph that runs.
-        rules: node name -> the node's rule (ruled nodes only).
+        statics: the graph's :class:`~curvgraph.graph.statics.GraphStatics` (its nodes,
+            their positions and last uses, the rules of the ruled nodes).
         kept: storages to keep whatever autograd does (inputs, parameters, buffers);
             :meth:`keep` adds more (derived tensors), :meth:`finish` the returned ones.
     """
 
-    def __init__(self, record, saved: SavedStorages, graph: torch.fx.Graph, rules, kept):
-        self.record, self.saved, self.rules, self.kept = record, saved, rules, set(kept)
+    def __init__(self, record, saved: SavedStorages, statics: GraphStatics, kept):
+        self.record, self.saved, self.kept = record, saved, set(kept)
+        self.rules = statics.rules
         self.contexts: Contexts = record.contexts
-        self.nodes = {n.name: n for n in graph.nodes}
-        index = {n: i for i, n in enumerate(graph.nodes)}
-        self.index = {n.name: i for n, i in index.items()}
+        self.nodes = statics.named
+        self.index = statics.index
         #: node name -> index of the last node that uses its output
-        self.last_use = {n.name: max([index[u] for u in n.users] + [i]) for n, i in index.items()}
+        self.last_use = statics.last_use
         self.closes: Dict[int, int] = {}  # storage -> index of the last node using it
         self.pending: Dict[int, List[int]] = {}  # index -> storages that may close there
         self.creator: Dict[int, str] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from curvgraph.graph.statics import forward_signature, graph_statics
+
 if TYPE_CHECKING:
     from curvgraph.graph.traced import TracedGraph
 
@@ -24,24 +26,15 @@ def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[
     """
     model = graph.model
     name = f"{type(model).__name__}.forward()"
-    targets = [n.target for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
+    statics = graph_statics(graph)
+    targets = statics.placeholders
     inputs = graph.graph_module.meta.get("curvgraph_inputs")
     if inputs is not None:  # captured by torch.export: the flattened example inputs
         problem = inputs.mismatch(args, kwargs)
         if problem is not None:
             raise TypeError(f"{name}: {problem}")
         return dict(zip(targets, inputs.leaves(args, kwargs)))
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        signature = None
-    names = set()
-    if signature is not None:
-        kinds = {
-            inspect.Parameter.VAR_POSITIONAL: "*",
-            inspect.Parameter.VAR_KEYWORD: "**",
-        }
-        names = {kinds.get(p.kind, "") + p.name: p.name for p in signature.parameters.values()}
+    signature, names = forward_signature(statics, model.forward)
     if signature is None or any(t not in names for t in targets):
         if not kwargs:
             return None
@@ -49,9 +42,18 @@ def bind_inputs(graph: TracedGraph, args: tuple, kwargs: dict) -> Optional[Dict[
             f"{name} got keyword arguments {sorted(kwargs)}, but its signature does not "
             f"name the traced graph's inputs {targets}: pass them positionally"
         )
+    if not kwargs and len(args) == len(targets) and _positional(signature, targets):
+        return dict(zip(targets, args))  # what bind and apply_defaults give, without them
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:
         raise TypeError(f"{name} {error}") from None
     bound.apply_defaults()
     return {t: bound.arguments[names[t]] for t in targets}
+
+
+def _positional(signature: inspect.Signature, targets: list) -> bool:
+    """Whether the signature is exactly ``(t_1, ..., t_k)``, each taken by position."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = list(signature.parameters.values())
+    return [p.name for p in parameters] == targets and all(p.kind in kinds for p in parameters)

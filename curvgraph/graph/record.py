@@ -31,6 +31,7 @@ from curvgraph.graph.forward_check import (
 )
 from curvgraph.graph.inputs import bind_inputs
 from curvgraph.graph.slim import Contexts, SavedStorages, Template
+from curvgraph.graph.statics import graph_statics
 from curvgraph.rules import Context
 
 if TYPE_CHECKING:
@@ -161,21 +162,50 @@ class Recorder(torch.fx.Interpreter):
     """
 
     def __init__(self, graph: TracedGraph, record: Record, shapes: bool = False):
-        super().__init__(graph.graph_module)
+        # torch.fx.Interpreter's state, from the trace's statics instead of a pass over the
+        # graph per call (its __init__ also lists every submodule, which nothing here reads)
+        statics = graph_statics(graph)
+        self.module, self.graph, self.env = graph.graph_module, graph.graph_module.graph, {}
+        self.name, self.garbage_collect_values, self.extra_traceback = "Recorder", True, True
+        self.user_to_last_uses = statics.last_uses
+        self.statics = statics
         self.traced, self.record, self.shapes = graph, record, shapes
         #: placeholder target -> value (:func:`bind_inputs`); ``None``: positional ``run``
         self.inputs: Optional[Dict[str, Any]] = None
         #: drops what only the record holds as each storage dies (set by record_forward)
         self.dropper: Optional[Dropper] = None
-        self._needed_sizes = {s for d in graph.derived.values() for s in d.sizes}
+        self._needed_sizes = statics.needed_sizes
         self._sizes: Dict[str, Any] = {}
         #: nodes whose ``dL/dy`` the hooks keep: what the graph returns, and derived tensors
         #: (parameter-sized); the others are computed when a method needs them
         #: (:func:`curvgraph.graph.plan.gradients`), not held through every backward
-        nodes = graph.graph_module.graph.nodes
-        returned = [n for n in nodes if n.op == "output"]
-        self._kept_grads = {a.name for n in returned for a in n.all_input_nodes}
-        self._kept_grads.update(graph.derived)
+        self._kept_grads = statics.kept_grads
+
+    @property
+    def submodules(self) -> Dict[str, nn.Module]:
+        """``torch.fx.Interpreter``'s map of submodules, built only if something asks."""
+        return dict(self.module.named_modules())
+
+    def run(self, *args) -> Any:
+        """Run the graph (``torch.fx.Interpreter.run`` without its progress bar per call)."""
+        self.args_iter = iter(args)
+        env, last_uses = self.env, self.user_to_last_uses
+        for node in self.statics.nodes:
+            if node in env:
+                continue
+            try:
+                env[node] = self.run_node(node)
+            except Exception as error:  # as fx says it: which node of the graph failed
+                if error.args and isinstance(error.args[0], str):
+                    message = f"{error.args[0]}\n\nWhile executing {node.format_node()}"
+                    message += f"\nOriginal traceback:\n{node.stack_trace}"
+                    error.args = (message,) + error.args[1:]
+                raise
+            for dead in last_uses.get(node, ()):
+                del env[dead]
+            if node.op == "output":
+                return self.graph.process_outputs(env[node])
+        return None
 
     def placeholder(self, target, args, kwargs) -> Any:  # noqa: D102
         if self.inputs is None:
@@ -313,11 +343,11 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     record = Record(grad_enabled=torch.is_grad_enabled())
     recorder = Recorder(graph, record, shapes)
     recorder.inputs = bind_inputs(graph, args, kwargs)
-    rules = {node.name: info.rule for node, info in graph.infos.items()}
+    statics = recorder.statics
     inputs = args if recorder.inputs is None else tuple(recorder.inputs.values())
     kept = _storages((inputs, kwargs, graph.model.state_dict(keep_vars=True)))
     with SavedStorages() as saved:
-        recorder.dropper = Dropper(record, saved, graph.graph_module.graph, rules, kept)
+        recorder.dropper = Dropper(record, saved, statics, kept)
         record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
     recorder.dropper.finish(record.result)
     record.versions = _versions(graph.model, record.contexts.stored)
