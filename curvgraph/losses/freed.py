@@ -92,7 +92,7 @@ def class_axis_from_gradient(
         if outputs.shape[axis] < 2:
             continue
         # |sum_v g_v| / sum_v |g_v| per row: rounding-small on the class axis, O(1) elsewhere
-        mass = g.abs().sum(axis).clamp(min=torch.finfo(g.dtype).tiny)
+        mass = torch.linalg.vector_norm(g, 1, dim=axis).clamp(min=torch.finfo(g.dtype).tiny)
         if float((g.sum(axis).abs() / mass).median()) > _ROW_SUM_RATIO:
             continue
         error, counted, scale = _deviation(call, outputs, gradient, axis)
@@ -102,38 +102,52 @@ def class_axis_from_gradient(
 
 
 def _deviation(call: LossCall, outputs: Tensor, gradient: Tensor, axis: int):
-    """``(max |g / scale - (p - e_y)|, counted, scale)`` on the nonzero rows along ``axis``."""
+    """``(max |g / scale - (p - e_y)|, counted, scale)`` on the nonzero rows along ``axis``.
+
+    ``d = g / scale - p`` is ``-e_y`` plus the residual on a counted row, so ``y = argmin d``
+    and the residual is ``d + e_y``, formed in place: besides ``p``, one temporary of the
+    logits' size (GPT-2's ``[4, 128, 50257]`` logits: indexing the counted rows out and
+    forming ``p - e_y`` apart took ~0.7 s of its kfac pass on one CPU thread).
+    """
     g = gradient.detach().to(outputs.dtype).movedim(axis, -1)
     logits = outputs.detach().movedim(axis, -1)
-    nonzero = (g != 0).any(-1)
+    nonzero = torch.linalg.vector_norm(g, float("inf"), dim=-1) != 0
     count = int(nonzero.sum())
     scale = 1.0 if call.reduction == "sum" else 1.0 / max(count, 1)
     if not count:
         return 0.0, nonzero, scale
     p = torch.softmax(logits, dim=-1)
-    target = p[nonzero]  # p - e_y on a counted row: y where g / scale - p is -1
-    target[torch.arange(count), (g[nonzero] / scale - target).argmin(-1)] -= 1
+    d = torch.div(g, scale).sub_(p)
+    y = d.argmin(-1, keepdim=True)  # the target: -1 where g / scale - p is -1
     counted = nonzero
     if call.reduction != "sum":
-        counted = _with_saturated(nonzero, p, g[nonzero], target)
-        scale = 1.0 / int(counted.sum())
-    residual = g[nonzero] / scale - target
-    return float(residual.abs().amax()), counted, scale
+        counted = _with_saturated(nonzero, p, g, y)
+        if counted is not nonzero:  # one-hot rows counted too: the nonzero rows' scale
+            scale = 1.0 / int(counted.sum())
+            d = torch.div(g, scale).sub_(p)
+    d.scatter_add_(-1, y, torch.ones_like(y, dtype=d.dtype))  # d + e_y: the residual
+    if count < nonzero.numel():
+        d.masked_fill_(~nonzero.unsqueeze(-1), 0)  # ignored rows do not count
+    return float(torch.linalg.vector_norm(d, float("inf"))), counted, scale
 
 
-def _with_saturated(nonzero: Tensor, p: Tensor, g: Tensor, target: Tensor) -> Tensor:
+def _with_saturated(nonzero: Tensor, p: Tensor, g: Tensor, y: Tensor) -> Tensor:
     """``nonzero`` and the counted rows whose gradient is zero because ``p`` is one-hot.
 
     A counted sample whose softmax is one-hot in floating point has the gradient
     ``(p - e_y) / M = 0``, like an ignored one; the mean's count ``M`` shows how many of
-    these rows it counted: ``1/M`` is the scale of the nonzero rows (least squares). Which
-    of the one-hot rows are counted does not change the curvature: their loss Hessian
-    ``diag(p) - p p^T`` is zero to rounding.
+    these rows it counted: ``1/M`` is the scale of the nonzero rows (least squares of ``g``
+    against ``p - e_y`` on them, ``y`` their targets). Which of the one-hot rows are counted
+    does not change the curvature: their loss Hessian ``diag(p) - p p^T`` is zero to
+    rounding. ``nonzero`` itself (the same object) where no row is one-hot.
     """
     eps = torch.finfo(p.dtype).eps
     one_hot = ~nonzero & (p.amax(-1) >= 1 - _ULPS * eps)
     if not one_hot.any():
         return nonzero
+    target = p[nonzero]
+    target.scatter_add_(-1, y[nonzero], -torch.ones_like(y[nonzero], dtype=p.dtype))
+    g = g[nonzero]
     fitted = float((g * target).sum() / (target * target).sum().clamp(min=eps))
     count = int(nonzero.sum())
     extra = round(1 / fitted) - count if fitted > 0 else 0
@@ -147,7 +161,7 @@ def _with_saturated(nonzero: Tensor, p: Tensor, g: Tensor, target: Tensor) -> Te
 
 def _tolerance(outputs: Tensor, gradient: Tensor) -> float:
     eps = torch.finfo(gradient.dtype).eps
-    return _ULPS * eps * max(1.0, float(outputs.detach().abs().amax()))
+    return _ULPS * eps * max(1.0, float(torch.linalg.vector_norm(outputs.detach(), float("inf"))))
 
 
 def _unknown_message(call: LossCall) -> str:
