@@ -275,6 +275,10 @@ def _cross_entropy(
         if not steps and _over_classes(call, outputs):
             return _freed_cross_entropy(call, outputs, gradient)
         return _freed_token_cross_entropy(call, outputs, gradient)
+    if _plain_logits(call, steps, outputs):  # what token_layout finds, without its masks
+        _check_targets(call, outputs.shape[1])
+        scale = _scale(call, samples=outputs.shape[0])
+        return None if scale is None else CrossEntropyLoss(outputs, scale)
     layout = token_layout(call, steps, outputs)
     if layout is None:
         return None
@@ -286,6 +290,20 @@ def _cross_entropy(
     if outputs.dim() == 2 and bool(counted.all()):
         return CrossEntropyLoss(outputs, scale)
     return TokenCrossEntropyLoss(outputs, class_axis, counted, scale)
+
+
+def _plain_logits(call: LossCall, steps, outputs: Tensor) -> bool:
+    """Logits ``[N, C]`` read directly, one target per sample, none equal to ``ignore_index``."""
+    shape, target = call.logits_shape, call.target
+    return (
+        not steps
+        and call.ignores_targets is False
+        and target is not None
+        and shape is not None
+        and tuple(shape) == tuple(outputs.shape)
+        and _over_classes(call, outputs)
+        and target.numel() == outputs.shape[0]
+    )
 
 
 def _over_classes(call: LossCall, outputs: Tensor) -> bool:
@@ -325,6 +343,10 @@ def _freed_token_cross_entropy(
 def _check_targets(call: LossCall, classes: int) -> None:
     """Refuse class indices outside ``[0, classes)`` other than ``ignore_index``."""
     target = call.target
+    if target.numel():  # one reduction when every target is a class (the usual case)
+        low, high = torch.aminmax(target)
+        if bool((low >= 0) & (high < classes)):
+            return
     bad = (target != call.ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         raise ValueError(
