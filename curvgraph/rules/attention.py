@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.rules.constants import CONSTANT
-from curvgraph.rules.factories import linear_rule
+from curvgraph.rules.factories import LinearMapRule
 from curvgraph.rules.registry import Rule, Sample, canonical, randn, register_rule
 from curvgraph.rules.residuals import Zero
 
@@ -40,10 +40,19 @@ def attention_scale(input: Tensor, scale=None) -> Tensor:
     return input * (input.shape[-1] ** -0.5 if scale is None else scale)
 
 
-linear_rule(
-    attention_scale,
-    function=attention_scale,
-    samples=lambda: [Sample((randn(2, 3, 4),)), Sample((randn(2, 2, 3, 4),), dict(scale=0.3))],
+class _ScaleRule(LinearMapRule):
+    """``y = c x``: its own transpose, so ``vjp`` applies the op to the cotangent."""
+
+    def vjp(self, ctx, cotangent, slots):  # noqa: D102
+        return {"input": attention_scale(cotangent, ctx.scale)} if "input" in slots else {}
+
+
+register_rule(attention_scale)(
+    _ScaleRule(
+        "attention_scale",
+        attention_scale,
+        lambda: [Sample((randn(2, 3, 4),)), Sample((randn(2, 2, 3, 4),), dict(scale=0.3))],
+    )
 )
 
 
