@@ -94,10 +94,13 @@ def psd_root(matrix: Tensor) -> Optional[Tensor]:
     (a user's output Hessian), walked densely.
     """
     values, vectors = torch.linalg.eigh(matrix)
-    tolerance = 100 * torch.finfo(values.dtype).eps * values.abs().max()
-    if bool((values < -tolerance).any()):
+    # one host read of the C eigenvalues (ascending), then plain slices: the kept ones are a
+    # suffix (a boolean mask, its checks and its gather were ~8 small ops, 0.1 ms at C = 10)
+    host = values.tolist()
+    tolerance = 100 * torch.finfo(values.dtype).eps * max(abs(host[0]), abs(host[-1]))
+    if host[0] < -tolerance:
         return None
-    keep = values > tolerance
-    if not bool(keep.any()):  # M = 0 (a loss linear in the output): one zero row
+    first = next((i for i, value in enumerate(host) if value > tolerance), len(host))
+    if first == len(host):  # M = 0 (a loss linear in the output): one zero row
         return matrix.new_zeros(1, matrix.shape[0])
-    return (vectors[:, keep] * values[keep].sqrt()).T.contiguous()
+    return (vectors[:, first:] * values[first:].sqrt()).T.contiguous()
