@@ -9,6 +9,8 @@
 The products stay exact: dense ``torch.func`` GGN / Hessian in float64, cross terms included.
 """
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from curvgraph.methods import exact as exact_module
 from curvgraph.rules import lookup_rule
 
 DT = torch.float64
+SLOW = os.environ.get("CURVGRAPH_SLOW_TESTS") == "1"
 
 
 def _conv_relu():
@@ -196,3 +199,16 @@ def test_pooling_indices_free_the_channels_last_copy_first():
     _, expected = nn.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
     assert torch.equal(indices["i"], expected.flatten(-2))
     assert indices["i"].is_contiguous()
+
+
+@pytest.mark.skipif(not SLOW, reason="compiles a graph (~20 s); set CURVGRAPH_SLOW_TESTS=1")
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_full_relu_products_compile_without_graph_breaks(curvature):
+    """The in-place relu product (``out=``) and the writes into the flat result compile."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DT)
+    x, y = torch.randn(7, 6, dtype=DT), torch.randint(0, 3, (7,))
+    _, op = _full(model, x, y, curvature)
+    v = torch.randn(op.numel, dtype=DT)
+    compiled = torch.compile(lambda operator, vector: operator.matvec(vector), fullgraph=True)
+    torch.testing.assert_close(compiled(op, v), _dense(model, x, y, curvature) @ v)
