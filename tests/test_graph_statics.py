@@ -100,3 +100,26 @@ def test_a_failing_node_is_named():
     cg = curvgraph.trace(model)
     with pytest.raises(RuntimeError, match="While executing"):
         cg(torch.randn(4, 7))  # wrong feature size
+
+
+def test_plan_follows_requires_grad_and_replaced_parameters():
+    from curvgraph.graph import plan
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    cg = curvgraph.trace(model)
+    x, y = _data()
+    cg(x)
+    first = plan(cg)
+    again = plan(cg)  # the cached analysis, as a copy
+    assert again is not first and again.parameters == first.parameters
+    assert again.parameters is not first.parameters
+    model[0].weight.requires_grad_(False)
+    out, blocks = _blocks(cg, model, x, y)
+    assert "0.weight" not in plan(cg).parameters and "0.weight" not in blocks
+    _, expected = _fresh_blocks(model, x, y)
+    assert blocks.keys() == expected.keys()
+    for name in blocks:
+        torch.testing.assert_close(blocks[name], expected[name], rtol=0, atol=0)
+    model[0].weight.requires_grad_(True)
+    cg(x)
+    assert "0.weight" in plan(cg).parameters

@@ -27,6 +27,7 @@ import torch.fx
 from torch import Tensor
 
 from curvgraph.errors import CurvGraphError
+from curvgraph.graph.statics import cached_plan, keep_plan
 from curvgraph.progress import walk_steps
 
 if TYPE_CHECKING:
@@ -136,6 +137,18 @@ def plan(graph: TracedGraph, warn: bool = True) -> Plan:
     """
     graph.check_unchanged()
     parameters = graph.parameters_with_blocks()
+    result = cached_plan(graph, parameters)  # the same capture and trainable parameters
+    if result is None:
+        result = _analyse(graph, parameters)
+        keep_plan(graph, parameters, result)
+    _refuse_unrecorded(graph, result.order)
+    if warn:
+        _warn_cut_off(graph, result.cut_off)
+    return result
+
+
+def _analyse(graph: TracedGraph, parameters: Dict[str, Tensor]) -> Plan:
+    """The plan's nodes, uses and parameters (what depends only on the capture and flags)."""
     output = graph.output_node()
     depends = set()
     for node, info in graph.infos.items():
@@ -160,11 +173,8 @@ def plan(graph: TracedGraph, warn: bool = True) -> Plan:
                 + describe_cut_off(result.cut_off)
             )
         raise CurvGraphError("the model's output does not depend on any trainable parameter")
-    _refuse_unrecorded(graph, order)
     # parameters used only off the path to the output (dead code) get no block
     result.parameters = {n: p for n, p in parameters.items() if n in result.uses}
-    if warn:
-        _warn_cut_off(graph, result.cut_off)
     return result
 
 

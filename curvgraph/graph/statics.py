@@ -14,7 +14,7 @@ graph module, its graph and the analysis, which every new trace replaces.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch.fx
@@ -22,7 +22,7 @@ import torch.fx
 if TYPE_CHECKING:
     from curvgraph.graph.traced import TracedGraph
 
-__all__ = ["GraphStatics", "graph_statics", "forward_signature"]
+__all__ = ["GraphStatics", "graph_statics", "forward_signature", "cached_plan", "keep_plan"]
 
 
 @dataclass
@@ -55,6 +55,8 @@ class GraphStatics:
     last_use: Dict[str, int]
     #: ``(forward function, signature, placeholder -> parameter name)`` of the last bind
     signature: Optional[tuple] = None
+    #: ``(parameters with blocks, requires_grad flags, plan)`` of the last ``plan()``
+    plan: Optional[tuple] = None
 
 
 def _key(traced: TracedGraph) -> Tuple[Any, ...]:
@@ -119,3 +121,38 @@ def forward_signature(statics: GraphStatics, forward: Any) -> tuple:
         names = {kinds.get(p.kind, "") + p.name: p.name for p in signature.parameters.values()}
     statics.signature = (function, signature, names)
     return signature, names
+
+
+def cached_plan(traced: TracedGraph, parameters: Dict[str, Any]) -> Optional[Any]:
+    """A copy of the plan analysed for the same capture and the same trainable parameters.
+
+    ``None`` when there is none: another capture, another set of parameters with blocks
+    (``requires_grad`` flipped, a parameter replaced), or derived tensors (their values
+    come from the record). The copy has its own ``parameters``, ``cut_off`` and ``unused``.
+    """
+    if traced.derived:
+        return None
+    cached = graph_statics(traced).plan
+    if cached is None:
+        return None
+    before, flags, result = cached
+    same = before.keys() == parameters.keys() and flags == _trainable(traced)
+    if not (same and all(before[n] is p for n, p in parameters.items())):
+        return None
+    return replace(
+        result,
+        parameters=dict(result.parameters),
+        cut_off=dict(result.cut_off),
+        unused=list(result.unused),
+    )
+
+
+def keep_plan(traced: TracedGraph, parameters: Dict[str, Any], result: Any) -> None:
+    """Remember ``result`` for :func:`cached_plan` (not with derived tensors)."""
+    if not traced.derived:
+        graph_statics(traced).plan = (dict(parameters), _trainable(traced), result)
+
+
+def _trainable(traced: TracedGraph) -> Tuple[bool, ...]:
+    """``requires_grad`` of every parameter (a frozen one without a block leaves ``unused``)."""
+    return tuple(p.requires_grad for p in traced.model.parameters())
