@@ -212,3 +212,32 @@ def test_full_relu_products_compile_without_graph_breaks(curvature):
     v = torch.randn(op.numel, dtype=DT)
     compiled = torch.compile(lambda operator, vector: operator.matvec(vector), fullgraph=True)
     torch.testing.assert_close(compiled(op, v), _dense(model, x, y, curvature) @ v)
+
+
+def test_max_pool_outputs_read_by_a_rule_are_kept(monkeypatch):
+    """The next convolution reads the pooled output: the record keeps it (no recomputation).
+
+    A slim record may drop a tensor it can recompute cheaply; max pooling is not cheap on
+    the CPU (about the cost of a convolution), so the products' set-up runs no pooling again.
+    """
+    from curvgraph.graph import slim
+
+    torch.manual_seed(0)
+    model = _conv_relu().to(DT)
+    x, y = torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 3, (5,))
+    cg = curvgraph.trace(model)
+    out = cg(x)
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    runs = []
+    original = slim.Template.run
+
+    def counting(self, values):
+        runs.append(self.target)
+        return original(self, values)
+
+    monkeypatch.setattr(slim.Template, "run", counting)
+    op = cg.curvature(loss, out, "ggn", "exact", structure="full")
+    v = torch.randn(op.numel, dtype=DT)
+    torch.testing.assert_close(op.matvec(v), _dense(model, x, y, "ggn") @ v)
+    assert not [t for t in runs if isinstance(t, nn.MaxPool2d)], runs

@@ -59,6 +59,12 @@ class MaxPoolRule(Rule):
     """
 
     value_free = frozenset({"output"})
+    # not a contraction, but as costly to run again: torch's CPU kernel on the recorded
+    # (channels-first) layout takes ~31 ms at [64, 64, 28, 28], about the forward's conv.
+    # A slim record that dropped 3c3d's pooled outputs recomputed them at every exact
+    # products' set-up (39 ms of a 0.23 s forward + Hessian set-up + product); kept where a
+    # rule reads them (4.2 MiB at N = 64)
+    contracts = True
 
     def __init__(self, name: str, function: Callable, spatial: int, samples: Callable):
         self.name = name
