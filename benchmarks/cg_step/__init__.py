@@ -13,6 +13,10 @@ interleaved in one process (wall and CPU time, medians of the timed calls):
   iteration, forward + backward (+ ``loss_hessian`` + ``backward_hessian``) + step;
 - ``product``: one damped block product ``(1 - alpha) C v + alpha v``, the work CG cannot
   avoid once per iteration;
+- ``output_hessian_floor`` / ``hbp_block_floor``: the cross-entropy's output Hessian in
+  closed form and the Linear layer's HBP input factor (the mean input), the rest of what
+  a CG-Newton iteration must do beyond SGD's (:mod:`benchmarks.cg_step.floors`: the floor
+  of the full iteration, by time and by launches);
 
 the kernel launches of one call each (aten operators that no other aten operator called, by
 ``torch.profiler``) and the launch-count floor of the step (CG iterations x (the product's

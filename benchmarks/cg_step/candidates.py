@@ -23,6 +23,8 @@ CANDIDATES = (
     "cgnewton_iteration",
     "cgnewton_iteration_compiled",
     "product",
+    "output_hessian_floor",
+    "hbp_block_floor",
 )
 
 
@@ -53,6 +55,15 @@ class SeedCalls:
             return {n: (1 - alpha) * products[n] + alpha * v for n, v in self.vector.items()}
 
         self.product = product
+        logits = self.graph(self.x).detach()
+
+        def output_hessian_floor():
+            """The cross-entropy's output Hessian in closed form (benchmarks/cg_step/floors)."""
+            p = torch.softmax(logits.T.contiguous(), dim=0).T
+            return (torch.diag(p.sum(0)) - p.T @ p) * (1.0 / BATCH)
+
+        self.output_hessian_floor = output_hessian_floor
+        self.hbp_block_floor = lambda: self.x.mean(0)  # the weight block's input factor
 
     def restore(self) -> None:
         """The initial parameters, in place (the optimizers keep their references)."""
@@ -89,6 +100,8 @@ class SeedCalls:
                 self.restore,
             ),
             "product": (lambda: self.product(), None),
+            "output_hessian_floor": (lambda: self.output_hessian_floor(), None),
+            "hbp_block_floor": (lambda: self.hbp_block_floor(), None),
         }
 
     def _fixed_gradients(self) -> None:

@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 
 from benchmarks.cg_step.candidates import CANDIDATES, CG_NEWTON, SeedCalls
+from benchmarks.cg_step.floors import iteration_floor, iteration_floor_lines
 from benchmarks.cg_step.launches import floor, launches
 from benchmarks.common import write_results
 from benchmarks.machine import environment, load_average
@@ -58,6 +59,7 @@ def run(repeats: int = 40, warmup: int = 3, compile_times: bool = True) -> Dict:
         torch.set_num_threads(previous)
     results["goals"] = _goals(results)
     results["time_floor"] = _time_floor(results)
+    results["iteration_floor"] = iteration_floor(results)
     results["compile"] = _compile_times() if compile_times else {}
     results["load_after"] = load_average()
     return results
@@ -77,6 +79,12 @@ def _launches(calls: SeedCalls) -> Dict:
         "cgnewton_step": launches(lambda: calls.newton.step(calls.curvature), fixed),
         "cgnewton_step_compiled": launches(lambda: calls.compiled.step(calls.curvature), fixed),
         "product": launches(calls.product),
+        "sgd_iteration": launches(calls.sgd_iteration, calls.restore),
+        "cgnewton_iteration_compiled": launches(
+            lambda: calls.compiled.step(calls.backward()), calls.restore
+        ),
+        "output_hessian_floor": launches(calls.output_hessian_floor),
+        "hbp_block_floor": launches(calls.hbp_block_floor),
     }
     iterations = max(calls.iterations().values())
     sgd = counts["sgd_step"]["aten_top_level"]
@@ -190,6 +198,7 @@ def markdown(results: Dict) -> str:
             f"product (`product`) = {floor_time['wall']:.1f}x SGD's step (CPU "
             f"{floor_time['cpu']:.1f}x), before any reduction or update.",
         ]
+    lines += iteration_floor_lines(results)
     lines += _launch_lines(results["launches"]) + _compile_lines(results.get("compile", {}))
     return "\n".join(lines) + "\n"
 
@@ -206,8 +215,9 @@ def _launch_lines(counts: Dict) -> List[str]:
         "| call | aten launches | compiled graphs |",
         "|---|---|---|",
     ]
-    for name in ("sgd_step", "cgnewton_step", "cgnewton_step_compiled", "product"):
-        c = counts[name]
+    for name, c in counts.items():
+        if name == "floor":
+            continue
         lines.append(f"| {name} | {c['aten_top_level']} | {c['compiled_regions']} |")
     eager = counts["cgnewton_step"]["aten_top_level"] / max(fl["sgd_launches"], 1)
     lines += [
@@ -279,6 +289,9 @@ def plot(results: Dict, out: Path) -> List[Path]:
     floor = results.get("time_floor", {}).get("cpu")
     if floor is not None:  # launch counts are no time: the products' time is drawn
         axis.axhline(floor, color="gray", linewidth=0.8, label=f"step time floor {floor:.1f}x")
+    floor = results.get("iteration_floor", {}).get("cpu")
+    if floor is not None:
+        axis.axhline(floor, color="tab:green", linewidth=0.8, label=f"iteration floor {floor:.2f}x")
     axis.set_xticks(list(positions), labels)
     axis.set_ylabel("time / SGD's")
     axis.set_yscale("log")
