@@ -345,7 +345,7 @@ def record_forward(graph: TracedGraph, args: tuple, kwargs: dict, shapes: bool =
     recorder.inputs = bind_inputs(graph, args, kwargs)
     statics = recorder.statics
     inputs = args if recorder.inputs is None else tuple(recorder.inputs.values())
-    kept = _storages((inputs, kwargs, graph.model.state_dict(keep_vars=True)))
+    kept = _storages((inputs, kwargs)) | _module_storages(graph.model)
     with SavedStorages() as saved:
         recorder.dropper = Dropper(record, saved, statics, kept)
         record.result = recorder.run(*args) if recorder.inputs is None else recorder.run()
@@ -360,6 +360,13 @@ def _storages(values: Any) -> set:
     for leaf in torch.utils._pytree.tree_leaves(values):
         if isinstance(leaf, Tensor):
             found.add(_storage(leaf))
+    return found - {None}
+
+
+def _module_storages(model: nn.Module) -> set:
+    """Storages of the parameters and buffers (the state dict's, without building it)."""
+    found = {_storage(t) for t in model.parameters()}
+    found.update(_storage(t) for t in model.buffers())
     return found - {None}
 
 
