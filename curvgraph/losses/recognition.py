@@ -344,8 +344,8 @@ def _check_targets(call: LossCall, classes: int) -> None:
     """Refuse class indices outside ``[0, classes)`` other than ``ignore_index``."""
     target = call.target
     if target.numel():  # one reduction when every target is a class (the usual case)
-        low, high = torch.aminmax(target)
-        if bool((low >= 0) & (high < classes)):
+        low, high = torch.stack(torch.aminmax(target)).tolist()  # one host read
+        if low >= 0 and high < classes:
             return
     bad = (target != call.ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):

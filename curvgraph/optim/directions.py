@@ -131,7 +131,7 @@ def solve_group(
     exact = eig_names(group, params, curvature)
     cg_names = [n for n in params if n not in exact]
     solution = GroupSolution(directions={})
-    zero = params[next(iter(params))].grad.new_zeros(())
+    zero = params[next(iter(params))].grad.new_zeros(()) if exact else None
     for name in exact:
         param = params[name]
         eigen = _cached_eigen(states[param], curvature[name], group["update_every"])
