@@ -64,3 +64,12 @@ def test_the_floor_candidates_compute_the_seed_iterations_work():
     mean = calls.hbp_block_floor()
     expected = torch.kron(hessian, torch.outer(mean, mean))  # H (x) xbar xbar^T
     torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_measured_launches_of_the_floor_candidates_replace_the_operator_count():
+    results = _results()
+    results["launches"]["output_hessian_floor"] = {"aten_top_level": 10}
+    results["launches"]["hbp_block_floor"] = {"aten_top_level": 1}
+    floor = iteration_floor(results)
+    assert floor["hessian_launches"] == 10
+    assert floor["extra_launches"] == 10 + 1 + 4 * (10 + 5)
