@@ -30,6 +30,9 @@ from curvgraph.rules.registry import (
 
 __all__ = ["MaxPoolRule"]
 
+#: input bytes per chunk when the argmax indices are computed (:meth:`MaxPoolRule._argmax`)
+CHUNK_BYTES = 4 * 2**20
+
 alias(nn.MaxPool1d, F.max_pool1d, torch.max_pool1d)
 alias(nn.MaxPool2d, F.max_pool2d, torch.max_pool2d)
 alias(nn.MaxPool3d, F.max_pool3d, torch.max_pool3d)
@@ -81,18 +84,39 @@ class MaxPoolRule(Rule):
             raise UnsupportedConfigurationError(f"{self.name} with return_indices=True")
 
     def _indices(self, ctx):
-        """Flat argmax positions ``[N, C, P]`` into the input's spatial dimensions."""
+        """Flat argmax positions ``[N, C, P]`` (int64) into the input's spatial dimensions.
 
-        def compute():
-            arguments = {**ctx.args, "return_indices": True}
-            x = arguments["input"]
-            if x.dim() == 4 and x.device.type == "cpu":  # same indices, about 4x faster on CPU
-                arguments["input"] = x.contiguous(memory_format=torch.channels_last)
+        Cached as int32 where the positions fit (half the memory, kept between products);
+        each use widens them for ``gather`` / ``scatter_add_``.
+        """
+        stored = ctx.cached("indices", lambda: self._argmax(ctx))
+        return stored if stored.dtype == torch.long else stored.long()
+
+    def _argmax(self, ctx):
+        """The indices, computed in chunks of samples of about :data:`CHUNK_BYTES` of input.
+
+        On the CPU a 4-D input is pooled from a channels-last copy (same indices, about 4x
+        faster); chunks keep that copy, the pooled values and the chunk's int64 indices
+        small beside the result.
+        """
+        x = ctx.args["input"]
+        n = x.shape[0]
+        size = max(1, n * CHUNK_BYTES // max(x.numel() * x.element_size(), 1))
+        fits = x.shape[-self.spatial :].numel() < 2**31
+        out = None
+        for start in range(0, n, size):
+            arguments = {**ctx.args, "return_indices": True, "input": x[start : start + size]}
+            if x.dim() == 4 and x.device.type == "cpu":
+                arguments["input"] = arguments["input"].contiguous(
+                    memory_format=torch.channels_last
+                )
             idx = self.call(arguments)[1]
-            del arguments  # the channels-last copy, freed before the indices' contiguous copy
-            return idx.contiguous().flatten(-self.spatial)
-
-        return ctx.cached("indices", compute)
+            del arguments  # the copy and the pooled values, freed before the next chunk
+            if out is None:
+                dtype = torch.int32 if fits else torch.long
+                out = torch.empty((n, *idx.shape[1:]), dtype=dtype, device=idx.device)
+            out[start : start + size] = idx
+        return out.flatten(-self.spatial)
 
     def jvp(self, ctx, tangents):  # noqa: D102
         t = tangents["input"]
