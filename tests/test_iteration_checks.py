@@ -40,3 +40,22 @@ def test_cgnewton_skips_a_non_finite_gradient_and_steps_the_others():
         optimizer.step(curvature)
     assert torch.equal(model[0].weight, weight)
     assert not torch.equal(model[0].bias, bias) and torch.isfinite(model[0].bias).all()
+
+
+def test_loss_hessian_refuses_a_non_finite_loss():
+    z = torch.randn(4, 3, requires_grad=True)
+    loss = nn.functional.cross_entropy(z * float("inf"), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(FloatingPointError):
+        curvgraph.loss_hessian(loss, z)
+
+
+def test_a_huge_but_finite_output_hessian_is_accepted():
+    """Its entries' sum overflows float32; the entrywise check confirms it is finite."""
+    model = nn.Sequential(nn.Linear(5, 3))
+    cg = curvgraph.trace(model)
+    x, y = _data()
+    out = cg(x)
+    nn.functional.cross_entropy(out, y).backward()
+    hessian = torch.full((3, 3), 3e38)
+    blocks = cg.backward_hessian(hessian, modify_2nd_order_terms="zero")
+    assert set(blocks) == {"0.weight", "0.bias"}

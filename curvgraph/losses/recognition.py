@@ -19,6 +19,7 @@ construction.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -149,7 +150,7 @@ def recognise(
             "output of another call). Pass the output the loss was computed from: out = "
             "cg(x); loss = loss_fn(out, y); cg.curvature(loss, out)"
         )
-    if not torch.isfinite(loss):
+    if not math.isfinite(loss.item()):  # the host reads the value: no device op
         raise FloatingPointError(_non_finite_message(loss))
     _refuse_direct_parameters(leaves, parameters)
     call = describe_loss_node(loss)
