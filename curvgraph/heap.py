@@ -8,8 +8,12 @@ parameters' gradients); a curvature call that frees the forward's record as it w
 process's resident size (what the operating system and a job's memory limit count) grows
 by what it could have reused. :func:`trim_heap` (``malloc_trim(0)``) returns those free
 pages first: nanoGPT's kfac step after ``backward()`` peaked at 283-293 MB of resident
-memory above the imports instead of 295-317 (the plain gradient's step: 203), at a cost
-of about 2 ms. No tensor is touched: only memory no one uses is returned.
+memory above the imports instead of 295-317 (the plain gradient's step: 203). No tensor is
+touched: only memory no one uses is returned. The cost is time: the trim itself takes
+about 2 ms, and the pages the call then allocates are faulted in again (nanoGPT's kfac
+pass 0.219 -> 0.239 s of CPU, +9%, one thread; more in a process that freed GBs before,
+as a benchmark interleaving large methods does). Turn it off where speed matters more
+than the resident peak.
 
 One switch, read in this order: :func:`set_heap_trim`; else the environment variable
 ``CURVGRAPH_HEAP_TRIM`` (``0``/``off``/``false`` turn it off); default on. Elsewhere
