@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvgraph.rules.factories import LinearMapRule, _narrowing, _transpose
+from curvgraph.rules.linear_map_factories import LinearMapRule, _narrowing, _transpose
 from curvgraph.rules.registry import Context
 
 

@@ -29,7 +29,7 @@ from curvgraph.rules import (
     registered_rules,
     unregister,
 )
-from curvgraph.rules.factories import FeatureDimsRule, feature_dims_rule
+from curvgraph.rules.linear_map_factories import FeatureDimsRule, feature_dims_rule
 from curvgraph.testing import check_rule
 
 

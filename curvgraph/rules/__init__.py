@@ -22,15 +22,7 @@ from curvgraph.rules import (  # noqa: F401  (importing a module registers its r
     unit_vectors,  # normalize, cosine_similarity
 )
 from curvgraph.rules.constants import CONSTANT, STRUCTURAL
-from curvgraph.rules.factories import (
-    ElementwiseRule,
-    LinearMapRule,
-    OutputsRule,
-    PlaceholderRule,
-    elementwise_rule,
-    linear_rule,
-    outputs_rule,
-)
+from curvgraph.rules.factories import ElementwiseRule, PlaceholderRule, elementwise_rule
 from curvgraph.rules.fallback import FallbackRule
 from curvgraph.rules.fallback_nodes import (
     CustomFunctionRule,
@@ -38,6 +30,12 @@ from curvgraph.rules.fallback_nodes import (
     fallback_warning,
     rule_for_node,
     without_rules,
+)
+from curvgraph.rules.linear_map_factories import (
+    LinearMapRule,
+    OutputsRule,
+    linear_rule,
+    outputs_rule,
 )
 from curvgraph.rules.module_outputs import ModuleOutput, module_output
 from curvgraph.rules.registry import (

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.rules.constants import CONSTANT
-from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.linear_map_factories import LinearMapRule
 from curvgraph.rules.registry import Rule, Sample, canonical, randn, register_rule
 from curvgraph.rules.residuals import Zero
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.linear_map_factories import LinearMapRule
 from curvgraph.rules.registry import (
     Rule,
     Sample,

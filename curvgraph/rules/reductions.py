@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from curvgraph.rules.axes import dim_tuple
-from curvgraph.rules.factories import LinearMapRule
+from curvgraph.rules.linear_map_factories import LinearMapRule
 from curvgraph.rules.registry import (
     Context,
     Rule,

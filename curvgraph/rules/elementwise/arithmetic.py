@@ -32,7 +32,7 @@ from curvgraph.rules.broadcasting import (
     operand_slots,
     reduce_operand,
 )
-from curvgraph.rules.factories import linear_rule
+from curvgraph.rules.linear_map_factories import linear_rule
 from curvgraph.rules.registry import (
     Context,
     Rule,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvgraph.rules.factories import LinearMapRule, feature_dims_rule
+from curvgraph.rules.linear_map_factories import LinearMapRule, feature_dims_rule
 from curvgraph.rules.registry import (
     Sample,
     UnsupportedConfigurationError,

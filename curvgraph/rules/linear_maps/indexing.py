@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from curvgraph.rules.factories import (
+from curvgraph.rules.linear_map_factories import (
     FeatureDimsRule,
     LinearMapRule,
     feature_dims_rule,

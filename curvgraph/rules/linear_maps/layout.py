@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from curvgraph.rules.axes import refuse_batch_dims
-from curvgraph.rules.factories import LinearMapRule, feature_dims_rule, linear_rule
+from curvgraph.rules.linear_map_factories import LinearMapRule, feature_dims_rule, linear_rule
 from curvgraph.rules.registry import (
     Rule,
     Sample,

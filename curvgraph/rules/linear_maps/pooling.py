@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvgraph.rules.factories import linear_rule
+from curvgraph.rules.linear_map_factories import linear_rule
 from curvgraph.rules.registry import (
     Rule,
     Sample,
